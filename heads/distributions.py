@@ -1,0 +1,165 @@
+"""Negative-binomial (NB) maths: log-pmf (torch and numpy), parameter conversions, moments,
+quantiles and sampling. All counts are RAW integer counts.
+
+Two parametrisations, one distribution
+--------------------------------------
+**mean / dispersion** ``(mu, theta)``: ``E[Y] = mu``, ``Var[Y] = mu + mu**2 / theta``;
+``theta`` (a.k.a. inverse dispersion, "size") > 0, ``theta -> inf`` is Poisson.
+
+**(r, p), scipy's convention** — the one implemented here for STimage:
+``P(Y = y) = Gamma(y + r) / (Gamma(r) y!) * p**r * (1 - p)**y``, i.e. the number of
+failures before ``r`` successes with success probability ``p``. This is exactly
+``scipy.stats.nbinom(n=r, p=p)`` and ``numpy.random.Generator.negative_binomial(r, p)``,
+with ``mean = r (1 - p) / p`` and ``var = r (1 - p) / p**2``.
+
+STimage (``stimage/_model.py``) outputs ``r = softplus(a)`` ("n") and ``p = sigmoid(b)``
+from a ``Dense(2)`` per gene and minimises the hand-written NLL
+``lgamma(r) + lgamma(y+1) - lgamma(r+y) - r log p - y log(1-p)``, then predicts
+``scipy.stats.nbinom.mean(r, p)``: the scipy convention above (NOT TensorFlow
+Probability's / torch's ``NegativeBinomial(total_count, probs)``, where ``probs`` is the
+success probability but the *successes* are counted, so ``probs_torch = 1 - p``).
+
+The two are linked by ``r = theta`` and ``p = theta / (theta + mu)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import special, stats
+
+# --------------------------------------------------------------------------- torch
+
+
+def nb_log_prob_log_mu(y: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """Log-pmf of NB(mean ``exp(log_mu)``, dispersion ``exp(log_theta)``) at raw counts ``y``.
+
+    Stable for large counts and small/large ``theta``: ``lgamma`` terms and
+    ``log(theta + mu)`` via softplus of log ratios (no ``log(0)``, no overflow).
+    Broadcasts; works in the dtype of the inputs.
+    """
+    theta = torch.exp(log_theta)
+    return (
+        torch.lgamma(y + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(y + 1.0)
+        - theta * F.softplus(log_mu - log_theta)  # theta * log(theta / (theta + mu))
+        - y * F.softplus(log_theta - log_mu)  # y * log(mu / (theta + mu))
+    )
+
+
+def nb_log_prob(y: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Log-pmf of NB(mean ``mu`` > 0, dispersion ``theta`` > 0) at raw counts ``y`` (torch)."""
+    return nb_log_prob_log_mu(y, torch.log(mu), torch.log(theta))
+
+
+def nb_log_prob_stimage(y: torch.Tensor, r: torch.Tensor, logit_p: torch.Tensor) -> torch.Tensor:
+    """Log-pmf in STimage's (scipy's) convention: ``r`` successes, success prob
+    ``p = sigmoid(logit_p)``, ``y`` failures: ``lgamma(y+r) - lgamma(r) - lgamma(y+1)
+    + r log p + y log(1-p)`` with ``log p = logsigmoid(logit_p)`` and
+    ``log(1-p) = logsigmoid(-logit_p)`` (stable for saturated ``p``)."""
+    return (
+        torch.lgamma(y + r)
+        - torch.lgamma(r)
+        - torch.lgamma(y + 1.0)
+        + r * F.logsigmoid(logit_p)
+        + y * F.logsigmoid(-logit_p)
+    )
+
+
+# --------------------------------------------------------------------------- numpy
+
+
+def nb_logpmf(y: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Numpy log-pmf of NB(mean ``mu`` > 0, dispersion ``theta`` > 0) at raw counts ``y``."""
+    y, mu, theta = (np.asarray(a, dtype=np.float64) for a in (y, mu, theta))
+    log_mu, log_theta = np.log(mu), np.log(theta)
+    return (
+        special.gammaln(y + theta)
+        - special.gammaln(theta)
+        - special.gammaln(y + 1.0)
+        - theta * np.logaddexp(0.0, log_mu - log_theta)
+        - y * np.logaddexp(0.0, log_theta - log_mu)
+    )
+
+
+def nb_logpmf_rp(y: np.ndarray, r: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Numpy log-pmf in scipy's ``nbinom(n=r, p=p)`` convention (see module doc)."""
+    y, r, p = (np.asarray(a, dtype=np.float64) for a in (y, r, p))
+    return special.gammaln(y + r) - special.gammaln(r) - special.gammaln(y + 1.0) + r * np.log(p) + y * np.log1p(-p)
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    """``log(1 + exp(x))``, overflow-free."""
+    return np.logaddexp(0.0, np.asarray(x, dtype=np.float64))
+
+
+def stimage_to_rp(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """STimage's raw outputs ``(a, b)`` -> ``(r, p) = (softplus(a), sigmoid(b))``."""
+    return softplus(a), special.expit(np.asarray(b, dtype=np.float64))
+
+
+def mean_disp_to_rp(mu: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, theta)`` -> scipy ``(r, p)``: ``r = theta``, ``p = theta / (theta + mu)``."""
+    mu, theta = np.asarray(mu, dtype=np.float64), np.asarray(theta, dtype=np.float64)
+    return np.broadcast_to(theta, np.broadcast_shapes(mu.shape, theta.shape)).copy(), theta / (theta + mu)
+
+
+def rp_to_mean_disp(r: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy ``(r, p)`` -> ``(mu, theta) = (r (1-p) / p, r)``."""
+    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    return r * (1.0 - p) / p, np.broadcast_to(r, np.broadcast_shapes(r.shape, p.shape)).copy()
+
+
+def mean_var_to_rp(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moments -> scipy ``(r, p)``: ``p = mean / var``, ``r = mean**2 / (var - mean)``.
+
+    Requires over-dispersion ``var > mean > 0`` (raises ``ValueError`` otherwise).
+    """
+    mean, var = np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)
+    if np.any(mean <= 0) or np.any(var <= mean):
+        raise ValueError("mean_var_to_rp: the NB needs var > mean > 0 for every entry")
+    return mean**2 / (var - mean), mean / var
+
+
+def rp_to_mean_var(r: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy ``(r, p)`` -> ``(mean, var) = (r (1-p) / p, r (1-p) / p**2)``."""
+    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    mean = r * (1.0 - p) / p
+    return mean, mean / p
+
+
+# --------------------------------------------------------------------------- moments etc.
+
+
+def nb_mean(r: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Mean (raw counts) of scipy ``nbinom(r, p)``."""
+    return rp_to_mean_var(r, p)[0]
+
+
+def nb_variance(r: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Variance (raw counts^2) of scipy ``nbinom(r, p)``."""
+    return rp_to_mean_var(r, p)[1]
+
+
+def nb_quantiles(r: np.ndarray, p: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """Quantiles (raw counts) at levels ``q``; shape ``(len(q),) + broadcast(r, p).shape``.
+
+    Uses ``scipy.stats.nbinom.ppf`` (smallest integer ``k`` with ``CDF(k) >= q``).
+    """
+    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    levels = np.asarray(q, dtype=np.float64).reshape((-1,) + (1,) * max(r.ndim, p.ndim))
+    return stats.nbinom.ppf(levels, r[None, ...], p[None, ...])
+
+
+def nb_sample(r: np.ndarray, p: np.ndarray, n_samples: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
+    """Draw ``n_samples`` raw-count samples; shape ``(n_samples,) + broadcast(r, p).shape``."""
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    r, p = np.broadcast_arrays(np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64))
+    return gen.negative_binomial(r, p, size=(int(n_samples),) + r.shape)

@@ -1,0 +1,358 @@
+"""Negative-binomial regression head: embeddings -> per-gene NB over RAW counts (torch).
+
+Model
+-----
+``X`` is standardised (``StandardScaler`` fitted on the training rows of the early-stopping
+split only), then a linear layer (``hidden=0``; dropout on the inputs) or one hidden ReLU
+layer (dropout on the hidden units) outputs NB parameters for all genes at once.
+
+* ``parametrisation="mean_dispersion"`` (default): ``mu = library_size / ref * exp(eta)``,
+  ``eta = f(X)`` per gene, one learned dispersion ``theta`` per gene
+  (``Var = mu + mu**2 / theta``).
+* ``parametrisation="stimage"``: STimage's per-spot ``r = softplus(a)`` ("n") and
+  ``p = sigmoid(b)`` in scipy's ``nbinom(r, p)`` convention (see
+  :mod:`heads.distributions`); the library offset enters as ``p = sigmoid(b - log(library_size / ref))``,
+  which multiplies the mean ``r (1-p)/p`` by ``library_size / ref`` and leaves ``r`` alone.
+  (STimage itself has no offset: set ``use_library_offset=False`` to reproduce it.)
+
+``ref`` (``ref_library_size_``) is the median library size of the spots passed to ``fit``.
+Loss: mean NB negative log-likelihood per (spot, gene) on raw counts; Adam with
+``weight_decay`` (L2) on the layer weights only (not biases, not the dispersions);
+early stopping on a validation split that holds out whole ``groups`` (see
+:func:`heads.validation_split.validation_split`), restoring the best epoch's weights.
+Randomness (init, split, batch order, dropout) comes from ``random_state`` through local
+generators, so a fixed seed gives identical results on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from heads.distributions import nb_log_prob_log_mu, nb_log_prob_stimage, nb_logpmf, nb_quantiles, nb_sample
+from heads.inputs import TARGET_SUM, check_counts, check_groups, check_library_size, check_X
+from heads.validation_split import validation_split
+
+logger = logging.getLogger(__name__)
+
+PARAMETRISATIONS = ("mean_dispersion", "stimage")
+_PREDICT_CHUNK = 8192
+_R_FLOOR = 1e-8  # added to softplus(a) in the STimage parametrisation so r > 0 in float32
+
+
+@dataclass(frozen=True)
+class NBPrediction:
+    """Predictive NB per spot and gene, in RAW counts at the requested library size.
+
+    ``mean``/``variance``/``r``/``p``: (n_spots, n_genes); ``r, p`` in scipy's
+    ``nbinom(r, p)`` convention. ``quantiles``: (n_levels, n_spots, n_genes) at
+    ``quantile_levels``. ``samples``: (n_samples, n_spots, n_genes) or ``None``.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    r: np.ndarray
+    p: np.ndarray
+    quantile_levels: np.ndarray
+    quantiles: np.ndarray
+    samples: np.ndarray | None
+
+
+class _NBNet(nn.Module):
+    """Linear or one-hidden-layer network with outputs ``n_out_per_gene * n_genes``."""
+
+    def __init__(self, n_features: int, n_genes: int, hidden: int, dropout: float, parametrisation: str):
+        super().__init__()
+        self.dropout = float(dropout)
+        self.n_genes = n_genes
+        self.hidden = nn.Linear(n_features, hidden) if hidden > 0 else None
+        per_gene = 1 if parametrisation == "mean_dispersion" else 2
+        self.out = nn.Linear(hidden if hidden > 0 else n_features, per_gene * n_genes)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes)) if parametrisation == "mean_dispersion" else None
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.hidden is not None:
+            x = F.relu(self.hidden(x))
+        if self.training and self.dropout > 0:
+            keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= self.dropout
+            x = x * keep / (1.0 - self.dropout)
+        return self.out(x)
+
+
+class NBRegressor(BaseEstimator):
+    """Per-gene negative-binomial regression on spot embeddings (see module doc).
+
+    Parameters
+    ----------
+    hidden : 0 for a linear model, else the width of one hidden ReLU layer.
+    dropout : dropout rate on the inputs (``hidden=0``) or on the hidden units.
+    parametrisation : ``"mean_dispersion"`` or ``"stimage"``.
+    lr, weight_decay : Adam learning rate and L2 penalty on the layer weights.
+    max_epochs : maximum passes over the training rows.
+    batch_size : ``None`` for full-batch training, else mini-batch size (spots).
+    patience : epochs without a lower validation loss before stopping.
+    val_fraction : fraction of groups (or of spots, without ``groups``) held out for early
+        stopping; 0 disables early stopping (trains ``max_epochs``).
+    use_library_offset : model counts relative to the spot's library size (default True).
+    random_state : seed (int) for init, split, batch order and dropout; ``None`` = random.
+    device : ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``...
+
+    Learned attributes: ``scaler_mean_``, ``scaler_scale_`` (float64, (dim,)),
+    ``n_features_in_``, ``n_genes_``, ``ref_library_size_`` (raw counts),
+    ``module_`` (torch module), ``history_`` (``{"train": [...], "val": [...]}`` mean NLL
+    per (spot, gene) per epoch), ``best_epoch_`` (0-based index into ``history_``),
+    ``n_epochs_``, ``train_index_``/``val_index_`` (rows of the fit data used for
+    training / early stopping), ``seed_`` (the integer seed actually used).
+    """
+
+    def __init__(
+        self,
+        hidden: int = 0,
+        dropout: float = 0.1,
+        parametrisation: str = "mean_dispersion",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 300,
+        batch_size: int | None = None,
+        patience: int = 20,
+        val_fraction: float = 0.2,
+        use_library_offset: bool = True,
+        random_state: int | None = 0,
+        device: str = "auto",
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.parametrisation = parametrisation
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.use_library_offset = use_library_offset
+        self.random_state = random_state
+        self.device = device
+
+    # ------------------------------------------------------------------ helpers
+    def _check_params(self) -> None:
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation: expected one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
+        if int(self.hidden) < 0:
+            raise ValueError(f"hidden: must be >= 0, got {self.hidden}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size: must be None or >= 1, got {self.batch_size}")
+        if int(self.max_epochs) < 1:
+            raise ValueError(f"max_epochs: must be >= 1, got {self.max_epochs}")
+
+    def _torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def _make_module(self) -> _NBNet:
+        """A fresh (uninitialised) network for the fitted sizes (used by fit and load)."""
+        return _NBNet(self.n_features_in_, self.n_genes_, int(self.hidden), self.dropout, self.parametrisation)
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        return ((X.astype(np.float64) - self.scaler_mean_) / self.scaler_scale_).astype(np.float32)
+
+    def _log_offset(self, library_size: np.ndarray) -> np.ndarray:
+        if not self.use_library_offset:
+            return np.zeros(library_size.shape[0], dtype=np.float32)
+        return np.log(library_size / self.ref_library_size_).astype(np.float32)
+
+    def _log_prob(self, out: torch.Tensor, y: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        g = self.n_genes_
+        if self.parametrisation == "mean_dispersion":
+            return nb_log_prob_log_mu(y, out + offset[:, None], self.module_.log_theta[None, :])
+        r = F.softplus(out[:, :g]) + _R_FLOOR
+        return nb_log_prob_stimage(y, r, out[:, g:] - offset[:, None])
+
+    def _init_module(self, module: _NBNet, y_norm: np.ndarray, gen: torch.Generator) -> None:
+        """Deterministic init: PyTorch's default uniform(+-1/sqrt(fan_in)) for the hidden
+        layer, 0.1 x that for the output weights, output biases at the per-gene log mean of
+        library-normalised counts, dispersions at a clipped method-of-moments estimate."""
+        with torch.no_grad():
+            layers = [module.hidden] if module.hidden is not None else []
+            for layer in layers + [module.out]:
+                bound = 1.0 / np.sqrt(layer.in_features)
+                scale = 0.1 if layer is module.out else 1.0
+                layer.weight.uniform_(-bound * scale, bound * scale, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+            m = np.maximum(y_norm.mean(axis=0), 1e-6)
+            v = y_norm.var(axis=0)
+            theta0 = np.clip(m**2 / np.maximum(v - m, 1e-12), 1e-2, 1e3)
+            g = self.n_genes_
+            if self.parametrisation == "mean_dispersion":
+                module.out.bias.copy_(torch.as_tensor(np.log(m), dtype=torch.float32))
+                module.log_theta.copy_(torch.as_tensor(np.log(theta0), dtype=torch.float32))
+            else:
+                a0 = theta0 + np.log(-np.expm1(-theta0))  # softplus^-1(theta0)
+                module.out.bias[:g] = torch.as_tensor(a0, dtype=torch.float32)
+                module.out.bias[g:] = torch.as_tensor(np.log(theta0) - np.log(m), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+    ) -> "NBRegressor":
+        """Fit on embeddings ``X`` (n_spots, dim) and RAW counts ``y`` (n_spots, n_genes).
+
+        ``groups``: slide/patient label per spot; early stopping then validates on whole
+        held-out groups. Without ``groups`` the validation split is a random split of spots.
+        ``library_size``: total raw counts per spot over ALL genes (pass it!); default
+        ``y.sum(1)`` over the given genes only.
+        """
+        self._check_params()
+        X = check_X(X)
+        n = X.shape[0]
+        y = check_counts(y, n)
+        lib = check_library_size(library_size, y, n)
+        groups = check_groups(groups, n)
+        seed = int(np.random.default_rng().integers(2**31 - 1)) if self.random_state is None else int(self.random_state)
+        self.seed_ = seed
+
+        train_idx, val_idx = validation_split(n, groups, float(self.val_fraction), seed)
+        self.train_index_, self.val_index_ = train_idx, val_idx
+        scaler = StandardScaler().fit(X[train_idx])
+        self.scaler_mean_ = scaler.mean_.astype(np.float64)
+        self.scaler_scale_ = scaler.scale_.astype(np.float64)
+        self.n_features_in_ = X.shape[1]
+        self.n_genes_ = y.shape[1]
+        self.ref_library_size_ = float(np.median(lib))
+
+        device = self._torch_device()
+        cpu_gen = torch.Generator().manual_seed(seed)
+        dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+
+        module = self._make_module()
+        y_norm = y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
+        self.module_ = module
+        self._init_module(module, y_norm, cpu_gen)
+        module.to(device)
+
+        Xt = torch.as_tensor(self._standardise(X), device=device)
+        yt = torch.as_tensor(y.astype(np.float32), device=device)
+        off = torch.as_tensor(self._log_offset(lib), device=device)
+        tr = torch.as_tensor(train_idx, device=device)
+        va = torch.as_tensor(val_idx, device=device)
+
+        decay = [p for name, p in module.named_parameters() if name.endswith("weight")]
+        no_decay = [p for name, p in module.named_parameters() if not name.endswith("weight")]
+        opt = torch.optim.Adam(
+            [{"params": decay, "weight_decay": float(self.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(self.lr),
+        )
+        n_train = len(train_idx)
+        bs = n_train if self.batch_size is None else min(int(self.batch_size), n_train)
+        history: dict[str, list[float]] = {"train": [], "val": []}
+        best_val, best_epoch, best_state = np.inf, 0, None
+        for epoch in range(int(self.max_epochs)):
+            module.train()
+            order = tr if bs == n_train else tr[torch.randperm(n_train, generator=cpu_gen).to(device)]
+            total = 0.0
+            for start in range(0, n_train, bs):
+                rows = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                loss = -self._log_prob(module(Xt[rows], dev_gen), yt[rows], off[rows]).mean()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(rows)
+            history["train"].append(total / n_train)
+            if len(val_idx) == 0:
+                best_epoch = epoch
+                continue
+            module.eval()
+            with torch.no_grad():
+                val = float(-self._log_prob(module(Xt[va]), yt[va], off[va]).mean())
+            history["val"].append(val)
+            if val < best_val:
+                best_val, best_epoch = val, epoch
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            elif epoch - best_epoch >= int(self.patience):
+                break
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        module.eval()
+        self.history_ = history
+        self.best_epoch_ = int(best_epoch)
+        self.n_epochs_ = len(history["train"])
+        logger.debug("NBRegressor: %d epochs, best %d", self.n_epochs_, self.best_epoch_)
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def _nb_at_ref(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(log_mu_ref, theta)`` (n, g) float64 at the reference library size."""
+        X = check_X(X, self.n_features_in_)
+        Xs = self._standardise(X)
+        device = next(self.module_.parameters()).device
+        g = self.n_genes_
+        self.module_.eval()
+        outs = []
+        with torch.no_grad():
+            for start in range(0, Xs.shape[0], _PREDICT_CHUNK):
+                outs.append(self.module_(torch.as_tensor(Xs[start : start + _PREDICT_CHUNK], device=device)).cpu().numpy())
+        out = np.concatenate(outs, axis=0).astype(np.float64) if outs else np.zeros((0, self.module_.out.out_features))
+        if self.parametrisation == "mean_dispersion":
+            theta = np.exp(self.module_.log_theta.detach().cpu().numpy().astype(np.float64))
+            return out, np.broadcast_to(theta, out.shape).copy()
+        r = np.logaddexp(0.0, out[:, :g]) + _R_FLOOR
+        return np.log(r) - out[:, g:], r
+
+    def _library(self, library_size: np.ndarray | float | None, n: int) -> np.ndarray:
+        if library_size is None:
+            return np.full(n, self.ref_library_size_)
+        return check_library_size(library_size, None, n)
+
+    def _mean_theta(self, X: np.ndarray, library_size: np.ndarray | float | None) -> tuple[np.ndarray, np.ndarray]:
+        log_mu_ref, theta = self._nb_at_ref(X)
+        lib = self._library(library_size, log_mu_ref.shape[0])
+        scale = lib / self.ref_library_size_ if self.use_library_offset else np.ones_like(lib)
+        return np.exp(log_mu_ref) * scale[:, None], theta
+
+    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> np.ndarray:
+        """NB mean (RAW counts) per spot and gene at ``library_size`` (scalar or per spot;
+        default ``ref_library_size_``)."""
+        return self._mean_theta(X, library_size)[0]
+
+    def predict_log1p_norm(self, X: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
+        """``log1p(mean / library_size * target_sum)``: the NB mean on the log1p-normalised
+        scale (the log of the mean, not the mean of the log)."""
+        return np.log1p(self.predict(X) / self.ref_library_size_ * target_sum)
+
+    def predict_dist(
+        self,
+        X: np.ndarray,
+        library_size: np.ndarray | float | None = None,
+        quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95),
+        n_samples: int = 0,
+        random_state: int | np.random.Generator | None = None,
+    ) -> NBPrediction:
+        """Full predictive NB per spot and gene (see :class:`NBPrediction`)."""
+        mu, theta = self._mean_theta(X, library_size)
+        r, p = theta, theta / (theta + mu)
+        levels = np.asarray(quantiles, dtype=np.float64)
+        q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
+        samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
+        return NBPrediction(mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples)
+
+    def score(self, X: np.ndarray, y: np.ndarray, library_size: np.ndarray | None = None) -> float:
+        """Mean NB log-likelihood per (spot, gene) of RAW counts ``y`` (higher is better);
+        ``library_size`` default ``y.sum(1)``."""
+        X = check_X(X, self.n_features_in_)
+        y = check_counts(y, X.shape[0])
+        lib = check_library_size(library_size, y, X.shape[0])
+        mu, theta = self._mean_theta(X, lib)
+        return float(np.mean(nb_logpmf(y, mu, theta)))

@@ -1,0 +1,1 @@
+"""Ingest: dataset catalogs and readers that turn files on disk into :class:`SlideData`."""

@@ -1,0 +1,211 @@
+"""Ingest a dataset catalog into the store: read, validate, QC, then write atomically.
+
+Every slide of the catalog is read and checked in memory first (reader validation,
+image opens, µm/px, coordinates inside the image, tissue QC). Only when all slides
+pass is anything written, so bad input never leaves the store half-updated. Each
+table is then updated with one atomic commit that replaces the ingested slides' rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from stimage_embed import __version__
+from stimage_embed.errors import InputError, StoreError
+from stimage_embed.ingest.catalog import DatasetCatalog, load_catalog
+from stimage_embed.ingest.geometry import fit_lattice, resolve_um_per_px
+from stimage_embed.ingest.readers import get_reader
+from stimage_embed.ingest.types import SlideData
+from stimage_embed.store import schema as S
+from stimage_embed.store.store import Store
+from stimage_embed.tiles.image import SlideImage
+from stimage_embed.tiles.tissue import TISSUE_THRESHOLD, spot_tissue_fraction, tissue_mask
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_MAX_SIDE = 2048
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclass
+class PreparedSlide:
+    """A slide read and QC'd in memory, ready to be written (arrow tables per store table)."""
+
+    slide_id: str
+    tables: dict[str, pa.Table]
+    summary: dict
+
+
+def _padded_fractions(cx: np.ndarray, cy: np.ndarray, size: float, width: int, height: int) -> np.ndarray:
+    x0, y0 = cx - size / 2, cy - size / 2
+    ix = np.clip(np.minimum(x0 + size, width) - np.maximum(x0, 0), 0, None)
+    iy = np.clip(np.minimum(y0 + size, height) - np.maximum(y0, 0), 0, None)
+    return 1.0 - ix * iy / (size * size)
+
+
+def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float) -> PreparedSlide:
+    """QC one slide read by its reader and build its rows for every store table."""
+    spots_file = data.source_files.get("spots", catalog.source)
+    if data.n_spots == 0:
+        raise InputError(spots_file, "spots", f"slide {data.slide_id!r} has no spots under tissue with counts (empty slide)")
+    if data.n_genes == 0:
+        raise InputError(data.source_files.get("counts", catalog.source), "genes", f"slide {data.slide_id!r} has no genes")
+    counts = data.counts.tocsr()
+    if counts.nnz and counts.data.max() > INT32_MAX:
+        raise InputError(data.source_files.get("counts"), "counts", f"count {counts.data.max()} exceeds the int32 range of the store")
+
+    with SlideImage.open(data.image_path) as image:
+        width, height = image.width, image.height
+        fit = fit_lattice(data.array_col, data.array_row, data.pixel_x, data.pixel_y)
+        step_um = catalog.array_step_um or catalog.spot_pitch_um
+        um_per_px, um_source = resolve_um_per_px(
+            data.um_per_px, data.um_per_px_source, image.um_per_px_from_metadata(), fit, step_um, catalog.source, data.slide_id
+        )
+        in_image = (data.pixel_x >= 0) & (data.pixel_x < width) & (data.pixel_y >= 0) & (data.pixel_y < height)
+        if not in_image.any():
+            raise InputError(
+                spots_file,
+                "pixel_x/pixel_y",
+                f"no spot centre of slide {data.slide_id!r} falls inside the {width}x{height} px image {data.image_path.name} "
+                f"(x in [{data.pixel_x.min():.0f}, {data.pixel_x.max():.0f}], y in [{data.pixel_y.min():.0f}, {data.pixel_y.max():.0f}]); "
+                "are the coordinates scaled (e.g. hires/lowres) or for another image?",
+            )
+        if not in_image.all():
+            bad = data.spot_ids[~in_image]
+            log.warning("%s: pixel_x/pixel_y: %d spot(s) of slide %s lie outside the %dx%d image and fail QC: %s",
+                        spots_file, len(bad), data.slide_id, width, height, list(bad[:5]))
+        thumb, downsample = image.thumbnail(THUMBNAIL_MAX_SIDE)
+    mask = tissue_mask(thumb)
+    radius_px = catalog.spot_diameter_um / 2 / um_per_px
+    tissue = spot_tissue_fraction(mask, downsample, data.pixel_x, data.pixel_y, radius_px=radius_px, shape="disk")
+    tissue = np.where(in_image, tissue, 0.0)
+    window_px = catalog.spot_diameter_um / um_per_px
+    padded = _padded_fractions(data.pixel_x, data.pixel_y, window_px, width, height)
+    passes = in_image & (tissue >= tissue_threshold)
+
+    n = data.n_spots
+    sid = [data.slide_id] * n
+    total = np.asarray(counts.sum(1)).ravel().astype(np.int64)
+    detected = np.diff(counts.indptr).astype(np.int32)
+    csc = counts.tocsc()
+    spots = pa.table(
+        {
+            "slide_id": sid,
+            "spot_id": data.spot_ids.astype(str),
+            "array_row": data.array_row.astype(np.int32),
+            "array_col": data.array_col.astype(np.int32),
+            "pixel_x": data.pixel_x.astype(np.float64),
+            "pixel_y": data.pixel_y.astype(np.float64),
+            "tissue_fraction": tissue.astype(np.float32),
+            "padded_fraction": padded.astype(np.float32),
+            "in_image": in_image,
+            "passes_qc": passes,
+            "total_counts": total,
+            "n_genes_detected": detected,
+        },
+        schema=S.SPOTS,
+    )
+    gene_ids = pa.nulls(data.n_genes, pa.string()) if data.gene_ids is None else pa.array(data.gene_ids.astype(str))
+    genes = pa.table(
+        {
+            "slide_id": [data.slide_id] * data.n_genes,
+            "gene_index": np.arange(data.n_genes, dtype=np.int32),
+            "gene": data.genes.astype(str),
+            "gene_id": gene_ids,
+            "total_counts": np.asarray(csc.sum(0)).ravel().astype(np.int64),
+            "n_spots_detected": np.diff(csc.indptr).astype(np.int32),
+        },
+        schema=S.GENES,
+    )
+    offsets = pa.array(counts.indptr.astype(np.int32))
+    expression = pa.table(
+        {
+            "slide_id": sid,
+            "spot_id": data.spot_ids.astype(str),
+            "gene_index": pa.ListArray.from_arrays(offsets, pa.array(counts.indices.astype(np.int32))),
+            "counts": pa.ListArray.from_arrays(offsets, pa.array(counts.data.astype(np.int32))),
+        },
+        schema=S.EXPRESSION,
+    )
+    summary = {
+        "dataset": catalog.name,
+        "slide_id": data.slide_id,
+        "patient": data.patient,
+        "platform": catalog.platform,
+        "species": catalog.species,
+        "tissue": catalog.tissue,
+        "preservation": catalog.preservation,
+        "image_path": str(data.image_path),
+        "image_width": width,
+        "image_height": height,
+        "um_per_px": um_per_px,
+        "um_per_px_source": um_source,
+        "um_per_px_estimate": fit.um_per_px(step_um) if fit else None,
+        "px_per_array_step_x": fit.px_per_step_x if fit else None,
+        "px_per_array_step_y": fit.px_per_step_y if fit else None,
+        "spot_diameter_um": catalog.spot_diameter_um,
+        "spot_pitch_um": catalog.spot_pitch_um,
+        "n_spots": n,
+        "n_spots_skipped": len(data.skipped_spots),
+        "n_spots_pass_qc": int(passes.sum()),
+        "n_genes": data.n_genes,
+        "total_counts": int(total.sum()),
+        "tissue_threshold": tissue_threshold,
+        "tissue_area_fraction": float(mask.mean()),
+        "catalog_path": str(catalog.source),
+        "source_files": json.dumps(data.source_files, sort_keys=True),
+        "package_version": __version__,
+        "ingested_at": dt.datetime.now(dt.timezone.utc),
+    }
+    slides = pa.Table.from_pylist([summary], schema=S.SLIDES)
+    return PreparedSlide(data.slide_id, {"slides": slides, "spots": spots, "genes": genes, "expression": expression}, summary)
+
+
+def ingest(
+    catalog: DatasetCatalog | str | Path,
+    store: Store,
+    tissue_threshold: float = TISSUE_THRESHOLD,
+    slides: list[str] | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Ingest (or re-ingest) a catalog's slides. Returns one summary row per slide.
+
+    All slides are validated before the first write; then each table gets one atomic
+    commit replacing these slides' rows (re-ingest never duplicates).
+    """
+    if not isinstance(catalog, DatasetCatalog):
+        catalog = load_catalog(catalog, data_root)
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise InputError(None, "tissue_threshold", f"must be in [0, 1], got {tissue_threshold}")
+    entries = catalog.slides if slides is None else [catalog.slide(s) for s in slides]
+    reader = get_reader(catalog.reader)
+
+    if store.has_table("slides"):
+        existing = pl.from_arrow(store.read("slides", ["slide_id", "dataset"]))
+        clash = existing.filter(pl.col("slide_id").is_in([e.id for e in entries]) & (pl.col("dataset") != catalog.name))
+        if clash.height:
+            raise StoreError(
+                f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} already belong to dataset(s) "
+                f"{clash['dataset'].unique().to_list()} in {store.path}; slide ids must be unique across the store"
+            )
+
+    prepared: list[PreparedSlide] = []
+    for entry in tqdm(entries, desc=f"ingest {catalog.name}", unit="slide", disable=not progress):
+        data = reader(catalog, entry)
+        prepared.append(prepare_slide(catalog, data, tissue_threshold))
+    ids = [p.slide_id for p in prepared]
+    # children first, `slides` last: a slide row only appears once its spots/counts exist
+    for name in ("genes", "expression", "spots", "slides"):
+        table = pa.concat_tables([p.tables[name] for p in prepared])
+        store.replace_slides(name, table, ids)
+    return pl.DataFrame([p.summary for p in prepared]).drop("source_files", "catalog_path", "package_version")

@@ -1,0 +1,36 @@
+"""Where things live: the data root, the catalogs folder, the store. No hard-coded paths.
+
+* data root: ``--data-root`` > ``$STIMAGE_DATA_ROOT`` > ``../shared/data`` (relative to the
+  current directory, then to the project checkout).
+* catalogs: ``$STIMAGE_CATALOGS`` > ``<project checkout>/catalogs``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ROOT_ENV = "STIMAGE_DATA_ROOT"
+CATALOGS_ENV = "STIMAGE_CATALOGS"
+DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root(explicit: str | Path | None = None) -> Path:
+    """Resolve the data root that relative catalog paths are joined to."""
+    if explicit is not None:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    for base in (Path.cwd(), PROJECT_ROOT):
+        candidate = (base / DEFAULT_DATA_ROOT).resolve()
+        if candidate.is_dir():
+            return candidate
+    return (Path.cwd() / DEFAULT_DATA_ROOT).resolve()
+
+
+def catalogs_dir() -> Path:
+    """The folder holding ``datasets/``, ``backbones.yaml`` and ``genes/``."""
+    env = os.environ.get(CATALOGS_ENV)
+    return Path(env).expanduser().resolve() if env else PROJECT_ROOT / "catalogs"

@@ -1,0 +1,84 @@
+"""Aligned arrays for heads: embeddings (X), raw counts (Y), library sizes and groups.
+
+Rows are spots present in BOTH the backbone's embedding table and ``expression``,
+optionally restricted to spots passing tissue QC, in (slide_id, spot_id) order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from stimage_embed.embeddings.provenance import existing_provenance
+from stimage_embed.errors import StoreError
+from stimage_embed.store import schema as S
+from stimage_embed.store.store import Store, _sql_list
+
+
+@dataclass
+class SpotArrays:
+    keys: pl.DataFrame  # slide_id, spot_id, patient, array_row, array_col, pixel_x, pixel_y
+    X: np.ndarray  # (n, dim) float32 embeddings
+    counts: np.ndarray  # (n, g) raw counts (int64)
+    library_size: np.ndarray  # (n,) total raw counts over ALL genes of the spot
+    genes: list[str]
+    provenance: dict
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.keys["slide_id"].to_numpy()
+
+
+def table_provenance(store: Store, backbone: str) -> dict:
+    table = S.embedding_table_name(backbone)
+    provs = existing_provenance(store, table)
+    if not provs:
+        raise StoreError(f"{store.path}: no vectors for backbone {backbone!r}; run `stimage-embed embed --backbone {backbone}`")
+    return provs[0]
+
+
+def load_embeddings(store: Store, backbone: str, slide_ids: Sequence[str]) -> tuple[pl.DataFrame, np.ndarray]:
+    """(keys, X float32) of a backbone for the given slides, sorted by key."""
+    table = S.embedding_table_name(backbone)
+    t = store.read(table, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ({_sql_list(slide_ids)})")
+    keys = pl.DataFrame({"slide_id": t["slide_id"].to_pylist(), "spot_id": t["spot_id"].to_pylist()})
+    vec = t["vector"].combine_chunks()
+    dim = vec.type.list_size
+    X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    order = np.lexsort((keys["spot_id"].to_numpy(), keys["slide_id"].to_numpy()))
+    return keys[order], X[order]
+
+
+def load_spot_arrays(
+    store: Store, backbone: str, slide_ids: Sequence[str], genes: Sequence[str], only_qc: bool = True
+) -> SpotArrays:
+    """X, raw counts of ``genes``, library sizes for ``slide_ids`` (see module doc)."""
+    ekeys, X = load_embeddings(store, backbone, slide_ids)
+    ckeys, gl, counts, lib = store.expression_matrix(slide_ids, genes)
+    spots = pl.from_arrow(
+        store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y", "passes_qc"],
+                   where=f"slide_id IN ({_sql_list(slide_ids)})")
+    )
+    slides = pl.from_arrow(store.read("slides", ["slide_id", "patient"]))
+    ekeys = ekeys.with_columns(pl.Series("_e", np.arange(ekeys.height)))
+    ckeys = ckeys.with_columns(pl.Series("_c", np.arange(ckeys.height)), pl.Series("_lib", lib))
+    j = ekeys.join(ckeys, on=["slide_id", "spot_id"], how="inner").join(spots, on=["slide_id", "spot_id"]).join(slides, on="slide_id")
+    if only_qc:
+        j = j.filter(pl.col("passes_qc"))
+    j = j.sort("slide_id", "spot_id")
+    if j.height == 0:
+        raise StoreError(f"{store.path}: no spots with both {backbone} vectors and counts in slides {list(slide_ids)}")
+    dense = counts[j["_c"].to_numpy()]
+    dense = dense.toarray() if sp.issparse(dense) else np.asarray(dense)
+    return SpotArrays(
+        keys=j.select("slide_id", "spot_id", "patient", "array_row", "array_col", "pixel_x", "pixel_y"),
+        X=X[j["_e"].to_numpy()],
+        counts=dense.astype(np.int64),
+        library_size=j["_lib"].to_numpy().astype(np.float64),
+        genes=gl,
+        provenance=table_provenance(store, backbone),
+    )

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real sample data root and a store with both datasets ingested."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from stimage_embed.paths import data_root
+
+EXPECTED_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "MOB1": 379, "MOB2": 407, "MOB3": 438, "MOB4": 403}
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    root = data_root()
+    if not (root / "her2st").is_dir():
+        pytest.fail(f"real sample data not found at {root}; set STIMAGE_DATA_ROOT")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ingested_store(tmp_path_factory, real_data_root):
+    """A store with her2st and stutility_mob ingested (session-wide, read-only for tests)."""
+    from stimage_embed.ingest.pipeline import ingest
+    from stimage_embed.store import Store
+
+    store = Store(tmp_path_factory.mktemp("store") / "store")
+    logging.getLogger("stimage_embed").setLevel(logging.WARNING)
+    ingest("her2st", store, progress=False)
+    ingest("stutility_mob", store, progress=False)
+    return store
