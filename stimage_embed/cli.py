@@ -129,11 +129,73 @@ def info(store: StoreOpt = Path("store")) -> None:
         _print_frame(
             st.sql(
                 """SELECT dataset, species, tissue, preservation, COUNT(*) AS slides,
-                          COUNT(DISTINCT patient) AS patients, SUM(n_spots) AS spots,
-                          SUM(n_spots_pass_qc) AS spots_pass_qc, ROUND(AVG(um_per_px), 4) AS um_per_px
+                          COUNT(DISTINCT patient) AS patients, SUM(n_spots)::BIGINT AS spots,
+                          SUM(n_spots_pass_qc)::BIGINT AS spots_pass_qc, ROUND(AVG(um_per_px), 4) AS um_per_px
                    FROM slides GROUP BY ALL ORDER BY dataset"""
             )
         )
+
+
+@app.command()
+@cli_errors
+def backbones(
+    check_hub: Annotated[bool, typer.Option(help="Also ask the Hugging Face hub (network) for weights not cached locally.")] = False,
+) -> None:
+    """List the registered backbones, their embedding dims and whether weights are available here."""
+    from stimage_embed.backbones import get_spec, list_backbones, weights_available
+
+    rows = []
+    for name in list_backbones():
+        spec = get_spec(name)
+        rows.append(
+            {
+                "backbone": name,
+                "dim": spec.embed_dim,
+                "input_px": spec.input_size,
+                "pooling": spec.pooling,
+                "builder": spec.builder,
+                "gated": spec.gated,
+                "weights_here": weights_available(name, check_hub=check_hub),
+                "source": spec.hub_id or spec.timm_name or "",
+            }
+        )
+    _print_frame(pl.DataFrame(rows))
+
+
+@app.command()
+@cli_errors
+def embed(
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Comma-separated backbone names (see `stimage-embed backbones`).")] = "efficientnet_lite0",
+    store: StoreOpt = Path("store"),
+    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slides (repeatable).")] = None,
+    tile_um: Annotated[Optional[float], typer.Option(help="Tile width in µm [default: each slide's spot diameter].")] = None,
+    stain: Annotated[str, typer.Option(help="macenko | reinhard | none")] = "macenko",
+    stain_template: Annotated[Optional[str], typer.Option(help="Slide id whose stain is the target [default: first slide id].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch (= resume chunk).")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: measured on CPU, spec dtype on GPU).")] = "auto",
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="NAME=PATH local weights file (repeatable).")] = None,
+    only_qc: Annotated[bool, typer.Option(help="Embed only spots passing tissue QC.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Drop the backbone's existing vectors first.")] = False,
+) -> None:
+    """Embed every spot tile once per backbone into embeddings_<backbone> (resumable)."""
+    from stimage_embed.embeddings.embed_pass import embed as run_embed
+    from stimage_embed.errors import InputError
+    from stimage_embed.store import Store
+
+    wmap = {}
+    for item in weights or []:
+        if "=" not in item:
+            raise InputError(None, "--weights", f"expected NAME=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        wmap[k] = v
+    report = run_embed(
+        Store(store), [b.strip() for b in backbone.split(",") if b.strip()], slides=slide, tile_um=tile_um, stain=stain,
+        stain_template=stain_template, batch_size=batch_size, num_workers=workers, device=device, precision=precision,
+        weights=wmap, only_qc=only_qc, overwrite=overwrite,
+    )
+    typer.echo(report.line())
 
 
 if __name__ == "__main__":

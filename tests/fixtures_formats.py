@@ -320,7 +320,7 @@ def generic_anndata(sec: Section, with_array_coords: bool = True) -> ad.AnnData:
     """Raw counts in ``layers['counts']``, log1p CP10k in ``X`` (as after scanpy preprocessing)."""
     ids = sec.counts.index.intersection(sec.spots.index, sort=False)
     raw = sp.csr_matrix(sec.counts.loc[ids].to_numpy(np.int64))
-    lib = np.asarray(raw.sum(1)).ravel()
+    lib = np.maximum(np.asarray(raw.sum(1)).ravel(), 1)  # gene subsets leave some spots empty
     norm = sp.diags(1e4 / lib) @ raw.astype(np.float64)
     obs = pd.DataFrame(index=list(ids))
     if with_array_coords:

@@ -22,7 +22,6 @@ from fixtures_formats import (
     hest_image,
     load_section,
     visium_tables,
-    write_10x_h5,
     write_catalog,
     write_hest_sample,
     write_spaceranger,
@@ -391,6 +390,7 @@ def test_hest_bad_counts(small, hest_img, tmp_path, value, what):
     _expect_error(cat, "SPA_C5.h5ad", "X", what, small.counts.columns[20])
 
 
+@pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique")
 def test_hest_duplicates_and_missing(small, hest_img, tmp_path):
     tr = hest_img.transform
     adata = hest_anndata(small, tr)
@@ -445,6 +445,7 @@ def test_anndata_derived_array_coords(section, tmp_path):
     assert np.mean(dr == np.bincount(dr - dr.min()).argmax() + dr.min()) > 0.95
 
 
+@pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique")
 def test_anndata_bad_input(small, tmp_path):
     a = generic_anndata(small)
     raw = a.layers["counts"].toarray().astype(float)

@@ -100,12 +100,12 @@ def access_help(spec: BackboneSpec) -> str:
     files = ", ".join(spec.weight_files)
     ways = []
     if spec.hub_id:
-        what = "accept the licence / request access at" if spec.gated else "the weights are at"
-        ways.append(
-            f"{what} {spec.hub_url}, then log in with `hf auth login` (older huggingface_hub: "
-            "`huggingface-cli login`) or set HF_TOKEN, and run once with network access (HF_HUB_OFFLINE unset) "
-            "to fill the cache"
-        )
+        login = "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
+        fill = "run once with network access (HF_HUB_OFFLINE unset) to fill the Hugging Face cache"
+        if spec.gated:
+            ways.append(f"accept the licence / request access at {spec.hub_url}, {login}, then {fill}")
+        else:
+            ways.append(f"{fill} from {spec.hub_url}")
     ways.append(f"or pass --weights PATH to a local copy of {files}")
     return "; ".join(ways) + "."
 
@@ -162,10 +162,10 @@ def _from_cache(spec: BackboneSpec) -> Path | None:
 def _from_hub(spec: BackboneSpec) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
@@ -175,9 +175,9 @@ def _from_hub(spec: BackboneSpec) -> Path:
             return Path(
                 hf_hub_download(spec.hub_id, name, repo_type=spec.hub_repo_type, cache_dir=hf_cache_dir())
             )
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:  # the repo exists but has no such file: try the next name
             continue
-        except GatedRepoError as exc:
+        except GatedRepoError as exc:  # (a RepositoryNotFoundError subclass: must come first)
             raise WeightsUnavailableError(
                 f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} is gated and this account has no access; "
                 + access_help(spec)
@@ -187,10 +187,10 @@ def _from_hub(spec: BackboneSpec) -> Path:
                 f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} not found, or private/gated without a valid token; "
                 + access_help(spec)
             ) from exc
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:  # no network / hub error
             raise WeightsUnavailableError(
                 f"backbone {spec.name!r}: cannot download {name} from Hugging Face repo {spec.hub_id} "
-                f"({type(exc).__name__}: {exc}); " + access_help(spec)
+                f"({type(exc).__name__}: {exc}); without network set HF_HUB_OFFLINE=1 to fail fast; " + access_help(spec)
             ) from exc
     raise WeightsUnavailableError(
         f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} has none of {spec.weight_files}; " + access_help(spec)

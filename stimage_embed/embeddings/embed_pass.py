@@ -59,6 +59,16 @@ class EmbedReport:
         )
 
 
+class SlideStainFit:
+    """Picklable per-slide stain fit for DataLoader workers: thumbnail -> tile normaliser."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, thumbnail: np.ndarray):
+        return self.target.fit_source(thumbnail).transform
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -128,7 +138,7 @@ def embed(
         with SlideImage.open(row["image_path"][0]) as img:
             thumb, _ = img.thumbnail(2048)
         target = make_normalizer(stain, thumb)
-        stain_factory = target.fit_source
+        stain_factory = SlideStainFit(target)
         stain_desc = target.to_dict()
 
     report = EmbedReport()
@@ -188,6 +198,8 @@ def embed(
     loader = DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        # spawn, not fork: forking after LanceDB started its async runtime can deadlock
+        multiprocessing_context="spawn" if num_workers else None,
     )
     buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
     buffered = {n: 0 for n in models}

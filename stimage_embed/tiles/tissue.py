@@ -87,6 +87,15 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def _remove_small(mask: np.ndarray, min_size: float) -> np.ndarray:
+    """Drop 4-connected True components with fewer than ``min_size`` pixels."""
+    labels, n = ndi.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels]
+
+
 def _disk(radius: int) -> np.ndarray:
     r = np.arange(-radius, radius + 1)
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
@@ -124,6 +133,7 @@ def tissue_mask(
     smooth_sigma_px: float | None = None,
     min_saturation: float = 0.05,
     texture_threshold: float = 8.0,
+    speck_px: int | None = None,
     closing_radius_px: int | None = None,
     min_object_fraction: float = 2e-4,
     max_hole_fraction: float = 0.01,
@@ -136,7 +146,8 @@ def tissue_mask(
     (4) a pixel is tissue if saturation > t, or if it is textured (local 3x3 grey-level std >
     ``texture_threshold``) and its saturation is above the midpoint ``(b + t) / 2`` -- this
     catches the thin septa of fat and pale stroma without picking up grey debris or scanner
-    artefacts; (5) binary closing with a disk, removal of small objects, filling of small holes.
+    artefacts; (5) removal of specks, binary closing with a disk, removal of small objects,
+    filling of small holes.
 
     Args:
         thumbnail_rgb: ``(H, W, 3)`` uint8 RGB thumbnail (typically longer side 1-2.5k px).
@@ -146,6 +157,9 @@ def tissue_mask(
             get half of its noise labelled tissue.
         texture_threshold: local grey-level standard deviation (0-255 units) above which a
             moderately saturated pixel counts as tissue. ``inf`` disables the texture cue.
+        speck_px: connected pieces of the thresholded mask smaller than this (thumbnail px) are
+            removed *before* closing, so scattered dust specks are not merged into an object;
+            default ``round(10 * (max(H, W) / 2048) ** 2)`` (at least 2).
         closing_radius_px: radius (thumbnail px) of the disk used for binary closing;
             default ``round(12 * max(H, W) / 2048)`` (about 40 µm on a 2048 px HER2ST thumbnail,
             enough to close fat cells). 0 disables closing.
@@ -173,17 +187,15 @@ def tissue_mask(
         mask |= textured & (sat > low)
     log.debug("tissue_mask %s: saturation threshold %.4f, raw tissue fraction %.4f", source, thr, mask.mean())
 
+    speck = max(2, round(10.0 * scale**2)) if speck_px is None else int(speck_px)
+    if speck > 1 and mask.any():
+        mask = _remove_small(mask, speck)
     if radius > 0 and mask.any():
-        # Pad so that closing does not erode tissue touching the border.
         mask = binary_closing_disk(mask, radius)
 
     area = h * w
     if mask.any() and min_object_fraction > 0:
-        labels, n = ndi.label(mask)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = sizes >= min_object_fraction * area
-        keep[0] = False
-        mask = keep[labels]
+        mask = _remove_small(mask, min_object_fraction * area)
 
     if mask.any() and max_hole_fraction > 0:
         holes = ndi.binary_fill_holes(mask) & ~mask

@@ -11,6 +11,7 @@ giving a few offending examples, so the user can find the bad value in the sourc
 * :func:`require_file` -- a path named in the catalog must exist.
 * :func:`resolve_duplicate_genes` -- apply a reader's duplicate-gene policy
   (``"error"``, ``"make_unique"``, ``"sum"``).
+* :func:`option_choice` -- read a ``reader_options`` value restricted to a set.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from anndata.utils import make_index_unique
 
 from stimage_embed.errors import InputError
 
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 #: How many offending values an error message lists.
 N_EXAMPLES = 5
 
-DuplicateGenePolicy = Literal["error", "make_unique", "sum"]
 DUPLICATE_GENE_POLICIES: tuple[str, ...] = ("error", "make_unique", "sum")
 
 
@@ -169,9 +170,6 @@ def resolve_duplicate_genes(
         validate_unique(genes, file, field, "gene name")
     n_dup = int((n > 1).sum())
     if policy == "make_unique":
-        import pandas as pd
-        from anndata.utils import make_index_unique
-
         new = np.asarray(make_index_unique(pd.Index(genes)), dtype=str)
         log.warning("%s: %s: %d gene symbol(s) occur more than once (e.g. %s); made unique as "
                     "'<symbol>-1', '<symbol>-2' (reader_options.duplicate_genes=make_unique)",
