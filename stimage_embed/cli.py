@@ -178,6 +178,7 @@ def embed(
     weights: Annotated[Optional[list[str]], typer.Option("--weights", help="NAME=PATH local weights file (repeatable).")] = None,
     only_qc: Annotated[bool, typer.Option(help="Embed only spots passing tissue QC.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Drop the backbone's existing vectors first.")] = False,
+    flush_rows: Annotated[int, typer.Option(help="Rows buffered per backbone before an atomic append.")] = 512,
 ) -> None:
     """Embed every spot tile once per backbone into embeddings_<backbone> (resumable)."""
     from stimage_embed.embeddings.embed_pass import embed as run_embed
@@ -193,7 +194,7 @@ def embed(
     report = run_embed(
         Store(store), [b.strip() for b in backbone.split(",") if b.strip()], slides=slide, tile_um=tile_um, stain=stain,
         stain_template=stain_template, batch_size=batch_size, num_workers=workers, device=device, precision=precision,
-        weights=wmap, only_qc=only_qc, overwrite=overwrite,
+        weights=wmap, only_qc=only_qc, overwrite=overwrite, flush_rows=flush_rows,
     )
     typer.echo(report.line())
 

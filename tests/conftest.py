@@ -31,3 +31,21 @@ def ingested_store(tmp_path_factory, real_data_root):
     ingest("her2st", store, progress=False)
     ingest("stutility_mob", store, progress=False)
     return store
+
+
+EMBED_SLIDES = ["C5", "MOB1"]
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory, ingested_store):
+    """A copy of the ingested store with efficientnet_lite0 vectors for C5 and MOB1."""
+    import shutil
+
+    from stimage_embed.embeddings.embed_pass import embed
+    from stimage_embed.store import Store
+
+    path = tmp_path_factory.mktemp("embedded") / "store"
+    shutil.copytree(ingested_store.path, path)
+    store = Store(path)
+    embed(store, ["efficientnet_lite0"], slides=EMBED_SLIDES, precision="float32", num_workers=1, progress=False)
+    return store

@@ -259,6 +259,8 @@ def test_identity_and_factory(c5: np.ndarray) -> None:
     with pytest.raises(InputError, match="template"):
         make_normalizer("macenko", None)
     assert isinstance(make_normalizer("macenko", c5, alpha=2), MacenkoNormalizer)
+    with pytest.raises(InputError, match="bad parameters"):
+        make_normalizer("reinhard", c5, alpha=2)
 
 
 @pytest.mark.parametrize("cls", [MacenkoNormalizer, ReinhardNormalizer])

@@ -53,16 +53,20 @@ def resolve_timm_kwargs(kwargs: dict[str, Any], spec: BackboneSpec | None = None
     ``timm.layers.get_act_layer("silu")``; ``norm_eps: 1e-12`` -> ``norm_layer=partial(nn.LayerNorm, eps=1e-12)``.
     """
     out = dict(kwargs)
-    where = (spec.source if spec else None), (f"{spec.name}.timm_kwargs" if spec else "timm_kwargs")
+    file = spec.source if spec else None
+    field = f"{spec.name}.timm_kwargs" if spec else "timm_kwargs"
     if isinstance(out.get("mlp_layer"), str):
         name = out["mlp_layer"]
         if name not in _MLP_LAYERS:
-            raise CatalogError(where[0], f"{where[1]}.mlp_layer", f"unknown MLP layer {name!r}; known: {list(_MLP_LAYERS)}")
+            raise CatalogError(file, f"{field}.mlp_layer", f"unknown MLP layer {name!r}; known: {list(_MLP_LAYERS)}")
         out["mlp_layer"] = getattr(timm.layers, name)
     if isinstance(out.get("act_layer"), str):
-        act = timm.layers.get_act_layer(out["act_layer"])
+        try:
+            act = timm.layers.get_act_layer(out["act_layer"])
+        except (KeyError, ValueError) as exc:
+            raise CatalogError(file, f"{field}.act_layer", f"unknown activation {out['act_layer']!r}") from exc
         if act is None:
-            raise CatalogError(where[0], f"{where[1]}.act_layer", f"unknown activation {out['act_layer']!r}")
+            raise CatalogError(file, f"{field}.act_layer", f"unknown activation {out['act_layer']!r}")
         out["act_layer"] = act
     if "norm_eps" in out:
         eps = float(out.pop("norm_eps"))

@@ -36,6 +36,7 @@ from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, _sql_list
 from stimage_embed.tiles.image import SlideImage
 from stimage_embed.tiles.stain import make_normalizer
+from stimage_embed.tiles.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class SlideStainFit:
         self.target = target
 
     def __call__(self, thumbnail: np.ndarray):
-        return self.target.fit_source(thumbnail).transform
+        # fit on tissue pixels only: grey scanner blocks and background would bias the stains
+        return self.target.fit_source(thumbnail, mask=tissue_mask(thumbnail)).transform
 
 
 def _dir_bytes(path: Path) -> int:
@@ -137,7 +139,7 @@ def embed(
             raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
         with SlideImage.open(row["image_path"][0]) as img:
             thumb, _ = img.thumbnail(2048)
-        target = make_normalizer(stain, thumb)
+        target = make_normalizer(stain, thumb, mask=tissue_mask(thumb), source=str(row["image_path"][0]))
         stain_factory = SlideStainFit(target)
         stain_desc = target.to_dict()
 

@@ -49,8 +49,8 @@ OVERLAP_CLASSES = (
 _HEAD_MARKERS = {"nb": "o", "ensemble": "s", "fstimage": "D", "highlow": "^", "ridge": "v", "mean": "x"}
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def _new_figure(width: float, height: float, *, constrained: bool = True) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
 
@@ -111,12 +111,18 @@ def pcc_boxplot(per_slide: pl.DataFrame, path: Path, *, metric_label: str = "Pea
             bbs = sorted(sub.filter(pl.col("head") == head)["backbone"].unique().to_list(),
                          key=lambda b: (b == "fstimage", b))
             width = 0.8 / len(bbs)
+            vals = {bb: sub.filter((pl.col("head") == head) & (pl.col("backbone") == bb))["value"].drop_nulls().to_numpy()
+                    for bb in bbs}
+            if all(v.size == 0 for v in vals.values()):
+                ax.text(gi, 0.02, "r undefined\n(constant prediction)", ha="center", va="bottom", fontsize=7,
+                        color="#555555")
             for bi, bb in enumerate(bbs):
                 x = gi - 0.4 + width * (bi + 0.5)
-                v = sub.filter((pl.col("head") == head) & (pl.col("backbone") == bb))["value"].drop_nulls().to_numpy()
+                v = vals[bb]
                 if v.size == 0:
-                    ax.text(x, 0.02, "undefined\n(constant\nprediction)", ha="center", va="bottom",
-                            fontsize=7, color="#555555", rotation=90 if len(bbs) > 2 else 0)
+                    if any(u.size for u in vals.values()):
+                        ax.text(x, 0.02, "r undefined", ha="center", va="bottom", fontsize=7, color="#555555",
+                                rotation=90)
                     continue
                 bp = ax.boxplot(v, positions=[x], widths=width * 0.8, patch_artist=True, showfliers=False,
                                 medianprops={"color": "black", "linewidth": 1.2}, manage_ticks=False)
@@ -135,13 +141,11 @@ def pcc_boxplot(per_slide: pl.DataFrame, path: Path, *, metric_label: str = "Pea
         ax.set_xlim(-0.5, len(heads) - 0.5)
         ax.set_xlabel("head")
         ax.set_ylabel(f"per-slide {metric_label}\n(log1p-normalised expression)")
-        n_slides = sub.filter(pl.col("head") == heads[0]).height if heads else 0
         ax.set_title(f"{ds}: per-slide {metric_label} per gene (one point = one gene on one test slide)"
                      if ds else f"per-slide {metric_label} per gene (one point = one gene on one test slide)",
                      fontsize=10)
         ax.grid(axis="y", color="#DDDDDD", linewidth=0.6)
         ax.set_axisbelow(True)
-        log.debug("box plot %s: %d groups, %d values in the first", ds, len(heads), n_slides)
     handles = [Patch(facecolor=c, alpha=0.75, label=b) for b, c in colours.items()]
     handles.append(Line2D([], [], color="#555555", linestyle=":", label="ridge median"))
     axes[0].legend(handles=handles, title="backbone", fontsize=8, title_fontsize=8, loc="upper left",
@@ -191,6 +195,35 @@ def _robust_norm(v: np.ndarray) -> Normalize:
     return Normalize(float(lo), float(hi))
 
 
+def _map_figure(n: int, xy: np.ndarray, diameter: float, *, extra_right: float = 0.0,
+                top: float = 0.8) -> tuple[Figure, list[Axes], list[Axes]]:
+    """A row of ``n`` map panels sized to the slide's aspect ratio, each with a colour-bar
+    axes on its right; fixed layout in inches (faster than constrained layout)."""
+    w = float(np.ptp(xy[:, 0])) + 2 * diameter
+    h = float(np.ptp(xy[:, 1])) + 2 * diameter
+    aspect = h / w if w > 0 else 1.0
+    pw = 3.2
+    ph = pw * aspect
+    if ph > 3.6:
+        ph, pw = 3.6, max(3.6 / aspect, 1.2)
+    elif ph < 1.2:
+        ph, pw = 1.2, min(1.2 / aspect, 6.0)
+    cb_w, left, gap, bottom = 0.95, 0.8, 0.5, 0.55
+    fig_w = left + n * (pw + cb_w) + (n - 1) * gap + 0.1 + extra_right
+    fig_h = bottom + ph + top
+    fig = _new_figure(fig_w, fig_h, constrained=False)
+    axes, caxes = [], []
+    for i in range(n):
+        x0 = left + i * (pw + cb_w + gap)
+        axes.append(fig.add_axes((x0 / fig_w, bottom / fig_h, pw / fig_w, ph / fig_h)))
+        caxes.append(fig.add_axes(((x0 + pw + 0.1) / fig_w, bottom / fig_h, 0.14 / fig_w, ph / fig_h)))
+    return fig, axes, caxes
+
+
+def _suptitle(fig: Figure, title: str) -> None:
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig.get_figheight(), va="top")
+
+
 def spatial_maps(
     path: Path,
     xy: np.ndarray,
@@ -216,23 +249,21 @@ def spatial_maps(
     xy = np.asarray(xy, dtype=np.float64)
     panels: list[tuple[str, np.ndarray, str, str]] = [
         ("measured", np.asarray(measured, dtype=np.float64), "viridis", "log1p(count / library size x 1e4)"),
-        ("predicted", np.asarray(predicted, dtype=np.float64), "viridis", "log1p(predicted mean / library size x 1e4)"),
+        ("predicted", np.asarray(predicted, dtype=np.float64), "viridis", "log1p(pred. mean / library size x 1e4)"),
     ]
     for name, vals in uncertainty.items():
         panels.append((name, np.asarray(vals, dtype=np.float64), "magma", "sd (raw counts)"))
     diam = spot_diameter(xy)
-    fig = _new_figure(3.9 * len(panels), 4.3)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, vals, cmap, unit) in zip(axes, panels):
-        norm = _robust_norm(vals)
-        coll = _draw_spots(ax, xy, vals, diam, cmap, norm)
+    fig, axes, caxes = _map_figure(len(panels), xy, diam)
+    for i, (ax, cax, (name, vals, cmap, unit)) in enumerate(zip(axes, caxes, panels)):
+        coll = _draw_spots(ax, xy, vals, diam, cmap, _robust_norm(vals))
         ax.set_title(name, fontsize=9)
-        cb = fig.colorbar(coll, ax=ax, shrink=0.8, extend="both")
+        if i:
+            ax.set_ylabel("")
+        cb = fig.colorbar(coll, cax=cax, extend="both")
         cb.set_label(unit, fontsize=7)
         cb.ax.tick_params(labelsize=7)
-    for ax in axes[1:]:
-        ax.set_ylabel("")
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title)
     return _save(fig, path)
 
 
@@ -258,23 +289,27 @@ def iou_maps(
     true_high, pred_high : (n_spots,) bool, ``smooth > threshold``.
     threshold : binarisation threshold (marked on the colour bars).
 
-    Panels: truth smoothed, prediction smoothed (high spots outlined), and their overlap
-    coloured TP / FN / FP / neither.
+    Panels: truth smoothed, prediction smoothed (spots of the high region marked with a
+    white dot), and their overlap coloured TP / FN / FP / neither.
     """
     xy = np.asarray(xy, dtype=np.float64)
     diam = spot_diameter(xy)
-    fig = _new_figure(12.0, 4.4)
-    axes = fig.subplots(1, 3)
+    fig, axes, caxes = _map_figure(3, xy, diam, extra_right=0.9, top=0.95)
     norm = Normalize(0.0, 1.0)
-    for ax, name, sm, hi in ((axes[0], "truth", true_smooth, true_high), (axes[1], "prediction", pred_smooth, pred_high)):
+    for i, (name, sm, hi) in enumerate((("truth", true_smooth, true_high), ("prediction", pred_smooth, pred_high))):
+        ax = axes[i]
         coll = _draw_spots(ax, xy, np.nan_to_num(np.asarray(sm, dtype=np.float64), nan=0.0), diam, "cividis", norm)
         hi = np.asarray(hi, dtype=bool)
         if hi.any():
-            ax.scatter(xy[hi, 0], xy[hi, 1], s=4, marker=".", color="white", linewidths=0, zorder=3)
-        ax.set_title(f"{name}: smoothed high fraction\n(white dot = high region, > {threshold:g})", fontsize=9)
-        cb = fig.colorbar(coll, ax=ax, shrink=0.8)
+            k = int(hi.sum())
+            dots = EllipseCollection(np.full(k, diam * 0.3), np.full(k, diam * 0.3), np.zeros(k), units="xy",
+                                     offsets=xy[hi], offset_transform=ax.transData, facecolors="white",
+                                     edgecolors="black", linewidths=0.6, zorder=3)
+            ax.add_collection(dots, autolim=False)
+        ax.set_title(f"{name}: smoothed fraction of high spots\n(white dot = high region, > {threshold:g})", fontsize=9)
+        cb = fig.colorbar(coll, cax=caxes[i])
         cb.ax.axhline(threshold, color="red", linewidth=1.5)
-        cb.set_label("fraction of high spots nearby (Gaussian-weighted)", fontsize=7)
+        cb.set_label("Gaussian-weighted fraction of high spots", fontsize=7)
         cb.ax.tick_params(labelsize=7)
     t = np.asarray(true_high, dtype=bool)
     p = np.asarray(pred_high, dtype=bool)
@@ -282,13 +317,13 @@ def iou_maps(
     cmap = ListedColormap([c for _, c in OVERLAP_CLASSES])
     _draw_spots(axes[2], xy, cls, diam, cmap, BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], cmap.N))
     counts = np.bincount(cls, minlength=4)
-    axes[2].set_title("overlap of high regions", fontsize=9)
-    axes[2].legend(handles=[Patch(color=c, label=f"{lab} ({n})") for (lab, c), n in zip(OVERLAP_CLASSES, counts)],
-                   fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="spots",
-                   title_fontsize=7)
+    axes[2].set_title("overlap of the high regions", fontsize=9)
+    caxes[2].set_axis_off()
+    caxes[2].legend(handles=[Patch(color=c, label=f"{lab}: {n}") for (lab, c), n in zip(OVERLAP_CLASSES, counts)],
+                    fontsize=7, loc="center left", frameon=False, title="spots", title_fontsize=7)
     for ax in axes[1:]:
         ax.set_ylabel("")
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title)
     return _save(fig, path)
 
 
@@ -319,11 +354,12 @@ def calibration_plot(coverage: pl.DataFrame, path: Path, uncertainty_error: pl.D
     ax = axes[0]
     ax.plot([0, 1], [0, 1], color="#888888", linestyle="--", linewidth=1, label="perfect calibration")
     lo = 0.4
-    for bb, head in models:
+    for mi, (bb, head) in enumerate(models):
         sub = coverage.filter((pl.col("backbone") == bb) & (pl.col("head") == head)).sort("nominal")
         if sub.height == 0:
             continue
-        x, y, e = sub["nominal"].to_numpy(), sub["empirical"].to_numpy(), sub["sd"].fill_null(0).to_numpy()
+        dodge = 0.012 * (mi - (len(models) - 1) / 2)  # keep error bars of models apart
+        x, y, e = sub["nominal"].to_numpy() + dodge, sub["empirical"].to_numpy(), sub["sd"].fill_null(0).to_numpy()
         lo = min(lo, float(np.nanmin(y - e)) - 0.05)
         ax.errorbar(x, y, yerr=e, color=colours[bb], marker=_HEAD_MARKERS.get(head, "o"), capsize=3,
                     linewidth=1.3, markersize=6, label=f"{bb} / {head}")

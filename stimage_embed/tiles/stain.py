@@ -165,6 +165,7 @@ class MacenkoNormalizer:
     def estimate(self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(stain_matrix (2, 3), max_concentrations (2,))`` of an RGB uint8 image's tissue pixels."""
         od = tissue_od_pixels(rgb, self.Io, self.beta, mask, source)
+        log.debug("macenko fit on %s: %d tissue pixels", source, len(od))
         try:
             return macenko_stain_matrix(od, self.alpha, self.percentile)
         except InputError as exc:
@@ -450,7 +451,11 @@ def make_normalizer(
         return IdentityNormalizer()
     if template_rgb is None:
         raise InputError(source, "template_rgb", f"stain normalisation {method!r} needs a template image")
-    return _BY_METHOD[method](**params).fit_target(template_rgb, mask, source)
+    try:
+        norm = _BY_METHOD[method](**params)
+    except TypeError as exc:
+        raise InputError(source, "stain_normalization", f"bad parameters for {method!r}: {exc}") from None
+    return norm.fit_target(template_rgb, mask, source)
 
 
 def normalizer_from_dict(d: dict[str, Any]) -> Normalizer:

@@ -7,11 +7,11 @@ image layer returns with its thumbnail).
 
 Method (:func:`tissue_mask`): HSV saturation, Gaussian-smoothed, thresholded with Otsu's
 method (with a floor so a blank slide gives an empty mask), plus textured pixels of moderate
-saturation (fat septa, pale stroma); then morphological closing, removal of small objects and
-filling of small holes (scipy.ndimage). Saturation rather than
-optical density because it ignores grey scanner artefacts and neutral debris, and it works on
-both a well-stained slide with a tinted background (HER2ST) and a pale stain (STutility MOB).
-Holes (fat, lumens) smaller than ``max_hole_fraction`` of the thumbnail are counted as tissue.
+saturation (fat septa, pale stroma); then morphological clean-up (scipy.ndimage): speck
+removal, closing, removal of small objects, filling of small holes. Saturation rather than
+optical density because it ignores grey scanner artefacts and neutral debris; it works on both
+a well-stained slide with a tinted background (HER2ST) and a pale stain (STutility MOB).
+Holes (fat, lumens) smaller than ``max_hole_fraction`` of the thumbnail count as tissue.
 """
 
 from __future__ import annotations
@@ -94,11 +94,6 @@ def _remove_small(mask: np.ndarray, min_size: float) -> np.ndarray:
     keep = sizes >= min_size
     keep[0] = False
     return keep[labels]
-
-
-def _disk(radius: int) -> np.ndarray:
-    r = np.arange(-radius, radius + 1)
-    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
 
 
 def binary_closing_disk(mask: np.ndarray, radius: int) -> np.ndarray:

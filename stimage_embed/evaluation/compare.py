@@ -1,0 +1,210 @@
+"""``compare``: every fold x backbone x head from the cached vectors, plus FSTimage across
+backbones, with all state in the store (``runs``, ``predictions``, ``metrics``).
+
+A run is one head fitted on one fold's training slides with one backbone's vectors. Its
+id hashes everything that determines its result (dataset, fold slides, genes, head and
+its parameters, the vectors' provenance ids), so re-running ``compare`` with one more
+backbone or head only computes what is new. A run is committed by its ``runs`` row,
+written after its predictions and metrics; rows of runs that never committed (a crash)
+are removed at the start of the next ``compare``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from stimage_embed.errors import InputError, StoreError
+from stimage_embed.evaluation.genes import parse_gene_spec, select_genes
+from stimage_embed.evaluation.scoring import score_run
+from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
+from stimage_embed.evaluation.views import leaderboard
+from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
+from stimage_embed.predictions.runner import ALL_HEADS, SINGLE_BACKBONE_HEADS, combine_backbones, fit_head, make_head, predict_head
+from stimage_embed.embeddings.provenance import provenance_id
+from stimage_embed.store import schema as S
+from stimage_embed.store.store import Store, _sql_list
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareConfig:
+    backbones: list[str]
+    heads: list[str] = field(default_factory=lambda: ["nb", "ensemble", "highlow", "ridge", "mean", "fstimage"])
+    split: str = "loso"
+    genes: str = "hvg:50"
+    datasets: list[str] | None = None
+    only_qc: bool = True
+    missing: str = "error"  # FSTimage policy for spots absent from a backbone
+    head_params: dict[str, dict] = field(default_factory=dict)
+    train_slides: list[str] | None = None  # explicit split (with test_slides)
+    test_slides: list[str] | None = None
+
+
+@dataclass
+class CompareResult:
+    leaderboard: pl.DataFrame
+    computed: int
+    reused: int
+    seconds: float
+    run_ids: list[str]
+
+
+def _hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _append(store: Store, name: str, df: pl.DataFrame) -> None:
+    schema = S.CORE_TABLES[name]
+    table = df.select(schema.names).to_arrow().cast(schema)
+    if store.has_table(name):
+        store.table(name).add(table)
+    else:
+        store.db.create_table(name, data=table, schema=schema)
+
+
+def _committed_runs(store: Store) -> set[str]:
+    if not store.has_table("runs"):
+        return set()
+    return set(store.read("runs", ["run_id"])["run_id"].to_pylist())
+
+
+def _drop_uncommitted(store: Store) -> None:
+    done = _committed_runs(store)
+    for name in ("predictions", "metrics"):
+        if not store.has_table(name):
+            continue
+        ids = set(store.sql(f"SELECT DISTINCT run_id FROM {name}")["run_id"].to_list())
+        orphans = ids - done
+        if orphans:
+            log.warning("removing %d uncommitted run(s) from %s", len(orphans), name)
+            store.table(name).delete(f"run_id IN ({_sql_list(sorted(orphans))})")
+
+
+def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
+    slides = pl.from_arrow(store.read("slides", ["dataset", "slide_id", "patient"]))
+    datasets = cfg.datasets or sorted(slides["dataset"].unique().to_list())
+    unknown = sorted(set(datasets) - set(slides["dataset"]))
+    if unknown:
+        raise InputError(None, "--dataset", f"datasets not in the store: {unknown}")
+    out = []
+    for ds in datasets:
+        if cfg.train_slides is not None:
+            sub = set(slides.filter(pl.col("dataset") == ds)["slide_id"])
+            tr, te = [s for s in cfg.train_slides if s in sub], [s for s in cfg.test_slides or [] if s in sub]
+            if tr and te:
+                out.append((ds, Fold("explicit", tr, te)))
+            continue
+        for fold in make_folds(slides, parse_split(cfg.split), datasets=[ds]):
+            out.append((ds, fold))
+    if not out:
+        raise InputError(None, "--split", "no fold could be formed from the store's slides")
+    return out
+
+
+def fold_genes(store: Store, fold: Fold, spec: str) -> list[str]:
+    """Genes of a fold, selected from its training slides only."""
+    keys, genes, counts, lib = store.expression_matrix(fold.train_slides)
+    return select_genes(parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), fold.train_slides, library_size=lib)
+
+
+def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareResult:
+    """Run (or reuse) every fold x backbone x head; returns the leaderboard."""
+    t0 = time.perf_counter()
+    bad = sorted(set(cfg.heads) - set(ALL_HEADS))
+    if bad:
+        raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(ALL_HEADS)}")
+    if "fstimage" in cfg.heads and len(cfg.backbones) < 2:
+        raise InputError(None, "--heads", "fstimage averages several backbones: give at least two --backbones")
+    provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
+    _drop_uncommitted(store)
+    done = _committed_runs(store)
+    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]))
+    slides = pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"]))
+    folds = _folds(store, cfg)
+    computed = reused = 0
+    run_ids: list[str] = []
+    single = [h for h in cfg.heads if h in SINGLE_BACKBONE_HEADS]
+    need_nb = "fstimage" in cfg.heads and "nb" not in single
+    total = len(folds) * len(cfg.backbones) * (len(single) + need_nb) + len(folds) * ("fstimage" in cfg.heads)
+    bar = tqdm(total=total, desc="compare", unit="run", disable=not progress)
+    for ds, fold in folds:
+        genes = fold_genes(store, fold, cfg.genes)
+        nb_runs: dict[str, str] = {}
+        base = {"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
+                "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes, "gene_spec": cfg.genes, "only_qc": cfg.only_qc}
+        for bb in cfg.backbones:
+            pid = provenance_id(provs[bb])
+            train = test = None
+            for head in single + (["nb"] if need_nb else []):
+                params = cfg.head_params.get(head, {})
+                rid = _hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params})
+                if head == "nb":
+                    nb_runs[bb] = rid
+                run_ids.append(rid) if head in cfg.heads else None
+                bar.set_postfix(fold=fold.name, backbone=bb, head=head)
+                if rid in done:
+                    reused += 1
+                    bar.update()
+                    continue
+                if train is None:
+                    train = load_spot_arrays(store, bb, fold.train_slides, genes, only_qc=cfg.only_qc)
+                    test = load_spot_arrays(store, bb, fold.test_slides, genes, only_qc=cfg.only_qc)
+                t1 = time.perf_counter()
+                model = fit_head(head, make_head(head, params), train)
+                fit_s = time.perf_counter() - t1
+                pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
+                _write_run(store, rid, pred, score_run(pred, spots, slides, head), spots, slides, ds, bb, [bb], head,
+                           base, genes, params, [pid], train.X.shape[0], fit_s)
+                done.add(rid)
+                computed += 1
+                bar.update()
+        if "fstimage" in cfg.heads:
+            rid = _hash({**base, "head": "fstimage", "members": nb_runs, "missing": cfg.missing})
+            run_ids.append(rid)
+            if rid in done:
+                reused += 1
+            else:
+                members = {bb: pl.from_arrow(store.read("predictions", where=f"run_id = '{r}'")) for bb, r in nb_runs.items()}
+                pred = combine_backbones(members, missing=cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
+                _write_run(store, rid, pred, score_run(pred, spots, slides, "fstimage"), spots, slides, ds, "fstimage",
+                           list(nb_runs), "fstimage", base, genes, {"missing": cfg.missing},
+                           [provenance_id(provs[b]) for b in nb_runs], 0, 0.0)
+                done.add(rid)
+                computed += 1
+            bar.update()
+    bar.close()
+    board = leaderboard(store, run_ids)
+    return CompareResult(board, computed, reused, time.perf_counter() - t0, run_ids)
+
+
+def _write_run(store, rid, pred, metrics, spots, slides, ds, backbone, members, head, base, genes, params, pids, n_train, fit_s):
+    _append(store, "predictions", pred)
+    _append(
+        store, "metrics",
+        metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+            pl.lit(rid).alias("run_id"), pl.lit(ds).alias("dataset"), pl.lit(backbone).alias("backbone"),
+            pl.lit(head).alias("head"), pl.lit(base["fold"]).alias("fold"),
+        ),
+    )
+    row = {
+        "run_id": rid, "dataset": ds, "backbone": backbone, "members": members, "head": head, "split": base["split"],
+        "fold": base["fold"], "train_slides": base["train"], "test_slides": base["test"], "gene_spec": base["gene_spec"], "genes": genes,
+        "head_params": json.dumps(params, sort_keys=True), "provenance_ids": pids, "n_train_spots": n_train,
+        "fit_seconds": fit_s, "model_dir": "", "created_at": dt.datetime.now(dt.timezone.utc),
+    }
+    store_rows = pa.Table.from_pylist([row], schema=S.RUNS)
+    if store.has_table("runs"):
+        store.table("runs").add(store_rows)
+    else:
+        store.db.create_table("runs", data=store_rows, schema=S.RUNS)

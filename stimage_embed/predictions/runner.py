@@ -1,0 +1,162 @@
+"""Head registry and the fit/predict glue between store arrays and ``heads``.
+
+Heads are named: ``nb`` (NBRegressor), ``ensemble`` (SeedEnsemble of 5 NBRegressors),
+``highlow`` (elastic-net HighLowClassifier), ``ridge`` (RidgeBaseline, alpha by CV
+grouped by slide), ``mean`` (MeanBaseline). ``fstimage`` is not a single-backbone head:
+it combines the ``nb`` predictions of several backbones (see ``combine_backbones``).
+
+Predictions come back long, one row per (slide, spot, gene), on the RAW-COUNT scale at
+each spot's observed library size (``mean``, ``variance``, quantiles) and on the metric
+scale ``mean_log1p = log1p(mean / library_size * 1e4)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from heads import (
+    HighLowClassifier,
+    MeanBaseline,
+    NBRegressor,
+    RidgeBaseline,
+    SeedEnsemble,
+    combine_predictions,
+    highlow_labels,
+)
+from stimage_embed.errors import InputError
+from stimage_embed.predictions.arrays import SpotArrays
+
+log = logging.getLogger(__name__)
+
+TARGET_SUM = 1e4
+SINGLE_BACKBONE_HEADS = ("nb", "ensemble", "highlow", "ridge", "mean")
+ALL_HEADS = SINGLE_BACKBONE_HEADS + ("fstimage",)
+QUANTILES = (0.05, 0.25, 0.75, 0.95)
+
+
+def make_head(name: str, params: dict[str, Any] | None = None) -> Any:
+    """A fresh, unfitted head by name, with optional constructor parameters."""
+    params = dict(params or {})
+    if name == "nb":
+        return NBRegressor(**params)
+    if name == "ensemble":
+        n = params.pop("n_members", 5)
+        return SeedEnsemble(NBRegressor(**params), n_members=n)
+    if name == "highlow":
+        return HighLowClassifier(**params)
+    if name == "ridge":
+        return RidgeBaseline(**params)
+    if name == "mean":
+        return MeanBaseline(**params)
+    raise InputError(None, "--head", f"unknown head {name!r}; choose from {', '.join(ALL_HEADS)}")
+
+
+def log1p_norm(counts: np.ndarray, library_size: np.ndarray) -> np.ndarray:
+    lib = np.where(library_size > 0, library_size, 1.0)[:, None]
+    return np.log1p(np.asarray(counts, dtype=np.float64) / lib * TARGET_SUM)
+
+
+def fit_head(name: str, head: Any, arrays: SpotArrays) -> Any:
+    """Fit ``head`` on the arrays' spots (groups = slides, library sizes over all genes)."""
+    groups = arrays.groups
+    if name == "highlow":
+        labels = highlow_labels(log1p_norm(arrays.counts, arrays.library_size), groups)
+        return head.fit(arrays.X, labels)
+    return head.fit(arrays.X, arrays.counts, groups=groups, library_size=arrays.library_size)
+
+
+def _nb_quantiles(mean: np.ndarray, variance: np.ndarray) -> dict[str, np.ndarray]:
+    """Quantiles of the NB with this mean and variance (moment-matched; Poisson if var <= mean)."""
+    excess = np.maximum(variance - mean, 1e-9 * np.maximum(mean, 1e-12))
+    r = mean**2 / excess
+    p = r / (r + mean)
+    return {f"q{int(round(q * 100)):02d}": stats.nbinom.ppf(q, r, p).astype(np.float32) for q in QUANTILES}
+
+
+def _long(arrays: SpotArrays, genes: list[str], cols: dict[str, np.ndarray | None]) -> pl.DataFrame:
+    n, g = len(arrays.keys), len(genes)
+    data: dict[str, Any] = {
+        "slide_id": np.repeat(arrays.keys["slide_id"].to_numpy(), g),
+        "spot_id": np.repeat(arrays.keys["spot_id"].to_numpy(), g),
+        "gene": np.tile(np.asarray(genes, dtype=object), n),
+    }
+    for k, v in cols.items():
+        data[k] = None if v is None else np.asarray(v, dtype=np.float32).reshape(-1)
+    data["observed"] = arrays.counts.reshape(-1).astype(np.int32)
+    data["library_size"] = np.repeat(arrays.library_size.astype(np.float32), g)
+    df = pl.DataFrame({k: v for k, v in data.items() if v is not None})
+    for k, v in data.items():
+        if v is None:
+            df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias(k))
+    return df
+
+
+def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
+    """Long predictions of a fitted head on the arrays' spots (see module docstring)."""
+    X, lib = arrays.X, arrays.library_size
+    genes = arrays.genes
+    empty = {"mean": None, "mean_log1p": None, "variance": None, "epistemic": None, "aleatoric": None,
+             "q05": None, "q25": None, "q75": None, "q95": None, "prob_high": None}
+    if name == "highlow":
+        cols = dict(empty, prob_high=head.predict_proba(X))
+        return _long(arrays, genes, cols)
+    if name == "ensemble":
+        unc = head.predict_uncertainty(X, library_size=lib)
+        mean, var = unc["mean"], unc["total"]
+        cols = dict(empty, mean=mean, variance=var, epistemic=unc["epistemic"], aleatoric=unc["aleatoric"], **_nb_quantiles(mean, var))
+    elif name == "nb":
+        dist = head.predict_dist(X, library_size=lib, quantiles=QUANTILES)
+        q = {f"q{int(round(l * 100)):02d}": dist.quantiles[i] for i, l in enumerate(dist.quantile_levels)}
+        cols = dict(empty, mean=dist.mean, variance=dist.variance, **q)
+    else:
+        cols = dict(empty, mean=head.predict(X, library_size=lib))
+    cols["mean_log1p"] = log1p_norm(cols["mean"], lib)
+    return _long(arrays, genes, cols)
+
+
+def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "error") -> pl.DataFrame:
+    """FSTimage: average the ``nb`` predictions of several backbones, aligned by (slide, spot, gene).
+
+    ``epistemic`` = between-backbone variance of the means, ``aleatoric`` = mean of the
+    backbones' NB variances, ``variance`` = their sum. ``missing``: "error" | "drop" |
+    "available" for spots absent from some backbone (see ``heads.combine_predictions``).
+    """
+    preds = {}
+    for bb, df in per_backbone.items():
+        df = df.sort("slide_id", "spot_id", "gene")
+        genes = df["gene"].unique(maintain_order=True).to_list()
+        n_g = len(genes)
+        keys = df.select("slide_id", "spot_id").gather_every(n_g)
+        keys_arr = np.array([f"{a}\x1f{b}" for a, b in zip(keys["slide_id"], keys["spot_id"])], dtype=object)
+        preds[bb] = (keys_arr, df["mean"].to_numpy().reshape(-1, n_g), df["variance"].to_numpy().reshape(-1, n_g))
+        obs = df.select("observed", "library_size")
+        preds[bb] += (obs["observed"].to_numpy().reshape(-1, n_g), obs["library_size"].to_numpy().reshape(-1, n_g)[:, 0], genes)
+    combined = combine_predictions({bb: (k, m, v) for bb, (k, m, v, *_rest) in preds.items()}, missing=missing)
+    keys = combined["keys"]
+    first = next(iter(preds.values()))
+    genes = first[5]
+    # observed counts and library sizes are the same for every backbone: take them by key
+    lookup = {}
+    for k, m, v, o, l, g in preds.values():
+        for i, key in enumerate(k):
+            lookup.setdefault(key, (o[i], l[i]))
+    observed = np.stack([lookup[k][0] for k in keys])
+    lib = np.array([lookup[k][1] for k in keys])
+    mean, epi = combined["mean"], combined["spread"]
+    alea = combined.get("aleatoric")
+    if alea is None:
+        alea = np.zeros_like(mean)
+    var = epi + alea
+    slide_spot = [k.split("\x1f") for k in keys]
+    fake = SpotArrays(
+        keys=pl.DataFrame({"slide_id": [s for s, _ in slide_spot], "spot_id": [p for _, p in slide_spot]}),
+        X=np.zeros((len(keys), 0), np.float32), counts=observed, library_size=lib, genes=genes, provenance={},
+    )
+    cols = {"mean": mean, "mean_log1p": log1p_norm(mean, lib), "variance": var, "epistemic": epi, "aleatoric": alea,
+            **_nb_quantiles(mean, var), "prob_high": None}
+    return _long(fake, genes, cols)
