@@ -199,5 +199,107 @@ def embed(
     typer.echo(report.line())
 
 
+def _split_csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _slides_from(store_obj, sql: str | None, ids: str | None, field: str) -> list[str] | None:
+    """Slide ids from a comma list or from SQL returning a ``slide_id`` column."""
+    from stimage_embed.errors import InputError
+
+    if ids:
+        return _split_csv(ids)
+    if sql:
+        df = store_obj.sql(sql)
+        if "slide_id" not in df.columns:
+            raise InputError(None, field, f"the SQL must return a slide_id column; got {df.columns}")
+        return sorted(df["slide_id"].unique().to_list())
+    return None
+
+
+@app.command()
+@cli_errors
+def train(
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone whose cached vectors to train on.")] = "efficientnet_lite0",
+    head: Annotated[str, typer.Option(help="nb | ensemble | highlow | ridge | mean")] = "nb",
+    genes: Annotated[str, typer.Option(help="hvg:K | panel:NAME | file:PATH (selected on the training slides).")] = "hvg:50",
+    train_slides: Annotated[Optional[str], typer.Option("--train", help="Training slide ids, comma-separated.")] = None,
+    train_sql: Annotated[Optional[str], typer.Option(help="SQL returning the training slide_ids.")] = None,
+    all_spots: Annotated[bool, typer.Option(help="Train on spots failing tissue QC too.")] = False,
+    store: StoreOpt = Path("store"),
+) -> None:
+    """Fit one head on cached vectors and save it under <store>/models/<run_id>."""
+    from stimage_embed.predictions.train_predict import train as run_train
+    from stimage_embed.store import Store
+
+    st = Store(store)
+    slides = _slides_from(st, train_sql, train_slides, "--train") or []
+    rid, path = run_train(st, backbone, head, genes, slides, only_qc=not all_spots)
+    typer.echo(f"model {rid} saved to {path}")
+
+
+@app.command()
+@cli_errors
+def predict(
+    model: Annotated[str, typer.Option(help="Model run id (under <store>/models) or a model folder.")],
+    slides: Annotated[Optional[str], typer.Option("--slide", help="Slide ids, comma-separated.")] = None,
+    slides_sql: Annotated[Optional[str], typer.Option(help="SQL returning the slide_ids to predict.")] = None,
+    store: StoreOpt = Path("store"),
+) -> None:
+    """Predict expression for slides with a saved model; writes the predictions table."""
+    from stimage_embed.predictions.train_predict import predict as run_predict
+    from stimage_embed.store import Store
+
+    st = Store(store)
+    ids = _slides_from(st, slides_sql, slides, "--slide") or []
+    pred = run_predict(st, model, ids)
+    typer.echo(f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
+               f"{pred['gene'].n_unique()} genes, run {pred['run_id'][0]}")
+
+
+@app.command()
+@cli_errors
+def compare(
+    backbones: Annotated[str, typer.Option("--backbones", help="Comma-separated backbones with vectors in the store.")] = "efficientnet_lite0",
+    heads: Annotated[str, typer.Option("--heads", help="Comma-separated: nb, ensemble, highlow, ridge, mean, fstimage.")] = "nb,ensemble,highlow,ridge,mean",
+    split: Annotated[str, typer.Option(help="loso | lopo | kfold:K[:SEED] (folds within each dataset).")] = "loso",
+    genes: Annotated[str, typer.Option(help="hvg:K | panel:NAME | file:PATH (selected on training slides only).")] = "hvg:50",
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Comma-separated datasets [default: all].")] = None,
+    train: Annotated[Optional[str], typer.Option(help="Explicit split: training slide ids, comma-separated.")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Explicit split: test slide ids, comma-separated.")] = None,
+    train_sql: Annotated[Optional[str], typer.Option(help="Explicit split: SQL returning the training slide_ids.")] = None,
+    test_sql: Annotated[Optional[str], typer.Option(help="Explicit split: SQL returning the test slide_ids.")] = None,
+    missing: Annotated[str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")] = "error",
+    all_spots: Annotated[bool, typer.Option(help="Use spots failing tissue QC too.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
+    store: StoreOpt = Path("store"),
+) -> None:
+    """Train and evaluate every fold x backbone x head from the cache; print the leaderboard."""
+    from stimage_embed.errors import InputError
+    from stimage_embed.evaluation.compare import CompareConfig, compare as run_compare
+    from stimage_embed.store import Store
+
+    st = Store(store)
+    tr = _slides_from(st, train_sql, train, "--train")
+    te = _slides_from(st, test_sql, test, "--test")
+    if (tr is None) != (te is None):
+        raise InputError(None, "--train/--test", "give both the training and the test slides for an explicit split")
+    cfg = CompareConfig(
+        backbones=_split_csv(backbones), heads=_split_csv(heads), split=split, genes=genes,
+        datasets=_split_csv(dataset) or None, only_qc=not all_spots, missing=missing, train_slides=tr, test_slides=te,
+    )
+    result = run_compare(st, cfg)
+    typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
+    _print_frame(result.leaderboard.select(
+        "dataset", "backbone", "head", "folds", "genes",
+        *[pl.col(c).round(3) for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")],
+    ))
+    if report is not None:
+        from stimage_embed.evaluation.report_driver import write_compare_report
+
+        path = write_compare_report(st, result, report)
+        typer.echo(f"report: {path}")
+
+
 if __name__ == "__main__":
     app()

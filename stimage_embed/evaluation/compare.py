@@ -91,8 +91,21 @@ def _drop_uncommitted(store: Store) -> None:
             store.table(name).delete(f"run_id IN ({_sql_list(sorted(orphans))})")
 
 
+def _embedded_slides(store: Store, backbones: list[str]) -> set[str]:
+    """Slides with vectors in every backbone's table."""
+    sets = [set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(b)}")["slide_id"]) for b in backbones]
+    return set.intersection(*sets) if sets else set()
+
+
 def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
     slides = pl.from_arrow(store.read("slides", ["dataset", "slide_id", "patient"]))
+    have = _embedded_slides(store, cfg.backbones)
+    skipped = sorted(set(slides["slide_id"]) - have)
+    if skipped:
+        log.warning("slides without vectors for every backbone (%s) are left out of the folds: %s", ", ".join(cfg.backbones), skipped)
+    slides = slides.filter(pl.col("slide_id").is_in(sorted(have)))
+    if slides.height == 0:
+        raise StoreError(f"{store.path}: no slide has vectors for all of {cfg.backbones}; run `stimage-embed embed` first")
     datasets = cfg.datasets or sorted(slides["dataset"].unique().to_list())
     unknown = sorted(set(datasets) - set(slides["dataset"]))
     if unknown:

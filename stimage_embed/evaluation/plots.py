@@ -14,7 +14,6 @@ Scales
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy.spatial import cKDTree
 
-log = logging.getLogger(__name__)
 
 DPI = 110
 #: heads shown as references (grey background in the box plot)
@@ -147,7 +145,8 @@ def pcc_boxplot(per_slide: pl.DataFrame, path: Path, *, metric_label: str = "Pea
         ax.grid(axis="y", color="#DDDDDD", linewidth=0.6)
         ax.set_axisbelow(True)
     handles = [Patch(facecolor=c, alpha=0.75, label=b) for b, c in colours.items()]
-    handles.append(Line2D([], [], color="#555555", linestyle=":", label="ridge median"))
+    if df.filter(pl.col("head") == "ridge")["value"].drop_nulls().len():
+        handles.append(Line2D([], [], color="#555555", linestyle=":", label="ridge median"))
     axes[0].legend(handles=handles, title="backbone", fontsize=8, title_fontsize=8, loc="upper left",
                    bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)

@@ -208,8 +208,9 @@ def _config_section(runs: pl.DataFrame) -> str:
         r.select("dataset", "fold", "test_slides").unique(subset=["dataset", "fold"], keep="first")
         .sort("dataset", "fold")
     )
+    multi = r["dataset"].n_unique() > 1
     fold_txt = "; ".join(
-        f"{ds + '/' if ds else ''}{f}: test {', '.join(ts or [])}" for ds, f, ts in folds.iter_rows()
+        f"`{ds + '/' if multi else ''}{f}` (test: {', '.join(ts or [])})" for ds, f, ts in folds.iter_rows()
     )
     rows.append(("folds", f"{folds.height} ({fold_txt})"))
     gene_lists = [tuple(g or []) for g in r["genes"].to_list()]
@@ -471,12 +472,13 @@ def write_report(
     if best.height == 0:
         md += ["_No non-baseline model with a defined per-slide Pearson: no maps._", ""]
     for ds, bb, head, score in best.iter_rows():
-        genes = tg.filter((pl.col("dataset") == ds) & (pl.col("backbone") == bb) & (pl.col("head") == head)).sort("rank")["gene"].to_list()
+        is_model = (pl.col("dataset") == ds) & (pl.col("backbone") == bb) & (pl.col("head") == head)
+        genes = tg.filter(is_model).sort("rank")["gene"].to_list()
         model = f"{bb} / {head}"
         md += [f"Best model{' on ' + ds if ds else ''}: **{model}** (mean per-slide r = {_fmt(score)}); "
                f"top genes: {', '.join(f'`{g}`' for g in genes)}.", ""]
         cand = (
-            run_slides.filter((pl.col("dataset") == ds) & (pl.col("backbone") == bb) & (pl.col("head") == head))
+            run_slides.filter(is_model)
             .rename({"test_slides": "slide_id"})
             .join(pred_keys, on=["run_id", "slide_id"], how="semi")
             .sort("slide_id", "fold", "run_id")

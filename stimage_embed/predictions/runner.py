@@ -64,6 +64,9 @@ def log1p_norm(counts: np.ndarray, library_size: np.ndarray) -> np.ndarray:
 def fit_head(name: str, head: Any, arrays: SpotArrays) -> Any:
     """Fit ``head`` on the arrays' spots (groups = slides, library sizes over all genes)."""
     groups = arrays.groups
+    if len(np.unique(groups)) < 2 and name != "highlow":
+        log.warning("%s: a single training slide; early stopping / CV fall back to a random split of its spots", name)
+        groups = None
     if name == "highlow":
         labels = highlow_labels(log1p_norm(arrays.counts, arrays.library_size), groups)
         return head.fit(arrays.X, labels)
@@ -107,8 +110,8 @@ def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
         return _long(arrays, genes, cols)
     if name == "ensemble":
         unc = head.predict_uncertainty(X, library_size=lib)
-        mean, var = unc["mean"], unc["total"]
-        cols = dict(empty, mean=mean, variance=var, epistemic=unc["epistemic"], aleatoric=unc["aleatoric"], **_nb_quantiles(mean, var))
+        mean, var = unc.mean, unc.total
+        cols = dict(empty, mean=mean, variance=var, epistemic=unc.epistemic, aleatoric=unc.aleatoric, **_nb_quantiles(mean, var))
     elif name == "nb":
         dist = head.predict_dist(X, library_size=lib, quantiles=QUANTILES)
         q = {f"q{int(round(l * 100)):02d}": dist.quantiles[i] for i, l in enumerate(dist.quantile_levels)}
@@ -119,44 +122,46 @@ def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
     return _long(arrays, genes, cols)
 
 
-def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "error") -> pl.DataFrame:
-    """FSTimage: average the ``nb`` predictions of several backbones, aligned by (slide, spot, gene).
+def _wide(df: pl.DataFrame, column: str, genes: list[str]) -> pl.DataFrame:
+    return df.pivot(on="gene", index=["slide_id", "spot_id"], values=column).sort("slide_id", "spot_id").select("slide_id", "spot_id", *genes)
 
+
+def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "error") -> pl.DataFrame:
+    """FSTimage: average the ``nb`` predictions of several backbones, aligned by (slide, spot).
+
+    Uses :func:`heads.combine_predictions`: ``mean`` = average of the backbones' NB means,
     ``epistemic`` = between-backbone variance of the means, ``aleatoric`` = mean of the
     backbones' NB variances, ``variance`` = their sum. ``missing``: "error" | "drop" |
-    "available" for spots absent from some backbone (see ``heads.combine_predictions``).
+    "available" for spots absent from some backbone.
     """
-    preds = {}
+    genes = None
+    wide = {}
     for bb, df in per_backbone.items():
-        df = df.sort("slide_id", "spot_id", "gene")
-        genes = df["gene"].unique(maintain_order=True).to_list()
-        n_g = len(genes)
-        keys = df.select("slide_id", "spot_id").gather_every(n_g)
-        keys_arr = np.array([f"{a}\x1f{b}" for a, b in zip(keys["slide_id"], keys["spot_id"])], dtype=object)
-        preds[bb] = (keys_arr, df["mean"].to_numpy().reshape(-1, n_g), df["variance"].to_numpy().reshape(-1, n_g))
-        obs = df.select("observed", "library_size")
-        preds[bb] += (obs["observed"].to_numpy().reshape(-1, n_g), obs["library_size"].to_numpy().reshape(-1, n_g)[:, 0], genes)
-    combined = combine_predictions({bb: (k, m, v) for bb, (k, m, v, *_rest) in preds.items()}, missing=missing)
-    keys = combined["keys"]
-    first = next(iter(preds.values()))
-    genes = first[5]
-    # observed counts and library sizes are the same for every backbone: take them by key
-    lookup = {}
-    for k, m, v, o, l, g in preds.values():
-        for i, key in enumerate(k):
-            lookup.setdefault(key, (o[i], l[i]))
-    observed = np.stack([lookup[k][0] for k in keys])
-    lib = np.array([lookup[k][1] for k in keys])
-    mean, epi = combined["mean"], combined["spread"]
-    alea = combined.get("aleatoric")
-    if alea is None:
-        alea = np.zeros_like(mean)
-    var = epi + alea
-    slide_spot = [k.split("\x1f") for k in keys]
-    fake = SpotArrays(
-        keys=pl.DataFrame({"slide_id": [s for s, _ in slide_spot], "spot_id": [p for _, p in slide_spot]}),
-        X=np.zeros((len(keys), 0), np.float32), counts=observed, library_size=lib, genes=genes, provenance={},
+        g = df["gene"].unique(maintain_order=True).to_list()
+        if genes is not None and sorted(g) != sorted(genes):
+            raise InputError(None, "fstimage", f"backbone {bb!r} was predicted on other genes than {list(per_backbone)[0]!r}")
+        genes = genes or g
+        m, v = _wide(df, "mean", genes), _wide(df, "variance", genes)
+        wide[bb] = (m.select("slide_id", "spot_id").to_numpy(), m.select(genes).to_numpy(), v.select(genes).to_numpy())
+    try:
+        comb = combine_predictions(wide, missing=missing)
+    except ValueError as exc:
+        raise InputError(None, "--missing", str(exc)) from exc
+    truth = (
+        pl.concat([df.select("slide_id", "spot_id", "observed", "library_size").unique(["slide_id", "spot_id"]) for df in per_backbone.values()])
+        .unique(["slide_id", "spot_id"])
     )
-    cols = {"mean": mean, "mean_log1p": log1p_norm(mean, lib), "variance": var, "epistemic": epi, "aleatoric": alea,
-            **_nb_quantiles(mean, var), "prob_high": None}
-    return _long(fake, genes, cols)
+    keys = pl.DataFrame({"slide_id": comb.keys[:, 0].astype(str), "spot_id": comb.keys[:, 1].astype(str)})
+    obs = keys.join(
+        pl.concat([df.select("slide_id", "spot_id", "gene", "observed") for df in per_backbone.values()]).unique(["slide_id", "spot_id", "gene"])
+        .pivot(on="gene", index=["slide_id", "spot_id"], values="observed"),
+        on=["slide_id", "spot_id"], how="left", maintain_order="left",
+    )
+    lib = keys.join(truth, on=["slide_id", "spot_id"], how="left", maintain_order="left")["library_size"].to_numpy().astype(np.float64)
+    arrays = SpotArrays(keys=keys, X=np.zeros((len(keys), 0), np.float32), counts=obs.select(genes).to_numpy().astype(np.int64),
+                        library_size=lib, genes=genes, provenance={})
+    alea = comb.aleatoric if comb.aleatoric is not None else np.zeros_like(comb.mean)
+    var = comb.spread + alea
+    cols = {"mean": comb.mean, "mean_log1p": log1p_norm(comb.mean, lib), "variance": var, "epistemic": comb.spread,
+            "aleatoric": alea, **_nb_quantiles(comb.mean, var), "prob_high": None}
+    return _long(arrays, genes, cols)

@@ -1,0 +1,108 @@
+"""``train`` and ``predict``: fit one head on cached vectors and save it under the store;
+apply a saved head to slides and write the ``predictions`` table.
+
+A saved model is a folder ``<store>/models/<run_id>/`` holding the head (safetensors +
+JSON, no pickle, via ``heads.save_head``) with the provenance of its training vectors,
+and ``run.json`` (backbone, head, genes, training slides). ``predict`` refuses vectors
+whose provenance differs from the training vectors'.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from heads import ProvenanceMismatch, check_provenance, load_head, save_head
+from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, provenance_id
+from stimage_embed.errors import InputError, ProvenanceError, StoreError
+from stimage_embed.evaluation.compare import _append, _hash, fold_genes
+from stimage_embed.evaluation.splits import Fold
+from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
+from stimage_embed.predictions.runner import SINGLE_BACKBONE_HEADS, fit_head, make_head, predict_head
+from stimage_embed.store import schema as S
+from stimage_embed.store.store import Store, _sql_list
+
+log = logging.getLogger(__name__)
+
+
+def vector_identity(prov: dict) -> dict:
+    """The provenance fields that decide whether two sets of vectors are interchangeable."""
+    return {k: json.dumps(prov.get(k), sort_keys=True, default=str) for k in IDENTITY_FIELDS}
+
+
+def models_dir(store: Store) -> Path:
+    return store.path / "models"
+
+
+def train(
+    store: Store, backbone: str, head: str, genes: str, train_slides: list[str], params: dict | None = None,
+    only_qc: bool = True,
+) -> tuple[str, Path]:
+    """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir)."""
+    if head not in SINGLE_BACKBONE_HEADS:
+        raise InputError(None, "--head", f"train fits one backbone's head: {', '.join(SINGLE_BACKBONE_HEADS)} "
+                         "(fstimage is built by `compare` from nb runs of several backbones)")
+    known = set(store.slide_ids())
+    unknown = sorted(set(train_slides) - known)
+    if unknown or not train_slides:
+        raise InputError(None, "--train", f"training slides not in the store: {unknown or 'none given'}")
+    prov = table_provenance(store, backbone)
+    gene_list = fold_genes(store, Fold("train", train_slides, ["-"]), genes)
+    arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
+    rid = _hash({"backbone": backbone, "provenance": provenance_id(prov), "head": head, "params": params or {},
+                 "train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"})
+    t0 = time.perf_counter()
+    model = fit_head(head, make_head(head, params), arrays)
+    fit_s = time.perf_counter() - t0
+    out = models_dir(store) / rid
+    save_head(model, out, provenance=vector_identity(prov))
+    (out / "run.json").write_text(json.dumps(
+        {"run_id": rid, "backbone": backbone, "head": head, "genes": gene_list, "gene_spec": genes,
+         "train_slides": sorted(train_slides), "params": params or {}, "n_train_spots": int(arrays.X.shape[0]),
+         "fit_seconds": fit_s}, indent=2))
+    row = {
+        "run_id": rid, "dataset": ",".join(sorted(set(store.sql(
+            f"SELECT dataset FROM slides WHERE slide_id IN ({_sql_list(train_slides)})")["dataset"]))),
+        "backbone": backbone, "members": [backbone], "head": head, "split": "train", "fold": "train",
+        "train_slides": sorted(train_slides), "test_slides": [], "gene_spec": genes, "genes": gene_list,
+        "head_params": json.dumps(params or {}), "provenance_ids": [provenance_id(prov)],
+        "n_train_spots": int(arrays.X.shape[0]), "fit_seconds": fit_s, "model_dir": str(out),
+        "created_at": dt.datetime.now(dt.timezone.utc),
+    }
+    if rid not in set(store.sql("SELECT run_id FROM runs")["run_id"]) if store.has_table("runs") else True:
+        tbl = pa.Table.from_pylist([row], schema=S.RUNS)
+        store.table("runs").add(tbl) if store.has_table("runs") else store.db.create_table("runs", data=tbl, schema=S.RUNS)
+    log.info("trained %s on %s (%d spots, %d genes) in %.1f s -> %s", head, backbone, arrays.X.shape[0], len(gene_list), fit_s, out)
+    return rid, out
+
+
+def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
+    """Apply a saved model to ``slides``; (re)writes its rows of ``predictions``."""
+    path = Path(model)
+    if not path.is_dir():
+        path = models_dir(store) / model
+    meta_file = path / "run.json"
+    if not meta_file.is_file():
+        raise InputError(meta_file, "model", "no saved model here (expected run.json); see `stimage-embed train`")
+    meta = json.loads(meta_file.read_text())
+    head = load_head(path)
+    current = vector_identity(table_provenance(store, meta["backbone"]))
+    try:
+        check_provenance(head, current)
+    except ProvenanceMismatch as exc:
+        raise ProvenanceError(f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}") from exc
+    unknown = sorted(set(slides) - set(store.slide_ids()))
+    if unknown or not slides:
+        raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
+    arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
+    pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(meta["run_id"]).alias("run_id"))
+    if store.has_table("predictions"):
+        store.table("predictions").delete(f"run_id = '{meta['run_id']}' AND slide_id IN ({_sql_list(slides)})")
+    _append(store, "predictions", pred)
+    return pred

@@ -1,0 +1,95 @@
+"""NB maths of heads.distributions against scipy.stats.nbinom (independent reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from heads import distributions as D
+
+
+@pytest.fixture(scope="module")
+def params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = 4000
+    mu = np.exp(rng.uniform(np.log(1e-3), np.log(5e4), n))
+    theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e4), n))
+    r, p = D.mean_disp_to_rp(mu, theta)
+    # counts around the mean, plus zeros and very large counts
+    y = rng.negative_binomial(r, p).astype(np.float64)
+    y[:200] = 0
+    y[200:400] = rng.integers(10_000, 2_000_000, 200)
+    return {"mu": mu, "theta": theta, "r": r, "p": p, "y": y}
+
+
+def test_mean_dispersion_logpmf_matches_scipy(params):
+    ref = stats.nbinom.logpmf(params["y"], params["theta"], params["theta"] / (params["theta"] + params["mu"]))
+    np.testing.assert_allclose(D.nb_logpmf(params["y"], params["mu"], params["theta"]), ref, rtol=1e-5)
+    t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
+    np.testing.assert_allclose(D.nb_log_prob(t["y"], t["mu"], t["theta"]).numpy(), ref, rtol=1e-5)
+    np.testing.assert_allclose(
+        D.nb_log_prob_log_mu(t["y"], torch.log(t["mu"]), torch.log(t["theta"])).numpy(), ref, rtol=1e-5
+    )
+
+
+def test_stimage_logpmf_matches_scipy(params):
+    rng = np.random.default_rng(1)
+    n = params["y"].shape[0]
+    a = rng.uniform(-4, 8, n)  # raw Dense outputs
+    b = rng.uniform(-12, 12, n)
+    r, p = D.stimage_to_rp(a, b)
+    np.testing.assert_allclose(r, np.log1p(np.exp(a)), rtol=1e-12)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-b)), rtol=1e-12)
+    y = params["y"]
+    ref = stats.nbinom.logpmf(y, r, p)
+    np.testing.assert_allclose(D.nb_logpmf_rp(y, r, p), ref, rtol=1e-5)
+    got = D.nb_log_prob_stimage(
+        torch.as_tensor(y), torch.as_tensor(r), torch.as_tensor(b, dtype=torch.float64)
+    ).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_stimage_convention_is_scipy_not_torch_probs():
+    """STimage's p is scipy's success probability; torch's probs is 1 - p."""
+    y = torch.arange(0, 30, dtype=torch.float64)
+    r, p = torch.tensor(3.5, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    ours = D.nb_log_prob_stimage(y, r, torch.logit(p)).numpy()
+    torch_nb = torch.distributions.NegativeBinomial(total_count=r, probs=1 - p).log_prob(y).numpy()
+    np.testing.assert_allclose(ours, torch_nb, rtol=1e-10)
+    np.testing.assert_allclose(ours, stats.nbinom.logpmf(y.numpy(), 3.5, 0.3), rtol=1e-10)
+    assert not np.allclose(ours, torch.distributions.NegativeBinomial(total_count=r, probs=p).log_prob(y).numpy())
+
+
+def test_conversions_and_moments_match_scipy(params):
+    mu, theta, r, p = params["mu"], params["theta"], params["r"], params["p"]
+    np.testing.assert_allclose(stats.nbinom.mean(r, p), mu, rtol=1e-9)
+    np.testing.assert_allclose(stats.nbinom.var(r, p), mu + mu**2 / theta, rtol=1e-9)
+    np.testing.assert_allclose(D.nb_mean(r, p), stats.nbinom.mean(r, p), rtol=1e-12)
+    np.testing.assert_allclose(D.nb_variance(r, p), stats.nbinom.var(r, p), rtol=1e-12)
+    mu2, theta2 = D.rp_to_mean_disp(r, p)
+    np.testing.assert_allclose(mu2, mu, rtol=1e-9)
+    np.testing.assert_allclose(theta2, theta, rtol=1e-12)
+    mean, var = D.rp_to_mean_var(r, p)
+    r3, p3 = D.mean_var_to_rp(mean, var)
+    np.testing.assert_allclose(r3[mu > 1e-2], r[mu > 1e-2], rtol=1e-6)
+    np.testing.assert_allclose(p3, p, rtol=1e-9)
+    with pytest.raises(ValueError, match="var > mean"):
+        D.mean_var_to_rp(np.array([2.0]), np.array([1.5]))
+
+
+def test_quantiles_and_samples():
+    r = np.array([[0.5, 5.0], [50.0, 2.0]])
+    p = np.array([[0.1, 0.5], [0.9, 0.01]])
+    levels = (0.05, 0.5, 0.95)
+    q = D.nb_quantiles(r, p, levels)
+    assert q.shape == (3, 2, 2)
+    for i, lv in enumerate(levels):
+        np.testing.assert_array_equal(q[i], stats.nbinom.ppf(lv, r, p))
+    s = D.nb_sample(r, p, 20000, rng=0)
+    assert s.shape == (20000, 2, 2)
+    mean, var = D.rp_to_mean_var(r, p)
+    # sample means within 5 standard errors of the NB mean
+    assert np.all(np.abs(s.mean(0) - mean) < 5 * np.sqrt(var / 20000))
+    np.testing.assert_array_equal(s, D.nb_sample(r, p, 20000, rng=0))
