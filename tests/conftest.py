@@ -33,12 +33,12 @@ def ingested_store(tmp_path_factory, real_data_root):
     return store
 
 
-EMBED_SLIDES = ["C5", "MOB1"]
+EMBED_SLIDES = ["C4", "C5", "MOB1"]
 
 
 @pytest.fixture(scope="session")
 def embedded_store(tmp_path_factory, ingested_store):
-    """A copy of the ingested store with efficientnet_lite0 vectors for C5 and MOB1."""
+    """A copy of the ingested store with efficientnet_lite0 vectors for C4, C5 and MOB1."""
     import shutil
 
     from stimage_embed.embeddings.embed_pass import embed

@@ -48,6 +48,7 @@ def make_head(name: str, params: dict[str, Any] | None = None) -> Any:
         n = params.pop("n_members", 5)
         return SeedEnsemble(NBRegressor(**params), n_members=n)
     if name == "highlow":
+        params.setdefault("n_jobs", -1)  # genes fit in parallel threads (saga releases the GIL)
         return HighLowClassifier(**params)
     if name == "ridge":
         return RidgeBaseline(**params)
