@@ -30,6 +30,18 @@ def _n_components(requested: int, n_samples: int, n_features: int) -> int:
     return int(max(1, min(int(requested), n_samples - 1, n_features)))
 
 
+def ridge_path_predict(Z_train: np.ndarray, T_train: np.ndarray, Z_test: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Predictions of ``sklearn.linear_model.Ridge(alpha, fit_intercept=True)`` for every
+    alpha at once, (n_alphas, n_test, n_targets), from one SVD of the centred training
+    design: ``coef(alpha) = V diag(s / (s^2 + alpha)) U^T (T - mean T)``. Hand-written for
+    speed (one SVD instead of one solve per alpha); tested against ``Ridge``."""
+    z_mean, t_mean = Z_train.mean(axis=0), T_train.mean(axis=0)
+    U, s, Vt = np.linalg.svd(Z_train - z_mean, full_matrices=False)
+    UtT = U.T @ (T_train - t_mean)
+    ZV = (Z_test - z_mean) @ Vt.T
+    return np.stack([ZV @ ((s / (s**2 + a))[:, None] * UtT) + t_mean for a in alphas])
+
+
 class RidgeBaseline(BaseEstimator):
     """HEST's linear probe — ``StandardScaler -> PCA(n_components) -> Ridge`` — with the
     ridge ``alpha`` chosen by cross-validation grouped by slide (HEST's fixed alpha
@@ -142,7 +154,8 @@ class RidgeBaseline(BaseEstimator):
         for tr, te in splitter.split(X, T, groups):
             scaler, pca = self._project_fit(X[tr])
             Z_tr, Z_te = pca.transform(scaler.transform(X[tr])), pca.transform(scaler.transform(X[te]))
-            fold_mse.append([np.mean((Ridge(alpha=a).fit(Z_tr, T[tr]).predict(Z_te) - T[te]) ** 2) for a in alphas])
+            preds = ridge_path_predict(Z_tr, T[tr], Z_te, alphas)
+            fold_mse.append(np.mean((preds - T[te][None]) ** 2, axis=(1, 2)))
         self.alphas_ = alphas
         self.cv_mse_ = np.mean(fold_mse, axis=0)
         self.alpha_ = float(alphas[int(np.argmin(self.cv_mse_))])

@@ -101,3 +101,14 @@ def test_mean_baseline_is_exact():
     np.testing.assert_allclose(pred, np.tile(expected, (7, 1)), rtol=1e-12)
     np.testing.assert_allclose(model.predict(X[:2], library_size=[100.0, 400.0]),
                                np.vstack([expected * 100, expected * 400]) / np.median(lib), rtol=1e-12)
+
+
+def test_ridge_path_equals_sklearn_ridge():
+    from heads.baselines import ridge_path_predict
+
+    rng = np.random.default_rng(3)
+    Z, T, Zt = rng.normal(size=(40, 6)), rng.normal(size=(40, 3)), rng.normal(size=(9, 6))
+    alphas = np.array([1e-3, 0.5, 30.0, 1e5])
+    got = ridge_path_predict(Z, T, Zt, alphas)
+    for i, a in enumerate(alphas):
+        np.testing.assert_allclose(got[i], Ridge(alpha=a).fit(Z, T).predict(Zt), rtol=1e-8, atol=1e-10)

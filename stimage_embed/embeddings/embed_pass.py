@@ -33,7 +33,7 @@ from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.tile_stream import SlideJob, TileStream, make_chunks
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store, _sql_list
+from stimage_embed.store.store import Store, sql_list
 from stimage_embed.tiles.image import SlideImage
 from stimage_embed.tiles.stain import make_normalizer
 from stimage_embed.tiles.tissue import tissue_mask
@@ -123,7 +123,7 @@ def embed(
             raise InputError(None, "--slide", f"slides not in the store: {unknown}")
         slide_tab = slide_tab.filter(pl.col("slide_id").is_in(slides))
     slide_tab = slide_tab.sort("slide_id")
-    where = f"slide_id IN ({_sql_list(slide_tab['slide_id'])})" + (" AND passes_qc" if only_qc else "")
+    where = f"slide_id IN ({sql_list(slide_tab['slide_id'])})" + (" AND passes_qc" if only_qc else "")
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y", "tissue_fraction"], where=where))
 
     # --- backbones, stain template, provenance -------------------------------------
@@ -210,11 +210,7 @@ def embed(
         if not buffers[name]:
             return
         data = pa.concat_tables(buffers[name])
-        schema = S.embedding_schema(models[name].embed_dim)
-        if store.has_table(tables[name]):
-            store.table(tables[name]).add(data)
-        else:
-            store.db.create_table(tables[name], data=data, schema=schema)
+        store.append(tables[name], data, schema=S.embedding_schema(models[name].embed_dim))
         report.vectors[name] = report.vectors.get(name, 0) + data.num_rows
         buffers[name], buffered[name] = [], 0
 

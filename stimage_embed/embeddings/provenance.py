@@ -72,11 +72,7 @@ def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
         "json": json.dumps(prov, sort_keys=True, default=str),
         "created_at": dt.datetime.now(dt.timezone.utc),
     }
-    tbl = pa.Table.from_pylist([row], schema=S.PROVENANCE)
-    if store.has_table("provenance"):
-        store.table("provenance").add(tbl)
-    else:
-        store.db.create_table("provenance", data=tbl, schema=S.PROVENANCE)
+    store.append("provenance", pa.Table.from_pylist([row], schema=S.PROVENANCE))
     return pid
 
 

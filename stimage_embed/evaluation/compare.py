@@ -32,7 +32,7 @@ from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
 from stimage_embed.predictions.runner import ALL_HEADS, SINGLE_BACKBONE_HEADS, combine_backbones, fit_head, make_head, predict_head
 from stimage_embed.embeddings.provenance import provenance_id
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store, _sql_list
+from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,9 @@ class CompareResult:
     run_ids: list[str]
 
 
-def _hash(obj: dict) -> str:
+def run_hash(obj: dict) -> str:
+    """Id of a run: hash of everything that determines its result."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _append(store: Store, name: str, df: pl.DataFrame) -> None:
-    schema = S.CORE_TABLES[name]
-    table = df.select(schema.names).to_arrow().cast(schema)
-    if store.has_table(name):
-        store.table(name).add(table)
-    else:
-        store.db.create_table(name, data=table, schema=schema)
 
 
 def _committed_runs(store: Store) -> set[str]:
@@ -88,7 +80,7 @@ def _drop_uncommitted(store: Store) -> None:
         orphans = ids - done
         if orphans:
             log.warning("removing %d uncommitted run(s) from %s", len(orphans), name)
-            store.table(name).delete(f"run_id IN ({_sql_list(sorted(orphans))})")
+            store.table(name).delete(f"run_id IN ({sql_list(sorted(orphans))})")
 
 
 def _embedded_slides(store: Store, backbones: list[str]) -> set[str]:
@@ -161,7 +153,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
             train = test = None
             for head in single + (["nb"] if need_nb else []):
                 params = cfg.head_params.get(head, {})
-                rid = _hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params})
+                rid = run_hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params})
                 if head == "nb":
                     nb_runs[bb] = rid
                 run_ids.append(rid) if head in cfg.heads else None
@@ -183,7 +175,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
                 computed += 1
                 bar.update()
         if "fstimage" in cfg.heads:
-            rid = _hash({**base, "head": "fstimage", "members": nb_runs, "missing": cfg.missing})
+            rid = run_hash({**base, "head": "fstimage", "members": nb_runs, "missing": cfg.missing})
             run_ids.append(rid)
             if rid in done:
                 reused += 1
@@ -202,9 +194,9 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
 
 
 def _write_run(store, rid, pred, metrics, spots, slides, ds, backbone, members, head, base, genes, params, pids, n_train, fit_s):
-    _append(store, "predictions", pred)
-    _append(
-        store, "metrics",
+    store.append("predictions", pred)
+    store.append(
+        "metrics",
         metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
             pl.lit(rid).alias("run_id"), pl.lit(ds).alias("dataset"), pl.lit(backbone).alias("backbone"),
             pl.lit(head).alias("head"), pl.lit(base["fold"]).alias("fold"),
@@ -216,8 +208,4 @@ def _write_run(store, rid, pred, metrics, spots, slides, ds, backbone, members, 
         "head_params": json.dumps(params, sort_keys=True), "provenance_ids": pids, "n_train_spots": n_train,
         "fit_seconds": fit_s, "model_dir": "", "created_at": dt.datetime.now(dt.timezone.utc),
     }
-    store_rows = pa.Table.from_pylist([row], schema=S.RUNS)
-    if store.has_table("runs"):
-        store.table("runs").add(store_rows)
-    else:
-        store.db.create_table("runs", data=store_rows, schema=S.RUNS)
+    store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))

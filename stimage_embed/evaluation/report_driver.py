@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 
 from stimage_embed.evaluation.report import write_report
-from stimage_embed.store.store import Store, _sql_list
+from stimage_embed.store.store import Store, sql_list
 
 
 def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int = 3, max_slides: int | None = 6) -> Path:
-    ids = _sql_list(result.run_ids)
+    ids = sql_list(result.run_ids)
     metrics = pl.from_arrow(store.read("metrics", where=f"run_id IN ({ids})"))
     runs = pl.from_arrow(store.read("runs", where=f"run_id IN ({ids})"))
     predictions = pl.from_arrow(store.read("predictions", where=f"run_id IN ({ids})"))

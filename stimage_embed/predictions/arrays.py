@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from stimage_embed.embeddings.provenance import existing_provenance
 from stimage_embed.errors import StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store, _sql_list
+from stimage_embed.store.store import Store, sql_list
 
 
 @dataclass
@@ -44,7 +44,7 @@ def table_provenance(store: Store, backbone: str) -> dict:
 def load_embeddings(store: Store, backbone: str, slide_ids: Sequence[str]) -> tuple[pl.DataFrame, np.ndarray]:
     """(keys, X float32) of a backbone for the given slides, sorted by key."""
     table = S.embedding_table_name(backbone)
-    t = store.read(table, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ({_sql_list(slide_ids)})")
+    t = store.read(table, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ({sql_list(slide_ids)})")
     keys = pl.DataFrame({"slide_id": t["slide_id"].to_pylist(), "spot_id": t["spot_id"].to_pylist()})
     vec = t["vector"].combine_chunks()
     dim = vec.type.list_size
@@ -61,7 +61,7 @@ def load_spot_arrays(
     ckeys, gl, counts, lib = store.expression_matrix(slide_ids, genes)
     spots = pl.from_arrow(
         store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y", "passes_qc"],
-                   where=f"slide_id IN ({_sql_list(slide_ids)})")
+                   where=f"slide_id IN ({sql_list(slide_ids)})")
     )
     slides = pl.from_arrow(store.read("slides", ["slide_id", "patient"]))
     ekeys = ekeys.with_columns(pl.Series("_e", np.arange(ekeys.height)))

@@ -21,12 +21,12 @@ import pyarrow as pa
 from heads import ProvenanceMismatch, check_provenance, load_head, save_head
 from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, provenance_id
 from stimage_embed.errors import InputError, ProvenanceError, StoreError
-from stimage_embed.evaluation.compare import _append, _hash, fold_genes
+from stimage_embed.evaluation.compare import fold_genes, run_hash
 from stimage_embed.evaluation.splits import Fold
 from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
 from stimage_embed.predictions.runner import SINGLE_BACKBONE_HEADS, fit_head, make_head, predict_head
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store, _sql_list
+from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def train(
     prov = table_provenance(store, backbone)
     gene_list = fold_genes(store, Fold("train", train_slides, ["-"]), genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
-    rid = _hash({"backbone": backbone, "provenance": provenance_id(prov), "head": head, "params": params or {},
+    rid = run_hash({"backbone": backbone, "provenance": provenance_id(prov), "head": head, "params": params or {},
                  "train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"})
     t0 = time.perf_counter()
     model = fit_head(head, make_head(head, params), arrays)
@@ -68,16 +68,16 @@ def train(
          "fit_seconds": fit_s}, indent=2))
     row = {
         "run_id": rid, "dataset": ",".join(sorted(set(store.sql(
-            f"SELECT dataset FROM slides WHERE slide_id IN ({_sql_list(train_slides)})")["dataset"]))),
+            f"SELECT dataset FROM slides WHERE slide_id IN ({sql_list(train_slides)})")["dataset"]))),
         "backbone": backbone, "members": [backbone], "head": head, "split": "train", "fold": "train",
         "train_slides": sorted(train_slides), "test_slides": [], "gene_spec": genes, "genes": gene_list,
         "head_params": json.dumps(params or {}), "provenance_ids": [provenance_id(prov)],
         "n_train_spots": int(arrays.X.shape[0]), "fit_seconds": fit_s, "model_dir": str(out),
         "created_at": dt.datetime.now(dt.timezone.utc),
     }
-    if rid not in set(store.sql("SELECT run_id FROM runs")["run_id"]) if store.has_table("runs") else True:
-        tbl = pa.Table.from_pylist([row], schema=S.RUNS)
-        store.table("runs").add(tbl) if store.has_table("runs") else store.db.create_table("runs", data=tbl, schema=S.RUNS)
+    known_runs = set(store.read("runs", ["run_id"])["run_id"].to_pylist()) if store.has_table("runs") else set()
+    if rid not in known_runs:
+        store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))
     log.info("trained %s on %s (%d spots, %d genes) in %.1f s -> %s", head, backbone, arrays.X.shape[0], len(gene_list), fit_s, out)
     return rid, out
 
@@ -103,6 +103,6 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
     pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(meta["run_id"]).alias("run_id"))
     if store.has_table("predictions"):
-        store.table("predictions").delete(f"run_id = '{meta['run_id']}' AND slide_id IN ({_sql_list(slides)})")
-    _append(store, "predictions", pred)
+        store.table("predictions").delete(f"run_id = '{meta['run_id']}' AND slide_id IN ({sql_list(slides)})")
+    store.append("predictions", pred)
     return pred
