@@ -272,6 +272,7 @@ def compare(
     missing: Annotated[str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")] = "error",
     all_spots: Annotated[bool, typer.Option(help="Use spots failing tissue QC too.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
+    highlow_max_iter: Annotated[int, typer.Option(help="saga iterations of the high/low classifier (sklearn's default is 1000).")] = 100,
     store: StoreOpt = Path("store"),
 ) -> None:
     """Train and evaluate every fold x backbone x head from the cache; print the leaderboard."""
@@ -287,6 +288,7 @@ def compare(
     cfg = CompareConfig(
         backbones=_split_csv(backbones), heads=_split_csv(heads), split=split, genes=genes,
         datasets=_split_csv(dataset) or None, only_qc=not all_spots, missing=missing, train_slides=tr, test_slides=te,
+        head_params={"highlow": {"max_iter": highlow_max_iter, "tol": 1e-3}},
     )
     result = run_compare(st, cfg)
     typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")

@@ -46,7 +46,10 @@ class CompareConfig:
     datasets: list[str] | None = None
     only_qc: bool = True
     missing: str = "error"  # FSTimage policy for spots absent from a backbone
-    head_params: dict[str, dict] = field(default_factory=dict)
+    #: constructor parameters per head. highlow: STimage's saga / C 0.1 / l1_ratio 0.5, with
+    #: iterations capped at 100 (tol 1e-3): on HER2ST B4,C2-C4 -> C5 the mean AUC was 0.581
+    #: vs 0.588 at sklearn's 1000 iterations, 16x faster.
+    head_params: dict[str, dict] = field(default_factory=lambda: {"highlow": {"max_iter": 100, "tol": 1e-3}})
     train_slides: list[str] | None = None  # explicit split (with test_slides)
     test_slides: list[str] | None = None
 

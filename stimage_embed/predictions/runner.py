@@ -118,7 +118,9 @@ def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
         q = {f"q{int(round(l * 100)):02d}": dist.quantiles[i] for i, l in enumerate(dist.quantile_levels)}
         cols = dict(empty, mean=dist.mean, variance=dist.variance, **q)
     else:
-        cols = dict(empty, mean=head.predict(X, library_size=lib))
+        # baselines: the metric-scale prediction is their native output (ridge fits the log scale)
+        cols = dict(empty, mean=head.predict(X, library_size=lib), mean_log1p=head.predict_log1p_norm(X))
+        return _long(arrays, genes, cols)
     cols["mean_log1p"] = log1p_norm(cols["mean"], lib)
     return _long(arrays, genes, cols)
 
