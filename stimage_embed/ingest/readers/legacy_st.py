@@ -26,21 +26,13 @@ import scipy.sparse as sp
 
 from stimage_embed.errors import InputError
 from stimage_embed.ingest.catalog import DatasetCatalog, SlideEntry
-from stimage_embed.ingest.readers._validate import validate_coords, validate_counts, validate_unique
+from stimage_embed.ingest.readers._validate import require_file, validate_coords, validate_counts, validate_unique
 from stimage_embed.ingest.types import SlideData
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("her2st", "stutility")
 SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y", "selected")
-
-
-def _require_file(path: Path | None, field: str, catalog: DatasetCatalog) -> Path:
-    if path is None:
-        raise InputError(catalog.source, field, "the legacy_st reader needs this file")
-    if not path.is_file():
-        raise InputError(path, field, "file does not exist")
-    return path
 
 
 def read_counts_table(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
@@ -116,15 +108,16 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     layout = catalog.reader_options.get("layout", "her2st")
     if layout not in LAYOUTS:
         raise InputError(catalog.source, "reader_options.layout", f"unknown layout {layout!r}; use one of {LAYOUTS}")
-    image = _require_file(catalog.resolve(entry.image), f"slides[{entry.id}].image", catalog)
-    counts_path = _require_file(catalog.resolve(entry.counts), f"slides[{entry.id}].counts", catalog)
-    spots_path = _require_file(catalog.resolve(entry.spots), f"slides[{entry.id}].spots", catalog)
+    def need(rel: str | None, field: str) -> Path:
+        return require_file(catalog.resolve(rel), f"slides[{entry.id}].{field}", catalog.source, "legacy_st")
+
+    image, counts_path, spots_path = need(entry.image, "image"), need(entry.counts, "counts"), need(entry.spots, "spots")
 
     count_ids, genes, counts = read_counts_table(counts_path)
     gene_ids = None
     if layout == "stutility":
         gm = catalog.reader_options.get("gene_map")
-        gene_map = _require_file(catalog.resolve(gm) if gm else None, "reader_options.gene_map", catalog)
+        gene_map = require_file(catalog.resolve(gm) if gm else None, "reader_options.gene_map", catalog.source, "legacy_st")
         genes, gene_ids = _map_genes(genes, gene_map)
     validate_unique(genes, counts_path, "gene columns", "gene name")
 
