@@ -38,7 +38,7 @@ builds one in a temp dir (ingest both datasets + ``embed`` with ``--backbone``, 
 macenko): that adds ~5-10 minutes on 2 CPU cores and is not part of the timings.
 
     python benchmarks/bench_heads.py --store /tmp/demo/store [--genes 250]
-        [--stimage-tiles 0 (= all spots)] [--scales 1,4,16] [--backbone efficientnet_lite0]
+        [--stimage-tiles 288 (0 = all spots)] [--scales 1,4,16] [--backbone efficientnet_lite0]
 """
 
 from __future__ import annotations
@@ -89,9 +89,11 @@ def hvg_genes(store: Store, slides: list[str], k: int) -> list[str]:
     return select_genes(f"hvg:{k}", counts, genes, keys["slide_id"].to_numpy(), slides, library_size=lib)
 
 
-def fit_nb(X: np.ndarray, y: np.ndarray, groups: np.ndarray, lib: np.ndarray) -> tuple[NBRegressor, float]:
+def fit_nb(X: np.ndarray, y: np.ndarray, groups: np.ndarray, lib: np.ndarray, max_epochs: int | None = None) -> tuple[NBRegressor, float]:
+    """Fit ``NBRegressor`` (head defaults, seed 0, CPU; ``max_epochs`` overrides the default)."""
+    params = {} if max_epochs is None else {"max_epochs": max_epochs}
     t0 = time.perf_counter()
-    model = NBRegressor(random_state=0, device="cpu").fit(X, y, groups=groups, library_size=lib)
+    model = NBRegressor(random_state=0, device="cpu", **params).fit(X, y, groups=groups, library_size=lib)
     return model, time.perf_counter() - t0
 
 
@@ -108,14 +110,15 @@ class LinearNBHead(torch.nn.Module):
         return -nb_log_prob_log_mu(y, self.out(feats) + log_offset[:, None], self.log_theta[None, :]).mean()
 
 
-def subset_rows(slide_ids: np.ndarray, n_total: int) -> np.ndarray:
-    """Row indices: about ``n_total`` rows spread evenly over each slide (all rows if 0)."""
+def subset_rows(slide_ids: np.ndarray, n_total: int, batch_size: int) -> np.ndarray:
+    """Row indices to time: all rows if ``n_total`` is 0, else about ``n_total`` rows in
+    whole batches, the same share of each slide, spread evenly over the slide's spots."""
     if n_total <= 0 or n_total >= slide_ids.size:
         return np.arange(slide_ids.size)
     out = []
     for s in np.unique(slide_ids):
         rows = np.flatnonzero(slide_ids == s)
-        k = max(1, round(n_total * rows.size / slide_ids.size))
+        k = min(rows.size, batch_size * max(1, round(n_total * rows.size / slide_ids.size / batch_size)))
         out.append(rows[np.linspace(0, rows.size - 1, k).round().astype(int)])
     return np.concatenate(out)
 
@@ -138,7 +141,8 @@ def stimage_epoch(store: Store, arrays: dict[str, SpotArrays], backbone: str, n_
         ref = float(np.median(arr.library_size))
         sid = arr.groups.astype(str)
         n_all += sid.size
-        rows_all = subset_rows(sid, n_tiles * sid.size // sum(a.groups.size for a in arrays.values()) if n_tiles > 0 else 0)
+        share = n_tiles * sid.size // sum(a.groups.size for a in arrays.values()) if n_tiles > 0 else 0
+        rows_all = subset_rows(sid, share, batch_size)
         for s in np.unique(sid):
             m = meta[s]
             t0 = time.perf_counter()
@@ -181,7 +185,7 @@ def synthetic(real_X: np.ndarray, real_lib: np.ndarray, real_groups: np.ndarray,
     mu = real_X.astype(np.float64).mean(axis=0)
     cov = np.cov(real_X.astype(np.float64), rowvar=False)
     L = np.linalg.cholesky(cov + 1e-6 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0]))
-    X = (mu + rng.standard_normal((n, mu.size)) @ L.T).astype(np.float32)
+    X = mu.astype(np.float32) + rng.standard_normal((n, mu.size), dtype=np.float32) @ L.T.astype(np.float32)
     lib = rng.choice(real_lib, size=n, replace=True)
     pred = model.predict_dist(X, library_size=lib, quantiles=())
     y = rng.negative_binomial(pred.r, pred.p).astype(np.int64)
@@ -194,9 +198,12 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store with ingested sections and vectors (default: build one in a temp dir, slow)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--genes", type=int, default=250, help="top-K HVG per dataset")
-    ap.add_argument("--stimage-tiles", type=int, default=0, help="tiles timed for the STimage epoch (0 = all spots)")
+    ap.add_argument("--stimage-tiles", type=int, default=288,
+                    help="tiles timed for the STimage epoch, in whole batches per slide (0 = all spots)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--scales", default="1,4,16")
+    ap.add_argument("--scale-max-epochs", type=int, default=20,
+                    help="max_epochs of the scaling fits (0 = the head default, 300: ~1 h at 16x on a loaded 2-core box)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
@@ -265,6 +272,7 @@ def main() -> None:
         g1 = np.concatenate([arrays[d].groups for d in ds_list])
         lib1 = np.concatenate([arrays[d].library_size for d in ds_list])
         rng = np.random.default_rng(0)
+        default_epochs = NBRegressor().max_epochs
         srows, base, base_model = [], None, None
         factors = sorted({1, *(int(f) for f in args.scales.split(","))})  # 1x first: it generates the synthetic counts
         for factor in factors:
@@ -272,15 +280,18 @@ def main() -> None:
                 X, y, g, lib = X1, y1, g1, lib1
             else:
                 X, y, g, lib = synthetic(X1, lib1, g1, base_model, factor, rng)
-            model, sec = fit_nb(X, y, g, lib)
+            model, sec = fit_nb(X, y, g, lib, args.scale_max_epochs or None)
             if factor == 1:
-                base_model, base = model, sec
+                base_model, base = model, 1000 * sec / model.n_epochs_
             ms_ep = 1000 * sec / model.n_epochs_
             srows.append((f"{factor}x" + (" (real)" if factor == 1 else " (synthetic)"), X.shape[0], X.shape[1], y.shape[1],
-                          f"{sec:.2f}", model.n_epochs_, f"{ms_ep:.1f}", f"{sec / base:.1f}x" if base else "",
-                          f"{ms_ep / (X.shape[0] / 1000):.2f}"))
-        print(f"\nNBRegressor fit time vs number of spots ({k} gene slots, default max_epochs/patience, full batch)")
-        print(table(srows, ("scale", "spots", "dim", "genes", "fit s", "epochs run", "ms/epoch", "fit time vs 1x", "ms/epoch per 1000 spots")))
+                          f"{sec:.2f}", model.n_epochs_, f"{ms_ep:.1f}", f"{ms_ep / base:.1f}x",
+                          f"{ms_ep / (X.shape[0] / 1000):.2f}", f"{ms_ep * default_epochs / 1000:.0f}"))
+        cap = f"max_epochs={args.scale_max_epochs}" if args.scale_max_epochs else "default max_epochs"
+        print(f"\nNBRegressor fit time vs number of spots ({k} gene slots, {cap}, default patience, full batch; 4x/16x counts "
+              f"drawn from the 1x fit)")
+        print(table(srows, ("scale", "spots", "dim", "genes", "fit s", "epochs run", "ms/epoch", "ms/epoch vs 1x",
+                            "ms/epoch per 1000 spots", f"s at {default_epochs} epochs (est.)")))
         print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -435,16 +435,27 @@ print("files:", sorted(p.name for p in REPORT_DIR.iterdir()))
 display(Image(filename=str(REPORT_DIR / "pcc_boxplot.png")))
 
 # %% [markdown]
-# **A spatial map.** The best model's most predictable gene on a held-out slide: measured
+# **A spatial map.** The report draws maps for the best non-baseline model's most
+# predictable genes; here the one with the highest per-slide Pearson r: measured
 # (left) and predicted (middle) log1p-normalised expression at each spot, each on its own
 # colour scale (compare patterns, not levels), and the predictive uncertainty (sd, raw
 # counts) on the right. Spot positions are full-resolution image pixels.
 
 # %%
-spatial_maps = sorted(REPORT_DIR.glob("spatial_*.png"))
-print(f"{len(spatial_maps)} spatial maps; showing {spatial_maps[0].name if spatial_maps else 'none'}")
-if spatial_maps:
-    display(Image(filename=str(spatial_maps[0])))
+drawn = {p.stem.removeprefix("spatial_"): p for p in REPORT_DIR.glob("spatial_*.png")}
+best_pairs = store.sql(
+    f"""
+    SELECT slide_id, gene, max(value) AS pcc
+    FROM metrics
+    WHERE run_id IN ({run_list}) AND metric = 'pearson' AND scope = 'slide' AND head NOT IN ('mean', 'ridge')
+    GROUP BY ALL ORDER BY pcc DESC NULLS LAST
+    """
+)
+shown = next((drawn[f"{s}_{g}"] for s, g in best_pairs.select("slide_id", "gene").iter_rows() if f"{s}_{g}" in drawn),
+             min(drawn.values(), default=None))
+print(f"{len(drawn)} spatial maps; showing {shown.name if shown else 'none'}")
+if shown:
+    display(Image(filename=str(shown)))
 
 # %% [markdown]
 # A small machine-readable summary of this comparison, next to the report (the test suite
@@ -486,9 +497,10 @@ print(json.dumps({k: summary[k] for k in ("fold_slides", "vectors", "metric_rows
 #   backbone adds nothing. Compare backbones *within* a head.
 # * **What a Pearson r near 0 means.** For that gene, the model's spatial pattern on the
 #   held-out slide is unrelated to the measured one: the image features, as used, carry no
-#   usable signal for it (or the gene is mostly count noise at legacy-ST depth: a few
-#   hundred to a few thousand UMIs per 100 µm spot). A negative median is a warning sign
-#   (overfitting to the training slide). Values of r ≈ 0.2-0.4 for the best genes are
+#   usable signal for it, or the gene is mostly count noise at legacy-ST depth (see
+#   `median_umi` in the cohort table: those UMIs are spread over thousands of genes, so most
+#   genes have a handful of counts per spot). A clearly negative median is a warning sign
+#   (the model learnt something specific to the training slide). Values of r ≈ 0.2-0.4 for the best genes are
 #   typical of published H&E-to-expression models on legacy ST; r > 0.6 on many genes
 #   would be surprising and worth checking for leakage.
 # * **How much to trust a difference.** With the defaults, two sections of the *same
@@ -497,14 +509,22 @@ print(json.dumps({k: summary[k] for k in ("fold_slides", "vectors", "metric_rows
 #   mean r between backbones are within noise. Look at the per-slide table and the sign
 #   test; for a real comparison use all five slides and `split="lopo"` (leave one patient
 #   out, B vs C) so no patient is on both sides.
+# * **Which genes.** A mean r near 0 over `hvg:K` genes with a few genes at 0.2-0.3 usually
+#   says more about the gene list than about the backbone: check the fold overlap printed in
+#   step 4 (noise-driven HVGs differ between neighbouring sections), look at the top genes
+#   (immune and stromal genes, e.g. immunoglobulins of plasma-cell infiltrates, are visible
+#   in H&E), and re-run with `STIMAGE_NOTEBOOK_GENES=panel:stimage14` (a fixed breast-cancer
+#   panel, identical in every fold, so backbones are compared on the same genes).
 # * **FSTimage** averages the `nb` predictions of both backbones; it usually helps a little
 #   when the members make different errors, and its spread across backbones is a useful
 #   extra uncertainty.
 # * **ImageNet CNNs vs pathology foundation models.** EfficientNet-Lite0/1 were trained
-#   on natural photographs. Pathology foundation models (UNI, CONCH, Virchow, H-optimus,
-#   Prov-GigaPath ...) were trained on millions of H&E tiles and usually predict expression
-#   clearly better; STimage's point is that the choice of backbone matters more than the
-#   head. They are registered in `catalogs/backbones.yaml` but need Hugging Face hub access
-#   (most are gated: accept the licence and log in); add their names to `BACKBONES` on a
+#   on natural photographs. Pathology foundation models (`uni`, `conch`, `virchow2`,
+#   `h_optimus_0`, `gigapath`, `phikon_v2` ...) were trained on millions of H&E tiles and,
+#   in published benchmarks (e.g. HEST-Benchmark), predict expression better than ImageNet
+#   CNNs; here the two Lite models are close cousins, so expect small differences. The
+#   foundation models are registered in `catalogs/backbones.yaml` (`stimage-embed
+#   backbones` lists them) but need Hugging Face hub access (most are gated: accept the
+#   licence on the model page, then `hf auth login` or `HF_TOKEN`); add their names to `BACKBONES` on a
 #   machine with access, and the rest of this notebook runs unchanged, reusing every
 #   vector and run already in the store.

@@ -112,3 +112,17 @@ def test_ridge_path_equals_sklearn_ridge():
     got = ridge_path_predict(Z, T, Zt, alphas)
     for i, a in enumerate(alphas):
         np.testing.assert_allclose(got[i], Ridge(alpha=a).fit(Z, T).predict(Zt), rtol=1e-8, atol=1e-10)
+
+
+def test_mean_baseline_on_the_metric_scale_is_the_mean_of_the_log():
+    """The best constant under MSE on log1p-normalised counts is the mean of the log,
+    not the log of the mean (which a naive baseline would predict)."""
+    rng = np.random.default_rng(1)
+    y = rng.negative_binomial(2, 0.2, size=(200, 4))
+    lib = rng.integers(500, 2000, 200).astype(float)
+    X = rng.normal(size=(200, 3))
+    model = MeanBaseline().fit(X, y, library_size=lib)
+    target = np.log1p(y / lib[:, None] * 1e4)
+    np.testing.assert_allclose(model.predict_log1p_norm(X[:3]), np.tile(target.mean(0), (3, 1)), rtol=1e-12)
+    naive = np.log1p(model.predict(X) / model.ref_library_size_ * 1e4)
+    assert ((model.predict_log1p_norm(X) - target) ** 2).mean() < ((naive - target) ** 2).mean()
