@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from stimage_embed import __version__
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.evaluation.genes import parse_gene_spec, select_genes
 from stimage_embed.evaluation.scoring import score_run
@@ -64,7 +65,9 @@ class CompareResult:
 
 
 def run_hash(obj: dict) -> str:
-    """Id of a run: hash of everything that determines its result."""
+    """Id of a run: hash of everything that determines its result (incl. the package version,
+    so a new release recomputes instead of reusing results of older code)."""
+    obj = {**obj, "package_version": __version__}
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
