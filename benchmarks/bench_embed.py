@@ -17,6 +17,7 @@ Also: bytes on disk per stored vector (embeddings table directory / rows) agains
 
     python benchmarks/bench_embed.py [--slides C5,MOB1 | --slides all] [--batch-size 32]
         [--precision float32] [--backbone efficientnet_lite0] [--num-workers 2]
+        [--naive-max-tiles N]   # C embeds only the first N tiles per slide (slow at batch 1)
 """
 
 from __future__ import annotations

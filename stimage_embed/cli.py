@@ -172,7 +172,7 @@ def embed(
     stain: Annotated[str, typer.Option(help="macenko | reinhard | none")] = "macenko",
     stain_template: Annotated[Optional[str], typer.Option(help="Slide id whose stain is the target [default: first slide id].")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per batch (= resume chunk).")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes reading tiles.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading tiles [default: 0 for small jobs, else cores - 1].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: measured on CPU, spec dtype on GPU).")] = "auto",
     weights: Annotated[Optional[list[str]], typer.Option("--weights", help="NAME=PATH local weights file (repeatable).")] = None,

@@ -118,3 +118,25 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, ingested_sto
     ids, vec = _vectors(killed)
     assert ids == ref_ids, "not exactly one row per key"
     assert np.array_equal(vec, ref_vec), "resumed vectors differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_chunks_are_dealt_to_workers_exactly_once(n_workers):
+    from stimage_embed.embeddings.tile_stream import assign_chunks, make_chunks
+
+    chunks = []
+    for slide, n in [("a", 100), ("b", 50), ("c", 70), ("d", 10), ("e", 33), ("f", 64)]:
+        chunks += make_chunks(slide, np.array([f"s{i}" for i in range(n)]), np.zeros(n), np.zeros(n), 32)
+    dealt = [assign_chunks(chunks, w, n_workers) for w in range(n_workers)]
+    flat = [(c.slide_id, c.index) for d in dealt for c in d]
+    assert sorted(flat) == sorted((c.slide_id, c.index) for c in chunks)
+    # 6 slides >= 2 per worker: every slide is handled by a single worker
+    owners = {}
+    for w, d in enumerate(dealt):
+        for c in d:
+            owners.setdefault(c.slide_id, set()).add(w)
+    assert all(len(v) == 1 for v in owners.values())
+    # one big slide: chunks round-robin across workers
+    one = make_chunks("z", np.array([f"s{i}" for i in range(200)]), np.zeros(200), np.zeros(200), 32)
+    got = [len(assign_chunks(one, w, n_workers)) for w in range(n_workers)]
+    assert sum(got) == len(one) and max(got) - min(got) <= 1

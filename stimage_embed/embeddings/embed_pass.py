@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from stimage_embed import __version__
 from stimage_embed.backbones import create_model
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.tile_stream import SlideJob, TileStream, make_chunks
+from stimage_embed.embeddings.tile_stream import SlideJob, SlideStainFit, TileStream, make_chunks
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
@@ -60,17 +61,6 @@ class EmbedReport:
         )
 
 
-class SlideStainFit:
-    """Picklable per-slide stain fit for DataLoader workers: thumbnail -> tile normaliser."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __call__(self, thumbnail: np.ndarray):
-        # fit on tissue pixels only: grey scanner blocks and background would bias the stains
-        return self.target.fit_source(thumbnail, mask=tissue_mask(thumbnail)).transform
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -96,7 +86,7 @@ def embed(
     stain: str = "macenko",
     stain_template: str | None = None,
     batch_size: int = 32,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     weights: dict[str, str] | None = None,
@@ -110,6 +100,7 @@ def embed(
 
     tile_um: physical tile width in µm; default = each slide's spot diameter.
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
+    num_workers: DataLoader worker processes; default 0 for < 256 tiles, else cores - 1 (max 4).
     """
     if not backbones:
         raise InputError(None, "--backbone", "name at least one backbone")
@@ -193,6 +184,9 @@ def embed(
         log.info("all %d spots already embedded for %s", spots.height, ", ".join(models))
         return report
 
+    if num_workers is None:
+        # spawned workers cost seconds to start: not worth it for small jobs or 1-2 cores
+        num_workers = 0 if n_tiles < 256 else max(1, min(4, (os.cpu_count() or 2) - 1))
     tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
     umpp = dict(zip(slide_tab["slide_id"], slide_tab["um_per_px"]))
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}

@@ -4,7 +4,8 @@ Work is cut into fixed *chunks*: the spots of one slide, sorted by spot id, in r
 ``chunk_size``. Chunk composition depends only on the slide's spot list, so a resumed
 run recomputes exactly the batches an uninterrupted run would have computed (bitwise
 identical vectors on deterministic kernels). DataLoader workers take chunks round-robin,
-open each slide once (caching the decoded image and the per-slide stain fit), and cut
+open each slide once (caching the decoded image and the per-slide stain fit; with enough
+slides, each slide goes to one worker only), and cut
 every tile at each input size the backbones need from the same slide image.
 """
 
@@ -19,9 +20,41 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stimage_embed.tiles.image import SlideImage
+from stimage_embed.tiles.tissue import tissue_mask
 from stimage_embed.tiles.window import TileGeometry, TileReader
 
 log = logging.getLogger(__name__)
+
+
+class SlideStainFit:
+    """Picklable per-slide stain fit for DataLoader workers: thumbnail -> tile normaliser.
+
+    Lives in this light module so spawned workers don't import the model stack to unpickle it.
+    """
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, thumbnail: np.ndarray):
+        # fit on tissue pixels only: grey scanner blocks and background would bias the stains
+        return self.target.fit_source(thumbnail, mask=tissue_mask(thumbnail)).transform
+
+
+def assign_chunks(chunks: list["Chunk"], worker: int, n_workers: int) -> list["Chunk"]:
+    """The chunks one worker handles. With at least two slides per worker, whole slides are
+    dealt out (each slide decoded and stain-fitted by one worker only); otherwise chunks
+    are dealt round-robin so a single large slide still uses every worker."""
+    slides = list(dict.fromkeys(c.slide_id for c in chunks))
+    if len(slides) >= 2 * n_workers:
+        # balance by tile count: greedy, largest slides first
+        sizes = {s: sum(len(c.spot_ids) for c in chunks if c.slide_id == s) for s in slides}
+        load, owner = [0] * n_workers, {}
+        for s in sorted(slides, key=lambda s: -sizes[s]):
+            w = load.index(min(load))
+            owner[s] = w
+            load[w] += sizes[s]
+        return [c for c in chunks if owner[c.slide_id] == worker]
+    return [c for i, c in enumerate(chunks) if i % n_workers == worker]
 
 
 @dataclass(frozen=True)
@@ -96,9 +129,7 @@ class TileStream(IterableDataset):
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         cache: dict[str, Any] = {}
         try:
-            for i, chunk in enumerate(self.chunks):
-                if i % n != wid:
-                    continue
+            for chunk in assign_chunks(self.chunks, wid, n):
                 readers = self._open(chunk.slide_id, cache)
                 tiles: dict[int, torch.Tensor] = {}
                 padded = np.zeros(len(chunk.spot_ids), np.float32)
