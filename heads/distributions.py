@@ -163,3 +163,29 @@ def nb_sample(r: np.ndarray, p: np.ndarray, n_samples: int, rng: np.random.Gener
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     r, p = np.broadcast_arrays(np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64))
     return gen.negative_binomial(r, p, size=(int(n_samples),) + r.shape)
+
+
+def nb_expected_log1p(mu: np.ndarray, theta: np.ndarray, scale: np.ndarray | float, tail: float = 1e-6) -> np.ndarray:
+    """``E[log1p(scale * Y)]`` for ``Y ~ NB(mean mu, dispersion theta)`` (mean/dispersion
+    parametrisation: ``Var = mu + mu**2 / theta``), elementwise.
+
+    This is the NB prediction on the log1p-normalised scale (``scale = target_sum /
+    library_size``) that minimises squared error there; ``log1p(scale * mu)`` (the log of
+    the mean) is biased upwards by Jensen's inequality. Computed by summing the pmf,
+    built by its recursion ``p(y+1) = p(y) (y + theta) / (y + 1) * mu / (mu + theta)``,
+    up to the count where the remaining tail mass is below ``tail`` everywhere.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), mu.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), mu.shape)
+    q = mu / (mu + theta)
+    pmf = np.exp(theta * np.log1p(-q))  # P(Y = 0) = (theta / (theta + mu))**theta
+    total = np.zeros_like(mu)
+    mass = pmf.copy()
+    y = 0
+    while (1.0 - mass).max() > tail and y < 1_000_000:
+        pmf = pmf * (y + theta) / (y + 1) * q
+        y += 1
+        total += pmf * np.log1p(scale * y)
+        mass += pmf
+    return total

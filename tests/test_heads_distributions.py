@@ -93,3 +93,22 @@ def test_quantiles_and_samples():
     # sample means within 5 standard errors of the NB mean
     assert np.all(np.abs(s.mean(0) - mean) < 5 * np.sqrt(var / 20000))
     np.testing.assert_array_equal(s, D.nb_sample(r, p, 20000, rng=0))
+
+
+def test_expected_log1p_matches_a_scipy_sum():
+    from scipy import stats
+
+    from heads.distributions import nb_expected_log1p
+
+    mu = np.array([[0.05, 1.0, 7.5], [30.0, 120.0, 2.0]])
+    theta = np.array([0.3, 2.0, 15.0])
+    scale = np.array([[10.0], [0.5]])
+    got = nb_expected_log1p(mu, theta, scale)
+    y = np.arange(0, 5000)
+    for i in range(2):
+        for j in range(3):
+            r = theta[j]
+            p = r / (r + mu[i, j])
+            ref = (stats.nbinom.pmf(y, r, p) * np.log1p(scale[i, 0] * y)).sum()
+            assert got[i, j] == pytest.approx(ref, rel=1e-5, abs=1e-9)
+    assert (got < np.log1p(scale * mu)).all()  # Jensen: below the log of the mean

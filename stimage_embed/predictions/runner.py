@@ -7,7 +7,9 @@ it combines the ``nb`` predictions of several backbones (see ``combine_backbones
 
 Predictions come back long, one row per (slide, spot, gene), on the RAW-COUNT scale at
 each spot's observed library size (``mean``, ``variance``, quantiles) and on the metric
-scale ``mean_log1p = log1p(mean / library_size * 1e4)``.
+scale ``mean_log1p``: for NB heads ``E[log1p(Y / library_size * 1e4)]`` under the predictive
+NB (the squared-error-optimal value there; the log of the mean is biased upwards), for
+the baselines their native log-scale output.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from heads import (
     SeedEnsemble,
     combine_predictions,
     highlow_labels,
+    nb_expected_log1p,
 )
 from stimage_embed.errors import InputError
 from stimage_embed.predictions.arrays import SpotArrays
@@ -74,12 +77,24 @@ def fit_head(name: str, head: Any, arrays: SpotArrays) -> Any:
     return head.fit(arrays.X, arrays.counts, groups=groups, library_size=arrays.library_size)
 
 
-def _nb_quantiles(mean: np.ndarray, variance: np.ndarray) -> dict[str, np.ndarray]:
-    """Quantiles of the NB with this mean and variance (moment-matched; Poisson if var <= mean)."""
+def _moment_theta(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Dispersion of the NB with this mean and variance (near-Poisson if var <= mean)."""
     excess = np.maximum(variance - mean, 1e-9 * np.maximum(mean, 1e-12))
-    r = mean**2 / excess
+    return np.maximum(mean, 1e-12) ** 2 / excess
+
+
+def _nb_quantiles(mean: np.ndarray, variance: np.ndarray) -> dict[str, np.ndarray]:
+    """Quantiles of the NB with this mean and variance (moment-matched)."""
+    r = _moment_theta(mean, variance)
     p = r / (r + mean)
     return {f"q{int(round(q * 100)):02d}": stats.nbinom.ppf(q, r, p).astype(np.float32) for q in QUANTILES}
+
+
+def nb_log1p_prediction(mean: np.ndarray, variance: np.ndarray, library_size: np.ndarray) -> np.ndarray:
+    """Metric-scale prediction of an NB head: ``E[log1p(Y / library_size * 1e4)]`` under the
+    (moment-matched) predictive NB — the squared-error-optimal value on that scale."""
+    lib = np.where(library_size > 0, library_size, 1.0)[:, None]
+    return nb_expected_log1p(mean, _moment_theta(mean, variance), TARGET_SUM / lib)
 
 
 def _long(arrays: SpotArrays, genes: list[str], cols: dict[str, np.ndarray | None]) -> pl.DataFrame:
@@ -113,15 +128,15 @@ def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
         unc = head.predict_uncertainty(X, library_size=lib)
         mean, var = unc.mean, unc.total
         cols = dict(empty, mean=mean, variance=var, epistemic=unc.epistemic, aleatoric=unc.aleatoric, **_nb_quantiles(mean, var))
+        cols["mean_log1p"] = nb_log1p_prediction(mean, var, lib)
     elif name == "nb":
         dist = head.predict_dist(X, library_size=lib, quantiles=QUANTILES)
         q = {f"q{int(round(l * 100)):02d}": dist.quantiles[i] for i, l in enumerate(dist.quantile_levels)}
         cols = dict(empty, mean=dist.mean, variance=dist.variance, **q)
+        cols["mean_log1p"] = nb_expected_log1p(dist.mean, dist.r, TARGET_SUM / np.where(lib > 0, lib, 1.0)[:, None])
     else:
         # baselines: the metric-scale prediction is their native output (ridge fits the log scale)
         cols = dict(empty, mean=head.predict(X, library_size=lib), mean_log1p=head.predict_log1p_norm(X))
-        return _long(arrays, genes, cols)
-    cols["mean_log1p"] = log1p_norm(cols["mean"], lib)
     return _long(arrays, genes, cols)
 
 
@@ -165,6 +180,6 @@ def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "err
                         library_size=lib, genes=genes, provenance={})
     alea = comb.aleatoric if comb.aleatoric is not None else np.zeros_like(comb.mean)
     var = comb.spread + alea
-    cols = {"mean": comb.mean, "mean_log1p": log1p_norm(comb.mean, lib), "variance": var, "epistemic": comb.spread,
+    cols = {"mean": comb.mean, "mean_log1p": nb_log1p_prediction(comb.mean, var, lib), "variance": var, "epistemic": comb.spread,
             "aleatoric": alea, **_nb_quantiles(comb.mean, var), "prob_high": None}
     return _long(arrays, genes, cols)
