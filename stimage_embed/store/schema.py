@@ -1,0 +1,191 @@
+"""Arrow schemas of every store table, declared once.
+
+Units: pixel coordinates are full-resolution (level-0) image pixels; lengths in µm;
+``counts`` are raw integer UMI counts (never normalised).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SLIDES = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("patient", pa.string(), nullable=False),
+        pa.field("platform", pa.string()),
+        pa.field("species", pa.string()),
+        pa.field("tissue", pa.string()),
+        pa.field("preservation", pa.string()),
+        pa.field("image_path", pa.string()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("um_per_px", pa.float64()),  # µm per level-0 pixel
+        pa.field("um_per_px_source", pa.string()),  # metadata | catalog | estimated_from_pitch
+        pa.field("um_per_px_estimate", pa.float64()),  # always computed from the spot lattice
+        pa.field("px_per_array_step_x", pa.float64()),
+        pa.field("px_per_array_step_y", pa.float64()),
+        pa.field("spot_diameter_um", pa.float64()),
+        pa.field("spot_pitch_um", pa.float64()),
+        pa.field("n_spots", pa.int32()),
+        pa.field("n_spots_skipped", pa.int32()),
+        pa.field("n_spots_pass_qc", pa.int32()),
+        pa.field("n_genes", pa.int32()),
+        pa.field("total_counts", pa.int64()),
+        pa.field("tissue_threshold", pa.float64()),
+        pa.field("tissue_area_fraction", pa.float64()),
+        pa.field("catalog_path", pa.string()),
+        pa.field("source_files", pa.string()),  # JSON object
+        pa.field("package_version", pa.string()),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+SPOTS = pa.schema(
+    [
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("spot_id", pa.string(), nullable=False),
+        pa.field("array_row", pa.int32()),
+        pa.field("array_col", pa.int32()),
+        pa.field("pixel_x", pa.float64()),  # spot centre, level-0 px (column)
+        pa.field("pixel_y", pa.float64()),  # spot centre, level-0 px (row)
+        pa.field("tissue_fraction", pa.float32()),  # of the spot disk covered by tissue
+        pa.field("padded_fraction", pa.float32()),  # of the default tile window past the image edge
+        pa.field("in_image", pa.bool_()),
+        pa.field("passes_qc", pa.bool_()),  # tissue_fraction >= threshold and in_image
+        pa.field("total_counts", pa.int64()),
+        pa.field("n_genes_detected", pa.int32()),
+    ]
+)
+
+GENES = pa.schema(
+    [
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("gene_index", pa.int32(), nullable=False),  # column index in `expression`
+        pa.field("gene", pa.string(), nullable=False),  # symbol, unique per slide
+        pa.field("gene_id", pa.string()),  # e.g. Ensembl id, if the source had one
+        pa.field("total_counts", pa.int64()),
+        pa.field("n_spots_detected", pa.int32()),
+    ]
+)
+
+#: Raw counts, sparse per spot: ``counts[i]`` is the count of gene ``gene_index[i]``
+#: (see ``genes``); absent genes are 0. Lossless for integer counts < 2**31.
+EXPRESSION = pa.schema(
+    [
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("spot_id", pa.string(), nullable=False),
+        pa.field("gene_index", pa.list_(pa.int32())),
+        pa.field("counts", pa.list_(pa.int32())),
+    ]
+)
+
+PROVENANCE = pa.schema(
+    [
+        pa.field("provenance_id", pa.string(), nullable=False),  # sha256 prefix of the JSON
+        pa.field("table_name", pa.string(), nullable=False),
+        pa.field("backbone", pa.string(), nullable=False),
+        pa.field("spec_hash", pa.string()),
+        pa.field("weights_sha256", pa.string()),
+        pa.field("transform", pa.string()),  # JSON
+        pa.field("tile_um", pa.float64()),
+        pa.field("tile_px", pa.int32()),
+        pa.field("stain_method", pa.string()),
+        pa.field("stain_template", pa.string()),
+        pa.field("package_version", pa.string()),
+        pa.field("json", pa.string()),  # the full provenance record
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """Vectors of one backbone: float16, keyed by (slide_id, spot_id)."""
+    return pa.schema(
+        [
+            pa.field("slide_id", pa.string(), nullable=False),
+            pa.field("spot_id", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float16(), dim)),
+            pa.field("tissue_fraction", pa.float32()),
+            pa.field("padded_fraction", pa.float32()),
+            pa.field("tile_um", pa.float32()),  # physical tile width, µm
+            pa.field("um_per_px", pa.float32()),  # µm per level-0 px of the source image
+            pa.field("provenance_id", pa.string(), nullable=False),
+        ]
+    )
+
+
+def embedding_table_name(backbone: str) -> str:
+    return f"embeddings_{backbone}"
+
+
+
+
+#: One row per trained head on one fold (the unit the evaluation caches on).
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),  # hash of the configuration below
+        pa.field("dataset", pa.string()),
+        pa.field("backbone", pa.string()),  # backbone name, or "fstimage" for the cross-backbone ensemble
+        pa.field("members", pa.list_(pa.string())),  # backbones averaged (fstimage) / [backbone]
+        pa.field("head", pa.string()),  # nb | ensemble | highlow | ridge | mean | fstimage
+        pa.field("split", pa.string()),
+        pa.field("fold", pa.string()),
+        pa.field("train_slides", pa.list_(pa.string())),
+        pa.field("test_slides", pa.list_(pa.string())),
+        pa.field("gene_spec", pa.string()),
+        pa.field("genes", pa.list_(pa.string())),
+        pa.field("head_params", pa.string()),  # JSON
+        pa.field("provenance_ids", pa.list_(pa.string())),  # of the vectors used
+        pa.field("n_train_spots", pa.int32()),
+        pa.field("fit_seconds", pa.float64()),
+        pa.field("model_dir", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+#: Predictions, long: one row per (run, slide, spot, gene).
+#: ``mean``/``variance``/quantiles are RAW-COUNT scale at ``library_size``;
+#: ``mean_log1p``: the prediction on the scale metrics use, log1p(count / library_size * 1e4)
+#: (NB heads: E[log1p(Y / library_size * 1e4)] under the predictive NB).
+PREDICTIONS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("spot_id", pa.string(), nullable=False),
+        pa.field("gene", pa.string(), nullable=False),
+        pa.field("mean", pa.float32()),
+        pa.field("mean_log1p", pa.float32()),
+        pa.field("variance", pa.float32()),  # predictive variance (total), counts^2
+        pa.field("epistemic", pa.float32()),  # between-member variance of means
+        pa.field("aleatoric", pa.float32()),  # mean of member variances
+        pa.field("q05", pa.float32()),
+        pa.field("q25", pa.float32()),
+        pa.field("q75", pa.float32()),
+        pa.field("q95", pa.float32()),
+        pa.field("prob_high", pa.float32()),  # classifiers: P(z-scored expression > 0)
+        pa.field("observed", pa.int32()),  # raw count, when known
+        pa.field("library_size", pa.float32()),  # total raw counts of the spot (all genes)
+    ]
+)
+
+#: Metrics, long: one row per (run, slide or pooled, gene, metric).
+METRICS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string()),
+        pa.field("backbone", pa.string()),
+        pa.field("head", pa.string()),
+        pa.field("fold", pa.string()),
+        pa.field("scope", pa.string()),  # slide | pooled
+        pa.field("slide_id", pa.string()),  # '' when pooled over the fold's test slides
+        pa.field("gene", pa.string()),
+        pa.field("metric", pa.string()),  # pearson | spearman | mse | mae | ccc | moran_i | moran_bv | iou | auc | f1 | coverage_50 | coverage_90
+        pa.field("value", pa.float64()),
+    ]
+)
+
+CORE_TABLES = {
+    "slides": SLIDES, "spots": SPOTS, "genes": GENES, "expression": EXPRESSION, "provenance": PROVENANCE,
+    "runs": RUNS, "predictions": PREDICTIONS, "metrics": METRICS,
+}
