@@ -84,7 +84,6 @@ import json
 import logging
 import tempfile
 
-import numpy as np
 import polars as pl
 from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure  # object API: no pyplot global figure registry
@@ -141,7 +140,7 @@ print("store:", store.path)
 
 # %%
 cohort = store.sql(
-    f"""
+    """
     SELECT sl.slide_id, sl.patient,
            COUNT(*) AS spots,
            COUNT(*) FILTER (WHERE s.passes_qc) AS pass_qc,

@@ -7,7 +7,6 @@ import gzip
 import logging
 import shutil
 
-import numpy as np
 import polars as pl
 import pytest
 import yaml

@@ -6,7 +6,6 @@ import gzip
 
 import numpy as np
 import polars as pl
-import pytest
 import yaml
 
 from conftest import EXPECTED_SPOTS

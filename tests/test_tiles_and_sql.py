@@ -4,7 +4,6 @@ float16 vector tables."""
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pytest
 from PIL import Image

@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -162,7 +161,8 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
                 rid = run_hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params})
                 if head == "nb":
                     nb_runs[bb] = rid
-                run_ids.append(rid) if head in cfg.heads else None
+                if head in cfg.heads:
+                    run_ids.append(rid)
                 bar.set_postfix(fold=fold.name, backbone=bb, head=head)
                 if rid in done:
                     reused += 1
@@ -175,7 +175,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
                 model = fit_head(head, make_head(head, params), train)
                 fit_s = time.perf_counter() - t1
                 pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
-                _write_run(store, rid, pred, score_run(pred, spots, slides, head), spots, slides, ds, bb, [bb], head,
+                _write_run(store, rid, pred, score_run(pred, spots, slides, head), ds, bb, [bb], head,
                            base, genes, params, [pid], train.X.shape[0], fit_s)
                 done.add(rid)
                 computed += 1
@@ -188,7 +188,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
             else:
                 members = {bb: pl.from_arrow(store.read("predictions", where=f"run_id = '{r}'")) for bb, r in nb_runs.items()}
                 pred = combine_backbones(members, missing=cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
-                _write_run(store, rid, pred, score_run(pred, spots, slides, "fstimage"), spots, slides, ds, "fstimage",
+                _write_run(store, rid, pred, score_run(pred, spots, slides, "fstimage"), ds, "fstimage",
                            list(nb_runs), "fstimage", base, genes, {"missing": cfg.missing},
                            [provenance_id(provs[b]) for b in nb_runs], 0, 0.0)
                 done.add(rid)
@@ -199,7 +199,8 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
     return CompareResult(board, computed, reused, time.perf_counter() - t0, run_ids)
 
 
-def _write_run(store, rid, pred, metrics, spots, slides, ds, backbone, members, head, base, genes, params, pids, n_train, fit_s):
+def _write_run(store, rid, pred, metrics, ds, backbone, members, head, base, genes, params, pids, n_train, fit_s):
+    """Commit one run: predictions, metrics, then its ``runs`` row (the commit marker)."""
     store.append("predictions", pred)
     store.append(
         "metrics",

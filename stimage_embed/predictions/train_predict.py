@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from heads import ProvenanceMismatch, check_provenance, load_head, save_head
 from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, provenance_id
-from stimage_embed.errors import InputError, ProvenanceError, StoreError
+from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.evaluation.compare import fold_genes, run_hash
 from stimage_embed.evaluation.splits import Fold
 from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
