@@ -4,6 +4,7 @@ float16 vector tables."""
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -26,38 +27,41 @@ def _dot_image(xs, ys, shape, radius):
 
 @pytest.mark.parametrize("tile_um", [100.0, 55.0])
 def test_tiles_have_the_right_physical_size(tmp_path, ingested_store, tile_um):
-    """Draw dots at the real HER2ST C5 spot centres; a tile of 2 x pitch (400 µm) centred on
+    """Draw dots at the real HER2ST C5 spot centres; a tile of 4 x pitch (800 µm) centred on
     a spot must show its grid neighbours exactly at the tile's quarter points, and the
     100/55 µm tile window must be tile_um / pitch of the neighbour distance."""
     spots = ingested_store.sql("SELECT pixel_x, pixel_y, array_col, array_row FROM spots WHERE slide_id = 'C5'")
     umpp = ingested_store.sql("SELECT um_per_px FROM slides WHERE slide_id = 'C5'")["um_per_px"][0]
-    # neighbour distance in px, measured from the spots themselves (pitch = 200 µm)
+    # the pitch in px, measured from the spots themselves: distance between spots one array
+    # column apart in the same row (200 µm on legacy ST), median over all such pairs
     xy = spots.select("pixel_x", "pixel_y").to_numpy()
-    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
-    np.fill_diagonal(d, np.inf)
-    pitch_px = np.median(d.min(1))
+    cols = spots["array_col"].to_numpy()
+    rows = spots["array_row"].to_numpy()
+    pairs = [(i, j) for i in range(len(cols)) for j in np.flatnonzero((cols == cols[i] + 1) & (rows == rows[i]))]
+    assert len(pairs) > 50
+    pitch_px = np.median([np.hypot(*(xy[j] - xy[i])) for i, j in pairs])
     geom = TileGeometry(tile_um, 224)
     assert geom.window_px(umpp) / pitch_px == pytest.approx(tile_um / 200.0, rel=0.02)
 
-    # content check at 400 µm = 2 pitches: neighbours land at 1/4 and 3/4 of the tile
-    x0, y0 = xy.min(0) - 400
+    # content check at 800 µm = 4 pitches: grid neighbours land 1/4 of the tile from its centre
+    x0, y0 = xy.min(0) - 800
     local = xy - [x0, y0]
-    shape = tuple(int(v) for v in (local.max(0) + 400)[::-1])
+    shape = tuple(int(v) for v in (local.max(0) + 800)[::-1])
     path = tmp_path / "dots.png"
-    Image.fromarray(_dot_image(local[:, 0], local[:, 1], shape, radius=6)).save(path)
+    Image.fromarray(_dot_image(local[:, 0], local[:, 1], shape, radius=12)).save(path)
     with SlideImage.open(path) as img:
-        reader = TileReader(img, umpp, TileGeometry(400.0, 200, "bilinear"))
-        # a spot with a right-hand neighbour one array column step away (x+1 in HER2ST)
-        cols = spots["array_col"].to_numpy(); rows = spots["array_row"].to_numpy()
-        i = next(i for i in range(len(cols)) if ((cols == cols[i] + 1) & (rows == rows[i])).any())
-        tile, pad = reader.read(*local[i])
-        dark = tile.mean(-1) < 128
-        # centre dot at (100, 100); right neighbour at ~ (150, 100) since pitch = tile/2 = 100 px
-        assert dark[98:103, 98:103].all()
-        j = np.argmax((cols == cols[i] + 1) & (rows == rows[i]))
-        dx, dy = (local[j] - local[i]) / (400.0 / umpp) * 200
-        assert np.hypot(dx, dy) == pytest.approx(100.0, rel=0.03)
-        assert dark[int(round(100 + dy)), int(round(100 + dx))]
+        reader = TileReader(img, umpp, TileGeometry(800.0, 200, "bilinear"))
+        # 800 µm = 4 pitches over 200 px: one pitch is 50 px in the tile, on average
+        scale = 200 / (800.0 / umpp)
+        assert np.median([np.hypot(*(local[j] - local[i])) * scale for i, j in pairs]) == pytest.approx(50.0, rel=0.02)
+        for i, j in pairs[:10]:
+            tile, pad = reader.read(*local[i])
+            dark = tile.mean(-1) < 128
+            # dots are 12 px = ~2 tile px in radius; the tile centre is the corner of pixels 99/100
+            assert dark[99:101, 99:101].all()  # the spot's own dot at the tile centre
+            dx, dy = (local[j] - local[i]) * scale  # its neighbour, where the geometry puts it
+            assert dark[int(np.floor(100 + dy)), int(np.floor(100 + dx))]
+            assert not dark[int(np.floor(100 + dy / 2)), int(np.floor(100 + dx / 2))]  # background between
 
 
 def test_padding_past_the_edge_is_recorded(tmp_path):
@@ -99,7 +103,7 @@ def test_pyramidal_tiff_reads_from_the_nearest_level(tmp_path):
     base = np.random.default_rng(0).integers(0, 255, (2048, 2048, 3), dtype=np.uint8)
     path = tmp_path / "pyr.tif"
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        tif.write(base, tile=(256, 256), photometric="rgb", subifds=2, compression="zlib")
+        tif.write(base, tile=(256, 256), photometric="rgb", compression="zlib")
         tif.write(base[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1, compression="zlib")
         tif.write(base[::4, ::4], tile=(256, 256), photometric="rgb", subfiletype=1, compression="zlib")
     with SlideImage.open(path) as img:
@@ -138,7 +142,7 @@ def test_sql_over_float16_vector_tables(tmp_path, ingested_store):
     # and one that does: vectors come back as float32, equal to the stored halves
     df = store.sql("SELECT spot_id, vector, list_sum(vector::FLOAT[]) AS s FROM embeddings_toy ORDER BY spot_id")
     ref = dict(zip(c5.spot_id, vec.astype(np.float32)))
-    got = np.stack(df["vector"].to_list())
-    assert got.dtype == np.float32
+    assert df.schema["vector"] == pl.Array(pl.Float32, dim)
+    got = df["vector"].to_numpy()
     assert np.array_equal(got, np.stack([ref[s] for s in df["spot_id"]]))
     assert np.allclose(df["s"], got.sum(1), rtol=1e-6)
