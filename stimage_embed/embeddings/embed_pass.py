@@ -136,7 +136,7 @@ def embed(
 
     report = EmbedReport()
     before = _dir_bytes(store.path)
-    tables, provs, todo = {}, {}, {}
+    tables, provs, done_keys = {}, {}, {}
     for name, bb in models.items():
         table = S.embedding_table_name(name)
         if overwrite and store.has_table(table):
@@ -166,7 +166,7 @@ def embed(
         P.check_compatible(store, table, prov)
         tables[name], provs[name] = table, prov
         have = _existing_keys(store, table)
-        todo[name] = have
+        done_keys[name] = have
 
     # --- work list: chunks holding any key missing for any backbone -------------------
     jobs, chunks = {}, []
@@ -177,7 +177,7 @@ def embed(
             continue
         jobs[sid] = SlideJob(sid, srow["image_path"], srow["um_per_px"], float(tile_um or srow["spot_diameter_um"]))
         for ch in make_chunks(sid, sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), batch_size):
-            if any((sid, s) not in todo[n] for n in models for s in ch.spot_ids):
+            if any((sid, s) not in done_keys[n] for n in models for s in ch.spot_ids):
                 chunks.append(ch)
     n_tiles = sum(len(c.spot_ids) for c in chunks)
     if not chunks:
@@ -214,7 +214,7 @@ def embed(
         for batch in loader:
             sid, ids = batch["slide_id"], batch["spot_ids"]
             for name, bb in models.items():
-                missing = [j for j, s in enumerate(ids) if (sid, s) not in todo[name]]
+                missing = [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
                 if not missing:
                     continue
                 x = batch["tiles"][bb.input_size].to(dev, non_blocking=True)
