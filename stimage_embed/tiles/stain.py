@@ -137,7 +137,50 @@ def macenko_stain_matrix(
     return he, max_c
 
 
-class MacenkoNormalizer:
+class _FittedNormalizer:
+    """Shared persistence of the fitted normalisers: ``FIELDS`` maps each fitted quantity
+    to its shape; the target is stored as ``target_<field>_`` and the per-slide source as
+    ``source_<field>_``."""
+
+    method = ""
+    FIELDS: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def target_hash(self) -> str:
+        """SHA-256 of the method, its parameters and the fitted target (rounded to 1e-6)."""
+        self._require_target()
+        return _sha256_json(
+            {"method": self.method, "params": self._params()}
+            | {f"target_{f}": _rounded(getattr(self, f"target_{f}_")) for f in self.FIELDS}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable parameters (method, settings, fitted target, source if fitted, hash)."""
+        d: dict[str, Any] = {"method": self.method, "params": self._params()}
+        for role in ("target", "source"):
+            if all(hasattr(self, f"{role}_{f}_") for f in self.FIELDS):
+                d[role] = {f: getattr(self, f"{role}_{f}_").tolist() for f in self.FIELDS}
+        if "target" in d:
+            d["target_hash"] = self.target_hash
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Inverse of :meth:`to_dict`."""
+        obj = cls(**d.get("params", {}))
+        for role in ("target", "source"):
+            if role not in d:
+                continue
+            values = {f: np.asarray(d[role][f], dtype=np.float64) for f in cls.FIELDS}
+            for f, shape in cls.FIELDS.items():
+                if values[f].shape != shape:
+                    raise InputError(None, f"{role}.{f}", f"expected shape {shape}, got {values[f].shape}")
+            for f, v in values.items():
+                setattr(obj, f"{role}_{f}_", v)
+        return obj
+
+
+class MacenkoNormalizer(_FittedNormalizer):
     """Macenko stain normaliser (Macenko et al., ISBI 2009).
 
     Args:
@@ -152,6 +195,7 @@ class MacenkoNormalizer:
     """
 
     method = "macenko"
+    FIELDS = {"stain_matrix": (2, 3), "max_concentrations": (2,)}
 
     def __init__(self, Io: float = 240, alpha: float = 1.0, beta: float = 0.15, percentile: float = 99.0):
         self.Io = Io
@@ -205,49 +249,6 @@ class MacenkoNormalizer:
         np.clip(out, 0, 255, out=out)
         return out.astype(np.uint8).reshape(tile.shape)
 
-    @property
-    def target_hash(self) -> str:
-        """SHA-256 of the method, its parameters and the fitted target (rounded to 1e-6)."""
-        self._require_target()
-        return _sha256_json(
-            {
-                "method": self.method,
-                "params": self._params(),
-                "target_stain_matrix": _rounded(self.target_stain_matrix_),
-                "target_max_concentrations": _rounded(self.target_max_concentrations_),
-            }
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable parameters (method, settings, fitted target, source if fitted, hash)."""
-        d: dict[str, Any] = {"method": self.method, "params": self._params()}
-        if hasattr(self, "target_stain_matrix_"):
-            d["target"] = {
-                "stain_matrix": self.target_stain_matrix_.tolist(),
-                "max_concentrations": self.target_max_concentrations_.tolist(),
-            }
-            d["target_hash"] = self.target_hash
-        if hasattr(self, "source_stain_matrix_"):
-            d["source"] = {
-                "stain_matrix": self.source_stain_matrix_.tolist(),
-                "max_concentrations": self.source_max_concentrations_.tolist(),
-            }
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MacenkoNormalizer":
-        """Inverse of :meth:`to_dict`."""
-        obj = cls(**d.get("params", {}))
-        for role in ("target", "source"):
-            if role in d:
-                sm = np.asarray(d[role]["stain_matrix"], dtype=np.float64)
-                mc = np.asarray(d[role]["max_concentrations"], dtype=np.float64)
-                if sm.shape != (2, 3) or mc.shape != (2,):
-                    raise InputError(None, f"{role}.stain_matrix", f"expected shapes (2, 3) and (2,), got {sm.shape}, {mc.shape}")
-                setattr(obj, f"{role}_stain_matrix_", sm)
-                setattr(obj, f"{role}_max_concentrations_", mc)
-        return obj
-
 
 # ----------------------------------------------------------------------------- LAB
 
@@ -295,7 +296,7 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- Reinhard
 
 
-class ReinhardNormalizer:
+class ReinhardNormalizer(_FittedNormalizer):
     """Reinhard colour transfer in CIELAB: per-channel ``(x - mu_s) / sd_s * sd_t + mu_t``.
 
     Statistics (mean and std of L*, a*, b*) are taken over tissue pixels only: OD >= ``beta``
@@ -305,6 +306,7 @@ class ReinhardNormalizer:
     """
 
     method = "reinhard"
+    FIELDS = {"means": (3,), "stds": (3,)}
 
     def __init__(self, Io: float = 240, beta: float = 0.15):
         self.Io = Io
@@ -356,43 +358,6 @@ class ReinhardNormalizer:
         lab = rgb_to_lab(tile)
         lab = (lab - self.source_means_) * (self.target_stds_ / self.source_stds_) + self.target_means_
         return lab_to_rgb(lab)
-
-    @property
-    def target_hash(self) -> str:
-        """SHA-256 of the method, its parameters and the fitted target (rounded to 1e-6)."""
-        self._require_target()
-        return _sha256_json(
-            {
-                "method": self.method,
-                "params": self._params(),
-                "target_means": _rounded(self.target_means_),
-                "target_stds": _rounded(self.target_stds_),
-            }
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable parameters (method, settings, fitted target, source if fitted, hash)."""
-        d: dict[str, Any] = {"method": self.method, "params": self._params()}
-        if hasattr(self, "target_means_"):
-            d["target"] = {"means": self.target_means_.tolist(), "stds": self.target_stds_.tolist()}
-            d["target_hash"] = self.target_hash
-        if hasattr(self, "source_means_"):
-            d["source"] = {"means": self.source_means_.tolist(), "stds": self.source_stds_.tolist()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReinhardNormalizer":
-        """Inverse of :meth:`to_dict`."""
-        obj = cls(**d.get("params", {}))
-        for role in ("target", "source"):
-            if role in d:
-                means = np.asarray(d[role]["means"], dtype=np.float64)
-                stds = np.asarray(d[role]["stds"], dtype=np.float64)
-                if means.shape != (3,) or stds.shape != (3,):
-                    raise InputError(None, f"{role}.means", f"expected shapes (3,) and (3,), got {means.shape}, {stds.shape}")
-                setattr(obj, f"{role}_means_", means)
-                setattr(obj, f"{role}_stds_", stds)
-        return obj
 
 
 # ----------------------------------------------------------------------------- identity
