@@ -165,7 +165,9 @@ def nb_sample(r: np.ndarray, p: np.ndarray, n_samples: int, rng: np.random.Gener
     return gen.negative_binomial(r, p, size=(int(n_samples),) + r.shape)
 
 
-def nb_expected_log1p(mu: np.ndarray, theta: np.ndarray, scale: np.ndarray | float, tail: float = 1e-6) -> np.ndarray:
+def nb_expected_log1p(
+    mu: np.ndarray, theta: np.ndarray, scale: np.ndarray | float, tail: float = 1e-10, max_count: int = 100_000
+) -> np.ndarray:
     """``E[log1p(scale * Y)]`` for ``Y ~ NB(mean mu, dispersion theta)`` (mean/dispersion
     parametrisation: ``Var = mu + mu**2 / theta``), elementwise.
 
@@ -173,19 +175,28 @@ def nb_expected_log1p(mu: np.ndarray, theta: np.ndarray, scale: np.ndarray | flo
     library_size``) that minimises squared error there; ``log1p(scale * mu)`` (the log of
     the mean) is biased upwards by Jensen's inequality. Computed by summing the pmf,
     built by its recursion ``p(y+1) = p(y) (y + theta) / (y + 1) * mu / (mu + theta)``,
-    up to the count where the remaining tail mass is below ``tail`` everywhere.
+    per element until its remaining tail mass is below ``tail``. Extremely over-dispersed
+    elements stop at ``max_count``; their remaining tail mass is counted at
+    ``log1p(scale * max_count)`` (a lower bound).
     """
     mu = np.asarray(mu, dtype=np.float64)
-    theta = np.broadcast_to(np.asarray(theta, dtype=np.float64), mu.shape)
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), mu.shape)
+    shape = mu.shape
+    theta = np.maximum(np.broadcast_to(np.asarray(theta, dtype=np.float64), shape), 1e-8).ravel()
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), shape).ravel()
+    mu = np.maximum(mu.ravel(), 0.0)
     q = mu / (mu + theta)
-    pmf = np.exp(theta * np.log1p(-q))  # P(Y = 0) = (theta / (theta + mu))**theta
+    pmf = np.exp(theta * (np.log(theta) - np.log(theta + mu)))  # P(Y = 0)
     total = np.zeros_like(mu)
     mass = pmf.copy()
+    active = np.flatnonzero(1.0 - mass > tail)
     y = 0
-    while (1.0 - mass).max() > tail and y < 1_000_000:
-        pmf = pmf * (y + theta) / (y + 1) * q
+    while active.size and y < max_count:
+        p = pmf[active] * (y + theta[active]) / (y + 1) * q[active]
         y += 1
-        total += pmf * np.log1p(scale * y)
-        mass += pmf
-    return total
+        pmf[active] = p
+        total[active] += p * np.log1p(scale[active] * y)
+        mass[active] += p
+        active = active[1.0 - mass[active] > tail]
+    if active.size:
+        total[active] += np.clip(1.0 - mass[active], 0.0, None) * np.log1p(scale[active] * y)
+    return total.reshape(shape)
