@@ -4,7 +4,7 @@ a store that already holds the vectors.
 
     python benchmarks/bench_compare.py --store STORE \\
         --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 \\
-        --heads nb,ensemble,highlow,ridge,mean,fstimage --split loso --genes hvg:50
+        --heads nb,ensemble,highlow,ridge,mean,fstimage --split loso --genes var:50
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     ap.add_argument("--heads", default="nb,ensemble,highlow,ridge,mean,fstimage")
     ap.add_argument("--split", default="loso")
-    ap.add_argument("--genes", default="hvg:50")
+    ap.add_argument("--genes", default="var:50")
     ap.add_argument("--dataset", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

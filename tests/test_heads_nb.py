@@ -1,4 +1,5 @@
-"""NBRegressor: recovery of a known NB model, grouped early stopping, determinism, contract."""
+"""NBRegressor: recovery of a known NB model (against scipy's MLE), the L2 chosen by CV over
+held-out training groups, bootstrap members, grouped early stopping (adam), determinism, contract."""
 
 from __future__ import annotations
 
@@ -47,12 +48,15 @@ def test_recovers_true_means_mean_dispersion(sim):
     """Per-gene Pearson (log scale) of predicted vs true means on 1000 held-out spots."""
     X, y, lib, X_test, truth = sim
     groups = np.repeat(np.arange(10), 200)
-    model = NBRegressor(batch_size=128).fit(X, y, groups=groups, library_size=lib)
+    model = NBRegressor().fit(X, y, groups=groups, library_size=lib)
+    assert model.solver_ == "lbfgs"
     assert model.ref_library_size_ == pytest.approx(np.median(lib))
     r = per_gene_log_pearson(model.predict(X_test), truth)
     assert r.min() >= 0.95, r
-    theta = np.exp(model.module_.log_theta.detach().numpy())
-    assert 2.5 < np.median(theta) < 10.0  # true theta = 5 (within a factor of 2)
+    assert 2.5 < np.median(model.theta_) < 10.0  # true theta = 5 (within a factor of 2)
+    # the rate is the mean at the reference depth over that depth, whatever depth is asked
+    np.testing.assert_allclose(model.predict_rate(X_test) * model.ref_library_size_, model.predict(X_test), rtol=1e-12)
+    np.testing.assert_allclose(model.predict_log1p_norm(X_test), np.log1p(model.predict_rate(X_test) * 1e4), rtol=1e-12)
     # the library offset: predicting at twice the reference doubles the mean
     np.testing.assert_allclose(model.predict(X_test, library_size=2 * model.ref_library_size_),
                                2 * model.predict(X_test), rtol=1e-12)
@@ -76,7 +80,7 @@ def small_problem(seed: int = 1, n: int = 240, d: int = 8, g: int = 4):
 
 def test_grouped_early_stopping_holds_out_whole_groups():
     X, y, groups = small_problem()
-    model = NBRegressor(max_epochs=5, val_fraction=0.3).fit(X, y, groups=groups)
+    model = NBRegressor(solver="adam", max_epochs=5, val_fraction=0.3).fit(X, y, groups=groups)
     tr, va = model.train_index_, model.val_index_
     assert len(va) > 0 and len(tr) > 0
     assert set(groups[tr]).isdisjoint(set(groups[va]))
@@ -91,8 +95,8 @@ def test_grouped_early_stopping_holds_out_whole_groups():
 def test_single_group_is_refused_and_ungrouped_split_is_random():
     X, y, groups = small_problem()
     with pytest.raises(ValueError, match="groups"):
-        NBRegressor(max_epochs=2).fit(X, y, groups=np.zeros(len(X)))
-    model = NBRegressor(max_epochs=2, val_fraction=0.25).fit(X, y)
+        NBRegressor(solver="adam", max_epochs=2).fit(X, y, groups=np.zeros(len(X)))
+    model = NBRegressor(solver="adam", max_epochs=2, val_fraction=0.25).fit(X, y)
     assert len(model.val_index_) == 60
     assert len(set(groups[model.train_index_]) & set(groups[model.val_index_])) > 1
 
@@ -147,8 +151,76 @@ def test_sklearn_clone_and_grid_search():
     twin = clone(est)
     assert twin.get_params() == est.get_params() and twin is not est
     lib = y.sum(1) + 50
-    search = GridSearchCV(NBRegressor(max_epochs=3, val_fraction=0.0), {"hidden": [0, 4]}, cv=GroupKFold(n_splits=3))
+    search = GridSearchCV(NBRegressor(solver="adam", max_epochs=3, val_fraction=0.0), {"hidden": [0, 4]}, cv=GroupKFold(n_splits=3))
     search.fit(X, y, groups=groups, library_size=lib)
     assert search.best_params_["hidden"] in (0, 4)
     assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
     assert search.best_estimator_.n_epochs_ == 3
+
+
+def test_unpenalised_glm_equals_scipy_maximum_likelihood():
+    """alpha=0: coefficients, intercept and dispersion equal the NB MLE found by
+    scipy.optimize on scipy.stats.nbinom's log-pmf (an independent implementation)."""
+    from scipy import optimize
+
+    rng = np.random.default_rng(5)
+    n, d = 500, 6
+    X = rng.normal(size=(n, d))
+    W = rng.normal(scale=0.3, size=(d, 2))
+    y = rng.negative_binomial(4, 4 / (4 + np.exp(X @ W + 1.0)))
+    model = NBRegressor(alpha=0.0, use_library_offset=False, max_iter=500).fit(X, y, library_size=np.ones(n))
+    Xs = (X - X.mean(0)) / X.std(0)
+    for g in range(2):
+        def nll(p):
+            t = np.exp(p[d + 1])
+            m = np.exp(Xs @ p[:d] + p[d])
+            return -stats.nbinom.logpmf(y[:, g], t, t / (t + m)).sum()
+
+        ref = optimize.minimize(nll, np.zeros(d + 2), method="L-BFGS-B").x
+        np.testing.assert_allclose(model.coef_[:, g], ref[:d], atol=2e-3)
+        assert model.intercept_[g] == pytest.approx(ref[d], abs=2e-3)
+        assert model.theta_[g] == pytest.approx(np.exp(ref[d + 1]), rel=2e-2)
+
+
+def test_l2_is_chosen_by_cv_on_held_out_training_groups():
+    """The CV holds out whole training groups; alpha_ is the path's arg-min of the
+    held-out NLL; pure-noise features get the strongest penalty, a strong signal a weak one."""
+    rng = np.random.default_rng(2)
+    n, d, g = 600, 40, 5
+    groups = np.repeat([f"s{i}" for i in range(6)], n // 6)
+    X = rng.normal(size=(n, d))
+    signal = rng.negative_binomial(5, 5 / (5 + np.exp(1.0 + X[:, :g])))
+    noise = rng.negative_binomial(5, 5 / (5 + np.full((n, g), np.exp(1.0))))
+    strong = NBRegressor(cv=3).fit(X, signal, groups=groups)
+    weak = NBRegressor(cv=3).fit(X, noise, groups=groups)
+    for m in (strong, weak):
+        assert len(m.cv_groups_) == 3
+        held = [s for fold in m.cv_groups_ for s in fold]
+        assert sorted(held) == sorted(set(groups))  # each group held out exactly once
+        assert m.alpha_ == m.alphas_[int(np.argmin(m.cv_loss_))]
+    assert weak.alpha_ >= 10.0  # the strong end of the path (30 and 100 are near-equal on pure noise)
+    assert strong.alpha_ <= 1.0
+
+
+def test_cv_uses_only_the_rows_it_is_given():
+    """Rows of other (test) slides never reach the fit: adding them to the call would change
+    the choice, fitting without them reproduces the same alpha and coefficients."""
+    X, y, groups = small_problem()
+    train = np.isin(groups, ["slide0", "slide1", "slide2", "slide3"])
+    a = NBRegressor(cv=4).fit(X[train], y[train], groups=groups[train])
+    y_changed = y.copy()
+    y_changed[~train] = 0  # the test slides' counts change: nothing fitted on train moves
+    b = NBRegressor(cv=4).fit(X[train], y_changed[train], groups=groups[train])
+    assert a.alpha_ == b.alpha_
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    np.testing.assert_array_equal(a.predict_rate(X[~train]), b.predict_rate(X[~train]))
+
+
+def test_batched_bootstrap_members_equal_single_fits():
+    X, y, groups = small_problem()
+    base = NBRegressor(alpha=1.0, bootstrap=True)
+    members = base.fit_members(X, y, seeds=[3, 4], groups=groups)
+    assert not np.allclose(members[0].coef_, members[1].coef_)
+    for m, s in zip(members, [3, 4]):
+        single = NBRegressor(alpha=1.0, bootstrap=True, random_state=s).fit(X, y, groups=groups)
+        np.testing.assert_allclose(m.predict(X), single.predict(X), rtol=2e-3)

@@ -9,6 +9,10 @@
 * Resume: keys already present are skipped. Each append is one atomic Lance commit of
   whole chunks, so a run killed at any point (even SIGKILL) leaves only complete
   commits, and a re-run completes the table to exactly one row per key.
+* Concurrency: the pass holds the store's writer lock, and each append is a keyed insert
+  (``merge_insert`` on slide_id, spot_id), so a key is never stored twice. Vectors cut
+  under another slide geometry (``slides.geometry_hash``: re-ingested with moved spots)
+  are deleted and embedded again; ``--overwrite --slide S`` replaces only S's vectors.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -31,13 +34,14 @@ from stimage_embed import __version__
 from stimage_embed.backbones import create_model
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.tile_stream import SlideJob, SlideStainFit, TileStream, make_chunks
-from stimage_embed.errors import InputError, StoreError
+from stimage_embed.embeddings.tile_stream import (
+    SlideJob, SlideStainFit, TileStream, make_chunks, prefetch, stored_stain_estimates, template_normalizer,
+)
+from stimage_embed.errors import InputError, ProvenanceError, StoreError
 from stimage_embed.store import schema as S
+from stimage_embed.store.lock import writes
+from stimage_embed.store.maintenance import data_files, maintain
 from stimage_embed.store.store import Store, sql_list
-from stimage_embed.tiles.image import SlideImage
-from stimage_embed.tiles.stain import make_normalizer
-from stimage_embed.tiles.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class EmbedReport:
     tiles: int = 0  # tiles cut (per chunk, shared by all backbones)
     vectors: dict[str, int] = field(default_factory=dict)  # rows written per backbone
     seconds: float = 0.0
-    bytes_written: int = 0
+    bytes_written: int = 0  # data files added by this run's commits (vectors, all backbones)
     precision: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -59,10 +63,6 @@ class EmbedReport:
             f"embedded {self.tiles} tiles in {self.seconds:.1f} s ({self.tiles_per_s:.1f} tiles/s); "
             f"vectors written {self.vectors}; {self.bytes_written / 1e6:.2f} MB written; precision {self.precision}"
         )
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def _device(device: str) -> torch.device:
@@ -78,6 +78,7 @@ def _existing_keys(store: Store, table: str) -> set[tuple[str, str]]:
     return set(zip(t["slide_id"].to_pylist(), t["spot_id"].to_pylist()))
 
 
+@writes("embed")
 def embed(
     store: Store,
     backbones: list[str],
@@ -100,7 +101,9 @@ def embed(
 
     tile_um: physical tile width in µm; default = each slide's spot diameter.
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
-    num_workers: DataLoader worker processes; default 0 for < 256 tiles, else cores - 1 (max 4).
+    num_workers: DataLoader worker processes; 0 = one background thread of this process cuts
+        and normalises the tiles while the model computes. Default 0 for < 256 tiles or <= 4
+        cores (a worker process would compete with the model's threads), else cores - 1 (max 4).
     """
     if not backbones:
         raise InputError(None, "--backbone", "name at least one backbone")
@@ -123,24 +126,25 @@ def embed(
     stain_factory = None
     stain_desc: dict = {"method": stain}
     if stain != "none":
-        all_slides = pl.from_arrow(store.read("slides", ["slide_id", "image_path"])).sort("slide_id")
-        template_id = stain_template or all_slides["slide_id"][0]
+        all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
+        # default: the template the tables' vectors were normalised against, else the first slide
+        recorded = None if overwrite and not slides else P.recorded_stain_template(store, [S.embedding_table_name(b) for b in backbones])
+        template_id = stain_template or recorded or all_slides["slide_id"][0]
         row = all_slides.filter(pl.col("slide_id") == template_id)
         if row.height == 0:
             raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
-        with SlideImage.open(row["image_path"][0]) as img:
-            thumb, _ = img.thumbnail(2048)
-        target = make_normalizer(stain, thumb, mask=tissue_mask(thumb), source=str(row["image_path"][0]))
-        stain_factory = SlideStainFit(target)
+        # per-slide stain estimates made at ingest (same thumbnail and tissue mask): not recomputed
+        estimates = stored_stain_estimates(all_slides)
+        target = template_normalizer(stain, row["image_path"][0], estimates.get(template_id))
+        stain_factory = SlideStainFit(target, template_slide=template_id, estimates=estimates)
         stain_desc = target.to_dict()
 
     report = EmbedReport()
-    before = _dir_bytes(store.path)
     tables, provs, done_keys = {}, {}, {}
     for name, bb in models.items():
         table = S.embedding_table_name(name)
-        if overwrite and store.has_table(table):
-            store.db.drop_table(table)
+        if overwrite and not slides and store.has_table(table):
+            store.drop_table(table)
             P.forget(store, table)
         old = P.existing_provenance(store, table)
         prec = precision
@@ -163,7 +167,16 @@ def embed(
             "package_version": __version__,
             "embed_dim": bb.embed_dim,
         }
-        P.check_compatible(store, table, prov)
+        try:
+            P.check_compatible(store, table, prov)
+        except ProvenanceError as exc:
+            if overwrite and slides:
+                raise ProvenanceError(f"{exc} (--overwrite with --slide replaces only these slides' vectors, which must keep "
+                                      "the table's provenance; omit --slide to replace every slide's)") from exc
+            raise
+        if overwrite and slides:  # replace only these slides' vectors
+            store.delete(table, f"slide_id IN ({sql_list(slide_tab['slide_id'])})")
+        P.repair(store, table, slide_tab)
         tables[name], provs[name] = table, prov
         have = _existing_keys(store, table)
         done_keys[name] = have
@@ -182,21 +195,27 @@ def embed(
     n_tiles = sum(len(c.spot_ids) for c in chunks)
     if not chunks:
         log.info("all %d spots already embedded for %s", spots.height, ", ".join(models))
+        maintain(store, list(tables.values()))  # e.g. after a killed run: its commits still need upkeep
         return report
 
     if num_workers is None:
         # spawned workers cost seconds to start: not worth it for small jobs or 1-2 cores
-        num_workers = 0 if n_tiles < 256 else max(1, min(4, (os.cpu_count() or 2) - 1))
+        cores = os.cpu_count() or 2
+        num_workers = 0 if n_tiles < 256 or cores <= 4 else min(4, cores - 1)
     tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
     umpp = dict(zip(slide_tab["slide_id"], slide_tab["um_per_px"]))
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}
+    ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
     stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
-    loader = DataLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
-        # spawn, not fork: forking after LanceDB started its async runtime can deadlock
-        multiprocessing_context="spawn" if num_workers else None,
-    )
+    if num_workers:
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
+            persistent_workers=False, prefetch_factor=4,
+            # spawn, not fork: forking after LanceDB started its async runtime can deadlock
+            multiprocessing_context="spawn",
+        )
+    else:  # one background thread, a few batches ahead of the model (see tile_stream)
+        loader = prefetch(stream.batches(chunks), depth=8, pin_memory=dev.type == "cuda")
     buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
     buffered = {n: 0 for n in models}
 
@@ -204,13 +223,15 @@ def embed(
         if not buffers[name]:
             return
         data = pa.concat_tables(buffers[name])
-        store.append(tables[name], data, schema=S.embedding_schema(models[name].embed_dim))
+        # keyed insert: a key already stored is never written twice, whatever ran before
+        store.insert_new(tables[name], data, ("slide_id", "spot_id"), schema=S.embedding_schema(models[name].embed_dim))
         report.vectors[name] = report.vectors.get(name, 0) + data.num_rows
         buffers[name], buffered[name] = [], 0
 
+    before = {name: data_files(store, tables[name]) for name in models}  # after any --overwrite drop or delete
     t0 = time.perf_counter()
     bar = tqdm(total=n_tiles, unit="tile", desc="embed " + ",".join(models), disable=not progress, smoothing=0.1)
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.closing(loader) if not num_workers else contextlib.nullcontext():
         for batch in loader:
             sid, ids = batch["slide_id"], batch["spot_ids"]
             for name, bb in models.items():
@@ -239,6 +260,7 @@ def embed(
                             "tile_um": pa.array([jobs[sid].tile_um] * len(keys), pa.float32()),
                             "um_per_px": pa.array([umpp[sid]] * len(keys), pa.float32()),
                             "provenance_id": [pids[name]] * len(keys),
+                            "geometry_hash": [ghash.get(sid)] * len(keys),
                         },
                         schema=S.embedding_schema(dim),
                     )
@@ -253,5 +275,9 @@ def embed(
         flush(name)
     bar.close()
     report.seconds = time.perf_counter() - t0
-    report.bytes_written = _dir_bytes(store.path) - before
+    # bytes written: the data files this run's commits added (before the upkeep rewrites them)
+    report.bytes_written = sum(size for name in models for path, size in data_files(store, tables[name]).items()
+                               if path not in before[name])
+    # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
+    maintain(store, list(tables.values()) + ["provenance"])
     return report

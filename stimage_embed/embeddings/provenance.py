@@ -11,14 +11,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from stimage_embed.errors import ProvenanceError
+from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store
+from stimage_embed.store.store import Store, sql_list
+
+log = logging.getLogger(__name__)
 
 #: fields that must agree for vectors to share a table
 IDENTITY_FIELDS = (
@@ -32,11 +36,57 @@ def provenance_id(prov: dict[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
+def _used_ids(store: Store, table_name: str) -> set[str]:
+    """Provenance ids carried by at least one vector row of ``table_name``."""
+    if not store.has_table(table_name):
+        return set()
+    return set(pc.unique(store.read(table_name, ["provenance_id"])["provenance_id"]).to_pylist())
+
+
 def existing_provenance(store: Store, table_name: str) -> list[dict[str, Any]]:
+    """The provenance records of a table's vectors.
+
+    Only records some vector row uses count: a record committed by a run killed before its
+    first vectors (or left by an overwrite) describes nothing and is ignored, so it can
+    neither mislabel the table's vectors nor block a later run."""
     if not store.has_table("provenance"):
         return []
-    rows = pl.from_arrow(store.read("provenance", where=f"table_name = '{table_name}'"))
+    used = _used_ids(store, table_name)
+    if not used:
+        return []
+    rows = pl.from_arrow(store.read("provenance", ["provenance_id", "json"], where=f"table_name = {_quote(table_name)}"))
+    rows = rows.filter(pl.col("provenance_id").is_in(sorted(used))).unique("provenance_id", keep="first", maintain_order=True)
     return [json.loads(j) for j in rows["json"].to_list()]
+
+
+def recorded_stain_template(store: Store, table_names: list[str]) -> str | None:
+    """The stain template recorded in the provenance of these tables' vectors (None if no
+    table has vectors). Tables that disagree are refused: name the template explicitly."""
+    found = {}
+    for t in table_names:
+        for prov in existing_provenance(store, t):
+            if prov.get("stain_method") not in (None, "none") and prov.get("stain_template"):
+                found.setdefault(prov["stain_template"], []).append(t)
+    if len(found) > 1:
+        raise InputError(None, "--stain-template", f"the vector tables were normalised against different templates "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(found.items()))}); name one with --stain-template")
+    return next(iter(found), None)
+
+
+def prune(store: Store, table_name: str) -> int:
+    """Delete provenance records of ``table_name`` that no vector row uses (under the lock)."""
+    if not store.has_table("provenance"):
+        return 0
+    rows = pl.from_arrow(store.read("provenance", ["provenance_id"], where=f"table_name = {_quote(table_name)}"))
+    unused = sorted(set(rows["provenance_id"]) - _used_ids(store, table_name))
+    if not unused:
+        return 0
+    log.info("%s: dropping %d provenance record(s) no vector uses: %s", table_name, len(unused), unused)
+    return store.delete("provenance", f"table_name = {_quote(table_name)} AND provenance_id IN ({sql_list(unused)})")
+
+
+def _quote(value: str) -> str:
+    return sql_list([value])
 
 
 def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> None:
@@ -54,8 +104,12 @@ def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> Non
 
 
 def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
+    """Commit the provenance record (if not there yet) and return its id. Commit it before
+    the vectors that carry its id: until some vector uses it, it is ignored."""
     pid = provenance_id(prov)
-    if any(provenance_id(p) == pid for p in existing_provenance(store, table_name)):
+    if store.has_table("provenance") and store.read(
+        "provenance", ["provenance_id"], where=f"table_name = {_quote(table_name)} AND provenance_id = {_quote(pid)}"
+    ).num_rows:
         return pid
     row = {
         "provenance_id": pid,
@@ -77,5 +131,41 @@ def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
 
 
 def forget(store: Store, table_name: str) -> None:
-    if store.has_table("provenance"):
-        store.table("provenance").delete(f"table_name = '{table_name}'")
+    store.delete("provenance", f"table_name = {_quote(table_name)}")
+
+
+def repair(store: Store, table_name: str, slides: pl.DataFrame) -> None:
+    """Make a vector table consistent before embedding into it (under the writer lock):
+
+    * provenance records no vector uses are dropped (a run killed before its first vectors);
+    * keys held more than once (written by unsynchronised writers of older versions) are
+      deleted, to be embedded again, so the table ends with one row per key;
+    * vectors of ``slides`` (columns slide_id, geometry_hash) cut under another geometry
+      hash than the slide's current one (re-ingested with moved spots, another image or
+      µm/px) are deleted, to be embedded again.
+    """
+    prune(store, table_name)
+    if not store.has_table(table_name):
+        return
+    cols = ["slide_id", "spot_id"] + (["geometry_hash"] if "geometry_hash" in store.dataset(table_name).schema.names else [])
+    rows = pl.from_arrow(store.read(table_name, cols, where=f"slide_id IN ({sql_list(slides['slide_id'])})"))
+    dup = rows.filter(pl.struct("slide_id", "spot_id").is_duplicated())
+    for sid, keys in dup.group_by("slide_id"):
+        ids = sorted(set(keys["spot_id"]))
+        log.warning("%s: slide %s: %d key(s) stored more than once; deleting them to embed them once", table_name, sid[0], len(ids))
+        store.delete(table_name, f"slide_id = {_quote(sid[0])} AND spot_id IN ({sql_list(ids)})")
+    if "geometry_hash" not in cols or "geometry_hash" not in slides.columns:
+        return
+    for sid, current in zip(slides["slide_id"], slides["geometry_hash"]):
+        if current is None:
+            continue
+        mine = rows.filter(pl.col("slide_id") == sid)
+        stale = mine.filter(pl.col("geometry_hash").is_not_null() & (pl.col("geometry_hash") != current)).height
+        legacy = mine["geometry_hash"].null_count()
+        if stale:
+            log.warning("%s: slide %s changed since its vectors were cut (geometry hash: image, spots or µm/px); "
+                        "deleting %d stale vector(s) to embed them again", table_name, sid, stale)
+            store.delete(table_name, f"slide_id = {_quote(sid)} AND geometry_hash IS NOT NULL AND geometry_hash != {_quote(current)}")
+        if legacy:
+            log.info("%s: slide %s: %d vector(s) predate geometry hashes and cannot be checked against the slide; "
+                        "if it was re-ingested with moved spots, re-embed it with --overwrite --slide %s", table_name, sid, legacy, sid)

@@ -3,41 +3,109 @@
 Work is cut into fixed *chunks*: the spots of one slide, sorted by spot id, in runs of
 ``chunk_size``. Chunk composition depends only on the slide's spot list, so a resumed
 run recomputes exactly the batches an uninterrupted run would have computed (bitwise
-identical vectors on deterministic kernels). DataLoader workers take chunks round-robin,
-open each slide once (caching the decoded image and the per-slide stain fit; with enough
-slides, each slide goes to one worker only), and cut
-every tile at each input size the backbones need from the same slide image.
+identical vectors on deterministic kernels).
+
+Two ways to run the stream, with identical batches:
+
+* :func:`prefetch` (the default on few cores): one background thread of the embedding
+  process cuts and normalises the tiles, slide after slide, a few batches ahead of the
+  model. No process start-up, no tile copies between processes, and the thread's
+  NumPy / PIL / imagecodecs work releases the GIL while the model computes.
+* DataLoader workers (many cores): workers take chunks round-robin, open each slide once
+  (caching the decoded image and the per-slide stain fit; with enough slides, each slide
+  goes to one worker only).
+
+Either way every tile is cut at each input size the backbones need from the same slide image.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stimage_embed.tiles.image import SlideImage
+from stimage_embed.tiles.stain import make_normalizer, normalizer_from_estimate
 from stimage_embed.tiles.tissue import tissue_mask
 from stimage_embed.tiles.window import TileGeometry, TileReader
 
+if TYPE_CHECKING:
+    import polars as pl
+
 log = logging.getLogger(__name__)
+
+#: thumbnail (longer side, px) the per-slide stain fit is estimated on, as at ingest
+STAIN_THUMBNAIL_PX = 2048
+
+
+def stored_stain_estimates(slides: pl.DataFrame) -> dict[str, dict]:
+    """``slide_id -> estimate`` from the ``slides`` table's ``stain_estimate`` JSON (made at
+    ingest on the same thumbnail and tissue mask as :data:`STAIN_THUMBNAIL_PX`); slides
+    without one (older stores, too little tissue) are left out."""
+    if "stain_estimate" not in slides.columns:
+        return {}
+    out = {}
+    for sid, text in zip(slides["slide_id"], slides["stain_estimate"]):
+        est = json.loads(text) if text else None
+        if est and est.get("thumbnail_px") == STAIN_THUMBNAIL_PX:
+            out[sid] = est
+    return out
+
+
+def template_normalizer(method: str, image_path: str, estimate: dict | None = None):
+    """The stain target fitted on the template slide: from its stored estimate when usable
+    (the same numbers, without decoding the image), else on the tissue of its thumbnail."""
+    norm = normalizer_from_estimate(method, estimate)
+    if norm is not None:
+        return norm
+    with SlideImage.open(image_path) as img:
+        thumb, _ = img.thumbnail(STAIN_THUMBNAIL_PX)
+    return make_normalizer(method, thumb, mask=tissue_mask(thumb), source=str(image_path))
 
 
 class SlideStainFit:
-    """Picklable per-slide stain fit for DataLoader workers: thumbnail -> tile normaliser.
+    """Picklable per-slide stain fit for the stream: slide -> tile normaliser.
+
+    ``target`` is the normaliser fitted on the template. A slide's source fit is, in order:
+    its stored estimate (``estimates``, made at ingest on the same thumbnail and mask); for
+    the template slide (``template_slide``) the target's own fit (:meth:`own_source`, the
+    same estimate on the same thumbnail); else a fit on the tissue pixels of its thumbnail.
+    All three give the same numbers; the first two skip the thumbnail, tissue mask and fit.
 
     Lives in this light module so spawned workers don't import the model stack to unpickle it.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, template_slide: str | None = None, estimates: dict[str, dict] | None = None):
         self.target = target
+        self.template_slide = template_slide
+        self.estimates = estimates or {}
 
-    def __call__(self, thumbnail: np.ndarray):
+    def __call__(self, thumbnail: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         # fit on tissue pixels only: grey scanner blocks and background would bias the stains
-        return self.target.fit_source(thumbnail, mask=tissue_mask(thumbnail)).transform
+        return _transformer(self.target.fit_source(thumbnail, mask=tissue_mask(thumbnail)))
+
+    def for_slide(self, slide_id: str, image: SlideImage) -> Callable[[np.ndarray], np.ndarray]:
+        """The tile normaliser of ``slide_id`` (``image``: its open image)."""
+        if hasattr(self.target, "with_source_estimate"):
+            fitted = self.target.with_source_estimate(self.estimates.get(slide_id))
+            if fitted is not None:
+                return _transformer(fitted)
+        if slide_id == self.template_slide and hasattr(self.target, "own_source"):
+            return _transformer(self.target.own_source())
+        thumb, _ = image.thumbnail(STAIN_THUMBNAIL_PX)
+        return self(thumb)
+
+
+def _transformer(fitted) -> Callable[[np.ndarray], np.ndarray]:
+    """The fitted normaliser's tile transform, with per-slide tables precomputed if it has them."""
+    return fitted.transformer() if hasattr(fitted, "transformer") else fitted.transform
 
 
 def assign_chunks(chunks: list["Chunk"], worker: int, n_workers: int) -> list["Chunk"]:
@@ -88,8 +156,9 @@ def make_chunks(slide_id: str, spot_ids: np.ndarray, px: np.ndarray, py: np.ndar
 class TileStream(IterableDataset):
     """Yields one batch per chunk: ``{"slide_id", "spot_ids", "tiles": {px: uint8 (B,px,px,3)}, "padded": (B,)}``.
 
-    ``stain_factory(thumbnail_rgb) -> callable(tile) -> tile`` fits the per-slide stain
-    normaliser (once per slide per worker) against a template fitted in the parent.
+    ``stain_factory``: a :class:`SlideStainFit` (or any ``thumbnail_rgb -> (tile -> tile)``
+    callable) fitting the per-slide stain normaliser once per slide per worker against a
+    template fitted in the parent.
     """
 
     def __init__(
@@ -98,7 +167,7 @@ class TileStream(IterableDataset):
         slides: dict[str, SlideJob],
         sizes: tuple[int, ...],
         interpolation: str = "bicubic",
-        stain_factory: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]] | None = None,
+        stain_factory: SlideStainFit | Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]] | None = None,
     ):
         super().__init__()
         self.chunks = chunks
@@ -107,36 +176,39 @@ class TileStream(IterableDataset):
         self.interpolation = interpolation
         self.stain_factory = stain_factory
 
+    def _normalizer(self, slide_id: str, image: SlideImage) -> Callable[[np.ndarray], np.ndarray] | None:
+        if self.stain_factory is None:
+            return None
+        if isinstance(self.stain_factory, SlideStainFit):
+            return self.stain_factory.for_slide(slide_id, image)
+        thumb, _ = image.thumbnail(STAIN_THUMBNAIL_PX)
+        return self.stain_factory(thumb)
+
     def _open(self, slide_id: str, cache: dict[str, Any]) -> dict[int, TileReader]:
         if cache.get("slide_id") != slide_id:
             if cache.get("image") is not None:
                 cache["image"].close()
+                cache["image"] = None  # free the previous slide before decoding the next
             job = self.slides[slide_id]
             image = SlideImage.open(job.image_path)
-            normalize = None
-            if self.stain_factory is not None:
-                thumb, _ = image.thumbnail(2048)
-                normalize = self.stain_factory(thumb)
+            cache["image"] = image
+            normalize = self._normalizer(slide_id, image)
             cache.update(
                 slide_id=slide_id,
-                image=image,
                 readers={s: TileReader(image, job.um_per_px, TileGeometry(job.tile_um, s, self.interpolation), normalize) for s in self.sizes},
             )
         return cache["readers"]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+    def batches(self, chunks: Iterable[Chunk]) -> Iterator[dict[str, Any]]:
+        """The batches of ``chunks``, in order (one slide image open at a time)."""
         cache: dict[str, Any] = {}
         try:
-            for chunk in assign_chunks(self.chunks, wid, n):
+            for chunk in chunks:
                 readers = self._open(chunk.slide_id, cache)
                 tiles: dict[int, torch.Tensor] = {}
                 padded = np.zeros(len(chunk.spot_ids), np.float32)
                 for size, reader in readers.items():
-                    arr = np.empty((len(chunk.spot_ids), size, size, 3), np.uint8)
-                    for j, (x, y) in enumerate(zip(chunk.pixel_x, chunk.pixel_y)):
-                        arr[j], padded[j] = reader.read(x, y)
+                    arr, padded[:] = reader.read_many(chunk.pixel_x, chunk.pixel_y)
                     tiles[size] = torch.from_numpy(arr)
                 yield {
                     "slide_id": chunk.slide_id,
@@ -148,3 +220,74 @@ class TileStream(IterableDataset):
         finally:
             if cache.get("image") is not None:
                 cache["image"].close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.batches(assign_chunks(self.chunks, wid, n))
+
+
+class _Failed:
+    """A producer's exception, carried through the queue to the consumer."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def prefetch(batches: Iterable[dict[str, Any]], depth: int = 8, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """Iterate ``batches`` in a background thread, up to ``depth`` batches ahead.
+
+    The producer's exceptions are re-raised in the consumer; when the consumer stops early
+    (an exception, ``close()``), the producer is told to stop and joined. ``pin_memory``:
+    page-lock the tile tensors in the producer (for non-blocking copies to a GPU).
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(batches)
+        try:
+            for batch in it:
+                if pin_memory:
+                    batch["tiles"] = {k: v.pin_memory() for k, v in batch["tiles"].items()}
+                    batch["padded"] = batch["padded"].pin_memory()
+                if not put(batch):
+                    return
+            put(_DONE)
+        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            put(_Failed(exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator's finally (closing the slide image) runs in this thread
+
+    thread = threading.Thread(target=produce, name="tile-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=1.0)
+            except queue.Empty:
+                if not thread.is_alive() and q.empty():
+                    raise RuntimeError("the tile prefetch thread ended without finishing the stream") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,19 +1,26 @@
 """Which genes a fold is trained and scored on, chosen from the fold's TRAINING slides only.
 
-Gene specs (:func:`parse_gene_spec`):
+Gene specs (:func:`parse_gene_spec`); the count-based ones first drop genes detected
+(raw count > 0) in fewer than ``min_fraction`` (10 %) of the training spots:
 
-* ``hvg:K`` — drop genes detected (raw count > 0) in fewer than ``min_fraction`` (10 %) of
-  the training spots, then keep the top ``K`` highly variable genes.
+* ``var:K`` (the default) — the top ``K`` genes by variance of log1p(CP10k), i.e. of
+  ``log1p(count / library_size * 1e4)`` over the training spots (HEST-Benchmark's and
+  most of the field's choice: genes with spatial structure a model can learn).
+* ``mean:K`` — the top ``K`` by mean log1p(CP10k).
+* ``seurat:K`` — the top ``K`` highly variable genes of scanpy's ``flavor="seurat"``
+  (dispersion normalised within mean bins; see below). It favours noisy, lowly expressed
+  genes that are close to unpredictable from the image. ``hvg:K`` is an alias kept for
+  older commands and stores.
 * ``panel:NAME`` — the gene list ``catalogs/genes/NAME.txt`` (e.g. ``panel:stimage14``).
 * ``file:PATH`` — a user gene list (one symbol per line, ``#`` comments, blank lines ok).
 
-Highly variable genes
----------------------
-We use scanpy's ``highly_variable_genes(flavor="seurat")`` on
-``log1p(normalize_total(counts, target_sum=1e4))`` — the scanpy default flavour and the
-preprocessing STimage/HEST-style pipelines use (``seurat_v3`` needs raw counts and the
-``scikit-misc`` loess, which is not a dependency). Re-implemented here on arrays (no
-AnnData round trip) and cross-checked against scanpy in the tests:
+``K`` larger than the number of eligible genes is capped, with a warning.
+
+Seurat-flavour highly variable genes
+------------------------------------
+scanpy's ``highly_variable_genes(flavor="seurat")`` on
+``log1p(normalize_total(counts, target_sum=1e4))``, re-implemented on arrays (no AnnData
+round trip) and cross-checked against scanpy in the tests:
 
 1. ``x = counts / library_size * target_sum`` (the log1p/expm1 round trip scanpy does for
    this flavour cancels), where ``library_size`` is the spot's total raw count over ALL
@@ -51,10 +58,15 @@ TARGET_SUM = 1e4
 N_BINS = 20
 
 
+#: count-based gene specs (kind -> how the top K are ranked); ``hvg`` is ``seurat``
+RANKED_KINDS = ("var", "mean", "seurat")
+DEFAULT_GENE_SPEC = "var:50"
+
+
 @dataclass(frozen=True)
 class GeneSpec:
-    """A parsed gene specification: ``kind`` is ``hvg`` (with ``k``), ``panel`` (with
-    ``name``) or ``file`` (with ``path``)."""
+    """A parsed gene specification: ``kind`` is ``var``, ``mean`` or ``seurat`` (with
+    ``k``), ``panel`` (with ``name``) or ``file`` (with ``path``)."""
 
     kind: str
     k: int | None = None
@@ -62,8 +74,8 @@ class GeneSpec:
     path: Path | None = None
 
     def __str__(self) -> str:
-        if self.kind == "hvg":
-            return f"hvg:{self.k}"
+        if self.kind in RANKED_KINDS:
+            return f"{self.kind}:{self.k}"
         if self.kind == "panel":
             return f"panel:{self.name}"
         return f"file:{self.path}"
@@ -81,23 +93,27 @@ class HVGStats:
 
 
 def parse_gene_spec(spec: str) -> GeneSpec:
-    """Parse ``"hvg:50"``, ``"panel:stimage14"`` or ``"file:/path/genes.txt"``."""
+    """Parse ``"var:50"``, ``"mean:50"``, ``"seurat:50"`` (alias ``"hvg:50"``),
+    ``"panel:stimage14"`` or ``"file:/path/genes.txt"``."""
     kind, sep, arg = spec.strip().partition(":")
     kind = kind.strip().lower()
     arg = arg.strip()
+    expected = "'var:K', 'mean:K', 'seurat:K', 'panel:NAME' or 'file:PATH'"
     if not sep or not arg:
-        raise InputError(None, "genes", f"bad gene spec {spec!r}; expected 'hvg:K', 'panel:NAME' or 'file:PATH'")
+        raise InputError(None, "genes", f"bad gene spec {spec!r}; expected {expected}")
     if kind == "hvg":
+        kind = "seurat"
+    if kind in RANKED_KINDS:
         if not arg.isdigit() or int(arg) < 1:
             raise InputError(None, "genes", f"bad gene spec {spec!r}: K must be a positive integer")
-        return GeneSpec(kind="hvg", k=int(arg))
+        return GeneSpec(kind=kind, k=int(arg))
     if kind == "panel":
         if "/" in arg or "\\" in arg:
             raise InputError(None, "genes", f"bad gene spec {spec!r}: a panel is a name; use 'file:PATH' for a path")
         return GeneSpec(kind="panel", name=arg)
     if kind == "file":
         return GeneSpec(kind="file", path=Path(arg).expanduser())
-    raise InputError(None, "genes", f"unknown gene spec kind {kind!r} in {spec!r}; expected hvg, panel or file")
+    raise InputError(None, "genes", f"unknown gene spec kind {kind!r} in {spec!r}; expected {expected}")
 
 
 def panel_path(name: str) -> Path:
@@ -242,6 +258,24 @@ def _bin_normalise(means: np.ndarray, dispersion: np.ndarray, n_bins: int) -> np
         return (dispersion - avg[bins]) / dev[bins]
 
 
+def log1p_cp10k_moments(
+    counts: np.ndarray | sp.spmatrix | sp.sparray, library_size: np.ndarray, target_sum: float = TARGET_SUM
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene (column): mean and variance (ddof=1) over spots of
+    ``log1p(count / library_size * target_sum)``; ``library_size`` is each spot's total raw
+    count over ALL genes. Sparse-aware (zeros stay zeros on this scale)."""
+    x = _as_csr(counts)
+    n = x.shape[0]
+    lib = np.asarray(library_size, dtype=np.float64)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+    xl = (sp.diags(scale) @ x).tocsr()
+    xl.data = np.log1p(xl.data)
+    mean = np.asarray(xl.mean(axis=0)).ravel()
+    mean_sq = np.asarray(xl.multiply(xl).mean(axis=0)).ravel()
+    var = (mean_sq - mean**2) * (n / max(n - 1, 1))
+    return mean, var
+
+
 def top_hvg(stats: HVGStats, k: int) -> np.ndarray:
     """Indices of the ``k`` genes with the largest ``dispersions_norm`` (NaN never picked;
     ties by input order). Returns fewer than ``k`` (with a warning) if fewer are finite."""
@@ -270,18 +304,18 @@ def select_genes(
 
     Parameters
     ----------
-    spec : ``hvg:K`` / ``panel:NAME`` / ``file:PATH`` (string or :class:`GeneSpec`).
+    spec : ``var:K`` / ``mean:K`` / ``seurat:K`` / ``panel:NAME`` / ``file:PATH`` (string or :class:`GeneSpec`).
     counts : (n_spots, n_genes) raw counts of all spots (train and test), dense or sparse.
     genes : (n_genes,) unique gene symbols, the columns of ``counts``.
     slide_ids : (n_spots,) slide of each spot; only spots of ``train_slides`` are used.
     train_slides : the fold's training slides.
     library_size : (n_spots,) total raw count per spot over ALL genes (default: row sums).
-    min_fraction : ``hvg`` only: keep genes detected (count > 0) in >= this fraction of
+    min_fraction : ranked specs only: keep genes detected (count > 0) in >= this fraction of
         training spots.
 
     Returns
     -------
-    ``hvg``: the K genes by decreasing normalised dispersion. Panels/files: the listed
+    ``var``/``mean``/``seurat``: the K genes by decreasing score. Panels/files: the listed
     genes present in ``genes``, in list order (missing ones logged as a warning; the
     detection filter is not applied to an explicit list).
     """
@@ -308,7 +342,7 @@ def select_genes(
         if never:
             log.warning("%s: genes never detected in the training spots: %s", path, ", ".join(never))
         return present
-    if spec.kind != "hvg" or spec.k is None:
+    if spec.kind not in RANKED_KINDS or spec.k is None:
         raise InputError(None, "genes", f"unsupported gene spec {spec}")
 
     xt = x[train]
@@ -316,7 +350,16 @@ def select_genes(
     keep = np.flatnonzero(detection_fraction(xt) >= min_fraction)
     if keep.size == 0:
         raise InputError(None, "genes", f"no gene is detected in >= {min_fraction:.0%} of the training spots")
-    stats = hvg_seurat(xt[:, keep], library_size=lib, target_sum=target_sum, n_bins=n_bins)
-    chosen = keep[top_hvg(stats, spec.k)]
-    log.debug("hvg:%d from %d training spots, %d of %d genes pass detection", spec.k, xt.shape[0], keep.size, len(genes))
+    k = spec.k
+    if k > keep.size:
+        log.warning("%s: only %d genes are detected in >= %.0f%% of the training spots; using all %d", spec, keep.size,
+                    100 * min_fraction, keep.size)
+        k = keep.size
+    if spec.kind == "seurat":
+        stats = hvg_seurat(xt[:, keep], library_size=lib, target_sum=target_sum, n_bins=n_bins)
+        chosen = keep[top_hvg(stats, k)]
+    else:
+        score = log1p_cp10k_moments(xt[:, keep], lib, target_sum)[0 if spec.kind == "mean" else 1]
+        chosen = keep[np.argsort(-score, kind="stable")[:k]]
+    log.debug("%s from %d training spots, %d of %d genes pass detection", spec, xt.shape[0], keep.size, len(genes))
     return [genes[i] for i in chosen]

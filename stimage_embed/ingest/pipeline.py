@@ -4,11 +4,20 @@ Every slide of the catalog is read and checked in memory first (reader validatio
 image opens, µm/px, coordinates inside the image, tissue QC). Only when all slides
 pass is anything written, so bad input never leaves the store half-updated. Each
 table is then updated with one atomic commit that replaces the ingested slides' rows.
+
+The ``slides`` row is a slide's commit marker: a re-ingest first removes it, then
+replaces ``genes``, ``expression`` and ``spots``, and writes ``slides`` last. A run
+killed in between leaves rows without a ``slides`` row, which no query joins to and the
+next writer removes under the store lock (:meth:`Store.recover`); a re-run restores
+the exact state. Each slide records a ``geometry_hash`` of what its tiles depend on
+(image bytes, spot ids and centres, µm/px, spot diameter) so ``embed`` can tell when
+its vectors no longer match.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -26,8 +35,10 @@ from stimage_embed.ingest.geometry import fit_lattice, resolve_um_per_px
 from stimage_embed.ingest.readers import get_reader
 from stimage_embed.ingest.types import SlideData
 from stimage_embed.store import schema as S
-from stimage_embed.store.store import Store
+from stimage_embed.store.maintenance import maintain
+from stimage_embed.store.store import Store, sql_list
 from stimage_embed.tiles.image import SlideImage
+from stimage_embed.tiles.stain import MacenkoNormalizer
 from stimage_embed.tiles.tissue import TISSUE_THRESHOLD, spot_tissue_fraction, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,39 @@ def _padded_fractions(cx: np.ndarray, cy: np.ndarray, size: float, width: int, h
     ix = np.clip(np.minimum(x0 + size, width) - np.maximum(x0, 0), 0, None)
     iy = np.clip(np.minimum(y0 + size, height) - np.maximum(y0, 0), 0, None)
     return 1.0 - ix * iy / (size * size)
+
+
+def file_sha256(path: Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def geometry_hash(image_path: Path, spot_ids: np.ndarray, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                  um_per_px: float, spot_diameter_um: float) -> str:
+    """Hash of everything a slide's tiles are cut from: the image file's bytes, the spot ids
+    with their centres (level-0 px), µm/px and the spot diameter (default tile width)."""
+    order = np.argsort(np.asarray(spot_ids).astype(str), kind="stable")
+    h = hashlib.sha256()
+    h.update(file_sha256(Path(image_path)).encode())
+    h.update("\0".join(np.asarray(spot_ids).astype(str)[order]).encode())
+    h.update(np.ascontiguousarray(np.asarray(pixel_x, np.float64)[order]).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(pixel_y, np.float64)[order]).tobytes())
+    h.update(repr((float(um_per_px), float(spot_diameter_um))).encode())
+    return h.hexdigest()[:32]
+
+
+def _stain_estimate(thumb: np.ndarray, mask: np.ndarray, image_path: Path) -> str | None:
+    """The slide's Macenko estimate (default parameters) on the thumbnail's tissue pixels, as
+    JSON for ``slides.stain_estimate``: the embedding pass's per-slide stain fit, made here
+    where the thumbnail and its tissue mask already exist. None with too little tissue."""
+    try:
+        est = MacenkoNormalizer().estimate_dict(thumb, mask=mask, source=str(image_path))
+    except InputError:
+        return None
+    return json.dumps(est | {"thumbnail_px": THUMBNAIL_MAX_SIDE})
 
 
 def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float) -> PreparedSlide:
@@ -85,6 +129,7 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
                         spots_file, len(bad), data.slide_id, width, height, list(bad[:5]))
         thumb, downsample = image.thumbnail(THUMBNAIL_MAX_SIDE)
     mask = tissue_mask(thumb)
+    stain_estimate = _stain_estimate(thumb, mask, data.image_path)
     radius_px = catalog.spot_diameter_um / 2 / um_per_px
     tissue = spot_tissue_fraction(mask, downsample, data.pixel_x, data.pixel_y, radius_px=radius_px, shape="disk")
     tissue = np.where(in_image, tissue, 0.0)
@@ -165,6 +210,9 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
         "source_files": json.dumps(data.source_files, sort_keys=True),
         "package_version": __version__,
         "ingested_at": dt.datetime.now(dt.timezone.utc),
+        "geometry_hash": geometry_hash(data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, um_per_px,
+                                       catalog.spot_diameter_um),
+        "stain_estimate": stain_estimate,
     }
     slides = pa.Table.from_pylist([summary], schema=S.SLIDES)
     return PreparedSlide(data.slide_id, {"slides": slides, "spots": spots, "genes": genes, "expression": expression}, summary)
@@ -190,22 +238,26 @@ def ingest(
     entries = catalog.slides if slides is None else [catalog.slide(s) for s in slides]
     reader = get_reader(catalog.reader)
 
-    if store.has_table("slides"):
-        existing = pl.from_arrow(store.read("slides", ["slide_id", "dataset"]))
-        clash = existing.filter(pl.col("slide_id").is_in([e.id for e in entries]) & (pl.col("dataset") != catalog.name))
-        if clash.height:
-            raise StoreError(
-                f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} already belong to dataset(s) "
-                f"{clash['dataset'].unique().to_list()} in {store.path}; slide ids must be unique across the store"
-            )
+    with store.writer("ingest"):
+        if store.has_table("slides"):
+            existing = pl.from_arrow(store.read("slides", ["slide_id", "dataset"]))
+            clash = existing.filter(pl.col("slide_id").is_in([e.id for e in entries]) & (pl.col("dataset") != catalog.name))
+            if clash.height:
+                raise StoreError(
+                    f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} already belong to dataset(s) "
+                    f"{clash['dataset'].unique().to_list()} in {store.path}; slide ids must be unique across the store"
+                )
 
-    prepared: list[PreparedSlide] = []
-    for entry in tqdm(entries, desc=f"ingest {catalog.name}", unit="slide", disable=not progress):
-        data = reader(catalog, entry)
-        prepared.append(prepare_slide(catalog, data, tissue_threshold))
-    ids = [p.slide_id for p in prepared]
-    # children first, `slides` last: a slide row only appears once its spots/counts exist
-    for name in ("genes", "expression", "spots", "slides"):
-        table = pa.concat_tables([p.tables[name] for p in prepared])
-        store.replace_slides(name, table, ids)
-    return pl.DataFrame([p.summary for p in prepared]).drop("source_files", "catalog_path", "package_version")
+        prepared: list[PreparedSlide] = []
+        for entry in tqdm(entries, desc=f"ingest {catalog.name}", unit="slide", disable=not progress):
+            data = reader(catalog, entry)
+            prepared.append(prepare_slide(catalog, data, tissue_threshold))
+        ids = [p.slide_id for p in prepared]
+        # the slides row is the marker: removed first, written last (see the module doc)
+        store.delete("slides", f"slide_id IN ({sql_list(ids)})")
+        for name in ("genes", "expression", "spots", "slides"):
+            table = pa.concat_tables([p.tables[name] for p in prepared])
+            store.replace_slides(name, table, ids)
+        # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
+        maintain(store, ["genes", "expression", "spots", "slides"])
+    return pl.DataFrame([p.summary for p in prepared]).drop("source_files", "catalog_path", "package_version", "stain_estimate")

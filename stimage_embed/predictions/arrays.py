@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from stimage_embed.embeddings.provenance import existing_provenance
 from stimage_embed.errors import StoreError
 from stimage_embed.store import schema as S
+from stimage_embed.store.maintenance import read_slides
 from stimage_embed.store.store import Store, sql_list
 
 
@@ -23,14 +24,27 @@ from stimage_embed.store.store import Store, sql_list
 class SpotArrays:
     keys: pl.DataFrame  # slide_id, spot_id, patient, array_row, array_col, pixel_x, pixel_y
     X: np.ndarray  # (n, dim) float32 embeddings
-    counts: np.ndarray  # (n, g) raw counts (int64)
-    library_size: np.ndarray  # (n,) total raw counts over ALL genes of the spot
+    counts: np.ndarray | None  # (n, g) raw counts (int64); None for a slide with no counts (image only)
+    library_size: np.ndarray | None  # (n,) total raw counts over ALL genes of the spot; None without counts
     genes: list[str]
     provenance: dict
 
     @property
     def groups(self) -> np.ndarray:
         return self.keys["slide_id"].to_numpy()
+
+
+def shuffled_within_slides(arrays: SpotArrays, seed: int = 0) -> SpotArrays:
+    """The leak control: the same arrays with the vectors ``X`` permuted among the spots of
+    each slide (keys, counts and library sizes stay in place). Seeded, so reproducible."""
+    rng = np.random.default_rng(seed)
+    slides = arrays.keys["slide_id"].to_numpy()
+    order = np.arange(len(slides))
+    for s in np.unique(slides):
+        rows = np.flatnonzero(slides == s)
+        order[rows] = rng.permutation(rows)
+    return SpotArrays(keys=arrays.keys, X=arrays.X[order], counts=arrays.counts, library_size=arrays.library_size,
+                      genes=arrays.genes, provenance=arrays.provenance)
 
 
 def table_provenance(store: Store, backbone: str) -> dict:
@@ -42,15 +56,18 @@ def table_provenance(store: Store, backbone: str) -> dict:
 
 
 def load_embeddings(store: Store, backbone: str, slide_ids: Sequence[str]) -> tuple[pl.DataFrame, np.ndarray]:
-    """(keys, X float32) of a backbone for the given slides, sorted by key."""
+    """(keys, X float32) of a backbone for the given slides, sorted by key.
+
+    Read straight from the Lance dataset through its ``slide_id`` index, which the store's
+    upkeep keeps complete and compact after every embed (:mod:`stimage_embed.store.maintenance`):
+    the cost of one slide does not grow with the number of slides in the table."""
     table = S.embedding_table_name(backbone)
-    t = store.read(table, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ({sql_list(slide_ids)})")
-    keys = pl.DataFrame({"slide_id": t["slide_id"].to_pylist(), "spot_id": t["spot_id"].to_pylist()})
+    t = read_slides(store, table, slide_ids, ["slide_id", "spot_id", "vector"])
+    keys = pl.from_arrow(t.select(["slide_id", "spot_id"])).with_row_index("_row").sort("slide_id", "spot_id")
     vec = t["vector"].combine_chunks()
     dim = vec.type.list_size
-    X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    order = np.lexsort((keys["spot_id"].to_numpy(), keys["slide_id"].to_numpy()))
-    return keys[order], X[order]
+    X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[keys["_row"].to_numpy()].astype(np.float32)
+    return keys.drop("_row"), X
 
 
 def load_spot_arrays(

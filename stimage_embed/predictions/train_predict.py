@@ -83,26 +83,61 @@ def train(
 
 
 def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
-    """Apply a saved model to ``slides``; (re)writes its rows of ``predictions``."""
+    """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
+
+    Under the store's writer lock; the model's ``runs`` row (split ``train``) is written if
+    the store lacks it (a model trained elsewhere), then the predictions replace the old
+    ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
+    leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
+    import re
+
+    from safetensors import SafetensorError
+
     path = Path(model)
     if not path.is_dir():
         path = models_dir(store) / model
     meta_file = path / "run.json"
     if not meta_file.is_file():
         raise InputError(meta_file, "model", "no saved model here (expected run.json); see `stimage-embed train`")
-    meta = json.loads(meta_file.read_text())
-    head = load_head(path)
-    current = vector_identity(table_provenance(store, meta["backbone"]))
     try:
-        check_provenance(head, current)
-    except ProvenanceMismatch as exc:
-        raise ProvenanceError(f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}") from exc
-    unknown = sorted(set(slides) - set(store.slide_ids()))
-    if unknown or not slides:
-        raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
-    arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
-    pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(meta["run_id"]).alias("run_id"))
-    if store.has_table("predictions"):
-        store.table("predictions").delete(f"run_id = '{meta['run_id']}' AND slide_id IN ({sql_list(slides)})")
-    store.append("predictions", pred)
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(meta_file, "run.json", f"unreadable or malformed JSON: {exc}") from exc
+    missing = [k for k in ("run_id", "backbone", "head", "genes") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise InputError(meta_file, ", ".join(missing), "missing from the model's run.json")
+    rid = meta["run_id"]
+    if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{8,64}", rid):
+        raise InputError(meta_file, "run_id", f"not a run id (lower-case hex, 8-64 digits): {rid!r}")
+    try:
+        head = load_head(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise InputError(path, "model", f"cannot load the saved head (missing or truncated file?): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    with store.writer("predict"):
+        prov = table_provenance(store, meta["backbone"])
+        current = vector_identity(prov)
+        try:
+            check_provenance(head, current)
+        except ProvenanceMismatch as exc:
+            raise ProvenanceError(f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}") from exc
+        unknown = sorted(set(slides) - set(store.slide_ids()))
+        if unknown or not slides:
+            raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
+        arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
+        pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(rid).alias("run_id"))
+        known_runs = set(store.read("runs", ["run_id"], where=f"run_id = '{rid}'")["run_id"].to_pylist()) if store.has_table("runs") else set()
+        if rid not in known_runs:  # make the predictions attributable to a committed run
+            train_slides = [str(x) for x in meta.get("train_slides", [])]
+            ds = store.read("slides", ["dataset"], where=f"slide_id IN ({sql_list(train_slides)})")["dataset"].to_pylist() if train_slides else []
+            row = {
+                "run_id": rid, "dataset": ",".join(sorted(set(ds))), "backbone": meta["backbone"], "members": [meta["backbone"]],
+                "head": meta["head"], "split": "train", "fold": "train", "train_slides": sorted(train_slides), "test_slides": [],
+                "gene_spec": meta.get("gene_spec"), "genes": list(meta["genes"]), "head_params": json.dumps(meta.get("params") or {}),
+                "provenance_ids": [provenance_id(prov)], "n_train_spots": meta.get("n_train_spots"),
+                "fit_seconds": meta.get("fit_seconds"), "model_dir": str(path), "created_at": dt.datetime.now(dt.timezone.utc),
+            }
+            store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))
+        store.replace_where("predictions", pred, ("run_id", "slide_id", "spot_id", "gene"),
+                            f"run_id = '{rid}' AND slide_id IN ({sql_list(slides)})")
     return pred

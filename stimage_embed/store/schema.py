@@ -6,7 +6,11 @@ Units: pixel coordinates are full-resolution (level-0) image pixels; lengths in 
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
+
+from stimage_embed.errors import InputError
 
 SLIDES = pa.schema(
     [
@@ -38,6 +42,13 @@ SLIDES = pa.schema(
         pa.field("source_files", pa.string()),  # JSON object
         pa.field("package_version", pa.string()),
         pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+        # sha256 of what a slide's tiles depend on (image bytes, spot ids and centres, µm/px,
+        # spot diameter); vectors carry the hash they were cut under. NULL in older stores.
+        pa.field("geometry_hash", pa.string()),
+        # JSON: the slide's Macenko stain estimate (default parameters) on the tissue of its
+        # 2048-px thumbnail, made at ingest so the embedding pass does not recompute it.
+        # NULL in older stores or with too little tissue (the pass then fits it itself).
+        pa.field("stain_estimate", pa.string()),
     ]
 )
 
@@ -111,11 +122,19 @@ def embedding_schema(dim: int) -> pa.Schema:
             pa.field("tile_um", pa.float32()),  # physical tile width, µm
             pa.field("um_per_px", pa.float32()),  # µm per level-0 px of the source image
             pa.field("provenance_id", pa.string(), nullable=False),
+            pa.field("geometry_hash", pa.string()),  # the slide's geometry_hash when embedded (NULL: older rows)
         ]
     )
 
 
+#: backbone names usable in a table name and unquoted in SQL
+BACKBONE_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
 def embedding_table_name(backbone: str) -> str:
+    if not BACKBONE_NAME.fullmatch(backbone or ""):
+        raise InputError(None, "backbone", f"invalid backbone name {backbone!r} (letters, digits and '_' only; "
+                         "see `stimage-embed backbones`)")
     return f"embeddings_{backbone}"
 
 
@@ -129,6 +148,7 @@ RUNS = pa.schema(
         pa.field("backbone", pa.string()),  # backbone name, or "fstimage" for the cross-backbone ensemble
         pa.field("members", pa.list_(pa.string())),  # backbones averaged (fstimage) / [backbone]
         pa.field("head", pa.string()),  # nb | ensemble | highlow | ridge | mean | fstimage
+        pa.field("control", pa.string()),  # none | shuffled (vectors permuted among each slide's spots)
         pa.field("split", pa.string()),
         pa.field("fold", pa.string()),
         pa.field("train_slides", pa.list_(pa.string())),
@@ -145,9 +165,10 @@ RUNS = pa.schema(
 )
 
 #: Predictions, long: one row per (run, slide, spot, gene).
-#: ``mean``/``variance``/quantiles are RAW-COUNT scale at ``library_size``;
-#: ``mean_log1p``: the prediction on the scale metrics use, log1p(count / library_size * 1e4)
-#: (NB heads: E[log1p(Y / library_size * 1e4)] under the predictive NB).
+#: ``mean_log1p``: the prediction on the scale metrics use, log1p(CP10k) =
+#: log1p(count / library_size * 1e4), from the image vectors only (NB heads: log1p of the
+#: predicted rate * 1e4). ``mean``/``variance``/quantiles: the count-scale predictive NB at
+#: the spot's observed ``library_size`` (a technical covariate; only for interval coverage).
 PREDICTIONS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -177,6 +198,7 @@ METRICS = pa.schema(
         pa.field("backbone", pa.string()),
         pa.field("head", pa.string()),
         pa.field("fold", pa.string()),
+        pa.field("control", pa.string()),  # none | shuffled (see RUNS)
         pa.field("scope", pa.string()),  # slide | pooled
         pa.field("slide_id", pa.string()),  # '' when pooled over the fold's test slides
         pa.field("gene", pa.string()),
@@ -185,7 +207,21 @@ METRICS = pa.schema(
     ]
 )
 
+#: Pseudo-bulk of an image-only slide (``infer``): per (run, slide, gene), the mean over the
+#: QC-passing tiles of the predicted log1p(CP10k) and of the predicted CP10k (expm1 of it).
+PSEUDOBULK = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("gene", pa.string(), nullable=False),
+        pa.field("n_tiles", pa.int32()),  # tiles averaged (passing tissue QC)
+        pa.field("mean_log1p", pa.float64()),  # mean predicted log1p(CP10k)
+        pa.field("sd_log1p", pa.float64()),  # its standard deviation across tiles
+        pa.field("mean_cp10k", pa.float64()),  # mean of expm1(predicted log1p(CP10k)): counts per 10^4
+    ]
+)
+
 CORE_TABLES = {
     "slides": SLIDES, "spots": SPOTS, "genes": GENES, "expression": EXPRESSION, "provenance": PROVENANCE,
-    "runs": RUNS, "predictions": PREDICTIONS, "metrics": METRICS,
+    "runs": RUNS, "predictions": PREDICTIONS, "metrics": METRICS, "pseudobulk": PSEUDOBULK,
 }

@@ -20,6 +20,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from stimage_embed.store.views import EVALUATION_VIEWS
+
 if TYPE_CHECKING:
     from stimage_embed.store.store import Store
 
@@ -40,8 +42,6 @@ VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def _all_views() -> dict[str, tuple[str, tuple[str, ...]]]:
-    from stimage_embed.evaluation.views import EVALUATION_VIEWS
-
     return {**VIEWS, **EVALUATION_VIEWS}
 
 
@@ -88,8 +88,24 @@ def referenced_tables(query: str, available: set[str]) -> set[str]:
     return names
 
 
-def run_sql(store: "Store", query: str) -> pl.DataFrame:
-    """Run ``query`` with every store table (and the views) in scope; return polars."""
+#: settings of a sandboxed session (user SQL): no file system, network or extension access,
+#: and a locked configuration so the SQL itself cannot lift them
+SANDBOX_SETTINGS = (
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET enable_external_access = false",
+    "SET lock_configuration = true",
+)
+
+
+def run_sql(store: "Store", query: str, file_access: bool = True) -> pl.DataFrame:
+    """Run ``query`` with every store table (and the views) in scope; return polars.
+
+    ``file_access=False`` (user SQL): the store's tables are registered first, then DuckDB's
+    external access (files, network, extensions) is disabled and the configuration locked,
+    so ``COPY ... TO``, ``read_csv('/etc/passwd')``, ``ATTACH`` or ``SET`` cannot reach
+    anything outside the store.
+    """
     available = set(store.table_names())
     wanted = referenced_tables(query, available)
     con = duckdb.connect()
@@ -103,6 +119,9 @@ def run_sql(store: "Store", query: str) -> pl.DataFrame:
         for view in sorted(wanted & set(views)):
             if set(views[view][1]) <= available:
                 con.execute(f"CREATE TEMP VIEW {view} AS {views[view][0]}")
+        if not file_access:
+            for setting in SANDBOX_SETTINGS:
+                con.execute(setting)
         rel = con.sql(query)
         if rel is None:  # a statement without a result (e.g. SET)
             return pl.DataFrame()

@@ -4,22 +4,32 @@ Writes replace whole slides atomically per table: a ``merge_insert`` keyed on
 (slide_id, ...) that updates, inserts and deletes the slide's old rows in ONE Lance
 commit, so a reader never sees a slide twice or half-written, and a crash leaves the
 previous version intact.
+
+Writers are serialised by the store's lock (:mod:`stimage_embed.store.lock`): a writing
+command holds it for its whole run (:meth:`Store.writer`), and every single commit
+takes it too, re-entrantly. The first writer to take the lock repairs what a killed
+writer may have left (:meth:`Store.recover`). Readers never take it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import lancedb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from stimage_embed.errors import StoreError
 from stimage_embed.store import schema as S
+from stimage_embed.store.lock import StoreLock, crash_point
 from stimage_embed.store.sql import run_sql
 
 log = logging.getLogger(__name__)
@@ -31,6 +41,9 @@ TABLE_KEYS = {
     "genes": ("slide_id", "gene_index"),
     "expression": ("slide_id", "spot_id"),
 }
+#: per-slide tables whose rows only count once the slide's ``slides`` row exists
+SLIDE_CHILD_TABLES = ("genes", "expression", "spots")
+PENDING_DIR = ".pending"
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -40,9 +53,13 @@ def sql_list(values: Iterable[str]) -> str:
 class Store:
     """A stimage-embed store at ``path`` (created on first write)."""
 
-    def __init__(self, path: str | Path = "store"):
+    def __init__(self, path: str | Path = "store", lock_wait: float = 0.0):
+        """``lock_wait``: seconds a write waits for another writer's lock before failing."""
         self.path = Path(path).expanduser().resolve()
+        self.lock_wait = lock_wait
         self._db: lancedb.DBConnection | None = None
+        self._lock = StoreLock(self.path)
+        self._commits: Counter[str] = Counter()  # commits per table by this object (crash points)
 
     # -- connection ---------------------------------------------------------------
     @property
@@ -56,9 +73,14 @@ class Store:
         return self.path.is_dir() and any(self.path.glob("*.lance"))
 
     def table_names(self) -> list[str]:
+        """Tables with at least one commit (a table whose creation was killed has none)."""
         if not self.path.is_dir():
             return []
-        return sorted(self.db.list_tables().tables)
+        return sorted(n for n in self.db.list_tables().tables if self._committed(n))
+
+    def _committed(self, name: str) -> bool:
+        versions = self.path / f"{name}.lance" / "_versions"
+        return versions.is_dir() and any(versions.glob("*.manifest"))
 
     def has_table(self, name: str) -> bool:
         return name in self.table_names()
@@ -72,10 +94,79 @@ class Store:
         """The underlying ``lance.LanceDataset`` (latest version)."""
         return self.table(name).to_lance()
 
+    # -- the writer lock ----------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self, verb: str, wait: float | None = None) -> Iterator["Store"]:
+        """Hold the store's writer lock for a whole command (re-entrant). The outermost
+        acquisition first repairs what a killed writer left (:meth:`recover`)."""
+        outer = self._lock.acquire(verb, self.lock_wait if wait is None else wait)
+        try:
+            if outer:
+                self.recover()
+            yield self
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _commit(self, table: str | None = None) -> Iterator[None]:
+        """The lock around one commit (re-entrant; no recovery). With ``table``: crash points
+        ``before:<table>`` / ``after:<table>`` (``@N``: the N-th commit to it), see
+        :func:`~stimage_embed.store.lock.crash_point`."""
+        self._lock.acquire("write", self.lock_wait)
+        try:
+            if table:
+                self._commits[table] += 1
+                crash_point(f"before:{table}", self._commits[table])
+            yield
+            if table:
+                crash_point(f"after:{table}", self._commits[table])
+        finally:
+            self._lock.release()
+
+    def recover(self) -> None:
+        """Repair what a killed writer may have left (under the lock):
+
+        * a table directory whose first commit never happened (unreadable) is removed;
+        * ``genes``/``expression``/``spots`` rows of a slide without a ``slides`` row (an
+          ingest killed between its commits; ``slides`` is its last commit) are deleted.
+        """
+        with self._commit():
+            if not self.path.is_dir():
+                return
+            for name in self.db.list_tables().tables:
+                if not self._committed(name):
+                    log.warning("%s: removing table %r, whose creation was interrupted (no commit)", self.path, name)
+                    shutil.rmtree(self.path / f"{name}.lance")
+            known = set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
+            for name in SLIDE_CHILD_TABLES:
+                if not self.has_table(name):
+                    continue
+                ids = set(pc.unique(self.read(name, ["slide_id"])["slide_id"]).to_pylist())
+                orphans = sorted(ids - known)
+                if orphans:
+                    log.warning("%s: %s: removing rows of slide(s) %s left by an interrupted ingest (no slides row)",
+                                self.path, name, orphans)
+                    self.delete(name, f"slide_id IN ({sql_list(orphans)})")
+
+    # -- intents: markers of multi-commit writes in flight --------------------------
+    def mark_pending(self, kind: str, key: str) -> None:
+        """Record, before writing, that ``key`` of ``kind`` is being written (a file in the store)."""
+        d = self.path / PENDING_DIR / kind
+        d.mkdir(parents=True, exist_ok=True)
+        (d / key).touch()
+
+    def clear_pending(self, kind: str, key: str) -> None:
+        (self.path / PENDING_DIR / kind / key).unlink(missing_ok=True)
+
+    def pending(self, kind: str) -> list[str]:
+        d = self.path / PENDING_DIR / kind
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
     # -- reading ------------------------------------------------------------------
-    def sql(self, query: str) -> pl.DataFrame:
-        """Run DuckDB SQL over every table of the store; returns a polars DataFrame."""
-        return run_sql(self, query)
+    def sql(self, query: str, file_access: bool = True) -> pl.DataFrame:
+        """Run DuckDB SQL over every table of the store; returns a polars DataFrame.
+        ``file_access=False`` for SQL from users: no file, network or extension access."""
+        return run_sql(self, query, file_access=file_access)
 
     def read(self, name: str, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
         """Scan a table with optional projection and a Lance SQL filter."""
@@ -86,33 +177,102 @@ class Store:
             return []
         return sorted(self.read("slides", ["slide_id"])["slide_id"].to_pylist())
 
-    # -- writing ------------------------------------------------------------------
+    # -- writing (each method is one commit, under the lock) --------------------
     def replace_slides(self, name: str, data: pa.Table, slide_ids: Sequence[str], schema: pa.Schema | None = None) -> None:
         """Make ``data`` the only rows of ``slide_ids`` in table ``name`` (one commit)."""
+        self.replace_where(name, data, TABLE_KEYS.get(name, ("slide_id", "spot_id")),
+                           f"slide_id IN ({sql_list(slide_ids)})", schema=schema)
+
+    def replace_where(self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], scope: str,
+                      schema: pa.Schema | None = None) -> None:
+        """Make ``data`` the only rows matching the Lance filter ``scope`` in table ``name``,
+        in ONE commit: a ``merge_insert`` on ``keys`` that updates matching keys, inserts new
+        ones and deletes the scope's other rows. One row per key whatever happened before."""
         schema = schema or S.CORE_TABLES[name]
-        data = data.select(schema.names).cast(schema)
-        if not self.has_table(name):
-            self.db.create_table(name, data=data, schema=schema)
-            return
-        keys = list(TABLE_KEYS.get(name, ("slide_id", "spot_id")))
-        tbl = self.db.open_table(name)
-        (
-            tbl.merge_insert(keys)
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(f"slide_id IN ({sql_list(slide_ids)})")
-            .execute(data)
-        )
+        data = self._conform_data(data, schema)
+        with self._commit(name):
+            if not self.has_table(name):
+                self._create(name, data, schema)
+                return
+            tbl = self._conformed_table(name, schema)
+            (
+                tbl.merge_insert(list(keys))
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(scope)
+                .execute(data)
+            )
+
+    def insert_new(self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], schema: pa.Schema | None = None) -> int:
+        """Insert the rows whose ``keys`` are not in table ``name`` yet (one commit; rows whose
+        key exists are skipped), so a table keyed this way never holds a key twice.
+        Returns the number of rows inserted."""
+        schema = schema or S.CORE_TABLES[name]
+        data = self._conform_data(data, schema)
+        with self._commit(name):
+            if not self.has_table(name):
+                self._create(name, data, schema)
+                return data.num_rows
+            tbl = self._conformed_table(name, schema)
+            res = tbl.merge_insert(list(keys)).when_not_matched_insert_all().execute(data)
+            return int(getattr(res, "num_inserted_rows", data.num_rows))
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
         """Append rows to table ``name`` (created with its declared schema if missing); one commit."""
         schema = schema or S.CORE_TABLES[name]
+        table = self._conform_data(data, schema)
+        with self._commit(name):
+            if self.has_table(name):
+                self._conformed_table(name, schema).add(table)
+            else:
+                self._create(name, table, schema)
+
+    def delete(self, name: str, where: str) -> int:
+        """Delete the rows of ``name`` matching the Lance filter ``where`` (one commit, none if
+        nothing matches). Returns the number of rows deleted."""
+        with self._commit():
+            if not self.has_table(name):
+                return 0
+            tbl = self.db.open_table(name)
+            n = tbl.count_rows(where)
+            if n:
+                with self._commit(name):
+                    tbl.delete(where)
+            return n
+
+    def drop_table(self, name: str) -> None:
+        with self._commit(name):
+            if self.has_table(name):
+                self.db.drop_table(name)
+
+    @staticmethod
+    def _conform_data(data: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
         table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
-        table = table.select(schema.names).cast(schema)
-        if self.has_table(name):
-            self.db.open_table(name).add(table)
-        else:
-            self.db.create_table(name, data=table, schema=schema)
+        missing = [f for f in schema if f.name not in table.column_names]
+        for f in missing:
+            if not f.nullable:
+                raise StoreError(f"cannot write rows without the required column {f.name!r}")
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table.select(schema.names).cast(schema)
+
+    def _create(self, name: str, data: pa.Table, schema: pa.Schema) -> None:
+        if (self.path / f"{name}.lance").exists():  # a creation killed before its first commit
+            shutil.rmtree(self.path / f"{name}.lance")
+        self.db.create_table(name, data=data, schema=schema)
+
+    def _conformed_table(self, name: str, schema: pa.Schema):
+        """The table, with nullable columns the declared schema gained since it was created
+        added (as nulls for existing rows), so older stores accept new writes."""
+        tbl = self.db.open_table(name)
+        have = set(tbl.schema.names)
+        new = [f for f in schema if f.name not in have]
+        if new:
+            bad = [f.name for f in new if not f.nullable]
+            if bad:
+                raise StoreError(f"{self.path}/{name}: the table lacks required column(s) {bad}; rebuild it")
+            log.info("%s/%s: adding column(s) %s", self.path, name, [f.name for f in new])
+            tbl.add_columns(new)
+        return tbl
 
     # -- matrices for heads -------------------------------------------------------
     def expression_matrix(
@@ -137,7 +297,7 @@ class Store:
                 raise StoreError(f"{self.path}: slide {sid!r} has no expression (not ingested?)")
             lut = np.full(int(g["gene_index"].max()) + 1, -1, np.int64)
             lut[g["gene_index"].to_numpy()] = [col_of.get(x, -1) for x in g["gene"].to_list()]
-            mask = pa.compute.equal(etab["slide_id"], sid)
+            mask = pc.equal(etab["slide_id"], sid)
             sub = etab.filter(mask)
             idx = sub["gene_index"].combine_chunks()
             cnt = sub["counts"].combine_chunks()

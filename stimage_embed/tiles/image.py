@@ -4,7 +4,12 @@
   OpenSlide, region by region, from the pyramid level nearest the requested resolution.
 * Plain rasters (JPEG, PNG, stripped TIFF) are decoded once, in full, with imagecodecs /
   tifffile into memory. Size is checked deliberately against ``max_pixels`` (an explicit
-  budget, default 4 gigapixels) instead of tripping PIL's decompression-bomb guard.
+  budget, default 4 gigapixels) instead of tripping PIL's decompression-bomb guard, and
+  before anything is decoded: the pixels a header claims must be plausible for the file's
+  size (a 632-byte "20000 x 20000" JPEG is refused) and their decoded bytes must fit the
+  memory budget (``max_bytes``, default half the available memory). A JPEG without its
+  end-of-image marker after the scan data (a truncated file, which decoders silently
+  fill with grey) is refused naming the file.
 
 All coordinates are **full-resolution (level-0) pixels**, x = column, y = row.
 Windows that reach past the image edge are padded with white (255) and the padded
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,12 @@ from stimage_embed.errors import InputError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 4_000_000_000
+#: most pixels one byte of a file can encode. Huffman JPEG needs >= 1 bit per 8x8 block and
+#: component (<= 512 px/byte, grey progressive), deflate compresses <= 1032:1 (<= 8256
+#: 1-bit px/byte); real H&E scans are at 10-200 px/byte. Anything above is a forged header.
+MAX_PX_PER_BYTE = {"jpeg": 2048, "png": 8256, "tiff": 8256}
+#: bytes of the end of a JPEG searched for its end-of-image marker (trailing junk allowed)
+JPEG_TAIL_BYTES = 1 << 20
 PAD_VALUE = 255
 RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -53,26 +65,81 @@ def raster_size(path: Path) -> tuple[int, int]:
     Read by hand so that size limits are ours (``max_pixels``), not PIL's global
     decompression-bomb threshold, which refuses legitimate > 179 MP H&E scans.
     """
+    w, h, _ = _raster_header(path)
+    return w, h
+
+
+def _raster_header(path: Path) -> tuple[int, int, int | None]:
+    """(width, height, offset of the first JPEG start-of-scan or None for PNG)."""
     with open(path, "rb") as fh:
         head = fh.read(26)
         if head[:8] == b"\x89PNG\r\n\x1a\n":
-            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), None
         if head[:2] != b"\xff\xd8":
             raise InputError(path, "image", "not a JPEG, PNG or TIFF file (unknown signature)")
         fh.seek(2)
+        size = None
         while True:
             marker = fh.read(2)
             if len(marker) < 2 or marker[0] != 0xFF:
-                raise InputError(path, "image", "corrupt JPEG: no frame header found")
+                raise InputError(path, "image", "corrupt JPEG: " + ("no scan data found" if size else "no frame header found"))
             code = marker[1]
             if code == 0xFF:  # fill byte
                 fh.seek(-1, 1)
                 continue
+            if code == 0xDA:  # start of scan: entropy-coded data follows
+                if size is None:
+                    raise InputError(path, "image", "corrupt JPEG: scan data before the frame header")
+                return size[0], size[1], fh.tell() - 2
             length = int.from_bytes(fh.read(2), "big")
+            if length < 2:
+                raise InputError(path, "image", f"corrupt JPEG: marker 0xFF{code:02X} with length {length}")
             if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
                 seg = fh.read(5)
-                return int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big")
+                size = (int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"))
+                fh.seek(length - 2 - 5, 1)
+                continue
             fh.seek(length - 2, 1)
+
+
+def _check_jpeg_complete(path: Path, sos: int) -> None:
+    """Refuse a JPEG whose scan data is cut short (no end-of-image marker after it).
+
+    0xFFD9 cannot occur inside entropy-coded data (0xFF is always stuffed there), so the
+    last one must lie after the first scan; one inside an EXIF thumbnail comes before it."""
+    size = path.stat().st_size
+    start = max(sos, size - JPEG_TAIL_BYTES)
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        tail = fh.read()
+    if tail.rfind(b"\xff\xd9") < 0:
+        raise InputError(path, "image", f"premature end of JPEG data: no end-of-image marker after the scan data "
+                         f"({size:,} bytes); the file is truncated or corrupt")
+
+
+def _check_plausible(path: Path, kind: str, n_px: int, channels: int, max_pixels: int, max_bytes: int | None) -> None:
+    """Refuse, before decoding, pixels the file cannot hold or memory cannot take."""
+    if n_px <= 0:
+        raise InputError(path, "image", f"header claims an empty image ({n_px} pixels)")
+    if n_px > max_pixels:
+        raise InputError(path, "image", f"{n_px:,} pixels exceeds max_pixels={max_pixels:,}; convert to a pyramidal TIFF")
+    size = path.stat().st_size
+    if n_px > size * MAX_PX_PER_BYTE[kind]:
+        raise InputError(path, "image", f"header claims {n_px:,} pixels but the file has only {size:,} bytes "
+                         f"(at most {MAX_PX_PER_BYTE[kind]} px per byte is possible); refusing a forged or corrupt header")
+    budget = default_max_bytes() if max_bytes is None else max_bytes
+    need = n_px * channels
+    if need > budget:
+        raise InputError(path, "image", f"decoding needs {need / 1e9:.2f} GB, over the memory budget of {budget / 1e9:.2f} GB "
+                         "(max_bytes, default half the available memory); convert it to a pyramidal TIFF, read region by region")
+
+
+def default_max_bytes() -> int:
+    """Memory budget of one full decode: half the memory available now (Linux), else 8 GB."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def padded_fraction(x0: float, y0: float, size: float, width: int, height: int) -> float:
@@ -99,8 +166,9 @@ class SlideImage:
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "SlideImage":
-        """Open ``path``; raises :class:`InputError` (field ``image``) if missing or corrupt."""
+    def open(cls, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> "SlideImage":
+        """Open ``path``; raises :class:`InputError` (field ``image``) if missing, corrupt,
+        truncated or implausibly large (``max_bytes``: memory budget of a full raster decode)."""
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "image", "image file does not exist")
@@ -120,10 +188,10 @@ class SlideImage:
             obj._slide = slide
             obj.properties = dict(slide.properties)
             return obj
-        return cls._open_raster(path, max_pixels)
+        return cls._open_raster(path, max_pixels, max_bytes)
 
     @classmethod
-    def _open_raster(cls, path: Path, max_pixels: int) -> "SlideImage":
+    def _open_raster(cls, path: Path, max_pixels: int, max_bytes: int | None = None) -> "SlideImage":
         import imagecodecs
         import tifffile
 
@@ -132,14 +200,18 @@ class SlideImage:
                 with tifffile.TiffFile(path) as tif:
                     shape = tif.series[0].shape
                     n_px = int(np.prod(shape[:2]))
-                    if n_px > max_pixels:
-                        raise InputError(path, "image", f"{n_px:,} pixels exceeds max_pixels={max_pixels:,}; convert to a pyramidal TIFF")
+                    channels = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+                    _check_plausible(path, "tiff", n_px, channels * tif.series[0].dtype.itemsize, max_pixels, max_bytes)
                     arr = tif.series[0].asarray()
             else:
-                w, h = raster_size(path)
-                if w * h > max_pixels:
-                    raise InputError(path, "image", f"{w * h:,} pixels exceeds max_pixels={max_pixels:,}; convert to a pyramidal TIFF")
-                arr = imagecodecs.imread(str(path))
+                w, h, sos = _raster_header(path)
+                kind = "png" if sos is None else "jpeg"
+                _check_plausible(path, kind, w * h, 4 if kind == "png" else 3, max_pixels, max_bytes)
+                if sos is not None:
+                    _check_jpeg_complete(path, sos)
+                    arr = imagecodecs.jpeg8_decode(path.read_bytes())
+                else:
+                    arr = imagecodecs.imread(str(path))
         except InputError:
             raise
         except (OSError, ValueError, RuntimeError, imagecodecs.DelayedImportError, Image.DecompressionBombError) as exc:

@@ -9,7 +9,7 @@ diameter (55 µm Visium, 100 µm legacy ST); HEST uses 112 µm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -59,3 +59,14 @@ class TileReader:
         if self.normalize is not None:
             tile = self.normalize(tile)
         return tile, pad
+
+    def read_many(self, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles centred on each (x, y) -> (uint8 (N, out_px, out_px, 3), padded fractions (N,)).
+
+        The same tiles as :meth:`read` one by one, cut into one preallocated batch."""
+        px = self.geometry.out_px
+        out = np.empty((len(xs), px, px, 3), np.uint8)
+        pad = np.zeros(len(xs), np.float32)
+        for j, (x, y) in enumerate(zip(xs, ys)):
+            out[j], pad[j] = self.read(x, y)
+        return out, pad

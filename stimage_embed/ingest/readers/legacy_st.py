@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,16 @@ def read_counts_table(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix
 
     try:
         df = pd.read_csv(path, sep="\t", index_col=0, na_values=["NA", ""], keep_default_na=True)
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as fh:  # pandas mangles duplicate names
+            header = fh.readline()
+    except (EOFError, zlib.error) as exc:  # gzip: "Compressed file ended before the end-of-stream marker"
+        raise InputError(path, "counts", f"truncated or corrupt compressed file: {exc}") from exc
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise InputError(path, "counts", f"cannot parse counts table: {exc}") from exc
+        raise InputError(path, "counts", f"cannot parse counts table: {_first_line(exc)}") from exc
     if df.shape[1] == 0 or df.shape[0] == 0:
         raise InputError(path, "counts", "counts table has no genes or no spots")
     spot_ids = df.index.astype(str).to_numpy()
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as fh:  # pandas mangles duplicate names
-        genes = np.asarray(fh.readline().rstrip("\r\n").split("\t")[1:], dtype=object).astype(str)
+    genes = np.asarray(header.rstrip("\r\n").split("\t")[1:], dtype=object).astype(str)
     if len(genes) != df.shape[1]:
         raise InputError(path, "header", f"header names {len(genes)} genes but rows hold {df.shape[1]} values")
     non_numeric = [c for c, t in df.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
@@ -72,15 +76,34 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def read_spot_table(path: Path) -> pl.DataFrame:
+    """The spot table, with ``x, y, pixel_x, pixel_y, selected`` checked to be numbers."""
     try:
-        df = pl.read_csv(path, separator="\t")
+        df = pl.read_csv(path, separator="\t", infer_schema_length=0)  # all text: numbers are checked below
+    except (EOFError, zlib.error) as exc:
+        raise InputError(path, "spots", f"truncated or corrupt compressed file: {exc}") from exc
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(path, "spots", f"cannot parse spot table: {exc}") from exc
+        raise InputError(path, "spots", f"cannot parse spot table: {_first_line(exc)}") from exc
     missing = [c for c in SPOT_COLUMNS if c not in df.columns]
     if missing:
         raise InputError(path, ",".join(missing), f"spot table lacks column(s) {missing}; has {df.columns}")
-    return df
+    return df.with_columns(_numeric(df, c, path) for c in SPOT_COLUMNS)
+
+
+def _numeric(df: pl.DataFrame, col: str, path: Path) -> pl.Series:
+    """Column ``col`` as Float64; a value that is not a number is an error naming it and its line."""
+    text = df[col].str.strip_chars()
+    values = text.cast(pl.Float64, strict=False)
+    bad = values.is_null() & text.is_not_null() & (text != "")
+    if bad.any():
+        rows = bad.arg_true().to_list()
+        examples = ", ".join(f"line {i + 2}: {text[i]!r}" for i in rows[:5])
+        raise InputError(path, col, f"{len(rows)} non-numeric value(s) ({examples})")
+    return values
 
 
 def _map_genes(genes: np.ndarray, gene_map: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,170 @@
+"""Store upkeep after writes, and the per-slide read path it serves.
+
+Every append or ``merge_insert`` is one Lance commit that adds a fragment (a data file),
+and a version. The embedding pass commits every few hundred vectors and ingest replaces
+slides table by table, so without upkeep a table read by slide ends up as many small
+fragments, each opened and filtered on every read, and old versions pile up. After each
+write command (``ingest``, ``embed``), :func:`maintain` therefore:
+
+1. keeps a scalar index on ``slide_id`` (Lance BTREE) covering every row: created if
+   missing, new rows folded in (``optimize_indices``);
+2. compacts small fragments and deleted rows into large fragments
+   (``optimize.compact_files``; the index is remapped by Lance);
+3. removes versions older than ``retain`` (``cleanup_old_versions``) and their files.
+
+Reads of one slide (:func:`read_slides`) then resolve ``slide_id IN (...)`` through the
+index (Lance's ``ScalarIndexQuery``) and read only that slide's rows from a few large
+fragments: the cost does not grow with the number of slides in the table.
+
+Runs under the store's writer lock (re-entrant: inside ``ingest``/``embed`` it is held).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import lance
+import pyarrow as pa
+
+from stimage_embed.errors import StoreError
+from stimage_embed.store.store import Store, sql_list
+
+log = logging.getLogger(__name__)
+
+#: the column every per-slide table is read by, and the name of its index
+SLIDE_COLUMN = "slide_id"
+SLIDE_INDEX = "slide_id_idx"
+#: versions older than this are removed. Long enough for a reader that opened an older
+#: version (another process) to finish its scan; the latest version is never removed.
+DEFAULT_RETAIN = dt.timedelta(minutes=10)
+#: fragments are compacted towards this many rows (Lance's default is 1 Mi rows)
+TARGET_ROWS_PER_FRAGMENT = 1 << 20
+
+
+@dataclass
+class TableUpkeep:
+    """What :func:`maintain_table` found and did for one table."""
+
+    table: str
+    fragments_before: int = 0
+    fragments_after: int = 0
+    deleted_rows_before: int = 0
+    indexed: str = ""  # "created" | "updated" | "" (already complete) | "no slide_id column"
+    versions_removed: int = 0
+    bytes_removed: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"{self.table}: fragments {self.fragments_before} -> {self.fragments_after}, "
+                f"slide_id index {self.indexed or 'up to date'}, {self.versions_removed} old versions removed "
+                f"({self.bytes_removed / 1e6:.1f} MB), {self.seconds:.2f} s")
+
+
+@dataclass
+class UpkeepReport:
+    tables: list[TableUpkeep] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.tables)
+
+
+def table_path(store: Store, table: str) -> Path:
+    return store.path / f"{table}.lance"
+
+
+def open_dataset(store: Store, table: str, session: lance.Session | None = None) -> lance.LanceDataset:
+    """The latest version of ``table`` as a ``lance.LanceDataset``, opened directly (no
+    LanceDB connection, table listing or version pinning: the cheap way for reads).
+
+    ``session``: a ``lance.Session`` to share parsed metadata and index pages across opens
+    (optional; without it every open reads them from disk)."""
+    path = table_path(store, table)
+    if not (path / "_versions").is_dir():
+        raise StoreError(f"{store.path}: no table {table!r}; tables: {', '.join(store.table_names()) or 'none (run ingest first)'}")
+    return lance.dataset(str(path), session=session) if session is not None else lance.dataset(str(path))
+
+
+def read_slides(store: Store, table: str, slide_ids: Sequence[str], columns: Sequence[str] | None = None,
+                session: lance.Session | None = None) -> pa.Table:
+    """Rows of ``slide_ids`` in ``table`` (all columns, or ``columns``), via the scalar index
+    on ``slide_id`` when there is one (see the module doc). Row order: as stored."""
+    ds = open_dataset(store, table, session)
+    return ds.to_table(columns=list(columns) if columns else None,
+                       filter=f"{SLIDE_COLUMN} IN ({sql_list(slide_ids)})", use_scalar_index=True)
+
+
+def _slide_index(ds: lance.LanceDataset) -> str | None:
+    for idx in ds.describe_indices():
+        if list(idx.field_names) == [SLIDE_COLUMN]:
+            return idx.name
+    return None
+
+
+def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETAIN) -> TableUpkeep:
+    """Index, compact and prune one table (see the module doc). Idempotent: a table already
+    in shape costs a few ms."""
+    t0 = time.perf_counter()
+    up = TableUpkeep(table)
+    with store.writer("maintain"):
+        ds = open_dataset(store, table)
+        stats = ds.stats.dataset_stats()
+        up.fragments_before, up.deleted_rows_before = stats["num_fragments"], stats["num_deleted_rows"]
+        has_slides = SLIDE_COLUMN in ds.schema.names
+        name = _slide_index(ds) if has_slides else None
+        if not has_slides:
+            up.indexed = "no slide_id column"
+        elif name is None and ds.count_rows():
+            ds.create_scalar_index(SLIDE_COLUMN, "BTREE", name=SLIDE_INDEX)
+            name, up.indexed = SLIDE_INDEX, "created"
+        elif name is not None and ds.stats.index_stats(name)["num_unindexed_rows"]:
+            # fold new rows into the index first, so compaction can merge every fragment
+            ds.optimize.optimize_indices(index_names=[name])
+            up.indexed = "updated"
+        ds = open_dataset(store, table)
+        if up.fragments_before > 1 or up.deleted_rows_before:
+            ds.optimize.compact_files(target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT, materialize_deletions=True,
+                                      materialize_deletions_threshold=0.0)
+            ds = open_dataset(store, table)
+        if name is not None and ds.stats.index_stats(name)["num_unindexed_rows"]:
+            ds.optimize.optimize_indices(index_names=[name])
+            ds = open_dataset(store, table)
+        up.fragments_after = ds.stats.dataset_stats()["num_fragments"]
+        cleaned = ds.cleanup_old_versions(older_than=retain)
+        up.versions_removed, up.bytes_removed = int(cleaned.old_versions), int(cleaned.bytes_removed)
+    up.seconds = time.perf_counter() - t0
+    log.debug("upkeep %s", up.line())
+    return up
+
+
+def maintain(store: Store, tables: Sequence[str] | None = None, retain: dt.timedelta = DEFAULT_RETAIN) -> UpkeepReport:
+    """:func:`maintain_table` for each of ``tables`` that exists (default: every table)."""
+    report = UpkeepReport()
+    with store.writer("maintain"):
+        names = store.table_names()
+        for table in (names if tables is None else [t for t in dict.fromkeys(tables) if t in names]):
+            report.tables.append(maintain_table(store, table, retain))
+    return report
+
+
+def data_files(store: Store, table: str) -> dict[str, int]:
+    """``data file -> bytes`` of the latest version of ``table`` ({} if it does not exist).
+    The files one run's commits added are the difference of two calls: its bytes written."""
+    if not (table_path(store, table) / "_versions").is_dir():
+        return {}
+    out = {}
+    for frag in open_dataset(store, table).get_fragments():
+        for f in frag.data_files():
+            size = f.file_size_bytes
+            out[f.path] = int(size) if size is not None else (table_path(store, table) / "data" / f.path).stat().st_size
+    return out
+
+
+def live_bytes(store: Store, table: str) -> int:
+    """Bytes on disk of the latest version's data (0 if the table does not exist)."""
+    return sum(data_files(store, table).values())
