@@ -42,8 +42,8 @@ def two_backbones(tmp_path_factory, embedded_store):
 
 @pytest.fixture(scope="module")
 def controlled(two_backbones):
-    cfg = CompareConfig(backbones=BACKBONES, heads=HEADS, split="loso", genes="var:20", datasets=["her2st"],
-                        head_params=PARAMS, controls=["shuffled"])
+    cfg = CompareConfig(backbones=BACKBONES, heads=HEADS, genes="var:20", datasets=["her2st"], train_slides=["C4"],
+                        test_slides=["C5"], head_params=PARAMS, controls=["shuffled"])
     result = compare(two_backbones, cfg, progress=False)
     return two_backbones, result
 
@@ -126,7 +126,7 @@ def test_shuffled_control_scores_about_zero_for_every_head(controlled):
             if head == "mean":  # a constant prediction has no correlation: NULL, on both
                 assert ctrl.height == 0 or ctrl["n"][0] == 0
                 continue
-            assert ctrl.height == 1 and ctrl["n"][0] == 2 * 20, (head, bb)
+            assert ctrl.height == 1 and ctrl["n"][0] == 20, (head, bb)
             centre = 0.5 if metric == "auc" else 0.0
             assert abs(ctrl["value"][0] - centre) < 0.05, (head, bb, ctrl["value"][0])
             assert real["value"][0] > ctrl["value"][0] + 0.05, (head, bb, real["value"][0], ctrl["value"][0])
@@ -139,8 +139,8 @@ def test_leaderboard_keeps_controls_and_gene_specs_apart(controlled):
     assert set(board["control"]) == {"none", "shuffled"}
     assert board.filter(pl.col("control") == "none").height == len(BACKBONES) * 5 + 1
     # a compare with another gene spec adds rows; it is never averaged into the first
-    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=["mean"], split="loso", genes="mean:5", datasets=["her2st"],
-                        head_params=PARAMS)
+    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=["mean"], genes="mean:5", datasets=["her2st"],
+                        train_slides=["C4"], test_slides=["C5"], head_params=PARAMS)
     compare(store, cfg, progress=False)
     view = store.sql("SELECT gene_spec, genes FROM leaderboard WHERE head = 'mean' AND control = 'none' AND backbone = 'efficientnet_lite0'")
     assert dict(zip(view["gene_spec"], view["genes"])) == {"var:20": 20, "mean:5": 5} or sorted(view["gene_spec"]) == ["mean:5", "var:20"]
@@ -160,7 +160,7 @@ def test_paired_comparisons_match_a_hand_bootstrap(controlled):
              AND r.head IN ('nb', 'ridge') AND r.gene_spec = 'var:20'""")
     a = vals.filter(pl.col("head") == r["a_head"]).sort("fold", "slide_id", "gene")["value"].to_numpy()
     b = vals.filter(pl.col("head") == r["b_head"]).sort("fold", "slide_id", "gene")["value"].to_numpy()
-    assert r["n_pairs"] == len(a) == 40
+    assert r["n_pairs"] == len(a) == 20
     assert r["diff"] == pytest.approx(np.mean(a - b))
     lo, hi = bootstrap_mean_ci(a - b, n_boot=2000, seed=0)
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((lo, hi))

@@ -95,3 +95,17 @@ def test_heatmap_has_colour_bar_and_scale_bar():
     assert ax_cbar.get_ylabel() == "predicted log1p(CP10k)"
     texts = [t.get_text() for a in ax_main.artists for t in a.findobj(lambda o: hasattr(o, "get_text"))]
     assert "100 µm" in texts  # 800 µm wide image: 20 % is 160 µm -> a 100 µm bar
+
+
+def test_anndata_of_a_classifier_head_holds_probabilities():
+    """A high/low classifier has no expression scale: X is P(high), nothing else is invented."""
+    from stimage_embed.inference.anndata_out import build_anndata
+    from stimage_embed.inference.predict_tiles import TilePredictions
+
+    grid = tissue_grid(np.ones((50, 80), bool), 10.0, 800, 500, 1.0, 100.0)
+    prob = np.random.default_rng(0).random((len(grid), 3)).astype(np.float32)
+    pred = TilePredictions(grid.spot_ids, ["a", "b", "c"], {"prob_high": prob})
+    adata = build_anndata("S", grid, pred, np.zeros((50, 80, 3), np.uint8), 10.0, {"run_id": "r", "head": "highlow"})
+    assert np.array_equal(adata.X, prob) and not adata.layers and adata.uns["stimage_embed"]["X"] == "prob_high"
+    assert np.array_equal(adata.obsm["spatial"], np.column_stack([grid.x, grid.y]))
+    assert adata.uns["spatial"]["S"]["scalefactors"] == {"tissue_hires_scalef": 0.1, "spot_diameter_fullres": 100.0}

@@ -65,6 +65,7 @@ def _vectors(store: Store, slide: str) -> tuple[list[str], np.ndarray]:
 
 
 # --- ingest --------------------------------------------------------------------------------
+@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_ingest_killed_between_commits_leaves_no_orphans_and_a_rerun_restores_it(tmp_path, mini):
     """Before: a kill after `genes` left 31,563 gene rows (and a half-created `expression`
     table that made every later command fail) with no `slides` row."""
@@ -109,6 +110,7 @@ def test_a_table_whose_creation_was_killed_is_replaced_on_the_next_write(tmp_pat
 
 
 # --- embed ---------------------------------------------------------------------------------
+@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_embed_killed_at_its_commits_resumes_to_the_uninterrupted_vectors(tmp_path, mini):
     """Includes a run killed between its provenance commit and its first vectors: before, that
     record labelled the vectors of the next run (table_provenance returned it)."""
@@ -157,6 +159,8 @@ def test_reingesting_moved_spots_invalidates_and_reembeds_their_vectors(tmp_path
     s2 = _vectors(st, "S2")
     moved = mini_dataset(tmp_path / "moved", real_data_root, slides={"S1": "C5"}, shift_px={"S1": 60.0})
     ingest(str(moved), st, progress=False)
+    # the re-ingest invalidated S1's vectors (and only S1's): no stale vector can be trained on
+    assert st.sql(f"SELECT COUNT(*) AS n FROM {TABLE} WHERE slide_id = 'S1'")["n"][0] == 0
     report = embed(st, [BACKBONE], slides=["S1"], **FAST)
     assert report.vectors == {BACKBONE: len(old_ids)}
     ids, vec = _vectors(st, "S1")
@@ -183,6 +187,7 @@ def test_the_default_stain_template_is_the_one_the_table_recorded(tmp_path, embe
 
 
 # --- train, predict, compare ----------------------------------------------------------------
+@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_train_killed_around_its_runs_commit_is_restored_by_a_rerun(tmp_path, mini):
     _, embedded, _ = mini
     st = copy_store(embedded, tmp_path / "s")
@@ -197,6 +202,7 @@ def test_train_killed_around_its_runs_commit_is_restored_by_a_rerun(tmp_path, mi
     assert (folder / "arrays.safetensors").read_bytes() == arrays
 
 
+@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_predict_killed_at_its_commit_never_loses_rows(tmp_path, mini):
     """Before: predict deleted the run's rows, then appended; a kill in between lost them."""
     _, embedded, _ = mini
@@ -213,6 +219,7 @@ def test_predict_killed_at_its_commit_never_loses_rows(tmp_path, mini):
     assert table_rows(st, "predictions", order) == reference
 
 
+@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_compare_killed_between_its_commits_is_cleaned_and_completed(tmp_path, mini):
     _, embedded, _ = mini
     ref = copy_store(embedded, tmp_path / "ref")

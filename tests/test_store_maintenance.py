@@ -13,7 +13,7 @@ import pytest
 from stimage_embed.predictions.arrays import load_embeddings
 from stimage_embed.store import Store
 from stimage_embed.store import schema as S
-from stimage_embed.store.maintenance import SLIDE_INDEX, data_files, maintain, open_dataset, read_slides
+from stimage_embed.store.maintenance import SLIDE_INDEX, SlideReader, data_files, maintain, open_dataset, read_slides
 
 DIM = 8
 
@@ -88,6 +88,21 @@ def test_upkeep_is_idempotent_and_folds_new_rows_into_the_index(fragmented: Stor
     assert ds.stats.index_stats(SLIDE_INDEX)["num_unindexed_rows"] == 0
     assert read_slides(fragmented, table, ["S9"]).num_rows == 10
     assert read_slides(fragmented, table, ["S1"]).num_rows == 0
+
+
+def test_slide_reader_reads_the_same_rows_and_sees_new_writes(fragmented: Store) -> None:
+    table = "embeddings_x"
+    maintain(fragmented, [table])
+    reader = SlideReader(fragmented)
+    order = [("slide_id", "ascending"), ("spot_id", "ascending")]
+    for _ in range(2):  # the second read uses what the first one parsed
+        assert reader.read(table, ["S1", "S3"]).sort_by(order).equals(read_slides(fragmented, table, ["S1", "S3"]).sort_by(order))
+    with fragmented.writer("test"):
+        fragmented.append(table, _rows("S1", 3, 5).set_column(1, "spot_id", pa.array(["new0", "new1", "new2"])),
+                          schema=S.embedding_schema(DIM))
+    assert reader.read(table, ["S1"]).num_rows == 75 + 3
+    keys, X = load_embeddings(fragmented, "x", ["S1"], reader=reader)
+    assert keys.height == 78 and keys["spot_id"].is_sorted() and X.shape == (78, DIM)
 
 
 def test_data_files_count_only_new_commits(fragmented: Store) -> None:

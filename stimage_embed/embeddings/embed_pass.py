@@ -128,7 +128,8 @@ def embed(
     if stain != "none":
         all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
         # default: the template the tables' vectors were normalised against, else the first slide
-        recorded = None if overwrite and not slides else P.recorded_stain_template(store, [S.embedding_table_name(b) for b in backbones])
+        recorded = None if stain_template or (overwrite and not slides) else P.recorded_stain_template(
+            store, [S.embedding_table_name(b) for b in backbones])
         template_id = stain_template or recorded or all_slides["slide_id"][0]
         row = all_slides.filter(pl.col("slide_id") == template_id)
         if row.height == 0:
@@ -224,7 +225,7 @@ def embed(
             return
         data = pa.concat_tables(buffers[name])
         # keyed insert: a key already stored is never written twice, whatever ran before
-        store.insert_new(tables[name], data, ("slide_id", "spot_id"), schema=S.embedding_schema(models[name].embed_dim))
+        store.insert_new(tables[name], data, ("slide_id", "spot_id"), schema=S.embedding_schema(models[name].embed_dim, optional=True))
         report.vectors[name] = report.vectors.get(name, 0) + data.num_rows
         buffers[name], buffered[name] = [], 0
 
@@ -262,7 +263,7 @@ def embed(
                             "provenance_id": [pids[name]] * len(keys),
                             "geometry_hash": [ghash.get(sid)] * len(keys),
                         },
-                        schema=S.embedding_schema(dim),
+                        schema=S.embedding_schema(dim, optional=True),
                     )
                 )
                 buffered[name] += len(keys)

@@ -75,7 +75,7 @@ def paired_comparisons(
         entries = {k: g.select(*PAIR_KEY, "value") for k, g in grp.group_by(["backbone", "head"], maintain_order=True)}
         means = {k: float(v["value"].mean()) for k, v in entries.items()}
         for x, y in itertools.combinations(sorted(entries, key=lambda k: -means[k]), 2):
-            j = entries[x].join(entries[y], on=list(PAIR_KEY), suffix="_b")
+            j = entries[x].join(entries[y], on=list(PAIR_KEY), suffix="_b").sort(list(PAIR_KEY))  # a fixed order: reproducible CI
             res = compare_pair(j["value"].to_numpy(), j["value_b"].to_numpy(), n_boot=n_boot, seed=seed)
             rows.append({**dict(zip(GROUP, keys)), "a_backbone": x[0], "a_head": x[1], "b_backbone": y[0], "b_head": y[1], **res})
     if not rows:

@@ -218,6 +218,25 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
     return PreparedSlide(data.slide_id, {"slides": slides, "spots": spots, "genes": genes, "expression": expression}, summary)
 
 
+def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str]) -> None:
+    """Delete the vectors of re-ingested slides whose geometry hash changed (moved spots,
+    another image or µm/px): they no longer match their spots. ``embed`` cuts them again.
+    Vectors already stamped with the new hash stay; a slide recorded without a hash (older
+    store) cannot be compared and keeps its vectors."""
+    if not store.has_table("slides") or "geometry_hash" not in store.dataset("slides").schema.names:
+        return
+    old = pl.from_arrow(store.read("slides", ["slide_id", "geometry_hash"], where=f"slide_id IN ({sql_list(new_hashes)})"))
+    changed = {s: new_hashes[s] for s, h in zip(old["slide_id"], old["geometry_hash"]) if h is not None and h != new_hashes[s]}
+    for table in (t for t in store.table_names() if t.startswith("embeddings_")):
+        stamped = "geometry_hash" in store.dataset(table).schema.names
+        for sid, new in changed.items():
+            keep = f" AND (geometry_hash IS NULL OR geometry_hash != {sql_list([new])})" if stamped else ""
+            n = store.delete(table, f"slide_id = {sql_list([sid])}{keep}")
+            if n:
+                log.warning("%s: slide %s moved (its geometry hash changed): %d vector(s) deleted, `embed` cuts them again",
+                            table, sid, n)
+
+
 def ingest(
     catalog: DatasetCatalog | str | Path,
     store: Store,
@@ -253,6 +272,7 @@ def ingest(
             data = reader(catalog, entry)
             prepared.append(prepare_slide(catalog, data, tissue_threshold))
         ids = [p.slide_id for p in prepared]
+        _invalidate_moved_vectors(store, {p.slide_id: p.summary["geometry_hash"] for p in prepared})
         # the slides row is the marker: removed first, written last (see the module doc)
         store.delete("slides", f"slide_id IN ({sql_list(ids)})")
         for name in ("genes", "expression", "spots", "slides"):

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from stimage_embed.embeddings.provenance import existing_provenance
 from stimage_embed.errors import StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.maintenance import read_slides
+from stimage_embed.store.maintenance import SlideReader, read_slides
 from stimage_embed.store.store import Store, sql_list
 
 
@@ -55,14 +55,18 @@ def table_provenance(store: Store, backbone: str) -> dict:
     return provs[0]
 
 
-def load_embeddings(store: Store, backbone: str, slide_ids: Sequence[str]) -> tuple[pl.DataFrame, np.ndarray]:
+def load_embeddings(
+    store: Store, backbone: str, slide_ids: Sequence[str], reader: SlideReader | None = None
+) -> tuple[pl.DataFrame, np.ndarray]:
     """(keys, X float32) of a backbone for the given slides, sorted by key.
 
     Read straight from the Lance dataset through its ``slide_id`` index, which the store's
     upkeep keeps complete and compact after every embed (:mod:`stimage_embed.store.maintenance`):
-    the cost of one slide does not grow with the number of slides in the table."""
+    the cost of one slide does not grow with the number of slides in the table. ``reader``:
+    a :class:`SlideReader` of this store, for many reads (keeps the parsed index and metadata)."""
     table = S.embedding_table_name(backbone)
-    t = read_slides(store, table, slide_ids, ["slide_id", "spot_id", "vector"])
+    cols = ["slide_id", "spot_id", "vector"]
+    t = reader.read(table, slide_ids, cols) if reader is not None else read_slides(store, table, slide_ids, cols)
     keys = pl.from_arrow(t.select(["slide_id", "spot_id"])).with_row_index("_row").sort("slide_id", "spot_id")
     vec = t["vector"].combine_chunks()
     dim = vec.type.list_size

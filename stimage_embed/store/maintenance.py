@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 #: the column every per-slide table is read by, and the name of its index
 SLIDE_COLUMN = "slide_id"
 SLIDE_INDEX = "slide_id_idx"
+SLIDE_INDEX_TYPE = "BTREE"
 #: versions older than this are removed. Long enough for a reader that opened an older
 #: version (another process) to finish its scan; the latest version is never removed.
 DEFAULT_RETAIN = dt.timedelta(minutes=10)
@@ -99,6 +100,23 @@ def read_slides(store: Store, table: str, slide_ids: Sequence[str], columns: Seq
                        filter=f"{SLIDE_COLUMN} IN ({sql_list(slide_ids)})", use_scalar_index=True)
 
 
+class SlideReader:
+    """Reads a store's tables by slide, keeping parsed table metadata and index pages between
+    reads (one ``lance.Session``), for loops that read one slide at a time.
+
+    Every read still opens the table's latest version (writes are seen); only what Lance has
+    already parsed (manifests, file footers, the slide_id index) is not read and decoded again,
+    as an open h5 file keeps its metadata. Memory: at most ``cache_bytes`` for those caches.
+    """
+
+    def __init__(self, store: Store, cache_bytes: int = 256 << 20):
+        self.store = store
+        self.session = lance.Session(index_cache_size_bytes=cache_bytes, metadata_cache_size_bytes=cache_bytes)
+
+    def read(self, table: str, slide_ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+        return read_slides(self.store, table, slide_ids, columns, session=self.session)
+
+
 def _slide_index(ds: lance.LanceDataset) -> str | None:
     for idx in ds.describe_indices():
         if list(idx.field_names) == [SLIDE_COLUMN]:
@@ -106,7 +124,7 @@ def _slide_index(ds: lance.LanceDataset) -> str | None:
     return None
 
 
-def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETAIN) -> TableUpkeep:
+def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETAIN, index_type: str = SLIDE_INDEX_TYPE) -> TableUpkeep:
     """Index, compact and prune one table (see the module doc). Idempotent: a table already
     in shape costs a few ms."""
     t0 = time.perf_counter()
@@ -120,7 +138,7 @@ def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETA
         if not has_slides:
             up.indexed = "no slide_id column"
         elif name is None and ds.count_rows():
-            ds.create_scalar_index(SLIDE_COLUMN, "BTREE", name=SLIDE_INDEX)
+            ds.create_scalar_index(SLIDE_COLUMN, index_type, name=SLIDE_INDEX)
             name, up.indexed = SLIDE_INDEX, "created"
         elif name is not None and ds.stats.index_stats(name)["num_unindexed_rows"]:
             # fold new rows into the index first, so compaction can merge every fragment
@@ -142,13 +160,14 @@ def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETA
     return up
 
 
-def maintain(store: Store, tables: Sequence[str] | None = None, retain: dt.timedelta = DEFAULT_RETAIN) -> UpkeepReport:
+def maintain(store: Store, tables: Sequence[str] | None = None, retain: dt.timedelta = DEFAULT_RETAIN,
+             index_type: str = SLIDE_INDEX_TYPE) -> UpkeepReport:
     """:func:`maintain_table` for each of ``tables`` that exists (default: every table)."""
     report = UpkeepReport()
     with store.writer("maintain"):
         names = store.table_names()
         for table in (names if tables is None else [t for t in dict.fromkeys(tables) if t in names]):
-            report.tables.append(maintain_table(store, table, retain))
+            report.tables.append(maintain_table(store, table, retain, index_type))
     return report
 
 

@@ -110,8 +110,16 @@ PROVENANCE = pa.schema(
 )
 
 
-def embedding_schema(dim: int) -> pa.Schema:
-    """Vectors of one backbone: float16, keyed by (slide_id, spot_id)."""
+#: optional columns of a vector table: nullable, written by the embedding pass, added (as
+#: NULL for existing rows) to an older table on its next write
+EMBEDDING_OPTIONAL = (
+    pa.field("geometry_hash", pa.string()),  # the slide's geometry_hash when embedded (NULL: older rows)
+)
+
+
+def embedding_schema(dim: int, optional: bool = False) -> pa.Schema:
+    """Vectors of one backbone: float16, keyed by (slide_id, spot_id). ``optional``: with
+    the optional columns (``EMBEDDING_OPTIONAL``), as the embedding pass writes them."""
     return pa.schema(
         [
             pa.field("slide_id", pa.string(), nullable=False),
@@ -122,7 +130,7 @@ def embedding_schema(dim: int) -> pa.Schema:
             pa.field("tile_um", pa.float32()),  # physical tile width, µm
             pa.field("um_per_px", pa.float32()),  # µm per level-0 px of the source image
             pa.field("provenance_id", pa.string(), nullable=False),
-            pa.field("geometry_hash", pa.string()),  # the slide's geometry_hash when embedded (NULL: older rows)
+            *(EMBEDDING_OPTIONAL if optional else ()),
         ]
     )
 

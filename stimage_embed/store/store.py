@@ -50,6 +50,15 @@ def sql_list(values: Iterable[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
+def _fill_missing(data: pa.Table, table_schema: pa.Schema) -> pa.Table:
+    """``data`` in the column order of an existing table, with NULLs for nullable columns
+    the table has and the writer does not know (optional columns of newer code)."""
+    for f in table_schema:
+        if f.name not in data.column_names and f.nullable:
+            data = data.append_column(f, pa.nulls(data.num_rows, f.type))
+    return data.select([f.name for f in table_schema if f.name in data.column_names])
+
+
 class Store:
     """A stimage-embed store at ``path`` (created on first write)."""
 
@@ -195,6 +204,7 @@ class Store:
                 self._create(name, data, schema)
                 return
             tbl = self._conformed_table(name, schema)
+            data = _fill_missing(data, tbl.schema)
             (
                 tbl.merge_insert(list(keys))
                 .when_matched_update_all()
@@ -214,7 +224,7 @@ class Store:
                 self._create(name, data, schema)
                 return data.num_rows
             tbl = self._conformed_table(name, schema)
-            res = tbl.merge_insert(list(keys)).when_not_matched_insert_all().execute(data)
+            res = tbl.merge_insert(list(keys)).when_not_matched_insert_all().execute(_fill_missing(data, tbl.schema))
             return int(getattr(res, "num_inserted_rows", data.num_rows))
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
@@ -223,7 +233,8 @@ class Store:
         table = self._conform_data(data, schema)
         with self._commit(name):
             if self.has_table(name):
-                self._conformed_table(name, schema).add(table)
+                tbl = self._conformed_table(name, schema)
+                tbl.add(_fill_missing(table, tbl.schema))
             else:
                 self._create(name, table, schema)
 

@@ -344,8 +344,9 @@ class MacenkoNormalizer(_FittedNormalizer):
         The transform is ``Io * exp(-(OD @ M))`` with ``M = pinv(S_source) * (maxC_target /
         maxC_source) @ S_target`` (3 x 3) and ``OD`` a per-channel function of the 8-bit value,
         so it factorises per input channel: ``out[c] = prod_k tables[k, x_k, c]``. Three table
-        look-ups and two products per pixel instead of a log, two matrix products and an exp
-        (equal to that to ~1e-15 relative; the uint8 output is the same)."""
+        look-ups and two products per pixel instead of a log, two matrix products and an exp;
+        equal to that to ~1e-15 relative, so the truncated uint8 output agrees (tested against
+        the formula on real tiles and millions of random colours)."""
         mix = (np.linalg.pinv(self.source_stain_matrix_) * (self.target_max_concentrations_ / self.source_max_concentrations_)) @ self.target_stain_matrix_
         tables = np.exp(-od_lut(self.Io)[None, :, None] * mix[:, None, :])
         tables[0] *= float(self.Io)
