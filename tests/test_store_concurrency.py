@@ -88,7 +88,6 @@ def test_a_busy_store_is_refused_in_one_line_and_wait_queues(tmp_path, mini):
     assert res.exit_code == 2 and "training slides not in the store" in res.output and "busy" not in res.output
 
 
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_two_embeds_at_once_store_each_key_once(tmp_path, mini):
     """Before: twice as many rows as keys (46 for 23 with 24 selected spots: each process
     appended every chunk)."""
@@ -164,7 +163,6 @@ def _run(errors, func, *args, **kwargs):
         errors.append(repr(exc))
 
 
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_two_compares_at_once_commit_each_run_once(tmp_path, embedded_store):
     st = copy_store(embedded_store, tmp_path / "s")
     procs = [popen("compare", "--store", str(st.path), *CMP_ARGS, "--wait", "900") for _ in range(2)]
@@ -179,7 +177,6 @@ def test_two_compares_at_once_commit_each_run_once(tmp_path, embedded_store):
     assert n == k > 0
 
 
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_compare_and_predict_at_once_keep_both(tmp_path, embedded_store):
     st = copy_store(embedded_store, tmp_path / "s")
     rid, _ = train(st, BACKBONE, "mean", "hvg:5", ["C4"])

@@ -65,7 +65,6 @@ def _vectors(store: Store, slide: str) -> tuple[list[str], np.ndarray]:
 
 
 # --- ingest --------------------------------------------------------------------------------
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_ingest_killed_between_commits_leaves_no_orphans_and_a_rerun_restores_it(tmp_path, mini):
     """Before: a kill after `genes` left 31,563 gene rows (and a half-created `expression`
     table that made every later command fail) with no `slides` row."""
@@ -110,7 +109,6 @@ def test_a_table_whose_creation_was_killed_is_replaced_on_the_next_write(tmp_pat
 
 
 # --- embed ---------------------------------------------------------------------------------
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_embed_killed_at_its_commits_resumes_to_the_uninterrupted_vectors(tmp_path, mini):
     """Includes a run killed between its provenance commit and its first vectors: before, that
     record labelled the vectors of the next run (table_provenance returned it)."""
@@ -187,7 +185,6 @@ def test_the_default_stain_template_is_the_one_the_table_recorded(tmp_path, embe
 
 
 # --- train, predict, compare ----------------------------------------------------------------
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_train_killed_around_its_runs_commit_is_restored_by_a_rerun(tmp_path, mini):
     _, embedded, _ = mini
     st = copy_store(embedded, tmp_path / "s")
@@ -202,7 +199,6 @@ def test_train_killed_around_its_runs_commit_is_restored_by_a_rerun(tmp_path, mi
     assert (folder / "arrays.safetensors").read_bytes() == arrays
 
 
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_predict_killed_at_its_commit_never_loses_rows(tmp_path, mini):
     """Before: predict deleted the run's rows, then appended; a kill in between lost them."""
     _, embedded, _ = mini
@@ -219,7 +215,6 @@ def test_predict_killed_at_its_commit_never_loses_rows(tmp_path, mini):
     assert table_rows(st, "predictions", order) == reference
 
 
-@pytest.mark.slow  # several real processes (killed or concurrent), each importing the stack
 def test_compare_killed_between_its_commits_is_cleaned_and_completed(tmp_path, mini):
     _, embedded, _ = mini
     ref = copy_store(embedded, tmp_path / "ref")
