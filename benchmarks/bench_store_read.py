@@ -4,24 +4,28 @@
 Vectors: the real ``embeddings_<backbone>`` rows of the nine sections in ``--store`` (embed
 them first); the larger store copies them under new slide ids (``C5~1``, ...), which is what
 the size test needs. Each store is written the way the embedding pass writes it: keyed
-inserts (``Store.insert_new``) of ``--flush-rows`` vectors, one Lance commit each. Then:
+inserts (``Store.insert_new``) of ``--flush-rows`` vectors, one Lance commit each.
+
+Readers, each returning the same (spot ids, vectors) of one slide:
 
 * h5: one file per slide, datasets ``features`` (n, dim) float16 and ``barcodes`` (spot ids);
-  a read opens the file and returns (spot ids, float32 matrix).
-* store as written ("before"): ``load_embeddings``'s former path, ``Store.read`` with a
+  every read opens the file.
+* store as written ("before"): the former read path, ``Store.read`` with a
   ``slide_id IN (...)`` filter (LanceDB table listing and open, scan of every fragment).
-* store after upkeep: the same table after :func:`stimage_embed.store.maintenance.maintain`
-  (slide_id scalar index, compaction, old versions pruned), read by ``load_embeddings``
-  (index lookup, rows of that slide only). Each read opens the dataset anew, cold in-process
-  (nothing parsed is shared between reads), like the h5 read opens its file.
-* the same with a ``SlideReader``: each read still opens the latest version, but Lance's
-  parsed metadata and index pages are kept between reads (as an open h5 file keeps its own).
+* store after upkeep, cold: the same table after :func:`stimage_embed.store.maintenance.maintain`
+  (slide_id scalar index, compaction, old versions pruned), read through the index; every
+  read opens the dataset anew and nothing parsed is shared between reads.
+* store after upkeep, ``SlideReader``: every read still opens the latest version, but Lance's
+  parsed metadata and the slide's row positions in that version are kept between reads (as
+  an open h5 file keeps its metadata): one ``take`` of the slide's rows.
 
-Reads are interleaved (h5, before, after, for a random slide each round) so machine load
-weighs equally on each; medians in ms and the ratio to h5 are printed, with a cProfile of
-the "before" read first.
+Two levels: "raw" returns what is stored (float16 vectors, spot ids as stored); "arrays" is
+what heads get, ``load_embeddings`` (keys sorted, float32) against h5 -> (ids, float32), both
+converting float16 the same way. Reads are interleaved (every reader, a random slide per
+round) so machine load weighs on each alike; medians and ratios to h5 are printed, after a
+cProfile of the former read path.
 
-    python benchmarks/bench_store_read.py --store /tmp/bench_store [--sizes 9,90] [--rounds 200]
+    python benchmarks/bench_store_read.py --store /tmp/bench_store [--sizes 9,90] [--rounds 300]
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import io
 import logging
 import os
 import pstats
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from _common import table
 
@@ -82,21 +86,26 @@ def write_h5(store, name: str, slides: list[str], out: Path) -> dict[str, Path]:
     return paths
 
 
-def read_h5(path: Path) -> tuple[list[str], np.ndarray]:
+def read_h5_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        X = f["features"][:].astype(np.float32)
-        ids = [b.decode() for b in f["barcodes"][:]]
-    return ids, X
+        return f["barcodes"][:], f["features"][:]
 
 
-def read_before(store, name: str, sid: str) -> tuple[list[str], np.ndarray]:
-    """``load_embeddings``'s path before the upkeep/index work: ``Store.read`` with a filter."""
-    t = store.read(name, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ('{sid}')")
-    vec = t["vector"].combine_chunks()
-    X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, vec.type.list_size).astype(np.float32)
-    return t["spot_id"].to_pylist(), X
+def read_h5(path: Path):
+    """What ``load_embeddings`` returns, from the h5 file: keys (slide_id, spot_id) as a polars
+    DataFrame and float32 vectors (float16 converted the same way)."""
+    import polars as pl
+
+    ids, X = read_h5_raw(path)
+    spot = [b.decode() for b in ids]
+    return pl.DataFrame({"slide_id": [path.stem] * len(spot), "spot_id": spot}), torch.tensor(X, dtype=torch.float32).numpy()
+
+
+def read_before(store, name: str, sid: str) -> pa.Table:
+    """The former read path: ``Store.read`` with a filter (LanceDB listing + open, every fragment)."""
+    return store.read(name, ["spot_id", "vector"], where=f"slide_id IN ('{sid}')")
 
 
 def main() -> None:
@@ -104,7 +113,7 @@ def main() -> None:
     ap.add_argument("--store", default=os.environ.get("STIMAGE_STORE", "store"), help="store with the nine sections' vectors")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--sizes", default="9,90", help="slides per store (multiples of the source's slide count)")
-    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--flush-rows", type=int, default=512, help="vectors per commit when building (the pass's default)")
     ap.add_argument("--index-type", default="BTREE", help="slide_id index type for the upkeep (BTREE, BITMAP)")
     args = ap.parse_args()
@@ -112,7 +121,7 @@ def main() -> None:
     from stimage_embed.predictions.arrays import load_embeddings
     from stimage_embed.store import Store
     from stimage_embed.store import schema as S
-    from stimage_embed.store.maintenance import SlideReader, maintain
+    from stimage_embed.store.maintenance import SlideReader, maintain, read_slides
 
     src = Store(args.store)
     name = S.embedding_table_name(args.backbone)
@@ -126,40 +135,48 @@ def main() -> None:
         tmp = Path(tmpd)
         for size in [int(s) for s in args.sizes.split(",")]:
             copies = max(1, round(size / n_src))
-            before_dir, after_dir, kept_dir = tmp / f"before_{size}", tmp / f"after_{size}", tmp / f"kept_{size}"
-            store_b, _ = build_store(src, before_dir, args.backbone, copies, args.flush_rows)
-            shutil.copytree(before_dir, after_dir)
-            shutil.copytree(before_dir, kept_dir)
-            store_a, store_k = Store(after_dir), Store(kept_dir)
+            store_b, _ = build_store(src, tmp / f"before_{size}", args.backbone, copies, args.flush_rows)
+            store_a, _ = build_store(src, tmp / f"after_{size}", args.backbone, copies, args.flush_rows)
             t0 = time.perf_counter()
             up = maintain(store_a, [name], retain=dt.timedelta(0), index_type=args.index_type)
             t_up = time.perf_counter() - t0
-            maintain(store_k, [name], index_type=args.index_type)  # the default retention: this run's versions are kept
             reader = SlideReader(store_a)
             slides = sorted(pc.unique(store_b.read(name, ["slide_id"])["slide_id"]).to_pylist())
             h5 = write_h5(store_b, name, slides, tmp / f"h5_{size}")
             frag_b = len(store_b.dataset(name).get_fragments())
             frag_a = len(store_a.dataset(name).get_fragments())
-            # same content on every path
+            # the same content on every path
             for sid in slides[:3]:
-                i1, x1 = read_h5(h5[sid])
-                k2, x2 = load_embeddings(store_a, args.backbone, [sid], reader=SlideReader(store_a))
-                i3, x3 = read_before(store_b, name, sid)
-                o3 = np.argsort(i3)
-                assert i1 == k2["spot_id"].to_list() == [i3[j] for j in o3] and np.array_equal(x1, x2) and np.array_equal(x1, x3[o3])
+                keys, x = read_h5(h5[sid])
+                ids = keys["spot_id"].to_list()
+                for k, X in (load_embeddings(store_a, args.backbone, [sid]), load_embeddings(store_a, args.backbone, [sid], reader=reader)):
+                    assert k.equals(keys) and np.array_equal(X, x)
+                for t in (read_before(store_b, name, sid), read_slides(store_a, name, [sid], ["spot_id", "vector"]),
+                          reader.read(name, [sid], ["spot_id", "vector"])):
+                    t = t.sort_by("spot_id")
+                    v = t["vector"].combine_chunks()
+                    assert t["spot_id"].to_pylist() == ids and np.array_equal(v.values.to_numpy(zero_copy_only=False).reshape(len(ids), -1), x)
             if not profile_text:
                 pr = cProfile.Profile()
                 pr.enable()
-                for sid in slides[:20]:
-                    read_before(store_b, name, sid)
+                for _ in range(3):
+                    for sid in slides:
+                        load_embeddings_before(store_b, name, sid)
                 pr.disable()
                 buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(12)
+                pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(14)
                 profile_text = buf.getvalue()
-            fns = {"h5": lambda s: read_h5(h5[s]), "before": lambda s: read_before(store_b, name, s),
-                   "after": lambda s: load_embeddings(store_a, args.backbone, [s]),
-                   "kept": lambda s: load_embeddings(store_k, args.backbone, [s]),
-                   "reader": lambda s: load_embeddings(store_a, args.backbone, [s], reader=reader)}
+            cols = ["spot_id", "vector"]
+            fns = {
+                "h5 raw": lambda s: read_h5_raw(h5[s]),
+                "before raw": lambda s: read_before(store_b, name, s),
+                "cold raw": lambda s: read_slides(store_a, name, [s], cols),
+                "reader raw": lambda s: reader.read(name, [s], cols),
+                "h5 arrays": lambda s: read_h5(h5[s]),
+                "before arrays": lambda s: load_embeddings_before(store_b, name, s),
+                "cold arrays": lambda s: load_embeddings(store_a, args.backbone, [s]),
+                "reader arrays": lambda s: load_embeddings(store_a, args.backbone, [s], reader=reader),
+            }
             times = {k: [] for k in fns}
             for f in fns.values():
                 f(slides[0])
@@ -170,7 +187,7 @@ def main() -> None:
                     fns[k](sid)
                     times[k].append(time.perf_counter() - t1)
             med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-            results.append((size, len(slides), frag_b, frag_a, med, t_up, up.tables[0]))
+            results.append((len(slides), frag_b, frag_a, med, t_up, up.tables[0]))
     load1 = os.getloadavg()
 
     print(f"One slide's {args.backbone} vectors: the vectors of {args.store} (x copies under new slide ids); "
@@ -178,19 +195,32 @@ def main() -> None:
     print(f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}")
     print()
     rows = []
-    for size, n, fb, fa, med, t_up, up in results:
-        rows.append((n, "h5 file per slide", "", f"{med['h5']:.3f}", "1.00"))
-        rows.append((n, "store as written (Store.read + filter)", fb, f"{med['before']:.3f}", f"{med['before'] / med['h5']:.2f}"))
-        rows.append((n, "store after upkeep (load_embeddings)", fa, f"{med['after']:.3f}", f"{med['after'] / med['h5']:.2f}"))
-        rows.append((n, "  same, old versions still within retention", fa, f"{med['kept']:.3f}", f"{med['kept'] / med['h5']:.2f}"))
-        rows.append((n, "  same, with a SlideReader (parsed index kept)", fa, f"{med['reader']:.3f}", f"{med['reader'] / med['h5']:.2f}"))
-    print(table(rows, ("slides", "layout / reader", "fragments", "median ms", "x h5 (target <= 1.2 after upkeep)")))
+    labels = [("h5", "h5 file per slide", None), ("before", "store as written (former path)", 1),
+              ("cold", "after upkeep, cold (load_embeddings)", 2), ("reader", "after upkeep, SlideReader", 2)]
+    for n, fb, fa, med, _, _ in results:
+        for key, label, frag in labels:
+            r, a = med[f"{key} raw"], med[f"{key} arrays"]
+            rows.append((n, label, {None: "", 1: fb, 2: fa}[frag], f"{r:.3f}", f"{r / med['h5 raw']:.2f}", f"{a:.3f}", f"{a / med['h5 arrays']:.2f}"))
+    print(table(rows, ("slides", "reader", "fragments", "raw ms", "raw x h5", "arrays ms", "arrays x h5")))
+    print("target: <= 1.2 x h5, not growing with the number of slides")
     print()
-    for size, n, fb, fa, med, t_up, up in results:
+    for n, fb, fa, med, t_up, up in results:
         print(f"upkeep of the {n}-slide table: {t_up:.2f} s ({up.line()})")
     print()
-    print("cProfile of 20 reads 'as written' (before), top by cumulative time:")
-    print("\n".join(profile_text.splitlines()[:30]))
+    print("cProfile of the former path (Store.read + filter, then arrays), 3 reads of every slide of the smallest store:")
+    print("\n".join(profile_text.splitlines()[:34]))
+
+
+def load_embeddings_before(store, name: str, sid: str):
+    """``load_embeddings`` as it was: ``Store.read`` + filter, lists, numpy float16 -> float32."""
+    import polars as pl
+
+    t = store.read(name, ["slide_id", "spot_id", "vector"], where=f"slide_id IN ('{sid}')")
+    keys = pl.DataFrame({"slide_id": t["slide_id"].to_pylist(), "spot_id": t["spot_id"].to_pylist()})
+    vec = t["vector"].combine_chunks()
+    X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, vec.type.list_size).astype(np.float32)
+    order = np.lexsort((keys["spot_id"].to_numpy(), keys["slide_id"].to_numpy()))
+    return keys[order], X[order]
 
 
 if __name__ == "__main__":

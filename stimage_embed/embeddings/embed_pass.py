@@ -1,7 +1,11 @@
 """The embedding pass: every QC'd spot tile embedded once per backbone, cached in LanceDB.
 
-* Streams tiles from the slides (DataLoader workers read and stain-normalise while the
-  model computes); several backbones share each decoded slide and each chunk.
+* Streams tiles from the slides; several backbones share each decoded slide and each chunk.
+  On few CPU cores, one thread per core cuts, stain-normalises and embeds its own chunks
+  (single-threaded torch ops, no oversubscription; ``tile_stream.compute_stream``); on a GPU
+  a thread cuts tiles ahead of the model; on many cores DataLoader worker processes do.
+  Per-slide stain estimates come from ingest (``slides.stain_estimate``), not refitted.
+* Upkeep after the writes (``store.maintenance``): slide_id index, compaction, old versions.
 * Batches, channels_last, autocast (bf16 on CPU only when measured faster with cosine
   >= 0.999 to fp32; fp16/bf16 on GPU per the spec), pinned memory on GPU.
 * Writes one Lance table per backbone (``embeddings_<name>``) of float16 vectors keyed
@@ -35,7 +39,7 @@ from stimage_embed.backbones import create_model
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.tile_stream import (
-    SlideJob, SlideStainFit, TileStream, make_chunks, prefetch, stored_stain_estimates, template_normalizer,
+    SlideJob, SlideStainFit, TileStream, compute_stream, make_chunks, prefetch, stored_stain_estimates, template_normalizer,
 )
 from stimage_embed.errors import InputError, ProvenanceError, StoreError
 from stimage_embed.store import schema as S
@@ -101,9 +105,11 @@ def embed(
 
     tile_um: physical tile width in µm; default = each slide's spot diameter.
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
-    num_workers: DataLoader worker processes; 0 = one background thread of this process cuts
-        and normalises the tiles while the model computes. Default 0 for < 256 tiles or <= 4
-        cores (a worker process would compete with the model's threads), else cores - 1 (max 4).
+    num_workers: DataLoader worker processes; 0 = threads of this process: on CPU one per core
+        (max 4), each cutting, normalising and embedding its own chunks with single-threaded
+        torch ops; on a GPU one thread cuts tiles ahead of the model. Default 0 for < 256 tiles
+        or <= 4 cores (a worker process would compete with the model's threads), else cores - 1
+        (max 4).
     """
     if not backbones:
         raise InputError(None, "--backbone", "name at least one backbone")
@@ -208,6 +214,23 @@ def embed(
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}
     ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
     stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
+    def forward(name: str, tiles: torch.Tensor) -> np.ndarray:
+        """One backbone's vectors of a batch of uint8 tiles: float32, on the CPU."""
+        bb = models[name]
+        x = bb.preprocess(tiles.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(dev.type, dtype=getattr(torch, report.precision[name])) if report.precision[name] != "float32" else contextlib.nullcontext()
+        with ctx:
+            return bb(x).float().cpu().numpy()
+
+    def compute(batch: dict) -> dict:
+        """In a compute thread: the vectors of every backbone that still needs this chunk."""
+        sid = batch["slide_id"]
+        with torch.inference_mode():
+            batch["features"] = {name: forward(name, batch["tiles"][bb.input_size]) for name, bb in models.items()
+                                 if any((sid, s) not in done_keys[name] for s in batch["spot_ids"])}
+        del batch["tiles"]
+        return batch
+
     if num_workers:
         loader = DataLoader(
             stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
@@ -215,8 +238,11 @@ def embed(
             # spawn, not fork: forking after LanceDB started its async runtime can deadlock
             multiprocessing_context="spawn",
         )
-    else:  # one background thread, a few batches ahead of the model (see tile_stream)
-        loader = prefetch(stream.batches(chunks), depth=8, pin_memory=dev.type == "cuda")
+    elif dev.type == "cpu":  # one thread per core cuts its tiles and runs the model on them (see tile_stream)
+        threads = max(1, min(4, torch.get_num_threads()))
+        loader = compute_stream(stream, chunks, compute, threads, intra_op_threads=torch.get_num_threads() // threads)
+    else:  # one background thread cuts tiles a few batches ahead of the model on the GPU
+        loader = prefetch(stream.batches(chunks), depth=8, pin_memory=True)
     buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
     buffered = {n: 0 for n in models}
 
@@ -239,12 +265,8 @@ def embed(
                 missing = [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
                 if not missing:
                     continue
-                x = batch["tiles"][bb.input_size].to(dev, non_blocking=True)
-                x = bb.preprocess(x).contiguous(memory_format=torch.channels_last)
-                ctx = torch.autocast(dev.type, dtype=getattr(torch, report.precision[name])) if report.precision[name] != "float32" else contextlib.nullcontext()
-                with ctx:
-                    feats = bb(x)
-                vec = feats.float().cpu().numpy()[missing]
+                feats = batch["features"][name] if "features" in batch else forward(name, batch["tiles"][bb.input_size])
+                vec = feats[missing]
                 if not np.isfinite(vec).all():
                     raise StoreError(f"{name}: non-finite embedding for slide {sid}; refusing to store it")
                 dim = vec.shape[1]

@@ -184,42 +184,49 @@ class TileStream(IterableDataset):
         thumb, _ = image.thumbnail(STAIN_THUMBNAIL_PX)
         return self.stain_factory(thumb)
 
-    def _open(self, slide_id: str, cache: dict[str, Any]) -> dict[int, TileReader]:
-        if cache.get("slide_id") != slide_id:
-            if cache.get("image") is not None:
-                cache["image"].close()
-                cache["image"] = None  # free the previous slide before decoding the next
-            job = self.slides[slide_id]
-            image = SlideImage.open(job.image_path)
-            cache["image"] = image
+    def open_slide(self, slide_id: str) -> tuple[SlideImage, dict[int, TileReader]]:
+        """Decode a slide's image and fit its stain normaliser: (image, tile reader per size)."""
+        job = self.slides[slide_id]
+        image = SlideImage.open(job.image_path)
+        try:
             normalize = self._normalizer(slide_id, image)
-            cache.update(
-                slide_id=slide_id,
-                readers={s: TileReader(image, job.um_per_px, TileGeometry(job.tile_um, s, self.interpolation), normalize) for s in self.sizes},
-            )
-        return cache["readers"]
+        except BaseException:
+            image.close()
+            raise
+        readers = {s: TileReader(image, job.um_per_px, TileGeometry(job.tile_um, s, self.interpolation), normalize) for s in self.sizes}
+        return image, readers
+
+    @staticmethod
+    def cut(chunk: Chunk, readers: dict[int, TileReader]) -> dict[str, Any]:
+        """The batch of one chunk (see the class doc)."""
+        tiles: dict[int, torch.Tensor] = {}
+        padded = np.zeros(len(chunk.spot_ids), np.float32)
+        for size, reader in readers.items():
+            arr, padded[:] = reader.read_many(chunk.pixel_x, chunk.pixel_y)
+            tiles[size] = torch.from_numpy(arr)
+        return {
+            "slide_id": chunk.slide_id,
+            "chunk": chunk.index,
+            "spot_ids": list(chunk.spot_ids),
+            "tiles": tiles,
+            "padded": torch.from_numpy(padded),
+        }
 
     def batches(self, chunks: Iterable[Chunk]) -> Iterator[dict[str, Any]]:
         """The batches of ``chunks``, in order (one slide image open at a time)."""
-        cache: dict[str, Any] = {}
+        slide_id, image, readers = None, None, {}
         try:
             for chunk in chunks:
-                readers = self._open(chunk.slide_id, cache)
-                tiles: dict[int, torch.Tensor] = {}
-                padded = np.zeros(len(chunk.spot_ids), np.float32)
-                for size, reader in readers.items():
-                    arr, padded[:] = reader.read_many(chunk.pixel_x, chunk.pixel_y)
-                    tiles[size] = torch.from_numpy(arr)
-                yield {
-                    "slide_id": chunk.slide_id,
-                    "chunk": chunk.index,
-                    "spot_ids": list(chunk.spot_ids),
-                    "tiles": tiles,
-                    "padded": torch.from_numpy(padded),
-                }
+                if chunk.slide_id != slide_id:
+                    if image is not None:
+                        image.close()  # free the previous slide before decoding the next
+                        image = None
+                    image, readers = self.open_slide(chunk.slide_id)
+                    slide_id = chunk.slide_id
+                yield self.cut(chunk, readers)
         finally:
-            if cache.get("image") is not None:
-                cache["image"].close()
+            if image is not None:
+                image.close()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -291,3 +298,136 @@ def prefetch(batches: Iterable[dict[str, Any]], depth: int = 8, pin_memory: bool
     finally:
         stop.set()
         thread.join()
+
+
+def lead_slide_openings(chunks: list[Chunk], lead: int) -> list[Chunk]:
+    """``chunks`` (slide by slide) with the first chunk of every slide after the first moved
+    ``lead`` places earlier: with ``lead`` threads taking chunks in this order, the thread that
+    decodes the next slide does so while the others finish the current one. Only the order
+    in which chunks are taken changes, not what a chunk holds."""
+    keys, prev = [], None
+    for pos, c in enumerate(chunks):
+        first = c.slide_id != prev and pos > 0
+        keys.append(pos - lead - 0.5 if first else float(pos))
+        prev = c.slide_id
+    return [c for _, c in sorted(zip(keys, chunks), key=lambda kc: kc[0])]
+
+
+class _OpenSlide:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.image: SlideImage | None = None
+        self.readers: dict[int, TileReader] | None = None
+
+
+class _SharedSlides:
+    """Slides open for several threads: decoded (and stain-fitted) by the first thread that
+    needs one, closed after its last chunk has been cut."""
+
+    def __init__(self, stream: TileStream, chunks: list[Chunk]):
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.left: dict[str, int] = {}
+        for c in chunks:
+            self.left[c.slide_id] = self.left.get(c.slide_id, 0) + 1
+        self.open: dict[str, _OpenSlide] = {}
+
+    def readers(self, slide_id: str) -> dict[int, TileReader]:
+        with self.lock:
+            entry = self.open.setdefault(slide_id, _OpenSlide())
+        with entry.lock:  # other threads wanting this slide wait for its one decode
+            if entry.readers is None:
+                entry.image, entry.readers = self.stream.open_slide(slide_id)
+            return entry.readers
+
+    def done(self, slide_id: str) -> None:
+        with self.lock:
+            self.left[slide_id] -= 1
+            entry = self.open.pop(slide_id, None) if self.left[slide_id] == 0 else None
+        if entry is not None and entry.image is not None:
+            entry.image.close()
+
+    def close(self) -> None:
+        with self.lock:
+            entries, self.open = list(self.open.values()), {}
+        for entry in entries:
+            if entry.image is not None:
+                entry.image.close()
+
+
+def compute_stream(
+    stream: TileStream,
+    chunks: list[Chunk],
+    compute: Callable[[dict[str, Any]], dict[str, Any]],
+    threads: int,
+    intra_op_threads: int = 1,
+    depth: int = 4,
+) -> Iterator[dict[str, Any]]:
+    """Cut, normalise and ``compute`` (the model forward) every chunk in ``threads`` threads,
+    each running the model with ``intra_op_threads`` torch threads; yields the computed
+    batches as they finish (not in chunk order).
+
+    On a few CPU cores this beats one model using every core with the tiles cut in another
+    thread: that thread preempts one of the model's threads, and every parallel op then
+    waits for it at its barrier. Here each thread does its tiles and its forward in turn,
+    independently, so the cores stay busy with no oversubscription. ``torch``'s intra-op
+    thread count (process-wide) is set for the duration and restored after.
+    """
+    order = lead_slide_openings(chunks, threads)
+    slides = _SharedSlides(stream, order)
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for c in order:
+        work.put(c)
+    out: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    chunk = work.get_nowait()
+                except queue.Empty:
+                    break
+                readers = slides.readers(chunk.slide_id)
+                batch = stream.cut(chunk, readers)
+                slides.done(chunk.slide_id)
+                put(compute(batch))
+        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            put(_Failed(exc))
+        finally:
+            put(_DONE)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, intra_op_threads))
+    pool = [threading.Thread(target=run, name=f"embed-{i}", daemon=True) for i in range(max(1, threads))]
+    for t in pool:
+        t.start()
+    try:
+        running = len(pool)
+        while running:
+            try:
+                item = out.get(timeout=1.0)
+            except queue.Empty:
+                if not any(t.is_alive() for t in pool) and out.empty():
+                    raise RuntimeError("the embedding threads ended without finishing the stream") from None
+                continue
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, _Failed):
+                raise item.exc
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
+        slides.close()
+        torch.set_num_threads(before)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lance
+import numpy as np
 import pyarrow as pa
 
 from stimage_embed.errors import StoreError
@@ -101,20 +102,43 @@ def read_slides(store: Store, table: str, slide_ids: Sequence[str], columns: Seq
 
 
 class SlideReader:
-    """Reads a store's tables by slide, keeping parsed table metadata and index pages between
-    reads (one ``lance.Session``), for loops that read one slide at a time.
+    """Reads a store's tables by slide, for loops that read one slide at a time.
 
-    Every read still opens the table's latest version (writes are seen); only what Lance has
-    already parsed (manifests, file footers, the slide_id index) is not read and decoded again,
-    as an open h5 file keeps its metadata. Memory: at most ``cache_bytes`` for those caches.
+    Every read opens the table's latest version (writes are seen). What Lance has parsed
+    (manifests, file footers) is kept between reads in one ``lance.Session``, as an open h5
+    file keeps its metadata, and so are the row positions of each slide in that version of
+    the table (from one scan of its ``slide_id`` column; rebuilt when the version changes):
+    a read is then one ``take`` of that slide's rows, whatever the number of slides.
+    Memory: ``cache_bytes`` for Lance's caches, plus 8 bytes per row of each table read.
     """
 
     def __init__(self, store: Store, cache_bytes: int = 256 << 20):
         self.store = store
         self.session = lance.Session(index_cache_size_bytes=cache_bytes, metadata_cache_size_bytes=cache_bytes)
+        self._rows: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # table -> (version, slide -> row offsets)
+
+    def _positions(self, table: str, ds: lance.LanceDataset) -> dict[str, np.ndarray]:
+        cached = self._rows.get(table)
+        if cached is not None and cached[0] == ds.version:
+            return cached[1]
+        ids = ds.to_table(columns=[SLIDE_COLUMN], scan_in_order=True)[SLIDE_COLUMN].to_numpy(zero_copy_only=False)
+        order = np.argsort(ids, kind="stable")
+        uniq, starts = np.unique(ids[order], return_index=True)
+        groups = np.split(order, starts[1:])
+        positions = {str(u): g.astype(np.int64) for u, g in zip(uniq, groups)} if len(ids) else {}
+        self._rows[table] = (ds.version, positions)
+        return positions
 
     def read(self, table: str, slide_ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
-        return read_slides(self.store, table, slide_ids, columns, session=self.session)
+        """Rows of ``slide_ids`` in ``table`` (all columns, or ``columns``), in stored order per slide."""
+        ds = open_dataset(self.store, table, self.session)
+        positions = self._positions(table, ds)
+        wanted = [positions[s] for s in dict.fromkeys(slide_ids) if s in positions]
+        rows = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
+        cols = list(columns) if columns else None
+        if not len(rows):
+            return ds.to_table(columns=cols, limit=0)
+        return ds.take(rows, columns=cols)
 
 
 def _slide_index(ds: lance.LanceDataset) -> str | None:
