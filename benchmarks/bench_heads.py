@@ -57,7 +57,7 @@ import torch
 from _common import table, timer
 from heads import NBRegressor, nb_log_prob_log_mu
 from stimage_embed.backbones import create_model
-from stimage_embed.evaluation.genes import select_genes
+from stimage_embed.predictions.genes import select_genes
 from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays
 from stimage_embed.store import Store
 from stimage_embed.tiles.image import SlideImage

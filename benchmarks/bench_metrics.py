@@ -42,7 +42,7 @@ from esda.moran import Moran, Moran_BV
 from libpysal.weights import DistanceBand
 
 from _common import table
-from stimage_embed.evaluation.genes import select_genes
+from stimage_embed.predictions.genes import select_genes
 from stimage_embed.evaluation.metrics import normalise_log1p
 from stimage_embed.evaluation.scoring import NEIGHBOUR_RADIUS_PITCHES, score_run
 from stimage_embed.evaluation.spatial import bivariate_morans_i, morans_i, radius_weights

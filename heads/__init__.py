@@ -39,22 +39,23 @@ from heads.distributions import (
     nb_expected_log1p,
     nb_mean,
     nb_quantiles,
+    nb_quantiles_from_moments,
+    moment_matched_theta,
     nb_sample,
     nb_variance,
     rp_to_mean_disp,
     rp_to_mean_var,
     stimage_to_rp,
 )
-from heads.ensemble import BackboneEnsemble, CombinedPrediction, SeedEnsemble, Uncertainty, combine_predictions
+from heads.ensemble import CombinedPrediction, SeedEnsemble, Uncertainty, combine_predictions
 from heads.errors import ProvenanceMismatch
-from heads.inputs import TARGET_SUM, log1p_normalise
+from heads.scale import TARGET_SUM, log1p_normalise, log1p_to_rate, rate_to_log1p
 from heads.nb import NBPrediction, NBRegressor
 from heads.persistence import check_provenance, load_head, save_head
 from heads.validation_split import validation_split
 
 __all__ = [
     "TARGET_SUM",
-    "BackboneEnsemble",
     "CombinedPrediction",
     "HighLowClassifier",
     "MeanBaseline",
@@ -69,6 +70,10 @@ __all__ = [
     "highlow_labels",
     "load_head",
     "log1p_normalise",
+    "log1p_to_rate",
+    "moment_matched_theta",
+    "nb_quantiles_from_moments",
+    "rate_to_log1p",
     "mean_disp_to_rp",
     "mean_var_to_rp",
     "nb_log_prob",

@@ -17,7 +17,8 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
 from sklearn.preprocessing import StandardScaler
 
-from heads.inputs import TARGET_SUM, check_counts, check_groups, check_library_size, check_X, counts_at_library, log1p_normalise
+from heads.inputs import check_counts, check_groups, check_library_size, check_X, counts_at_library
+from heads.scale import TARGET_SUM, log1p_normalise
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ The two are linked by ``r = theta`` and ``p = theta / (theta + mu)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -136,6 +137,44 @@ def rp_to_mean_var(r: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 # --------------------------------------------------------------------------- moments etc.
+
+
+@dataclass(frozen=True)
+class NBPrediction:
+    """Predictive NB per spot and gene, in RAW counts at the requested library size.
+
+    ``mean``/``variance``/``r``/``p``: (n_spots, n_genes); ``r, p`` in scipy's
+    ``nbinom(r, p)`` convention. ``quantiles``: (n_levels, n_spots, n_genes) at
+    ``quantile_levels``. ``samples``: (n_samples, n_spots, n_genes) or ``None``.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    r: np.ndarray
+    p: np.ndarray
+    quantile_levels: np.ndarray
+    quantiles: np.ndarray
+    samples: np.ndarray | None
+
+
+
+def moment_matched_theta(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Dispersion ``theta`` of the NB with this mean and variance (raw counts):
+    ``mean**2 / (variance - mean)``; where ``variance <= mean`` the excess is floored at
+    ``1e-9 * mean``, i.e. a near-Poisson NB (unlike :func:`mean_var_to_rp`, never raises)."""
+    mean, variance = np.asarray(mean, dtype=np.float64), np.asarray(variance, dtype=np.float64)
+    excess = np.maximum(variance - mean, 1e-9 * np.maximum(mean, 1e-12))
+    return np.maximum(mean, 1e-12) ** 2 / excess
+
+
+def nb_quantiles_from_moments(mean: np.ndarray, variance: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """Quantiles (raw counts) at levels ``q`` of the NB moment-matched to ``mean``/``variance``
+    (see :func:`moment_matched_theta`); shape ``(len(q),) + mean.shape``."""
+    mu = np.asarray(mean, dtype=np.float64)
+    r, p = mean_disp_to_rp(mu, moment_matched_theta(mu, variance))
+    return nb_quantiles(r, p, q)
+
+
 
 
 def nb_mean(r: np.ndarray, p: np.ndarray) -> np.ndarray:

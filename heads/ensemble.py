@@ -1,5 +1,6 @@
-"""Ensembles: seeds of one head (:class:`SeedEnsemble`) and heads on different backbones
-aligned by (slide, spot) key (:class:`BackboneEnsemble`, STimage's FSTimage).
+"""Ensembles: seeds of one head (:class:`SeedEnsemble`), and the average of several
+backbones' predictions aligned by (slide, spot) key (:func:`combine_predictions`, what
+STimage's FSTimage is: ``stimage_embed.predictions.fstimage`` applies it to stored runs).
 
 All means/variances are RAW counts (counts^2) at the requested library size.
 Variances across members are population variances (``ddof=0``).
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from heads.inputs import TARGET_SUM, check_counts, check_groups, check_library_size
+from heads.scale import TARGET_SUM
 from heads.nb import NBRegressor
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,32 @@ def normalise_keys(keys: Any, name: str = "keys") -> list[tuple[str, str]]:
     return out
 
 
+def _member_arrays(preds: Mapping[str, tuple]) -> tuple[dict, dict, dict, int]:
+    """Checked (keys, mean, variance) of every backbone of :func:`combine_predictions` and
+    the common number of genes."""
+    keys_b: dict[str, list[tuple[str, str]]] = {}
+    means_b: dict[str, np.ndarray] = {}
+    vars_b: dict[str, np.ndarray | None] = {}
+    n_genes = None
+    for name in preds:
+        entry = preds[name]
+        if len(entry) not in (2, 3):
+            raise ValueError(f"preds[{name!r}]: expected (keys, mean) or (keys, mean, variance)")
+        keys_b[name] = normalise_keys(entry[0], f"preds[{name!r}].keys")
+        mean = np.asarray(entry[1], dtype=np.float64)
+        if mean.ndim != 2 or mean.shape[0] != len(keys_b[name]):
+            raise ValueError(f"preds[{name!r}].mean: expected ({len(keys_b[name])}, n_genes), got {mean.shape}")
+        n_genes = mean.shape[1] if n_genes is None else n_genes
+        if mean.shape[1] != n_genes:
+            raise ValueError(f"preds[{name!r}].mean: {mean.shape[1]} genes, other backbones have {n_genes}")
+        means_b[name] = mean
+        var = None if len(entry) == 2 or entry[2] is None else np.asarray(entry[2], dtype=np.float64)
+        if var is not None and var.shape != mean.shape:
+            raise ValueError(f"preds[{name!r}].variance: shape {var.shape} != mean shape {mean.shape}")
+        vars_b[name] = var
+    return keys_b, means_b, vars_b, n_genes
+
+
 def combine_predictions(preds: Mapping[str, tuple], missing: str = "error") -> CombinedPrediction:
     """Average per-backbone predictions aligned by (slide, spot) key.
 
@@ -166,26 +193,7 @@ def combine_predictions(preds: Mapping[str, tuple], missing: str = "error") -> C
     if not preds:
         raise ValueError("preds: no backbones given")
     names = tuple(preds)
-    keys_b: dict[str, list[tuple[str, str]]] = {}
-    means_b: dict[str, np.ndarray] = {}
-    vars_b: dict[str, np.ndarray | None] = {}
-    n_genes = None
-    for name in names:
-        entry = preds[name]
-        if len(entry) not in (2, 3):
-            raise ValueError(f"preds[{name!r}]: expected (keys, mean) or (keys, mean, variance)")
-        keys_b[name] = normalise_keys(entry[0], f"preds[{name!r}].keys")
-        mean = np.asarray(entry[1], dtype=np.float64)
-        if mean.ndim != 2 or mean.shape[0] != len(keys_b[name]):
-            raise ValueError(f"preds[{name!r}].mean: expected ({len(keys_b[name])}, n_genes), got {mean.shape}")
-        n_genes = mean.shape[1] if n_genes is None else n_genes
-        if mean.shape[1] != n_genes:
-            raise ValueError(f"preds[{name!r}].mean: {mean.shape[1]} genes, other backbones have {n_genes}")
-        means_b[name] = mean
-        var = None if len(entry) == 2 or entry[2] is None else np.asarray(entry[2], dtype=np.float64)
-        if var is not None and var.shape != mean.shape:
-            raise ValueError(f"preds[{name!r}].variance: shape {var.shape} != mean shape {mean.shape}")
-        vars_b[name] = var
+    keys_b, means_b, vars_b, n_genes = _member_arrays(preds)
 
     union: dict[tuple[str, str], int] = {}
     for name in names:
@@ -236,86 +244,3 @@ def combine_predictions(preds: Mapping[str, tuple], missing: str = "error") -> C
         aleatoric=None if var_total is None else var_total / c,
         backbones=names,
     )
-
-
-class BackboneEnsemble(BaseEstimator):
-    """FSTimage: one head per backbone, predictions averaged per (slide, spot) key.
-
-    ``members``: ``{backbone: unfitted head}``; ``None`` = an :class:`NBRegressor` with
-    default parameters for every backbone passed to ``fit``. ``missing``: policy for keys
-    absent from some backbone (see :func:`combine_predictions`).
-
-    Learned: ``members_`` (``{backbone: fitted head}``), ``ref_library_size_`` (median of
-    the library sizes given to ``fit``; every member predicts at this size by default so
-    the means are on one scale), ``n_genes_``.
-    """
-
-    def __init__(self, members: dict[str, Any] | None = None, missing: str = "error"):
-        self.members = members
-        self.missing = missing
-
-    def fit(
-        self,
-        X_by_backbone: Mapping[str, np.ndarray],
-        y: np.ndarray,
-        keys_by_backbone: Mapping[str, Any],
-        y_keys: Any,
-        groups: np.ndarray | None = None,
-        library_size: np.ndarray | None = None,
-    ) -> "BackboneEnsemble":
-        """Fit each backbone's head on its own rows.
-
-        ``y`` (n, g) RAW counts, ``groups`` (n,), ``library_size`` (n,) are rows of one
-        target table keyed by ``y_keys`` (n, 2); each backbone's ``X`` rows (keyed by
-        ``keys_by_backbone[b]``) are matched to it by key. Every backbone key must exist in
-        ``y_keys`` (else ``ValueError`` naming the backbone).
-        """
-        if self.missing not in MISSING_POLICIES:
-            raise ValueError(f"missing: expected one of {MISSING_POLICIES}, got {self.missing!r}")
-        names = list(X_by_backbone)
-        if not names:
-            raise ValueError("X_by_backbone: no backbones given")
-        if self.members is not None:
-            unknown = set(names) ^ set(self.members)
-            if unknown:
-                raise ValueError(f"X_by_backbone: backbones {sorted(unknown)} not matched between members and X_by_backbone")
-        ykeys = normalise_keys(y_keys, "y_keys")
-        y = check_counts(y, len(ykeys))
-        lib = check_library_size(library_size, y, len(ykeys))
-        groups = check_groups(groups, len(ykeys))
-        row = {k: i for i, k in enumerate(ykeys)}
-        self.members_ = {}
-        for name in names:
-            if name not in keys_by_backbone:
-                raise ValueError(f"keys_by_backbone: no keys for backbone {name!r}")
-            keys = normalise_keys(keys_by_backbone[name], f"keys_by_backbone[{name!r}]")
-            X = np.asarray(X_by_backbone[name])
-            if X.shape[0] != len(keys):
-                raise ValueError(f"X_by_backbone[{name!r}]: {X.shape[0]} rows for {len(keys)} keys")
-            absent = [k for k in keys if k not in row]
-            if absent:
-                raise ValueError(f"keys_by_backbone[{name!r}]: {len(absent)} keys have no row in y_keys, e.g. {absent[0]}")
-            idx = np.array([row[k] for k in keys], dtype=np.int64)
-            base = NBRegressor() if self.members is None else self.members[name]
-            self.members_[name] = clone(base).fit(
-                X, y[idx], groups=None if groups is None else groups[idx], library_size=lib[idx]
-            )
-        self.ref_library_size_ = float(np.median(lib))
-        self.n_genes_ = y.shape[1]
-        return self
-
-    def predict(
-        self,
-        X_by_backbone: Mapping[str, np.ndarray],
-        keys_by_backbone: Mapping[str, Any],
-        library_size: float | None = None,
-    ) -> CombinedPrediction:
-        """Member means (RAW counts at ``library_size``, default ``ref_library_size_``)
-        combined by key under the ``missing`` policy."""
-        lib = self.ref_library_size_ if library_size is None else float(library_size)
-        preds = {}
-        for name, member in self.members_.items():
-            if name not in X_by_backbone or name not in keys_by_backbone:
-                raise ValueError(f"X_by_backbone: backbone {name!r} of the ensemble is not given")
-            preds[name] = (keys_by_backbone[name], member.predict(X_by_backbone[name], library_size=lib))
-        return combine_predictions(preds, missing=self.missing)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-TARGET_SUM = 1e4  # counts per spot of the log1p-normalised scale (scanpy normalize_total default)
-
 
 def check_X(X: np.ndarray, n_features: int | None = None) -> np.ndarray:
     """``X`` (n_spots, dim) embeddings (float16/32/64) -> float32, finite, 2-D."""
@@ -67,12 +65,6 @@ def check_groups(groups: np.ndarray | None, n_spots: int) -> np.ndarray | None:
     if g.ndim != 1 or g.shape[0] != n_spots:
         raise ValueError(f"groups: expected {n_spots} labels (one per spot), got shape {g.shape}")
     return g
-
-
-def log1p_normalise(counts: np.ndarray, library_size: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
-    """``log1p(counts / library_size * target_sum)`` per spot (row); counts are raw."""
-    lib = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
-    return np.log1p(np.asarray(counts, dtype=np.float64) / lib * target_sum)
 
 
 def counts_at_library(normalised_at_ref: np.ndarray, library_size: np.ndarray | float | None, ref: float) -> np.ndarray:

@@ -29,18 +29,12 @@ Model
   standardised training features, which the SVD parametrises).
   ``bootstrap=True`` refits on a Poisson(1) bootstrap of the rows (``random_state``) —
   what makes seed-ensemble members differ (a convex fit ignores the seed otherwise).
-* ``solver="adam"`` (hidden layer, or STimage's r/p): a network trained by Adam with
-  ``weight_decay`` (L2) and early stopping on held-out groups (STimage-style; see below).
-
-  - ``parametrisation="mean_dispersion"``: ``mu = library_size / ref * exp(eta)``.
-  - ``parametrisation="stimage"``: STimage's per-spot ``r = softplus(a)`` ("n") and
-    ``p = sigmoid(b)`` in scipy's ``nbinom(r, p)`` convention (see
-    :mod:`heads.distributions`); the library offset enters as ``p = sigmoid(b - log(library_size / ref))``.
-    (STimage itself has no offset: set ``use_library_offset=False`` to reproduce it.)
-
-  Loss: mean NB negative log-likelihood per (spot, gene); early stopping on a validation
-  split that holds out whole ``groups`` (:func:`heads.validation_split.validation_split`),
-  restoring the best epoch's weights.
+* ``solver="adam"`` (hidden layer, or STimage's r/p, :mod:`heads.nb_network`): a network
+  trained by Adam with ``weight_decay`` (L2) on the mean NB NLL per (spot, gene), early
+  stopping on a validation split holding out whole ``groups``
+  (:func:`heads.validation_split.validation_split`). ``parametrisation="stimage"`` is
+  STimage's ``r = softplus(a)``, ``p = sigmoid(b - log(library_size / ref))`` (STimage
+  itself has no offset: ``use_library_offset=False`` reproduces it).
 
 Randomness (bootstrap, init, split, batch order, dropout) comes from ``random_state``
 through local generators, so a fixed seed gives identical results on CPU.
@@ -49,18 +43,17 @@ through local generators, so a fixed seed gives identical results on CPU.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, clone
 from sklearn.preprocessing import StandardScaler
-from torch import nn
 
-from heads.distributions import nb_log_prob_log_mu, nb_log_prob_stimage, nb_logpmf, nb_quantiles, nb_sample
-from heads.inputs import TARGET_SUM, check_counts, check_groups, check_library_size, check_X
-from heads.nb_glm import fit_nb_glm, nb_nll_matrix
+from heads.distributions import NBPrediction, nb_logpmf, nb_quantiles, nb_sample
+from heads.inputs import check_counts, check_groups, check_library_size, check_X
+from heads.scale import TARGET_SUM
+from heads.nb_glm import fit_nb_glm, principal_components, select_alpha
+from heads.nb_network import AdamSchedule, NBNet, train_network
 from heads.validation_split import grouped_cv_splits, validation_split
 
 logger = logging.getLogger(__name__)
@@ -71,46 +64,6 @@ SOLVERS = ("auto", "lbfgs", "adam")
 DEFAULT_ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 _PILOT_ALPHA = 1.0  # L2 of the pilot fit that estimates the dispersions held fixed during the CV
 _PREDICT_CHUNK = 8192
-_R_FLOOR = 1e-8  # added to softplus(a) in the STimage parametrisation so r > 0 in float32
-
-
-@dataclass(frozen=True)
-class NBPrediction:
-    """Predictive NB per spot and gene, in RAW counts at the requested library size.
-
-    ``mean``/``variance``/``r``/``p``: (n_spots, n_genes); ``r, p`` in scipy's
-    ``nbinom(r, p)`` convention. ``quantiles``: (n_levels, n_spots, n_genes) at
-    ``quantile_levels``. ``samples``: (n_samples, n_spots, n_genes) or ``None``.
-    """
-
-    mean: np.ndarray
-    variance: np.ndarray
-    r: np.ndarray
-    p: np.ndarray
-    quantile_levels: np.ndarray
-    quantiles: np.ndarray
-    samples: np.ndarray | None
-
-
-class _NBNet(nn.Module):
-    """Linear or one-hidden-layer network with outputs ``n_out_per_gene * n_genes``."""
-
-    def __init__(self, n_features: int, n_genes: int, hidden: int, dropout: float, parametrisation: str):
-        super().__init__()
-        self.dropout = float(dropout)
-        self.n_genes = n_genes
-        self.hidden = nn.Linear(n_features, hidden) if hidden > 0 else None
-        per_gene = 1 if parametrisation == "mean_dispersion" else 2
-        self.out = nn.Linear(hidden if hidden > 0 else n_features, per_gene * n_genes)
-        self.log_theta = nn.Parameter(torch.zeros(n_genes)) if parametrisation == "mean_dispersion" else None
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.hidden is not None:
-            x = F.relu(self.hidden(x))
-        if self.training and self.dropout > 0:
-            keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= self.dropout
-            x = x * keep / (1.0 - self.dropout)
-        return self.out(x)
 
 
 class NBRegressor(BaseEstimator):
@@ -225,9 +178,9 @@ class NBRegressor(BaseEstimator):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def _make_module(self) -> _NBNet:
+    def _make_module(self) -> NBNet:
         """A fresh (uninitialised) network for the fitted sizes (used by fit and load)."""
-        return _NBNet(self.n_features_in_, self.n_genes_, int(self.hidden), self.dropout, self.parametrisation)
+        return NBNet(self.n_features_in_, self.n_genes_, int(self.hidden), self.dropout, self.parametrisation)
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return ((X.astype(np.float64) - self.scaler_mean_) / self.scaler_scale_).astype(np.float32)
@@ -236,36 +189,6 @@ class NBRegressor(BaseEstimator):
         if not self.use_library_offset:
             return np.zeros(library_size.shape[0], dtype=np.float32)
         return np.log(library_size / self.ref_library_size_).astype(np.float32)
-
-    def _log_prob(self, out: torch.Tensor, y: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        g = self.n_genes_
-        if self.parametrisation == "mean_dispersion":
-            return nb_log_prob_log_mu(y, out + offset[:, None], self.module_.log_theta[None, :])
-        r = F.softplus(out[:, :g]) + _R_FLOOR
-        return nb_log_prob_stimage(y, r, out[:, g:] - offset[:, None])
-
-    def _init_module(self, module: _NBNet, y_norm: np.ndarray, gen: torch.Generator) -> None:
-        """Deterministic init: PyTorch's default uniform(+-1/sqrt(fan_in)) for the hidden
-        layer, 0.1 x that for the output weights, output biases at the per-gene log mean of
-        library-normalised counts, dispersions at a clipped method-of-moments estimate."""
-        with torch.no_grad():
-            layers = [module.hidden] if module.hidden is not None else []
-            for layer in layers + [module.out]:
-                bound = 1.0 / np.sqrt(layer.in_features)
-                scale = 0.1 if layer is module.out else 1.0
-                layer.weight.uniform_(-bound * scale, bound * scale, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-            m = np.maximum(y_norm.mean(axis=0), 1e-6)
-            v = y_norm.var(axis=0)
-            theta0 = np.clip(m**2 / np.maximum(v - m, 1e-12), 1e-2, 1e3)
-            g = self.n_genes_
-            if self.parametrisation == "mean_dispersion":
-                module.out.bias.copy_(torch.as_tensor(np.log(m), dtype=torch.float32))
-                module.log_theta.copy_(torch.as_tensor(np.log(theta0), dtype=torch.float32))
-            else:
-                a0 = theta0 + np.log(-np.expm1(-theta0))  # softplus^-1(theta0)
-                module.out.bias[:g] = torch.as_tensor(a0, dtype=torch.float32)
-                module.out.bias[g:] = torch.as_tensor(np.log(theta0) - np.log(m), dtype=torch.float32)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -294,38 +217,14 @@ class NBRegressor(BaseEstimator):
             return int(seed)
         return int(np.random.default_rng().integers(2**31 - 1)) if self.random_state is None else int(self.random_state)
 
-    def _features(self, Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(Z, V)``: principal-component scores ``Z = Xs @ V`` (n, r) of standardised
-        features and the loadings ``V`` (dim, r): all non-null components, or the leading
-        ``n_components``."""
-        _, s, vt = np.linalg.svd(Xs, full_matrices=False)
-        rank = int(np.sum(s > s[0] * 1e-6)) if s.size and s[0] > 0 else 0
-        r = max(1, rank if self.n_components is None else min(rank, int(self.n_components)))
-        V = vt[:r].T
-        return Xs @ V, V
-
     def _select_alpha(self, Z, y, offset, groups, seed, log_theta) -> None:
-        """Grouped CV over the L2 path, with the dispersions held at ``log_theta`` (G,)
-        (a pilot fit's): every (fold, alpha) model is fitted at once as one batch; sets
-        ``alphas_``, ``cv_loss_`` (held-out mean NB NLL per (spot, gene), per alpha),
-        ``cv_groups_`` (groups held out per fold) and ``alpha_`` (the lowest loss)."""
-        alphas = np.asarray(DEFAULT_ALPHAS if self.alphas is None else self.alphas, dtype=np.float64).ravel()
-        if alphas.size == 0 or np.any(alphas < 0):
-            raise ValueError("alphas: need at least one alpha, all >= 0")
+        """Grouped CV over the L2 path (:func:`heads.nb_glm.select_alpha`); sets ``alphas_``,
+        ``cv_loss_``, ``cv_groups_`` and ``alpha_`` (the lowest held-out loss)."""
         folds = grouped_cv_splits(Z.shape[0], groups, int(self.cv), seed)
-        K, L = len(folds), alphas.size
-        weights = np.zeros((K * L, Z.shape[0]))
-        for k, (tr, _) in enumerate(folds):
-            weights[k * L:(k + 1) * L, tr] = 1.0
-        fit = fit_nb_glm(Z, y, offset, weights, np.tile(alphas, K), log_theta=log_theta, rounds=1,
-                         max_iter=int(self.max_iter), device=self._torch_device())
-        nll = nb_nll_matrix(Z, y, offset, fit)  # (K*L, n)
-        loss = np.array([[nll[k * L + j, te].mean() for j in range(L)] for k, (_, te) in enumerate(folds)])
-        self.alphas_ = alphas
-        self.cv_loss_ = loss.mean(axis=0)
-        self.cv_groups_ = [sorted({str(g) for g in groups[te]}) if groups is not None else [] for _, te in folds]
-        self.alpha_ = float(alphas[int(np.argmin(self.cv_loss_))])
-        logger.debug("NBRegressor: alpha %.3g chosen by %d-fold CV, held-out NLL %s", self.alpha_, K, np.round(self.cv_loss_, 4))
+        cv = select_alpha(Z, y, offset, groups, DEFAULT_ALPHAS if self.alphas is None else self.alphas, folds,
+                          log_theta, int(self.max_iter), self._torch_device())
+        self.alpha_, self.alphas_, self.cv_loss_, self.cv_groups_ = cv.alpha, cv.alphas, cv.cv_loss, cv.cv_groups
+        logger.debug("NBRegressor: alpha %.3g chosen by %d-fold CV, held-out NLL %s", self.alpha_, len(folds), np.round(self.cv_loss_, 4))
 
     def fit_members(
         self,
@@ -352,7 +251,7 @@ class NBRegressor(BaseEstimator):
         Xs = (X.astype(np.float64) - scaler.mean_) / scaler.scale_
         ref = float(np.median(lib))
         offset = np.log(lib / ref) if self.use_library_offset else np.zeros(n)
-        Z, V = self._features(Xs)
+        Z, V = principal_components(Xs, self.n_components)
         shared = {"scaler_mean_": scaler.mean_.astype(np.float64), "scaler_scale_": scaler.scale_.astype(np.float64),
                   "n_features_in_": X.shape[1], "n_genes_": y.shape[1], "ref_library_size_": ref, "solver_": "lbfgs",
                   "n_components_": int(V.shape[1])}
@@ -415,52 +314,14 @@ class NBRegressor(BaseEstimator):
         module = self._make_module()
         y_norm = y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
         self.module_ = module
-        self._init_module(module, y_norm, cpu_gen)
+        module.initialise(y_norm, cpu_gen)
         module.to(device)
-
-        Xt = torch.as_tensor(self._standardise(X), device=device)
-        yt = torch.as_tensor(y.astype(np.float32), device=device)
-        off = torch.as_tensor(self._log_offset(lib), device=device)
-        tr = torch.as_tensor(train_idx, device=device)
-        va = torch.as_tensor(val_idx, device=device)
-
-        decay = [p for name, p in module.named_parameters() if name.endswith("weight")]
-        no_decay = [p for name, p in module.named_parameters() if not name.endswith("weight")]
-        opt = torch.optim.Adam(
-            [{"params": decay, "weight_decay": float(self.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(self.lr),
+        schedule = AdamSchedule(float(self.lr), float(self.weight_decay), self.batch_size, int(self.max_epochs), int(self.patience))
+        result = train_network(
+            module, torch.as_tensor(self._standardise(X), device=device), torch.as_tensor(y.astype(np.float32), device=device),
+            torch.as_tensor(self._log_offset(lib), device=device), train_idx, val_idx, schedule, cpu_gen, dev_gen,
         )
-        n_train = len(train_idx)
-        bs = n_train if self.batch_size is None else min(int(self.batch_size), n_train)
-        history: dict[str, list[float]] = {"train": [], "val": []}
-        best_val, best_epoch, best_state = np.inf, 0, None
-        for epoch in range(int(self.max_epochs)):
-            module.train()
-            order = tr if bs == n_train else tr[torch.randperm(n_train, generator=cpu_gen).to(device)]
-            total = 0.0
-            for start in range(0, n_train, bs):
-                rows = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                loss = -self._log_prob(module(Xt[rows], dev_gen), yt[rows], off[rows]).mean()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(rows)
-            history["train"].append(total / n_train)
-            if len(val_idx) == 0:
-                best_epoch = epoch
-                continue
-            module.eval()
-            with torch.no_grad():
-                val = float(-self._log_prob(module(Xt[va]), yt[va], off[va]).mean())
-            history["val"].append(val)
-            if val < best_val:
-                best_val, best_epoch = val, epoch
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            elif epoch - best_epoch >= int(self.patience):
-                break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        module.eval()
+        history, best_epoch = result.history, result.best_epoch
         self.history_ = history
         self.best_epoch_ = int(best_epoch)
         self.n_epochs_ = len(history["train"])
@@ -475,20 +336,7 @@ class NBRegressor(BaseEstimator):
             Xs = (X.astype(np.float64) - self.scaler_mean_) / self.scaler_scale_
             log_mu = Xs @ self.coef_ + self.intercept_
             return log_mu, np.broadcast_to(self.theta_, log_mu.shape).copy()
-        Xs = self._standardise(X)
-        device = next(self.module_.parameters()).device
-        g = self.n_genes_
-        self.module_.eval()
-        outs = []
-        with torch.no_grad():
-            for start in range(0, Xs.shape[0], _PREDICT_CHUNK):
-                outs.append(self.module_(torch.as_tensor(Xs[start : start + _PREDICT_CHUNK], device=device)).cpu().numpy())
-        out = np.concatenate(outs, axis=0).astype(np.float64) if outs else np.zeros((0, self.module_.out.out_features))
-        if self.parametrisation == "mean_dispersion":
-            theta = np.exp(self.module_.log_theta.detach().cpu().numpy().astype(np.float64))
-            return out, np.broadcast_to(theta, out.shape).copy()
-        r = np.logaddexp(0.0, out[:, :g]) + _R_FLOOR
-        return np.log(r) - out[:, g:], r
+        return self.module_.nb_at_ref(self._standardise(X), _PREDICT_CHUNK)
 
     def predict_rate(self, X: np.ndarray) -> np.ndarray:
         """Predicted rate per spot and gene: the NB mean at the reference depth divided by

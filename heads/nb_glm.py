@@ -128,74 +128,24 @@ def fit_nb_glm(
     max_iter : L-BFGS iterations per round; tol : stop when the objective (mean NLL per
         (spot, gene), order 1) changes by less than ``tol`` in an iteration.
     """
-    Zn = np.asarray(Z, dtype=np.float64)
-    Yn = np.asarray(Y, dtype=np.float64)
-    wn = np.asarray(weights, dtype=np.float64)
-    an = np.asarray(alphas, dtype=np.float64).ravel()
-    n, r = Zn.shape
-    G = Yn.shape[1]
-    M = an.shape[0]
-    if wn.shape != (M, n):
-        raise ValueError(f"weights: expected ({M}, {n}), got {wn.shape}")
-    if np.any(wn < 0) or np.any(wn.sum(axis=1) <= 0):
-        raise ValueError("weights: must be >= 0 with a positive sum for every model")
-    if np.any(an < 0):
-        raise ValueError("alphas: must be >= 0")
-    b0, lt0 = initial_nb_params(Yn, np.asarray(offset, dtype=np.float64))
+    pb = _problem(Z, Y, offset, weights, alphas, torch.device(device), dtype)
+    n, r, G, M = pb.n, pb.r, pb.G, pb.M
+    kw = {"device": pb.Zt.device, "dtype": dtype}
+    b0, lt0 = initial_nb_params(np.asarray(Y, dtype=np.float64), np.asarray(offset, dtype=np.float64))
     if log_theta is not None:
         lt0 = np.asarray(log_theta, dtype=np.float64)
-    dev = torch.device(device)
-    kw = {"device": dev, "dtype": dtype}
-    Zt, Yt = torch.as_tensor(Zn, **kw), torch.as_tensor(Yn, **kw)
-    ZtT = Zt.T.contiguous()
-    off = torch.as_tensor(np.asarray(offset, dtype=np.float64), **kw)
-    w = torch.as_tensor(wn / wn.sum(axis=1, keepdims=True), **kw)  # (M, n), rows sum to 1
-    wg = (w.T / G)[:, :, None]  # (n, M, 1): weight of each (spot, gene) term
-    alpha = torch.as_tensor(an, **kw)[None, :, None]  # (1, M, 1)
     lt = torch.as_tensor(np.broadcast_to(lt0, (M, G)).copy(), **kw)
     A = torch.zeros((r, M * G), **kw)
     b = torch.as_tensor(np.tile(b0, (M, 1)), **kw)
-    Yb = Yt[:, None, :]
-    Z2T = (Zt * Zt).T.contiguous()
     n_iter, converged = 0, True
     for _ in range(max(1, int(rounds))):
-        theta = torch.exp(lt)[None]
-        theta_y = theta + Yb  # (n, M, G)
-        ltb = lt[None] - off[:, None, None]  # log theta - offset, so eta - ltb = Z A + b - log theta
-        # Jacobi preconditioner: the diagonal of the Hessian at the current means (Fisher
-        # weight theta mu / (theta + mu) of the log link); in principal-component features
-        # the Hessian is close to diagonal, so L-BFGS then needs few iterations
-        with torch.no_grad():
-            mu = torch.exp((Zt @ A).view(n, M, G) + b[None] + off[:, None, None])
-            fisher = wg * theta * mu / (theta + mu)
-            p_A = (Z2T @ fisher.reshape(n, M * G) + (2.0 * alpha / G).expand(1, M, G).reshape(1, M * G)).rsqrt()
-            p_b = fisher.sum(dim=0).clamp_min(1e-12).rsqrt()
-        Ap, bp = A / p_A, b / p_b
-        opt = torch.optim.LBFGS([Ap, bp], lr=1.0, max_iter=int(max_iter), history_size=10, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-7, tolerance_change=float(tol))
-
-        def closure() -> torch.Tensor:
-            A_, b_ = Ap * p_A, bp * p_b
-            d = (Zt @ A_).view(n, M, G) + (b_[None] - ltb)
-            nll = (theta_y * F.softplus(d) - Yb * d) * wg  # minus log-lik, up to constants
-            g_eta = (theta_y * torch.sigmoid(d) - Yb) * wg
-            Av = A_.view(r, M, G)
-            Ap.grad = ((ZtT @ g_eta.view(n, M * G)).view(r, M, G) + 2.0 * alpha * Av / G).view(r, M * G) * p_A
-            bp.grad = g_eta.sum(dim=0) * p_b
-            return nll.sum() + (alpha * Av.pow(2)).sum() / G
-
-        with torch.no_grad():
-            loss = opt.step(closure)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("NB GLM: the objective is not finite (check the counts and features)")
-        A, b = Ap * p_A, bp * p_b
-        steps = int(opt.state[Ap]["n_iter"])
+        A, b, steps = _lbfgs_means(pb, A, b, lt, int(max_iter), float(tol))
         n_iter += steps
         converged = converged and steps < int(max_iter)
         if int(rounds) > 1 or log_theta is None:
             with torch.no_grad():
-                eta = (Zt @ A).view(n, M, G) + b[None] + off[:, None, None]
-                lt = _update_log_theta(eta, Yt, w, lt, theta_steps)
+                eta = (pb.Zt @ A).view(n, M, G) + b[None] + pb.off[:, None, None]
+                lt = _update_log_theta(eta, pb.Yt, pb.w, lt, theta_steps)
     x = np.concatenate([A.cpu().double().numpy().ravel(), b.cpu().double().numpy().ravel()])
     coef = x[: r * M * G].reshape(r, M, G).transpose(1, 0, 2)
     return GLMFit(
@@ -207,4 +157,131 @@ def fit_nb_glm(
     )
 
 
-__all__ = ["GLMFit", "fit_nb_glm", "initial_nb_params", "nb_nll_matrix", "nb_log_prob_log_mu"]
+@dataclass
+class _Problem:
+    """The tensors of one batched fit: features ``Zt`` (n, r) with ``ZtT`` and the squared
+    ``Z2T`` transposed, counts ``Yt`` (n, G) and ``Yb`` (n, 1, G), log offsets ``off`` (n,),
+    row weights ``w`` (M, n) summing to 1 per model, ``wg`` (n, M, 1) the weight of each
+    (spot, gene) term, ``alpha`` (1, M, 1)."""
+
+    Zt: torch.Tensor
+    ZtT: torch.Tensor
+    Z2T: torch.Tensor
+    Yt: torch.Tensor
+    Yb: torch.Tensor
+    off: torch.Tensor
+    w: torch.Tensor
+    wg: torch.Tensor
+    alpha: torch.Tensor
+    n: int
+    r: int
+    G: int
+    M: int
+
+
+def _problem(Z, Y, offset, weights, alphas, device: torch.device, dtype: torch.dtype) -> _Problem:
+    """Validate the inputs of :func:`fit_nb_glm` and put them on ``device``."""
+    Zn = np.asarray(Z, dtype=np.float64)
+    Yn = np.asarray(Y, dtype=np.float64)
+    wn = np.asarray(weights, dtype=np.float64)
+    an = np.asarray(alphas, dtype=np.float64).ravel()
+    n, r = Zn.shape
+    G, M = Yn.shape[1], an.shape[0]
+    if wn.shape != (M, n):
+        raise ValueError(f"weights: expected ({M}, {n}), got {wn.shape}")
+    if np.any(wn < 0) or np.any(wn.sum(axis=1) <= 0):
+        raise ValueError("weights: must be >= 0 with a positive sum for every model")
+    if np.any(an < 0):
+        raise ValueError("alphas: must be >= 0")
+    kw = {"device": device, "dtype": dtype}
+    Zt, Yt = torch.as_tensor(Zn, **kw), torch.as_tensor(Yn, **kw)
+    w = torch.as_tensor(wn / wn.sum(axis=1, keepdims=True), **kw)
+    return _Problem(
+        Zt=Zt, ZtT=Zt.T.contiguous(), Z2T=(Zt * Zt).T.contiguous(), Yt=Yt, Yb=Yt[:, None, :],
+        off=torch.as_tensor(np.asarray(offset, dtype=np.float64), **kw), w=w, wg=(w.T / G)[:, :, None],
+        alpha=torch.as_tensor(an, **kw)[None, :, None], n=n, r=r, G=G, M=M,
+    )
+
+
+def _lbfgs_means(pb: _Problem, A: torch.Tensor, b: torch.Tensor, lt: torch.Tensor, max_iter: int,
+                 tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One round of L-BFGS on the coefficients ``A`` (r, M*G) and intercepts ``b`` (M, G)
+    with the dispersions ``lt`` (M, G, log) fixed; returns (A, b, iterations)."""
+    n, r, G, M = pb.n, pb.r, pb.G, pb.M
+    Zt, wg, alpha, Yb = pb.Zt, pb.wg, pb.alpha, pb.Yb
+    theta = torch.exp(lt)[None]
+    theta_y = theta + Yb  # (n, M, G)
+    ltb = lt[None] - pb.off[:, None, None]  # log theta - offset, so eta - ltb = Z A + b - log theta
+    # Jacobi preconditioner: the diagonal of the Hessian at the current means (Fisher
+    # weight theta mu / (theta + mu) of the log link); in principal-component features
+    # the Hessian is close to diagonal, so L-BFGS then needs few iterations
+    with torch.no_grad():
+        mu = torch.exp((Zt @ A).view(n, M, G) + b[None] + pb.off[:, None, None])
+        fisher = wg * theta * mu / (theta + mu)
+        p_A = (pb.Z2T @ fisher.reshape(n, M * G) + (2.0 * alpha / G).expand(1, M, G).reshape(1, M * G)).rsqrt()
+        p_b = fisher.sum(dim=0).clamp_min(1e-12).rsqrt()
+    Ap, bp = A / p_A, b / p_b
+    opt = torch.optim.LBFGS([Ap, bp], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=tol)
+
+    def closure() -> torch.Tensor:
+        A_, b_ = Ap * p_A, bp * p_b
+        d = (Zt @ A_).view(n, M, G) + (b_[None] - ltb)
+        nll = (theta_y * F.softplus(d) - Yb * d) * wg  # minus log-lik, up to constants
+        g_eta = (theta_y * torch.sigmoid(d) - Yb) * wg
+        Av = A_.view(r, M, G)
+        Ap.grad = ((pb.ZtT @ g_eta.view(n, M * G)).view(r, M, G) + 2.0 * alpha * Av / G).view(r, M * G) * p_A
+        bp.grad = g_eta.sum(dim=0) * p_b
+        return nll.sum() + (alpha * Av.pow(2)).sum() / G
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("NB GLM: the objective is not finite (check the counts and features)")
+    return Ap * p_A, bp * p_b, int(opt.state[Ap]["n_iter"])
+
+
+def principal_components(Xs: np.ndarray, n_components: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(Z, V)``: principal-component scores ``Z = Xs @ V`` (n, r) of standardised
+    features ``Xs`` and the loadings ``V`` (dim, r): all non-null components (``None``), or
+    the leading ``n_components``."""
+    _, s, vt = np.linalg.svd(Xs, full_matrices=False)
+    rank = int(np.sum(s > s[0] * 1e-6)) if s.size and s[0] > 0 else 0
+    r = max(1, rank if n_components is None else min(rank, int(n_components)))
+    V = vt[:r].T
+    return Xs @ V, V
+
+
+@dataclass
+class AlphaCV:
+    """The CV choice of the L2 strength: ``alpha`` (lowest held-out loss), the path
+    ``alphas``, ``cv_loss`` (held-out mean NB NLL per (spot, gene), per alpha) and the
+    groups held out in each fold (``cv_groups``)."""
+
+    alpha: float
+    alphas: np.ndarray
+    cv_loss: np.ndarray
+    cv_groups: list[list[str]]
+
+
+def select_alpha(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, groups: np.ndarray | None, alphas: np.ndarray,
+                 folds: list[tuple[np.ndarray, np.ndarray]], log_theta: np.ndarray, max_iter: int,
+                 device: torch.device | str = "cpu") -> AlphaCV:
+    """CV over the L2 path with the dispersions held at ``log_theta`` (G,) (a pilot fit's):
+    every (fold, alpha) model is fitted at once as one batch (``folds``: (train rows, held-out
+    rows) pairs, e.g. :func:`heads.validation_split.grouped_cv_splits`)."""
+    alphas = np.asarray(alphas, dtype=np.float64).ravel()
+    if alphas.size == 0 or np.any(alphas < 0):
+        raise ValueError("alphas: need at least one alpha, all >= 0")
+    K, L = len(folds), alphas.size
+    weights = np.zeros((K * L, Z.shape[0]))
+    for k, (tr, _) in enumerate(folds):
+        weights[k * L:(k + 1) * L, tr] = 1.0
+    fit = fit_nb_glm(Z, Y, offset, weights, np.tile(alphas, K), log_theta=log_theta, rounds=1, max_iter=max_iter, device=device)
+    nll = nb_nll_matrix(Z, Y, offset, fit)  # (K*L, n)
+    loss = np.array([[nll[k * L + j, te].mean() for j in range(L)] for k, (_, te) in enumerate(folds)]).mean(axis=0)
+    held_out = [sorted({str(g) for g in groups[te]}) if groups is not None else [] for _, te in folds]
+    return AlphaCV(float(alphas[int(np.argmin(loss))]), alphas, loss, held_out)
+
+
+__all__ = ["AlphaCV", "GLMFit", "fit_nb_glm", "initial_nb_params", "nb_nll_matrix", "nb_log_prob_log_mu", "principal_components", "select_alpha"]

@@ -27,7 +27,7 @@ from torch import nn
 
 from heads.baselines import MeanBaseline, RidgeBaseline
 from heads.classifier import HighLowClassifier
-from heads.ensemble import BackboneEnsemble, SeedEnsemble
+from heads.ensemble import SeedEnsemble
 from heads.errors import ProvenanceMismatch
 from heads.nb import NBRegressor
 
@@ -37,7 +37,7 @@ FORMAT = "heads/1"
 JSON_NAME = "head.json"
 ARRAYS_NAME = "arrays.safetensors"
 HEAD_CLASSES = MappingProxyType(
-    {c.__name__: c for c in (NBRegressor, SeedEnsemble, BackboneEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline)}
+    {c.__name__: c for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline)}
 )
 _MISSING = "<missing>"
 

@@ -88,7 +88,7 @@ def test_user_gene_file_warns_on_missing_and_fails_on_none(her2st, tmp_path: Pat
     x, genes, slide_ids = her2st
     f = tmp_path / "mine.txt"
     f.write_text("# my panel\nERBB2\nNOT_A_GENE\n\nerbb3   # lower case\nGRB7\n")
-    with caplog.at_level(logging.WARNING, logger="stimage_embed.evaluation.genes"):
+    with caplog.at_level(logging.WARNING, logger="stimage_embed.predictions.genes"):
         got = select_genes(f"file:{f}", x, genes, slide_ids, TRAIN)
     assert got == ["ERBB2", "GRB7"]
     text = caplog.text
@@ -143,7 +143,7 @@ def test_k_is_capped_at_the_eligible_genes_with_a_warning(her2st, caplog):
 
 
 def test_gene_spec_aliases_and_default():
-    from stimage_embed.evaluation.genes import DEFAULT_GENE_SPEC
+    from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC
 
     assert DEFAULT_GENE_SPEC == "var:50"
     assert parse_gene_spec("hvg:7") == parse_gene_spec("seurat:7")

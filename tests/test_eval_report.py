@@ -20,7 +20,8 @@ from PIL import Image
 from scipy import stats
 
 from stimage_embed.errors import InputError
-from stimage_embed.evaluation.report import best_models, gene_scores, infer_layout, top_genes, write_report
+from stimage_embed.evaluation.report import best_models, gene_scores, top_genes, write_report
+from stimage_embed.evaluation.spatial import grid_layout as infer_layout
 
 GENES = ["ERBB2", "KRT19", "CD74", "MGP", "ACTB"]
 #: noise sd (log scale) of the prediction of each gene; KRT19 is planted as the easiest

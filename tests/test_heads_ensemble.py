@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.base import BaseEstimator, clone
 
-from heads import BackboneEnsemble, MeanBaseline, NBRegressor, RidgeBaseline, SeedEnsemble, combine_predictions
+from heads import NBRegressor, SeedEnsemble, combine_predictions
 from heads.nb import NBPrediction
 
 
@@ -117,35 +117,3 @@ def test_missing_key_policies():
         combine_predictions({"x": (np.vstack([keys, keys[:1]]), np.zeros((5, 2)))})
     with pytest.raises(ValueError, match="genes"):
         combine_predictions({"x": (keys, a), "y": (keys, np.zeros((4, 3)))})
-
-
-def test_backbone_ensemble_aligns_by_key_and_averages_members():
-    rng = np.random.default_rng(1)
-    n, g = 90, 4
-    y_keys = keys_for([(f"s{i // 30}", f"{i}x{i}") for i in range(n)])
-    y = rng.poisson(5, size=(n, g))
-    lib = y.sum(1) + 100.0
-    groups = np.array([k[0] for k in y_keys])
-    Xa = rng.normal(size=(n, 5))
-    order = rng.permutation(n)[:80]  # backbone "b" has its own row order and lacks 10 spots
-    Xb = rng.normal(size=(80, 7))
-    members = {"a": MeanBaseline(), "b": RidgeBaseline(n_components=3, alphas=[1.0, 10.0])}
-    ens = BackboneEnsemble(members, missing="drop").fit(
-        {"a": Xa, "b": Xb}, y, {"a": y_keys, "b": y_keys[order]}, y_keys, groups=groups, library_size=lib
-    )
-    # member "b" was trained on the target rows matching its keys
-    ref_b = clone(members["b"]).fit(Xb, y[order], groups=groups[order], library_size=lib[order])
-    np.testing.assert_array_equal(ens.members_["b"].coef_, ref_b.coef_)
-    res = ens.predict({"a": Xa, "b": Xb}, {"a": y_keys, "b": y_keys[order]})
-    assert len(res.keys) == 80
-    pa = ens.members_["a"].predict(Xa, library_size=ens.ref_library_size_)
-    pb = ens.members_["b"].predict(Xb, library_size=ens.ref_library_size_)
-    pos = {tuple(k): i for i, k in enumerate(y_keys)}
-    expected = np.stack([(pa[pos[tuple(k)]] + pb[list(order).index(pos[tuple(k)])]) / 2 for k in res.keys])
-    np.testing.assert_allclose(res.mean, expected, rtol=1e-12)
-    with pytest.raises(ValueError, match=r"backbone 'b' lacks 10 keys"):
-        ens.set_params(missing="error").predict({"a": Xa, "b": Xb}, {"a": y_keys, "b": y_keys[order]})
-    with pytest.raises(ValueError, match=r"keys_by_backbone\['b'\]: 1 keys have no row"):
-        bad = y_keys[order].copy()
-        bad[0] = ("s9", "0x0")
-        BackboneEnsemble(members).fit({"a": Xa, "b": Xb}, y, {"a": y_keys, "b": bad}, y_keys)

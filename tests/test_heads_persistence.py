@@ -10,7 +10,6 @@ import torch
 from safetensors.numpy import load_file
 
 from heads import (
-    BackboneEnsemble,
     HighLowClassifier,
     MeanBaseline,
     NBRegressor,
@@ -92,21 +91,13 @@ def test_regression_heads_round_trip(name, data, tmp_path):
         assert len(loaded.members_) == 3
 
 
-def test_classifier_and_backbone_ensemble_round_trip(data, tmp_path):
+def test_classifier_round_trip(data, tmp_path):
     X, y, lib, groups, X_new = data
     clf = HighLowClassifier(n_jobs=2).fit(X, np.column_stack([highlow_labels(np.log1p(y), groups), np.zeros(160, bool)]))
     loaded = load_head(save_head(clf, tmp_path / "clf", PROVENANCE))
     assert_only_json_and_safetensors(tmp_path / "clf")
     np.testing.assert_array_equal(loaded.predict_proba(X_new), clf.predict_proba(X_new))
     np.testing.assert_array_equal(loaded.constant_genes_, clf.constant_genes_)
-
-    keys = np.array([(g, str(i)) for i, g in enumerate(groups)], dtype=object)
-    ens = BackboneEnsemble({"a": MeanBaseline(), "b": NBRegressor(max_epochs=3)}).fit(
-        {"a": X, "b": X[:, :7]}, y, {"a": keys, "b": keys}, keys, groups=groups, library_size=lib)
-    back = load_head(save_head(ens, tmp_path / "fst", PROVENANCE))
-    r1 = ens.predict({"a": X, "b": X[:, :7]}, {"a": keys, "b": keys})
-    r2 = back.predict({"a": X, "b": X[:, :7]}, {"a": keys, "b": keys})
-    np.testing.assert_array_equal(r1.mean, r2.mean)
 
 
 def test_arrays_are_plain_tensors(data, tmp_path):

@@ -15,10 +15,11 @@ import polars as pl
 import pytest
 
 from stimage_embed.evaluation.compare import CompareConfig, compare
-from stimage_embed.evaluation.genes import select_genes
+from stimage_embed.predictions.genes import select_genes
 from stimage_embed.evaluation.paired import bootstrap_mean_ci, compare_pair, paired_comparisons
 from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays, shuffled_within_slides
-from stimage_embed.predictions.runner import combine_backbones, fit_head, make_head, predict_head
+from stimage_embed.predictions.fstimage import combine_backbones
+from stimage_embed.predictions.runner import fit_head, make_head, predict_head
 from stimage_embed.store import Store
 
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1"]

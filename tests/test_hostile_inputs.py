@@ -7,7 +7,6 @@ Files are cut from the real HER2ST C5 section (tests/store_cases.py).
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 

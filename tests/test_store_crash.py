@@ -11,8 +11,6 @@ and the session's ``embedded_store`` where a macenko-normalised table is needed.
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import polars as pl

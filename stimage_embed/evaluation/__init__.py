@@ -5,7 +5,7 @@ Works on numpy / scipy.sparse arrays and polars tables; the store and the ``comp
 command wire it to cached data.
 """
 
-from stimage_embed.evaluation.genes import (
+from stimage_embed.predictions.genes import (
     GeneSpec,
     HVGStats,
     available_panels,

@@ -2,9 +2,11 @@
 backbones, with all state in the store (``runs``, ``predictions``, ``metrics``).
 
 A run is one head fitted on one fold's training slides with one backbone's vectors. Its
-id hashes everything that determines its result (dataset, fold slides, genes, head and
-its parameters, the vectors' provenance ids, the control), so re-running ``compare`` with
-one more backbone or head only computes what is new.
+id (:func:`stimage_embed.predictions.runs.run_hash`) hashes everything that determines its
+result (dataset, fold slides, genes, head and its parameters, the vectors' provenance ids,
+the control), so re-running ``compare`` with one more backbone or head only computes what
+is new. Which heads exist, and which of them span backbones or share a CV choice, comes
+from the head registry (:mod:`stimage_embed.predictions.registry`).
 
 Leak control (``controls=["shuffled"]``): every head is also trained and scored on the
 same fold with each slide's vectors permuted among its own spots (train and test), so
@@ -18,44 +20,39 @@ are removed at the start of the next ``compare``.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
-import pyarrow as pa
 from tqdm.auto import tqdm
 
-from stimage_embed import __version__
+from stimage_embed.embeddings.provenance import provenance_id
 from stimage_embed.errors import InputError, StoreError
-from stimage_embed.evaluation.genes import DEFAULT_GENE_SPEC, parse_gene_spec, select_genes
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
 from stimage_embed.evaluation.views import leaderboard
-from stimage_embed.predictions.arrays import load_spot_arrays, shuffled_within_slides, table_provenance
-from stimage_embed.predictions.runner import (
-    ALL_HEADS,
-    SINGLE_BACKBONE_HEADS,
-    combine_backbones,
-    fit_head,
-    head_config,
-    make_head,
-    predict_head,
-)
-from stimage_embed.embeddings.provenance import provenance_id
+from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays, shuffled_within_slides, table_provenance
+from stimage_embed.predictions.fstimage import combine_backbones
+from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
+from stimage_embed.predictions.registry import HEADS, head_names, head_spec
+from stimage_embed.predictions.runner import fit_head, head_config, make_head, predict_head
+from stimage_embed.predictions.runs import commit_run_row, committed_runs, run_hash, runs_row
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
 
+#: the leak controls ``compare`` can run beside the real vectors ("none" = the real vectors)
+CONTROLS = ("none", "shuffled")
+
 
 @dataclass
 class CompareConfig:
     backbones: list[str]
-    heads: list[str] = field(default_factory=lambda: ["nb", "ensemble", "highlow", "ridge", "mean", "fstimage"])
+    #: head names of the registry (:mod:`stimage_embed.predictions.registry`); default: all
+    heads: list[str] = field(default_factory=lambda: list(head_names()))
     split: str = "loso"
     genes: str = DEFAULT_GENE_SPEC
     #: extra controls run beside the real vectors: "shuffled" (see the module doc)
@@ -80,19 +77,6 @@ class CompareResult:
     run_ids: list[str]
 
 
-def run_hash(obj: dict) -> str:
-    """Id of a run: hash of everything that determines its result (incl. the package version,
-    so a new release recomputes instead of reusing results of older code)."""
-    obj = {**obj, "package_version": __version__}
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _committed_runs(store: Store) -> set[str]:
-    if not store.has_table("runs"):
-        return set()
-    return set(store.read("runs", ["run_id"])["run_id"].to_pylist())
-
-
 def _drop_uncommitted(store: Store) -> None:
     """Remove the rows of runs proven orphaned, under the store's writer lock.
 
@@ -102,7 +86,7 @@ def _drop_uncommitted(store: Store) -> None:
     Rows of anything else without a ``runs`` row (``predict``, image-only inference, a run
     another process is writing) are never touched."""
     with store.writer("compare"):
-        done = _committed_runs(store)
+        done = committed_runs(store)
         for rid in store.pending("compare"):
             if rid not in done:
                 for name in ("predictions", "metrics"):
@@ -148,129 +132,169 @@ def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
     return out
 
 
-def fold_genes(store: Store, fold: Fold, spec: str) -> list[str]:
-    """Genes of a fold, selected from its training slides only."""
-    keys, genes, counts, lib = store.expression_matrix(fold.train_slides)
-    return select_genes(parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), fold.train_slides, library_size=lib)
+def _check_config(cfg: CompareConfig) -> list[str]:
+    """Validate the heads and controls of ``cfg``; returns the controls to run ("none" first)."""
+    bad = sorted(set(cfg.heads) - set(HEADS))
+    if bad:
+        raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
+    spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
+    if spanning and len(cfg.backbones) < 2:
+        raise InputError(None, "--heads", f"{', '.join(spanning)} average several backbones: give at least two --backbones")
+    bad = sorted(set(cfg.controls) - set(CONTROLS[1:]))
+    if bad:
+        raise InputError(None, "--control", f"unknown controls {bad}; choose from {', '.join(CONTROLS[1:])}")
+    return ["none"] + [c for c in CONTROLS[1:] if c in cfg.controls]
 
 
-CONTROLS = ("none", "shuffled")
+def _single_backbone_heads(cfg: CompareConfig) -> list[str]:
+    """The per-backbone heads to fit, each after the head it takes ``alpha`` from, plus the
+    heads a spanning head combines (``nb`` for FSTimage) even when not asked for."""
+    wanted = [h for h in cfg.heads if not head_spec(h).spans_backbones]
+    wanted += [c for c in {head_spec(h).combines for h in cfg.heads} - set(wanted) if c]
+    order = {h: i for i, h in enumerate(head_names())}
+    sources = {head_spec(h).takes_alpha_from for h in wanted}
+    return sorted(wanted, key=lambda h: (head_spec(h).takes_alpha_from is not None, h not in sources, order[h]))
+
+
+@dataclass
+class _Session:
+    """What every run of one ``compare`` call shares."""
+
+    store: Store
+    cfg: CompareConfig
+    done: set[str]
+    spots: pl.DataFrame
+    slides: pl.DataFrame
+    provs: dict[str, dict]
+    bar: Any
+    run_ids: list[str] = field(default_factory=list)
+    computed: int = 0
+    reused: int = 0
 
 
 def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareResult:
     """Run (or reuse) every fold x backbone x head (x control); returns the leaderboard."""
     t0 = time.perf_counter()
-    bad = sorted(set(cfg.heads) - set(ALL_HEADS))
-    if bad:
-        raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(ALL_HEADS)}")
-    if "fstimage" in cfg.heads and len(cfg.backbones) < 2:
-        raise InputError(None, "--heads", "fstimage averages several backbones: give at least two --backbones")
-    bad = sorted(set(cfg.controls) - set(CONTROLS[1:]))
-    if bad:
-        raise InputError(None, "--control", f"unknown controls {bad}; choose from {', '.join(CONTROLS[1:])}")
-    controls = ["none"] + [c for c in CONTROLS[1:] if c in cfg.controls]
+    controls = _check_config(cfg)
     provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
     _drop_uncommitted(store)
-    done = _committed_runs(store)
-    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]))
-    slides = pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"]))
     folds = _folds(store, cfg)
-    computed = reused = 0
-    run_ids: list[str] = []
-    # nb first: the ensemble's members reuse its CV choice of the L2 strength (same data,
-    # same grouped folds: the same choice), which halves the CV work per fold
-    single = sorted((h for h in cfg.heads if h in SINGLE_BACKBONE_HEADS), key=lambda h: h != "nb")
-    need_nb = "fstimage" in cfg.heads and "nb" not in single
-    per_fold = len(cfg.backbones) * (len(single) + need_nb) + ("fstimage" in cfg.heads)
+    single = _single_backbone_heads(cfg)
+    spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
+    per_fold = len(cfg.backbones) * len(single) + len(spanning)
     bar = tqdm(total=len(folds) * len(controls) * per_fold, desc="compare", unit="run", disable=not progress)
+    ses = _Session(
+        store, cfg, committed_runs(store),
+        pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"])),
+        pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])), provs, bar,
+    )
     for ds, fold in folds:
-        genes = fold_genes(store, fold, cfg.genes)
-        arrays: dict[str, tuple] = {}
+        genes = fold_genes(store, fold.train_slides, cfg.genes)
+        arrays: dict[str, tuple[SpotArrays, SpotArrays]] = {}
         for control in controls:
-            nb_runs: dict[str, str] = {}
             base = {"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
                     "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes,
                     "gene_spec": cfg.genes, "only_qc": cfg.only_qc, "control": control}
-            for bb in cfg.backbones:
-                pid = provenance_id(provs[bb])
-                nb_alpha: float | None = None
-                for head in (["nb"] if need_nb else []) + single:
-                    params = cfg.head_params.get(head, {})
-                    rid = run_hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params,
-                                    "effective_params": head_config(head, params)})
-                    if head == "nb":
-                        nb_runs[bb] = rid
-                    if head in cfg.heads:
-                        run_ids.append(rid)
-                    bar.set_postfix(fold=fold.name, backbone=bb, head=head, control=control)
-                    if rid in done:
-                        reused += 1
-                        bar.update()
-                        continue
-                    if bb not in arrays:
-                        arrays[bb] = (load_spot_arrays(store, bb, fold.train_slides, genes, only_qc=cfg.only_qc),
-                                      load_spot_arrays(store, bb, fold.test_slides, genes, only_qc=cfg.only_qc))
-                    train, test = arrays[bb]
-                    if control == "shuffled":
-                        train, test = shuffled_within_slides(train, seed=0), shuffled_within_slides(test, seed=1)
-                    t1 = time.perf_counter()
-                    fit_params = dict(params)
-                    if head == "ensemble" and nb_alpha is not None and "alpha" not in fit_params:
-                        fit_params["alpha"] = nb_alpha
-                    model = fit_head(head, make_head(head, fit_params), train)
-                    fit_s = time.perf_counter() - t1
-                    if head == "nb":
-                        nb_alpha = getattr(model, "alpha_", None)
-                    pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
-                    _write_run(store, rid, pred, score_run(pred, spots, slides, head), ds, bb, [bb], head,
-                               base, genes, params, [pid], train.X.shape[0], fit_s)
-                    done.add(rid)
-                    computed += 1
-                    bar.update()
-            if "fstimage" in cfg.heads:
-                rid = run_hash({**base, "head": "fstimage", "members": nb_runs, "missing": cfg.missing})
-                run_ids.append(rid)
-                if rid in done:
-                    reused += 1
-                else:
-                    members = {bb: pl.from_arrow(store.read("predictions", where=f"run_id = '{r}'")) for bb, r in nb_runs.items()}
-                    pred = combine_backbones(members, missing=cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
-                    _write_run(store, rid, pred, score_run(pred, spots, slides, "fstimage"), ds, "fstimage",
-                               list(nb_runs), "fstimage", base, genes, {"missing": cfg.missing},
-                               [provenance_id(provs[b]) for b in nb_runs], 0, 0.0)
-                    done.add(rid)
-                    computed += 1
-                bar.update()
+            runs = {bb: _run_backbone(ses, base, fold, bb, single, arrays) for bb in cfg.backbones}
+            for head in spanning:
+                _run_spanning(ses, base, head, {bb: ids[head_spec(head).combines] for bb, ids in runs.items()})
     bar.close()
-    board = leaderboard(store, run_ids)
-    return CompareResult(board, computed, reused, time.perf_counter() - t0, run_ids)
+    board = leaderboard(store, ses.run_ids)
+    return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids)
 
 
-def _write_run(store, rid, pred, metrics, ds, backbone, members, head, base, genes, params, pids, n_train, fit_s):
-    """Commit one run under the store's writer lock: mark it pending, drop rows an interrupted
-    attempt left, write predictions, metrics, then its ``runs`` row (the commit marker), then
-    clear the mark. A run another writer committed meanwhile is kept, not written twice."""
+def _fold_arrays(ses: _Session, fold: Fold, bb: str, genes: list[str], control: str,
+                 cache: dict[str, tuple[SpotArrays, SpotArrays]]) -> tuple[SpotArrays, SpotArrays]:
+    """(train, test) arrays of a backbone on a fold, read once per fold; permuted within
+    each slide for the shuffled control."""
+    if bb not in cache:
+        cache[bb] = (load_spot_arrays(ses.store, bb, fold.train_slides, genes, only_qc=ses.cfg.only_qc),
+                     load_spot_arrays(ses.store, bb, fold.test_slides, genes, only_qc=ses.cfg.only_qc))
+    train, test = cache[bb]
+    if control == "shuffled":
+        train, test = shuffled_within_slides(train, seed=0), shuffled_within_slides(test, seed=1)
+    return train, test
+
+
+def _run_backbone(ses: _Session, base: dict, fold: Fold, bb: str, heads: list[str],
+                  cache: dict[str, tuple[SpotArrays, SpotArrays]]) -> dict[str, str]:
+    """Run (or reuse) every per-backbone head on one fold; returns the run id of each."""
+    pid = provenance_id(ses.provs[bb])
+    alphas: dict[str, float] = {}  # head -> its CV choice of alpha on this fold
+    ids: dict[str, str] = {}
+    for head in heads:
+        spec = head_spec(head)
+        params = ses.cfg.head_params.get(head, {})
+        rid = run_hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params,
+                        "effective_params": head_config(head, params)})
+        ids[head] = rid
+        if head in ses.cfg.heads:
+            ses.run_ids.append(rid)
+        ses.bar.set_postfix(fold=fold.name, backbone=bb, head=head, control=base["control"])
+        if rid in ses.done:
+            ses.reused += 1
+            ses.bar.update()
+            continue
+        train, test = _fold_arrays(ses, fold, bb, base["genes"], base["control"], cache)
+        fit_params = dict(params)
+        if spec.takes_alpha_from in alphas and "alpha" not in fit_params:
+            fit_params["alpha"] = alphas[spec.takes_alpha_from]
+        t1 = time.perf_counter()
+        model = fit_head(head, make_head(head, fit_params), train)
+        fit_s = time.perf_counter() - t1
+        if getattr(model, "alpha_", None) is not None:
+            alphas[head] = model.alpha_
+        pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
+        row = runs_row(run_id=rid, dataset=base["dataset"], backbone=bb, members=[bb], head=head, split=base["split"],
+                       fold=base["fold"], train_slides=base["train"], test_slides=base["test"], gene_spec=base["gene_spec"],
+                       genes=base["genes"], params=params, provenance_ids=[pid], n_train_spots=train.X.shape[0],
+                       fit_seconds=fit_s, control=base["control"])
+        _write_run(ses, row, pred)
+    return ids
+
+
+def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str]) -> None:
+    """Run (or reuse) a head spanning backbones (FSTimage) from the fold's runs of the head
+    it combines (``nb_runs``: backbone -> run id)."""
+    rid = run_hash({**base, "head": head, "members": nb_runs, "missing": ses.cfg.missing})
+    ses.run_ids.append(rid)
+    if rid in ses.done:
+        ses.reused += 1
+    else:
+        ids = sql_list(list(nb_runs.values()))
+        allp = pl.from_arrow(ses.store.read("predictions", where=f"run_id IN ({ids})"))
+        members = {bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items()}
+        pred = combine_backbones(members, missing=ses.cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
+        row = runs_row(run_id=rid, dataset=base["dataset"], backbone=head, members=list(nb_runs), head=head,
+                       split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
+                       gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
+                       provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
+                       control=base["control"])
+        _write_run(ses, row, pred)
+    ses.bar.update()
+
+
+def _write_run(ses: _Session, row: dict, pred: pl.DataFrame) -> None:
+    """Score and commit one run under the store's writer lock: mark it pending, drop rows an
+    interrupted attempt left, write predictions, metrics, then its ``runs`` row (the commit
+    marker), then clear the mark. A run another writer committed meanwhile is kept, not
+    written twice."""
+    store, rid = ses.store, row["run_id"]
+    metrics = score_run(pred, ses.spots, ses.slides, row["head"])
     with store.writer("compare"):
-        if rid in _committed_runs(store):
+        if rid in committed_runs(store, [rid]):
             log.info("run %s was committed meanwhile by another writer; keeping it", rid)
-            return
-        store.mark_pending("compare", rid)
-        for name in ("predictions", "metrics"):
-            store.delete(name, f"run_id IN ({sql_list([rid])})")
-        store.append("predictions", pred)
-        store.append(
-            "metrics",
-            metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
-                pl.lit(rid).alias("run_id"), pl.lit(ds).alias("dataset"), pl.lit(backbone).alias("backbone"),
-                pl.lit(head).alias("head"), pl.lit(base["fold"]).alias("fold"), pl.lit(base["control"]).alias("control"),
-            ),
-        )
-        row = {
-            "run_id": rid, "dataset": ds, "backbone": backbone, "members": members, "head": head,
-            "control": base["control"], "split": base["split"],
-            "fold": base["fold"], "train_slides": base["train"], "test_slides": base["test"], "gene_spec": base["gene_spec"], "genes": genes,
-            "head_params": json.dumps(params, sort_keys=True), "provenance_ids": pids, "n_train_spots": n_train,
-            "fit_seconds": fit_s, "model_dir": "", "created_at": dt.datetime.now(dt.timezone.utc),
-        }
-        store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))
-        store.clear_pending("compare", rid)
+        else:
+            store.mark_pending("compare", rid)
+            for name in ("predictions", "metrics"):
+                store.delete(name, f"run_id IN ({sql_list([rid])})")
+            store.append("predictions", pred)
+            store.append("metrics", metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+                pl.lit(rid).alias("run_id"), pl.lit(row["dataset"]).alias("dataset"), pl.lit(row["backbone"]).alias("backbone"),
+                pl.lit(row["head"]).alias("head"), pl.lit(row["fold"]).alias("fold"), pl.lit(row["control"]).alias("control"),
+            ))
+            commit_run_row(store, row)
+            store.clear_pending("compare", rid)
+    ses.done.add(rid)
+    ses.computed += 1
+    ses.bar.update()

@@ -26,9 +26,9 @@ import polars as pl
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
+from heads.scale import TARGET_SUM, log1p_normalise
 from stimage_embed.errors import InputError
 
-TARGET_SUM = 1e4
 REGRESSION_METRICS = ("pearson", "spearman", "mse", "mae", "ccc")
 POOLED = "pooled"
 PER_SLIDE = "slide"
@@ -37,27 +37,17 @@ ArrayLike = np.ndarray | sp.spmatrix | sp.sparray
 
 
 def normalise_log1p(counts: ArrayLike, library_size: np.ndarray, target_sum: float = TARGET_SUM) -> ArrayLike:
-    """``log1p(counts / library_size * target_sum)`` per spot (row).
+    """``log1p(counts / library_size * target_sum)`` per spot (row): the truth's scale.
 
-    Parameters
-    ----------
-    counts : (n_spots, n_genes) raw counts (dense or sparse; sparse stays sparse CSR).
-    library_size : (n_spots,) total raw count of each spot over ALL genes of the slide —
-        not only the genes passed in ``counts`` — so a gene's value does not depend on
-        which other genes were selected. Spots with library size 0 give 0.
-    target_sum : counts per spot after scaling (1e4, as scanpy ``normalize_total``).
+    The one definition is :func:`heads.scale.log1p_normalise` (dense or sparse; library
+    size 0 gives 0; ``library_size`` = each spot's total raw counts over ALL genes); here its
+    input errors are reported as :class:`~stimage_embed.errors.InputError` naming the field.
     """
-    lib = np.asarray(library_size, dtype=np.float64).ravel()
-    if lib.shape[0] != counts.shape[0]:
-        raise InputError(None, "library_size", f"{lib.shape[0]} library sizes for {counts.shape[0]} spots")
-    if np.any(lib < 0) or not np.all(np.isfinite(lib)):
-        raise InputError(None, "library_size", "library sizes must be finite and >= 0")
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    if sp.issparse(counts):
-        out = sp.csr_matrix(sp.diags(scale) @ sp.csr_matrix(counts, dtype=np.float64))
-        out.data = np.log1p(out.data)
-        return out
-    return np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None])
+    try:
+        return log1p_normalise(counts, library_size, target_sum)
+    except ValueError as exc:
+        field, _, msg = str(exc).partition(": ")
+        raise InputError(None, field, msg) from exc
 
 
 def _pair(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from heads import highlow_labels
 from stimage_embed.evaluation.metrics import classification_metrics, evaluate_regression, interval_coverage, normalise_log1p
-from stimage_embed.evaluation.spatial import bivariate_morans_i, morans_i, radius_weights, spatial_iou
+from stimage_embed.evaluation.spatial import bivariate_morans_i, grid_layout, morans_i, radius_weights, spatial_iou
+from stimage_embed.predictions.registry import head_spec
 
 NEIGHBOUR_RADIUS_PITCHES = 1.2  # spots within 1.2 pitches are neighbours (4 on ST, 6 on Visium)
 
@@ -34,13 +36,12 @@ def score_run(pred: pl.DataFrame, spots: pl.DataFrame, slides: pl.DataFrame, hea
     def add(df: pl.DataFrame, scope: str, slide: str) -> None:
         parts.append(df.select(pl.lit(scope).alias("scope"), pl.lit(slide).alias("slide_id"), "gene", "metric", "value"))
 
-    if head == "highlow":
+    if head_spec(head).output == "classifier":
         proba = _wide(pred, "prob_high", genes)
+        labels = highlow_labels(truth, slide_ids)  # the rule the classifier was trained on
         for s in np.unique(slide_ids):
             m = slide_ids == s
-            t = truth[m]
-            label = (t - t.mean(0)) / np.where(t.std(0) > 0, t.std(0), np.nan) > 0
-            add(classification_metrics(label, proba[m], genes), "slide", s)
+            add(classification_metrics(labels[m], proba[m], genes), "slide", s)
         return pl.concat(parts)
 
     mean = _wide(pred, "mean_log1p", genes).astype(np.float64)
@@ -54,7 +55,7 @@ def score_run(pred: pl.DataFrame, spots: pl.DataFrame, slides: pl.DataFrame, hea
         g = geo.filter(pl.col("slide_id") == s)
         pitch_px = float(g["spot_pitch_um"][0]) / float(g["um_per_px"][0])
         W = radius_weights(g.select("pixel_x", "pixel_y").to_numpy(), NEIGHBOUR_RADIUS_PITCHES * pitch_px)
-        layout = "hex" if str(g["platform"][0]).startswith("visium") else "square"
+        layout = grid_layout(g["array_row"].to_numpy(), g["array_col"].to_numpy(), platform=g["platform"][0])
         iou = spatial_iou(truth[m], mean[m], g["array_row"].to_numpy(), g["array_col"].to_numpy(), layout=layout)
         vals = {
             "moran_i": morans_i(mean[m], W),

@@ -209,6 +209,20 @@ class SpatialIoU:
     cols: np.ndarray
 
 
+def grid_layout(array_row: np.ndarray, array_col: np.ndarray, platform: str | None = None) -> str:
+    """The raster layout of a slide's spot grid, one rule for scoring and reports:
+    ``hex`` for a Visium platform, or, without a platform, when the array coordinates look
+    like Visium's doubled columns (``row + col`` always even or always odd over several
+    rows); else ``square`` (legacy ST)."""
+    if platform is not None:
+        return "hex" if str(platform).lower().startswith("visium") else "square"
+    r = np.asarray(array_row, dtype=np.int64)
+    c = np.asarray(array_col, dtype=np.int64)
+    if r.size > 1 and np.unique(r).size > 1 and np.unique((r + c) % 2).size == 1:
+        return "hex"
+    return "square"
+
+
 def spot_raster_index(array_row: np.ndarray, array_col: np.ndarray, layout: str = "square") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Raster cell of each spot and the raster shape.
 

@@ -22,7 +22,7 @@ from stimage_embed.embeddings.provenance import existing_provenance, provenance_
 from stimage_embed.errors import ProvenanceError, StoreError
 from stimage_embed.inference.model import SavedModel
 from stimage_embed.predictions.arrays import SpotArrays
-from stimage_embed.predictions.runner import predict_head
+from stimage_embed.predictions.runner import VALUE_COLUMNS, predict_head
 from stimage_embed.predictions.train_predict import vector_identity
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
@@ -30,7 +30,6 @@ from stimage_embed.store.store import Store, sql_list
 log = logging.getLogger(__name__)
 
 #: prediction columns gathered as (tiles, genes) matrices when the head fills them
-VALUE_COLUMNS = ("mean_log1p", "mean", "variance", "epistemic", "aleatoric", "q05", "q25", "q75", "q95", "prob_high")
 #: long prediction rows per chunk (tiles per chunk = this / genes, at least 64)
 ROWS_PER_CHUNK = 400_000
 

@@ -24,7 +24,7 @@ from stimage_embed.store.store import Store, sql_list
 
 @dataclass
 class SpotArrays:
-    keys: pl.DataFrame  # slide_id, spot_id, patient, array_row, array_col, pixel_x, pixel_y
+    keys: pl.DataFrame  # slide_id, spot_id, patient, array_row, array_col, pixel_x, pixel_y, um_per_px
     X: np.ndarray  # (n, dim) float32 embeddings
     counts: np.ndarray | None  # (n, g) raw counts (int64); None for a slide with no counts (image only)
     library_size: np.ndarray | None  # (n,) total raw counts over ALL genes of the spot; None without counts
@@ -34,6 +34,15 @@ class SpotArrays:
     @property
     def groups(self) -> np.ndarray:
         return self.keys["slide_id"].to_numpy()
+
+    @property
+    def coords_um(self) -> np.ndarray | None:
+        """(n, 2) spot centres in µm (level-0 pixel x, y times the slide's µm/px), one
+        frame per slide; ``None`` when the keys carry no pixel coordinates."""
+        if not {"pixel_x", "pixel_y", "um_per_px"} <= set(self.keys.columns):
+            return None
+        um = self.keys["um_per_px"].to_numpy().astype(np.float64)[:, None]
+        return self.keys.select("pixel_x", "pixel_y").to_numpy().astype(np.float64) * um
 
 
 def shuffled_within_slides(arrays: SpotArrays, seed: int = 0) -> SpotArrays:
@@ -92,7 +101,7 @@ def load_spot_arrays(
         store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y", "passes_qc"],
                    where=f"slide_id IN ({sql_list(slide_ids)})")
     )
-    slides = pl.from_arrow(store.read("slides", ["slide_id", "patient"]))
+    slides = pl.from_arrow(store.read("slides", ["slide_id", "patient", "um_per_px"]))
     ekeys = ekeys.with_columns(pl.Series("_e", np.arange(ekeys.height)))
     ckeys = ckeys.with_columns(pl.Series("_c", np.arange(ckeys.height)), pl.Series("_lib", lib))
     j = ekeys.join(ckeys, on=["slide_id", "spot_id"], how="inner").join(spots, on=["slide_id", "spot_id"]).join(slides, on="slide_id")
@@ -104,7 +113,7 @@ def load_spot_arrays(
     dense = counts[j["_c"].to_numpy()]
     dense = dense.toarray() if sp.issparse(dense) else np.asarray(dense)
     return SpotArrays(
-        keys=j.select("slide_id", "spot_id", "patient", "array_row", "array_col", "pixel_x", "pixel_y"),
+        keys=j.select("slide_id", "spot_id", "patient", "array_row", "array_col", "pixel_x", "pixel_y", "um_per_px"),
         X=X[j["_e"].to_numpy()],
         counts=dense.astype(np.int64),
         library_size=j["_lib"].to_numpy().astype(np.float64),

@@ -9,23 +9,22 @@ whose provenance differs from the training vectors'.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
 from heads import ProvenanceMismatch, check_provenance, load_head, save_head
 from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, provenance_id
 from stimage_embed.errors import InputError, ProvenanceError
-from stimage_embed.evaluation.compare import fold_genes, run_hash
-from stimage_embed.evaluation.splits import Fold
 from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
-from stimage_embed.predictions.runner import SINGLE_BACKBONE_HEADS, fit_head, make_head, predict_head
-from stimage_embed.store import schema as S
+from stimage_embed.predictions.genes import fold_genes
+from stimage_embed.predictions.registry import head_names
+from stimage_embed.predictions.runner import fit_head, make_head, predict_head
+from stimage_embed.predictions.runs import commit_run_row, datasets_of, run_hash, runs_row
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,9 @@ def vector_identity(prov: dict) -> dict:
 
 
 def models_dir(store: Store) -> Path:
-    return store.path / "models"
+    """Local folder of the store's model folders (``Store.models_dir``: ``<store>/models``,
+    or ``--models-dir`` for a store on object storage)."""
+    return store.models_dir
 
 
 def train(
@@ -45,15 +46,16 @@ def train(
     only_qc: bool = True,
 ) -> tuple[str, Path]:
     """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir)."""
-    if head not in SINGLE_BACKBONE_HEADS:
-        raise InputError(None, "--head", f"train fits one backbone's head: {', '.join(SINGLE_BACKBONE_HEADS)} "
-                         "(fstimage is built by `compare` from nb runs of several backbones)")
+    fitted = head_names(spans_backbones=False)
+    if head not in fitted:
+        raise InputError(None, "--head", f"train fits one backbone's head: {', '.join(fitted)} "
+                         "(heads spanning backbones are built by `compare` from runs of several backbones)")
     known = set(store.slide_ids())
     unknown = sorted(set(train_slides) - known)
     if unknown or not train_slides:
         raise InputError(None, "--train", f"training slides not in the store: {unknown or 'none given'}")
     prov = table_provenance(store, backbone)
-    gene_list = fold_genes(store, Fold("train", train_slides, ["-"]), genes)
+    gene_list = fold_genes(store, train_slides, genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
     rid = run_hash({"backbone": backbone, "provenance": provenance_id(prov), "head": head, "params": params or {},
                  "train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"})
@@ -66,18 +68,12 @@ def train(
         {"run_id": rid, "backbone": backbone, "head": head, "genes": gene_list, "gene_spec": genes,
          "train_slides": sorted(train_slides), "params": params or {}, "n_train_spots": int(arrays.X.shape[0]),
          "fit_seconds": fit_s}, indent=2))
-    row = {
-        "run_id": rid, "dataset": ",".join(sorted(set(store.sql(
-            f"SELECT dataset FROM slides WHERE slide_id IN ({sql_list(train_slides)})")["dataset"]))),
-        "backbone": backbone, "members": [backbone], "head": head, "split": "train", "fold": "train",
-        "train_slides": sorted(train_slides), "test_slides": [], "gene_spec": genes, "genes": gene_list,
-        "head_params": json.dumps(params or {}), "provenance_ids": [provenance_id(prov)],
-        "n_train_spots": int(arrays.X.shape[0]), "fit_seconds": fit_s, "model_dir": str(out),
-        "created_at": dt.datetime.now(dt.timezone.utc),
-    }
-    known_runs = set(store.read("runs", ["run_id"])["run_id"].to_pylist()) if store.has_table("runs") else set()
-    if rid not in known_runs:
-        store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))
+    row = runs_row(run_id=rid, dataset=datasets_of(store, train_slides), backbone=backbone, members=[backbone], head=head,
+                   split="train", fold="train", train_slides=train_slides, test_slides=[], gene_spec=genes,
+                   genes=gene_list, params=params, provenance_ids=[provenance_id(prov)],
+                   n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s, model_dir=str(out))
+    with store.writer("train"):
+        commit_run_row(store, row)
     log.info("trained %s on %s (%d spots, %d genes) in %.1f s -> %s", head, backbone, arrays.X.shape[0], len(gene_list), fit_s, out)
     return rid, out
 
@@ -89,8 +85,6 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     the store lacks it (a model trained elsewhere), then the predictions replace the old
     ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
     leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
-    import re
-
     from safetensors import SafetensorError
 
     path = Path(model)
@@ -126,18 +120,14 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
             raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
         arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
         pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(rid).alias("run_id"))
-        known_runs = set(store.read("runs", ["run_id"], where=f"run_id = '{rid}'")["run_id"].to_pylist()) if store.has_table("runs") else set()
-        if rid not in known_runs:  # make the predictions attributable to a committed run
-            train_slides = [str(x) for x in meta.get("train_slides", [])]
-            ds = store.read("slides", ["dataset"], where=f"slide_id IN ({sql_list(train_slides)})")["dataset"].to_pylist() if train_slides else []
-            row = {
-                "run_id": rid, "dataset": ",".join(sorted(set(ds))), "backbone": meta["backbone"], "members": [meta["backbone"]],
-                "head": meta["head"], "split": "train", "fold": "train", "train_slides": sorted(train_slides), "test_slides": [],
-                "gene_spec": meta.get("gene_spec"), "genes": list(meta["genes"]), "head_params": json.dumps(meta.get("params") or {}),
-                "provenance_ids": [provenance_id(prov)], "n_train_spots": meta.get("n_train_spots"),
-                "fit_seconds": meta.get("fit_seconds"), "model_dir": str(path), "created_at": dt.datetime.now(dt.timezone.utc),
-            }
-            store.append("runs", pa.Table.from_pylist([row], schema=S.RUNS))
+        # make the predictions attributable to a committed run (a model trained elsewhere)
+        train_slides = [str(x) for x in meta.get("train_slides", [])]
+        commit_run_row(store, runs_row(
+            run_id=rid, dataset=datasets_of(store, train_slides), backbone=meta["backbone"], members=[meta["backbone"]],
+            head=meta["head"], split="train", fold="train", train_slides=train_slides, test_slides=[],
+            gene_spec=meta.get("gene_spec"), genes=meta["genes"], params=meta.get("params"),
+            provenance_ids=[provenance_id(prov)], n_train_spots=meta.get("n_train_spots"),
+            fit_seconds=meta.get("fit_seconds"), model_dir=str(path)))
         store.replace_where("predictions", pred, ("run_id", "slide_id", "spot_id", "gene"),
                             f"run_id = '{rid}' AND slide_id IN ({sql_list(slides)})")
     return pred

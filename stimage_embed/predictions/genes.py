@@ -48,13 +48,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from heads.scale import TARGET_SUM, log1p_normalise
 from stimage_embed.errors import CatalogError, InputError
 from stimage_embed.paths import catalogs_dir
 
 log = logging.getLogger(__name__)
 
 MIN_DETECTION_FRACTION = 0.1
-TARGET_SUM = 1e4
 N_BINS = 20
 
 
@@ -266,10 +266,7 @@ def log1p_cp10k_moments(
     count over ALL genes. Sparse-aware (zeros stay zeros on this scale)."""
     x = _as_csr(counts)
     n = x.shape[0]
-    lib = np.asarray(library_size, dtype=np.float64)
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    xl = (sp.diags(scale) @ x).tocsr()
-    xl.data = np.log1p(xl.data)
+    xl = log1p_normalise(x, library_size, target_sum)
     mean = np.asarray(xl.mean(axis=0)).ravel()
     mean_sq = np.asarray(xl.multiply(xl).mean(axis=0)).ravel()
     var = (mean_sq - mean**2) * (n / max(n - 1, 1))
@@ -363,3 +360,10 @@ def select_genes(
         chosen = keep[np.argsort(-score, kind="stable")[:k]]
     log.debug("%s from %d training spots, %d of %d genes pass detection", spec, xt.shape[0], keep.size, len(genes))
     return [genes[i] for i in chosen]
+
+
+def fold_genes(store, train_slides: Sequence[str], spec: str) -> list[str]:
+    """The genes of a fold (or a ``train`` run), selected by ``spec`` from the counts of its
+    TRAINING slides only (``store``: a :class:`~stimage_embed.store.Store`)."""
+    keys, genes, counts, lib = store.expression_matrix(list(train_slides))
+    return select_genes(parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), list(train_slides), library_size=lib)

@@ -1,0 +1,112 @@
+"""The head registry: one declarative :class:`HeadSpec` per head name, as the backbone
+catalog is for backbones. ``compare``, ``train``, ``predict``, scoring, plots, the report
+and the CLI read what they need from here; adding a head is one entry in :data:`HEADS`.
+
+Output kinds (what :func:`stimage_embed.predictions.runner.predict_head` writes):
+
+* ``nb``: a negative-binomial head with ``predict_rate`` (image-only metric-scale
+  prediction) and ``predict_dist`` (count-scale predictive NB, for coverage);
+* ``nb_ensemble``: several NB members with ``predict_rate`` and ``predict_uncertainty``
+  (epistemic / aleatoric split);
+* ``classifier``: ``predict_proba`` of "high" expression (labels from
+  :func:`heads.highlow_labels`);
+* ``log1p``: a point prediction on the log1p(CP10k) scale (``predict_log1p_norm``);
+* ``combined``: built from other runs' predictions across backbones (FSTimage), never
+  fitted on vectors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from stimage_embed.errors import InputError
+
+OUTPUT_KINDS = ("nb", "nb_ensemble", "classifier", "log1p", "combined")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head as the rest of the package sees it.
+
+    name: the CLI / store name; summary: one line for help texts and docs;
+    output: one of :data:`OUTPUT_KINDS`; build: ``"module:callable"``, a class or factory
+    ``**params -> unfitted head``, imported when first used (so the CLI starts without
+    torch; ``None`` for a ``combined`` head); defaults: parameters the project sets differently from the
+    class defaults (a user's parameters override them); baseline: shown as a baseline
+    (grey in plots, excluded from "best model"); spans_backbones: combines several
+    backbones' runs; marker: matplotlib marker in plots; takes_alpha_from: another head
+    whose CV choice of ``alpha`` on the same fold it reuses (same data, same grouped folds:
+    the same choice); combines: for a head spanning backbones, the per-backbone head whose
+    runs it combines; uses_coords: ``fit``/``predict`` also take each spot's slide
+    (``groups``) and centre in µm (``coords``); spread: what its epistemic variance is a
+    spread between (report legends), ``None`` if it has none.
+    """
+
+    name: str
+    summary: str
+    output: str
+    build: str | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    spans_backbones: bool = False
+    marker: str = "o"
+    takes_alpha_from: str | None = None
+    combines: str | None = None
+    uses_coords: bool = False
+    spread: str | None = None
+
+    def make(self, params: Mapping[str, Any] | None = None) -> Any:
+        """A fresh, unfitted head with ``defaults`` updated by ``params``."""
+        if self.build is None:
+            raise InputError(None, "--head", f"{self.name} is built by `compare` from other runs, not fitted on vectors")
+        module, _, attr = self.build.partition(":")
+        return getattr(importlib.import_module(module), attr)(**{**self.defaults, **(params or {})})
+
+
+def seed_ensemble(n_members: int = 5, **params: Any) -> Any:
+    """A :class:`heads.SeedEnsemble` of ``n_members`` :class:`heads.NBRegressor` (``params``)."""
+    from heads import NBRegressor, SeedEnsemble
+
+    return SeedEnsemble(NBRegressor(**params), n_members=n_members)
+
+
+#: every head, in display order (baselines first)
+HEADS: Mapping[str, HeadSpec] = MappingProxyType({spec.name: spec for spec in (
+    HeadSpec("mean", "training mean of log1p(CP10k) per gene (baseline)", "log1p", "heads:MeanBaseline",
+             baseline=True, marker="x"),
+    HeadSpec("ridge", "ridge on PCA of the vectors, alpha by CV grouped by slide (baseline)", "log1p", "heads:RidgeBaseline",
+             baseline=True, marker="v"),
+    HeadSpec("nb", "linear negative-binomial GLM, L2 by CV grouped by slide", "nb", "heads:NBRegressor", marker="o"),
+    HeadSpec("ensemble", "5 bootstrapped NB GLMs: epistemic + aleatoric uncertainty", "nb_ensemble", f"{__name__}:seed_ensemble",
+             defaults={"bootstrap": True}, marker="s", takes_alpha_from="nb", spread="between seeds"),
+    HeadSpec("highlow", "elastic-net logistic classifiers of high/low expression (STimage)", "classifier",
+             "heads:HighLowClassifier", defaults={"n_jobs": -1}, marker="^"),
+    HeadSpec("fstimage", "FSTimage: the nb predictions of several backbones averaged", "combined",
+             spans_backbones=True, combines="nb", marker="D", spread="between backbones"),
+)})
+
+
+def head_spec(name: str) -> HeadSpec:
+    """The spec of ``name``; an :class:`InputError` naming the known heads otherwise."""
+    spec = HEADS.get(name)
+    if spec is None:
+        raise InputError(None, "--head", f"unknown head {name!r}; choose from {', '.join(HEADS)}")
+    return spec
+
+
+def head_names(*, spans_backbones: bool | None = None, baseline: bool | None = None, output: str | None = None) -> tuple[str, ...]:
+    """Registered head names in display order, optionally filtered."""
+    return tuple(
+        s.name for s in HEADS.values()
+        if (spans_backbones is None or s.spans_backbones == spans_backbones)
+        and (baseline is None or s.baseline == baseline)
+        and (output is None or s.output == output)
+    )
+
+
+def head_help() -> str:
+    """One line per head for CLI help: ``name: summary``."""
+    return "; ".join(f"{s.name}: {s.summary}" for s in HEADS.values())
