@@ -28,6 +28,7 @@ Persistence: :func:`save_head` / :func:`load_head` (JSON + safetensors, no pickl
 
 from heads.baselines import MeanBaseline, RidgeBaseline
 from heads.classifier import HighLowClassifier, highlow_labels
+from heads.context import ContextNBRegressor
 from heads.distributions import (
     mean_disp_to_rp,
     mean_var_to_rp,
@@ -52,21 +53,25 @@ from heads.errors import ProvenanceMismatch
 from heads.scale import TARGET_SUM, log1p_normalise, log1p_to_rate, rate_to_log1p
 from heads.nb import NBPrediction, NBRegressor
 from heads.persistence import check_provenance, load_head, save_head
+from heads.neighbours import Neighbours, find_neighbours
 from heads.validation_split import validation_split
 
 __all__ = [
     "TARGET_SUM",
     "CombinedPrediction",
+    "ContextNBRegressor",
     "HighLowClassifier",
     "MeanBaseline",
     "NBPrediction",
     "NBRegressor",
+    "Neighbours",
     "ProvenanceMismatch",
     "RidgeBaseline",
     "SeedEnsemble",
     "Uncertainty",
     "check_provenance",
     "combine_predictions",
+    "find_neighbours",
     "highlow_labels",
     "load_head",
     "log1p_normalise",

@@ -17,6 +17,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
 from sklearn.preprocessing import StandardScaler
 
+from heads.pca import principal_axes
 from heads.inputs import check_counts, check_groups, check_library_size, check_X, counts_at_library
 from heads.scale import TARGET_SUM, log1p_normalise
 
@@ -41,6 +42,16 @@ def ridge_path_predict(Z_train: np.ndarray, T_train: np.ndarray, Z_test: np.ndar
     UtT = U.T @ (T_train - t_mean)
     ZV = (Z_test - z_mean) @ Vt.T
     return np.stack([ZV @ ((s / (s**2 + a))[:, None] * UtT) + t_mean for a in alphas])
+
+
+class _Projection:
+    """Fitted principal axes: ``transform(X) = (X - mean_) @ components_.T``."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray):
+        self.mean_, self.components_ = np.asarray(mean, np.float64), np.asarray(components, np.float64)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (np.asarray(X, np.float64) - self.mean_) @ self.components_.T
 
 
 class RidgeBaseline(BaseEstimator):
@@ -68,9 +79,10 @@ class RidgeBaseline(BaseEstimator):
         residuals on the training rows) or ``"expm1"`` (``expm1(z_hat)``: the back-transform
         of the predicted log, i.e. the round trip through log1p returns ``z_hat`` exactly).
         ``predict_log1p_norm`` always returns ``z_hat`` itself.
-    svd_solver : ``sklearn.decomposition.PCA`` solver; default ``"covariance_eigh"`` (exact,
-        eigendecomposition of the dim x dim covariance: ~7x faster than ``"auto"``'s
-        randomised SVD for 1600 x 1280 embeddings and deterministic).
+    svd_solver : ``"gram_eigh"`` (default: exact and deterministic, one eigendecomposition of
+        the smaller of the n x n and dim x dim Gram matrices, :func:`heads.pca.principal_axes`;
+        on 830 x 1280 fold features ~10x faster than sklearn's ``"covariance_eigh"``) or any
+        ``sklearn.decomposition.PCA`` solver.
     random_state : seed of a randomised PCA solver and of the KFold fallback.
 
     Learned: ``scaler_mean_``, ``scaler_scale_``, ``pca_mean_``, ``pca_components_``
@@ -88,7 +100,7 @@ class RidgeBaseline(BaseEstimator):
         target: str = "log1p_norm",
         target_sum: float = TARGET_SUM,
         back_transform: str = "smearing",
-        svd_solver: str = "covariance_eigh",
+        svd_solver: str = "gram_eigh",
         random_state: int | None = 0,
     ):
         self.n_components = n_components
@@ -118,11 +130,15 @@ class RidgeBaseline(BaseEstimator):
             return GroupKFold(n_splits=k), f"group_kfold{k}"
         raise ValueError(f"cv: expected 'group', 'logo' or an int, got {self.cv!r}")
 
-    def _project_fit(self, X: np.ndarray) -> tuple[StandardScaler, PCA]:
+    def _project_fit(self, X: np.ndarray) -> tuple[StandardScaler, _Projection]:
         scaler = StandardScaler().fit(X)
         k = _n_components(self.n_components, X.shape[0], X.shape[1])
-        pca = PCA(n_components=k, svd_solver=self.svd_solver, random_state=self.random_state).fit(scaler.transform(X))
-        return scaler, pca
+        Xs = scaler.transform(X)
+        if self.svd_solver == "gram_eigh":
+            mean, comps, _ = principal_axes(Xs, k)
+            return scaler, _Projection(mean, comps)
+        pca = PCA(n_components=k, svd_solver=self.svd_solver, random_state=self.random_state).fit(Xs)
+        return scaler, _Projection(pca.mean_, pca.components_)
 
     def _targets(self, y: np.ndarray, lib: np.ndarray, ref: float) -> np.ndarray:
         if self.target == "log1p_norm":
@@ -171,7 +187,7 @@ class RidgeBaseline(BaseEstimator):
         self.pca_components_ = np.ascontiguousarray(pca.components_, dtype=np.float64)
         self.coef_ = np.ascontiguousarray(np.atleast_2d(ridge.coef_), dtype=np.float64)
         self.intercept_ = np.ascontiguousarray(np.atleast_1d(ridge.intercept_), dtype=np.float64)
-        self.n_components_ = int(pca.n_components_)
+        self.n_components_ = int(pca.components_.shape[0])
         self.n_features_in_ = X.shape[1]
         self.n_genes_ = y.shape[1]
         self.smearing_ = np.mean(np.exp(T - self._predict_target(X)), axis=0) if self.target == "log1p_norm" else np.ones(self.n_genes_)

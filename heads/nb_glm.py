@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from heads.distributions import nb_log_prob_log_mu
+from heads.pca import principal_axes
 
 
 @dataclass(frozen=True)
@@ -242,13 +243,11 @@ def _lbfgs_means(pb: _Problem, A: torch.Tensor, b: torch.Tensor, lt: torch.Tenso
 
 
 def principal_components(Xs: np.ndarray, n_components: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(Z, V)``: principal-component scores ``Z = Xs @ V`` (n, r) of standardised
+    """``(Z, V)``: principal-component scores ``Z = Xs @ V`` (n, r) of standardised (centred)
     features ``Xs`` and the loadings ``V`` (dim, r): all non-null components (``None``), or
-    the leading ``n_components``."""
-    _, s, vt = np.linalg.svd(Xs, full_matrices=False)
-    rank = int(np.sum(s > s[0] * 1e-6)) if s.size and s[0] > 0 else 0
-    r = max(1, rank if n_components is None else min(rank, int(n_components)))
-    V = vt[:r].T
+    the leading ``n_components`` (:func:`heads.pca.principal_axes`)."""
+    _, comps, _ = principal_axes(Xs, n_components)
+    V = comps.T if comps.shape[0] else np.zeros((Xs.shape[1], 1))
     return Xs @ V, V
 
 

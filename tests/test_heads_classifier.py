@@ -67,7 +67,7 @@ def test_auc_on_separable_case_and_single_class_gene(separable):
 
 def test_per_gene_models_equal_sklearn_logistic_regression(separable):
     X, Y = separable
-    clf = HighLowClassifier(C=0.1, l1_ratio=0.5, random_state=0).fit(X, Y)
+    clf = HighLowClassifier(C=0.1, l1_ratio=0.5, solver="saga", random_state=0).fit(X, Y)
     Xs = StandardScaler().fit_transform(X.astype(np.float32).astype(np.float64))  # heads casts X to float32
     for j in range(3):
         ref = LogisticRegression(C=0.1, l1_ratio=0.5, solver="saga", max_iter=1000, random_state=0).fit(Xs, Y[:, j])
@@ -85,3 +85,21 @@ def test_bad_labels_and_clone():
         HighLowClassifier().fit(X, np.zeros((9, 2), dtype=bool))
     est = HighLowClassifier(C=0.5, n_jobs=2)
     assert clone(est).get_params() == est.get_params()
+
+
+def test_batched_fista_solves_sklearns_elastic_net_objective(separable):
+    """The default solver fits all genes at once; its coefficients equal scikit-learn's
+    tightly converged saga solution of the same objective."""
+    X, Y = separable
+    Xs = StandardScaler().fit_transform(X.astype(np.float32).astype(np.float64))
+    clf = HighLowClassifier(C=0.1, l1_ratio=0.5, max_iter=20000, tol=1e-9).fit(X, Y)
+    assert clf.solver == "fista" and clf.converged_.all()
+    for j in range(Y.shape[1]):
+        if j in clf.constant_genes_:
+            continue
+        ref = LogisticRegression(C=0.1, l1_ratio=0.5, solver="saga", max_iter=50000, tol=1e-12).fit(Xs, Y[:, j])
+        np.testing.assert_allclose(clf.coef_[j], ref.coef_[0], atol=1e-5)
+        np.testing.assert_allclose(clf.intercept_[j], ref.intercept_[0], atol=1e-5)
+        np.testing.assert_array_equal(clf.coef_[j] == 0, np.abs(ref.coef_[0]) < 1e-8)  # same sparsity pattern
+    with pytest.raises(ValueError, match="solver"):
+        HighLowClassifier(solver="newton").fit(X, Y)

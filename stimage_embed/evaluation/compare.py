@@ -39,6 +39,7 @@ from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
 from stimage_embed.predictions.registry import HEADS, head_names, head_spec
 from stimage_embed.predictions.runner import fit_head, head_config, make_head, predict_head
 from stimage_embed.predictions.runs import commit_run_row, committed_runs, run_hash, runs_row
+from stimage_embed.predictions.workers import threaded_map
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
@@ -60,10 +61,8 @@ class CompareConfig:
     datasets: list[str] | None = None
     only_qc: bool = True
     missing: str = "error"  # FSTimage policy for spots absent from a backbone
-    #: constructor parameters per head. highlow: STimage's saga / C 0.1 / l1_ratio 0.5, with
-    #: iterations capped at 100 (tol 1e-3): on HER2ST B4,C2-C4 -> C5 the mean AUC was 0.581
-    #: vs 0.588 at sklearn's 1000 iterations, 16x faster.
-    head_params: dict[str, dict] = field(default_factory=lambda: {"highlow": {"max_iter": 100, "tol": 1e-3}})
+    #: constructor parameters per head (default: the registry's defaults for every head)
+    head_params: dict[str, dict] = field(default_factory=dict)
     train_slides: list[str] | None = None  # explicit split (with test_slides)
     test_slides: list[str] | None = None
 
@@ -172,8 +171,28 @@ class _Session:
     reused: int = 0
 
 
-def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareResult:
-    """Run (or reuse) every fold x backbone x head (x control); returns the leaderboard."""
+@dataclass
+class _Task:
+    """One fold x backbone, every control: the unit of work of a fit thread."""
+
+    fold: Fold
+    backbone: str
+    bases: list[dict]  # one per control: what identifies its runs (see ``compare``)
+
+
+@dataclass
+class _TaskResult:
+    ids: list[dict[str, str]]  # per control: head -> run id
+    computed: list[tuple[dict, pl.DataFrame, pl.DataFrame]]  # (runs row, predictions, metrics)
+    reused: int
+
+
+def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: int | None = None) -> CompareResult:
+    """Run (or reuse) every fold x backbone x head (x control); returns the leaderboard.
+
+    Fold x backbone tasks are fitted by ``workers`` threads (default: one per core, see
+    :mod:`stimage_embed.predictions.workers`); this thread writes their runs as they finish,
+    and a head spanning backbones (FSTimage) once every backbone of its fold is written."""
     t0 = time.perf_counter()
     controls = _check_config(cfg)
     provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
@@ -188,69 +207,78 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True) -> CompareR
         pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"])),
         pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])), provs, bar,
     )
+    tasks: list[_Task] = []
     for ds, fold in folds:
         genes = fold_genes(store, fold.train_slides, cfg.genes)
-        arrays: dict[str, tuple[SpotArrays, SpotArrays]] = {}
-        for control in controls:
-            base = {"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
-                    "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes,
-                    "gene_spec": cfg.genes, "only_qc": cfg.only_qc, "control": control}
-            runs = {bb: _run_backbone(ses, base, fold, bb, single, arrays) for bb in cfg.backbones}
-            for head in spanning:
-                _run_spanning(ses, base, head, {bb: ids[head_spec(head).combines] for bb, ids in runs.items()})
+        bases = [{"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
+                  "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes,
+                  "gene_spec": cfg.genes, "only_qc": cfg.only_qc, "control": control} for control in controls]
+        tasks += [_Task(fold, bb, bases) for bb in cfg.backbones]
+    left = {id(t.bases): len(cfg.backbones) for t in tasks}
+    fold_ids: dict[int, dict[str, list[dict[str, str]]]] = {}
+    for task, res in threaded_map(lambda t: _compute_task(ses, t, single), tasks, workers):
+        ses.reused += res.reused
+        bar.update(res.reused)
+        for row, pred, metrics in res.computed:
+            _write_run(ses, row, pred, metrics)
+        for ids in res.ids:
+            ses.run_ids += [rid for head, rid in ids.items() if head in cfg.heads]
+        fold_ids.setdefault(id(task.bases), {})[task.backbone] = res.ids
+        left[id(task.bases)] -= 1
+        if left[id(task.bases)] == 0:  # every backbone of the fold is written
+            by_bb = fold_ids.pop(id(task.bases))
+            for c, base in enumerate(task.bases):
+                for head in spanning:
+                    _run_spanning(ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones})
     bar.close()
     board = leaderboard(store, ses.run_ids)
     return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids)
 
 
-def _fold_arrays(ses: _Session, fold: Fold, bb: str, genes: list[str], control: str,
-                 cache: dict[str, tuple[SpotArrays, SpotArrays]]) -> tuple[SpotArrays, SpotArrays]:
-    """(train, test) arrays of a backbone on a fold, read once per fold; permuted within
-    each slide for the shuffled control."""
-    if bb not in cache:
-        cache[bb] = (load_spot_arrays(ses.store, bb, fold.train_slides, genes, only_qc=ses.cfg.only_qc),
-                     load_spot_arrays(ses.store, bb, fold.test_slides, genes, only_qc=ses.cfg.only_qc))
-    train, test = cache[bb]
-    if control == "shuffled":
-        train, test = shuffled_within_slides(train, seed=0), shuffled_within_slides(test, seed=1)
-    return train, test
+def _fold_arrays(ses: _Session, task: _Task, genes: list[str]) -> tuple[SpotArrays, SpotArrays]:
+    """(train, test) arrays of a task's backbone on its fold."""
+    return (load_spot_arrays(ses.store, task.backbone, task.fold.train_slides, genes, only_qc=ses.cfg.only_qc),
+            load_spot_arrays(ses.store, task.backbone, task.fold.test_slides, genes, only_qc=ses.cfg.only_qc))
 
 
-def _run_backbone(ses: _Session, base: dict, fold: Fold, bb: str, heads: list[str],
-                  cache: dict[str, tuple[SpotArrays, SpotArrays]]) -> dict[str, str]:
-    """Run (or reuse) every per-backbone head on one fold; returns the run id of each."""
-    pid = provenance_id(ses.provs[bb])
-    alphas: dict[str, float] = {}  # head -> its CV choice of alpha on this fold
-    ids: dict[str, str] = {}
-    for head in heads:
-        spec = head_spec(head)
-        params = ses.cfg.head_params.get(head, {})
-        rid = run_hash({**base, "backbone": bb, "provenance": pid, "head": head, "params": params,
-                        "effective_params": head_config(head, params)})
-        ids[head] = rid
-        if head in ses.cfg.heads:
-            ses.run_ids.append(rid)
-        ses.bar.set_postfix(fold=fold.name, backbone=bb, head=head, control=base["control"])
-        if rid in ses.done:
-            ses.reused += 1
-            ses.bar.update()
-            continue
-        train, test = _fold_arrays(ses, fold, bb, base["genes"], base["control"], cache)
-        fit_params = dict(params)
-        if spec.takes_alpha_from in alphas and "alpha" not in fit_params:
-            fit_params["alpha"] = alphas[spec.takes_alpha_from]
-        t1 = time.perf_counter()
-        model = fit_head(head, make_head(head, fit_params), train)
-        fit_s = time.perf_counter() - t1
-        if getattr(model, "alpha_", None) is not None:
-            alphas[head] = model.alpha_
-        pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
-        row = runs_row(run_id=rid, dataset=base["dataset"], backbone=bb, members=[bb], head=head, split=base["split"],
-                       fold=base["fold"], train_slides=base["train"], test_slides=base["test"], gene_spec=base["gene_spec"],
-                       genes=base["genes"], params=params, provenance_ids=[pid], n_train_spots=train.X.shape[0],
-                       fit_seconds=fit_s, control=base["control"])
-        _write_run(ses, row, pred)
-    return ids
+def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
+    """In a fit thread: fit, predict and score every per-backbone head of one fold x
+    backbone, for every control, skipping committed runs (nothing is written here)."""
+    pid = provenance_id(ses.provs[task.backbone])
+    out = _TaskResult([], [], 0)
+    arrays: tuple[SpotArrays, SpotArrays] | None = None
+    for base in task.bases:
+        alphas: dict[str, float] = {}  # head -> its CV choice of alpha on this fold
+        ids: dict[str, str] = {}
+        for head in heads:
+            spec = head_spec(head)
+            params = ses.cfg.head_params.get(head, {})
+            rid = run_hash({**base, "backbone": task.backbone, "provenance": pid, "head": head, "params": params,
+                            "effective_params": head_config(head, params)})
+            ids[head] = rid
+            if rid in ses.done:
+                out.reused += 1
+                continue
+            arrays = arrays or _fold_arrays(ses, task, base["genes"])
+            train, test = arrays
+            if base["control"] == "shuffled":
+                train, test = shuffled_within_slides(train, seed=0), shuffled_within_slides(test, seed=1)
+            fit_params = dict(params)
+            if spec.takes_alpha_from in alphas and "alpha" not in fit_params:
+                fit_params["alpha"] = alphas[spec.takes_alpha_from]
+            t1 = time.perf_counter()
+            model = fit_head(head, make_head(head, fit_params), train)
+            fit_s = time.perf_counter() - t1
+            if getattr(model, "alpha_", None) is not None:
+                alphas[head] = model.alpha_
+            pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
+            row = runs_row(run_id=rid, dataset=base["dataset"], backbone=task.backbone, members=[task.backbone], head=head,
+                           split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
+                           gene_spec=base["gene_spec"], genes=base["genes"], params=params, provenance_ids=[pid],
+                           n_train_spots=train.X.shape[0], fit_seconds=fit_s, control=base["control"])
+            out.computed.append((row, pred, score_run(pred, ses.spots, ses.slides, head)))
+        out.ids.append(ids)
+    return out
 
 
 def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str]) -> None:
@@ -260,27 +288,26 @@ def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str])
     ses.run_ids.append(rid)
     if rid in ses.done:
         ses.reused += 1
-    else:
-        ids = sql_list(list(nb_runs.values()))
-        allp = pl.from_arrow(ses.store.read("predictions", where=f"run_id IN ({ids})"))
-        members = {bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items()}
-        pred = combine_backbones(members, missing=ses.cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
-        row = runs_row(run_id=rid, dataset=base["dataset"], backbone=head, members=list(nb_runs), head=head,
-                       split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
-                       gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
-                       provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
-                       control=base["control"])
-        _write_run(ses, row, pred)
-    ses.bar.update()
+        ses.bar.update()
+        return
+    ids = sql_list(list(nb_runs.values()))
+    allp = pl.from_arrow(ses.store.read("predictions", where=f"run_id IN ({ids})"))
+    members = {bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items()}
+    pred = combine_backbones(members, missing=ses.cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
+    row = runs_row(run_id=rid, dataset=base["dataset"], backbone=head, members=list(nb_runs), head=head,
+                   split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
+                   gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
+                   provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
+                   control=base["control"])
+    _write_run(ses, row, pred, score_run(pred, ses.spots, ses.slides, head))
 
 
-def _write_run(ses: _Session, row: dict, pred: pl.DataFrame) -> None:
-    """Score and commit one run under the store's writer lock: mark it pending, drop rows an
+def _write_run(ses: _Session, row: dict, pred: pl.DataFrame, metrics: pl.DataFrame) -> None:
+    """Commit one scored run under the store's writer lock: mark it pending, drop rows an
     interrupted attempt left, write predictions, metrics, then its ``runs`` row (the commit
     marker), then clear the mark. A run another writer committed meanwhile is kept, not
     written twice."""
     store, rid = ses.store, row["run_id"]
-    metrics = score_run(pred, ses.spots, ses.slides, row["head"])
     with store.writer("compare"):
         if rid in committed_runs(store, [rid]):
             log.info("run %s was committed meanwhile by another writer; keeping it", rid)

@@ -1,0 +1,255 @@
+"""Spatial-context NB head: a spot's own vector plus its lattice neighbours' vectors.
+
+What it predicts (and from what)
+--------------------------------
+As :class:`heads.nb.NBRegressor`: per spot and gene an NB over RAW counts whose mean at the
+reference depth gives the predicted *rate* (expected fraction of the spot's counts).
+The prediction for a spot is a function of image vectors only: its own and those of the
+spots around it in the SAME slide (``groups``), found on the platform's lattice from the
+spot centres ``coords`` (µm; :func:`heads.neighbours.find_neighbours`: up to 8 spots
+within 1.5 pitches — the 6 hexagonal neighbours on Visium, 4 + 4 diagonal ones on legacy
+ST — and, with the default ``rings``, a second ring up to 2.5 pitches). Nothing measured
+on a predicted spot, nor on its neighbours (counts, library sizes), enters it. At a
+slide's edge, or next to spots removed by QC, fewer neighbours exist: the missing slots
+are masked. Without ``coords`` there are no neighbours (each ring's summary is the spot's
+own vector), so the head degrades to a per-spot model.
+
+Aggregations (``aggregation``)
+------------------------------
+* ``"mean"`` (default): fixed aggregation. The features are ``[x_i, mean of ring 1,
+  mean of ring 2, ...]`` (masked means of the neighbours' vectors per ring), given to an
+  :class:`~heads.nb.NBRegressor` GLM (standardised, ``n_components`` principal components,
+  L2 chosen by CV grouped by slide over ``alphas``). On HER2ST leave-one-slide-out
+  (Lite0, var:50) it was the best design measured (see ``benchmarks/bench_context.py``).
+* ``"attention"``: learned attention over the neighbours with a relative-position
+  encoding (:mod:`heads.context_attention`), NB output, Adam with early stopping on a
+  held-out training slide, weight decay chosen by CV grouped by slide.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from heads.context_attention import AttentionNB
+from heads.inputs import check_groups, check_library_size, check_X
+from heads.scale import TARGET_SUM
+from heads.nb import NBPrediction, NBRegressor
+from heads.neighbours import find_neighbours, masked_neighbour_mean
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "attention")
+READOUTS = ("glm", "net")
+#: rings of neighbours as (inner, outer radius in pitches, max spots): the lattice
+#: neighbours (6 Visium / 8 legacy ST), then the next ring of legacy ST (12 spots)
+DEFAULT_RINGS = ((0.0, 1.5, 8), (1.5, 2.5, 16))
+#: L2 path of the mean aggregation: nb's, extended (the context features pick more L2)
+CONTEXT_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
+def _check_coords(coords: np.ndarray | None, n: int) -> np.ndarray | None:
+    if coords is None:
+        return None
+    c = np.asarray(coords, dtype=np.float64)
+    if c.shape != (n, 2):
+        raise ValueError(f"coords: expected ({n}, 2) spot centres in µm, got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("coords: spot centres must be finite")
+    return c
+
+
+class ContextNBRegressor(BaseEstimator):
+    """NB regression on a spot's vector and its same-slide lattice neighbours' vectors
+    (see the module doc).
+
+    Parameters
+    ----------
+    aggregation : ``"mean"`` (fixed masked means per ring, GLM) or ``"attention"``.
+    rings : ``((inner, outer, k), ...)`` neighbour rings in units of each slide's pitch
+        (median nearest-neighbour distance) with at most ``k`` spots each.
+    alpha, alphas, cv, n_components, max_iter : ``"mean"``: as :class:`NBRegressor`
+        (``alphas`` default :data:`CONTEXT_ALPHAS`).
+    weight_decays, hidden, lr, max_epochs, patience : ``"attention"``: see
+        :class:`heads.context_attention.AttentionNB`.
+    attention_components : ``"attention"`` with the GLM readout: principal components the
+        attention network sees (it only learns the weights; the GLM reads out
+        ``n_components``).
+    readout : ``"attention"``: ``"glm"`` (the attention-pooled neighbour vector joins the
+        spot's own in the NB GLM, L2 by grouped CV) or ``"net"`` (the attention network's
+        own linear readout).
+    random_state : seed (int). device : ``"auto"``, ``"cpu"``, ``"cuda"``.
+
+    Learned attributes: ``model_`` (the fitted inner :class:`NBRegressor` or
+    :class:`AttentionNB`), ``n_features_in_``, ``n_genes_``, ``ref_library_size_``,
+    ``alpha_`` (the GLM's L2), ``weight_decay_`` and ``attention_`` (``"attention"``), ``neighbour_counts_``
+    (histogram of real ring-1 neighbours per training spot).
+    """
+
+    def __init__(
+        self,
+        aggregation: str = "mean",
+        rings: tuple[tuple[float, float, int], ...] = DEFAULT_RINGS,
+        alpha: float | None = None,
+        alphas: tuple[float, ...] | None = None,
+        cv: int = 5,
+        n_components: int | None = 256,
+        max_iter: int = 200,
+        weight_decays: tuple[float, ...] | None = None,
+        hidden: int = 32,
+        attention_components: int = 64,
+        lr: float = 3e-3,
+        max_epochs: int = 300,
+        patience: int = 10,
+        readout: str = "glm",
+        random_state: int | None = 0,
+        device: str = "auto",
+    ):
+        self.aggregation = aggregation
+        self.rings = rings
+        self.alpha = alpha
+        self.alphas = alphas
+        self.cv = cv
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.weight_decays = weight_decays
+        self.hidden = hidden
+        self.attention_components = attention_components
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.readout = readout
+        self.random_state = random_state
+        self.device = device
+
+    # ------------------------------------------------------------------ helpers
+    def _check_params(self) -> list[tuple[float, float, int]]:
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout: expected one of {READOUTS}, got {self.readout!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        rings = [(float(a), float(b), int(k)) for a, b, k in self.rings]
+        if not rings:
+            raise ValueError("rings: need at least one ring of neighbours")
+        for a, b, k in rings:
+            if not (0.0 <= a < b) or k < 1:
+                raise ValueError(f"rings: each ring needs 0 <= inner < outer and k >= 1, got {(a, b, k)}")
+        return rings
+
+    def _neighbours(self, coords: np.ndarray | None, groups: np.ndarray | None, n: int) -> list:
+        """One :class:`heads.neighbours.Neighbours` per ring (``None`` without coords)."""
+        c = _check_coords(coords, n)
+        if c is None:
+            return [None] * len(self._check_params())
+        return [find_neighbours(c, groups, k=k, radius=b, inner=a) for a, b, k in self._check_params()]
+
+    @staticmethod
+    def _mean_features(X: np.ndarray, nbs: list) -> np.ndarray:
+        """``[X, masked mean of each ring]`` (n, (1 + rings) * dim) float32; a ring with no
+        neighbour (or no coords) repeats the spot's own vector."""
+        X = np.asarray(X, dtype=np.float32)
+        parts = [X] + [X if nb is None else masked_neighbour_mean(X, nb).astype(np.float32) for nb in nbs]
+        return np.concatenate(parts, axis=1)
+
+    def _inner_nb(self) -> NBRegressor:
+        return NBRegressor(alpha=self.alpha, alphas=CONTEXT_ALPHAS if self.alphas is None else self.alphas,
+                           cv=self.cv, n_components=self.n_components, max_iter=self.max_iter,
+                           random_state=self.random_state, device=self.device)
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+    ) -> "ContextNBRegressor":
+        """Fit on spot vectors ``X`` (n, dim), RAW counts ``y`` (n, G), slide labels
+        ``groups`` (n,) (neighbours and the grouped CV stay within / hold out whole
+        slides), total raw counts per spot ``library_size`` (n,) and spot centres
+        ``coords`` (n, 2) in µm (one frame per slide; ``None``: no neighbours)."""
+        self._check_params()
+        X = check_X(X)
+        n = X.shape[0]
+        groups = check_groups(groups, n)
+        nbs = self._neighbours(coords, groups, n)
+        self.neighbour_counts_ = (np.bincount(nbs[0].count, minlength=self.rings[0][2] + 1)
+                                  if nbs[0] is not None else np.array([n]))
+        self.n_features_in_ = X.shape[1]
+        if self.aggregation == "mean":
+            model = self._inner_nb().fit(self._mean_features(X, nbs), y, groups=groups, library_size=library_size)
+            self.alpha_ = model.alpha_
+        else:
+            n_att = self.attention_components if self.readout == "glm" else self.n_components
+            model = AttentionNB(weight_decays=self.weight_decays, hidden=self.hidden, lr=self.lr, n_components=n_att,
+                                cv=self.cv, max_epochs=self.max_epochs, patience=self.patience,
+                                random_state=self.random_state, device=self.device)
+            model.fit(X, nbs, y, groups=groups, library_size=library_size)
+            self.weight_decay_ = model.weight_decay_
+            self.attention_ = model
+            if self.readout == "glm":
+                model = self._inner_nb().fit(np.c_[X, model.attention_pool(X, nbs)], y, groups=groups, library_size=library_size)
+                self.alpha_ = model.alpha_
+        self.model_ = model
+        self.n_genes_ = model.n_genes_
+        self.ref_library_size_ = model.ref_library_size_
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def _nb_at_ref(self, X: np.ndarray, groups, coords) -> tuple[np.ndarray, np.ndarray]:
+        X = check_X(X, self.n_features_in_)
+        n = X.shape[0]
+        nbs = self._neighbours(coords, check_groups(groups, n), n)
+        if self.aggregation == "mean":
+            return self.model_._nb_at_ref(self._mean_features(X, nbs))
+        if self.readout == "glm":
+            return self.model_._nb_at_ref(np.c_[X, self.attention_.attention_pool(X, nbs)])
+        return self.model_.nb_at_ref(X, nbs)
+
+    def predict_rate(self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None) -> np.ndarray:
+        """Predicted rate (n, G): the NB mean at the reference depth divided by it, from the
+        image vectors of each spot and its same-slide neighbours alone."""
+        return np.exp(self._nb_at_ref(X, groups, coords)[0]) / self.ref_library_size_
+
+    def predict_log1p_norm(self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None,
+                           target_sum: float = TARGET_SUM) -> np.ndarray:
+        """``log1p(rate * target_sum)`` (log1p(CP10k) for 1e4) of the predicted rate."""
+        return np.log1p(self.predict_rate(X, groups=groups, coords=coords) * target_sum)
+
+    def _mean_theta(self, X, library_size, groups, coords) -> tuple[np.ndarray, np.ndarray]:
+        log_mu_ref, theta = self._nb_at_ref(X, groups, coords)
+        n = log_mu_ref.shape[0]
+        scale = np.ones(n) if library_size is None else check_library_size(library_size, None, n) / self.ref_library_size_
+        return np.exp(log_mu_ref) * scale[:, None], theta
+
+    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None,
+                groups: np.ndarray | None = None, coords: np.ndarray | None = None) -> np.ndarray:
+        """NB mean (RAW counts) per spot and gene at ``library_size`` (default the reference)."""
+        return self._mean_theta(X, library_size, groups, coords)[0]
+
+    def predict_dist(
+        self,
+        X: np.ndarray,
+        library_size: np.ndarray | float | None = None,
+        quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95),
+        n_samples: int = 0,
+        random_state: int | np.random.Generator | None = None,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+    ) -> NBPrediction:
+        """Full predictive NB per spot and gene (:class:`heads.nb.NBPrediction`); the depth
+        ``library_size`` is a technical covariate for interval coverage only."""
+        from heads.distributions import nb_quantiles, nb_sample
+
+        mu, theta = self._mean_theta(X, library_size, groups, coords)
+        r, p = theta, theta / (theta + mu)
+        levels = np.asarray(quantiles, dtype=np.float64)
+        q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
+        samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
+        return NBPrediction(mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples)
+
+
+__all__ = ["AGGREGATIONS", "CONTEXT_ALPHAS", "DEFAULT_RINGS", "ContextNBRegressor"]
