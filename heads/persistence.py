@@ -27,6 +27,7 @@ from torch import nn
 
 from heads.baselines import MeanBaseline, RidgeBaseline
 from heads.classifier import HighLowClassifier
+from heads.context import ContextNBRegressor
 from heads.ensemble import SeedEnsemble
 from heads.errors import ProvenanceMismatch
 from heads.nb import NBRegressor
@@ -37,7 +38,7 @@ FORMAT = "heads/1"
 JSON_NAME = "head.json"
 ARRAYS_NAME = "arrays.safetensors"
 HEAD_CLASSES = MappingProxyType(
-    {c.__name__: c for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline)}
+    {c.__name__: c for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline, ContextNBRegressor)}
 )
 _MISSING = "<missing>"
 
@@ -116,6 +117,8 @@ def _export(head: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray]) -> 
             for key, tensor in value.state_dict().items():
                 arrays[f"{prefix}{attr}.{key}"] = tensor.detach().cpu().numpy().copy()
             meta["modules"].append(attr)
+        elif isinstance(value, BaseEstimator):
+            meta["members"][attr] = {"kind": "one", "items": _export(value, f"{prefix}{attr}.", arrays)}
         elif _is_estimator_list(value):
             meta["members"][attr] = {"kind": "list", "items": [
                 _export(m, f"{prefix}{attr}.{i}.", arrays) for i, m in enumerate(value)]}
@@ -140,7 +143,9 @@ def _import(meta: dict, prefix: str, arrays: dict[str, np.ndarray]) -> BaseEstim
             raise ValueError(f"{ARRAYS_NAME}: array {key!r} listed in {JSON_NAME} is missing")
         setattr(head, attr, arrays[key])
     for attr, spec in meta["members"].items():
-        if spec["kind"] == "list":
+        if spec["kind"] == "one":
+            setattr(head, attr, _import(spec["items"], f"{prefix}{attr}.", arrays))
+        elif spec["kind"] == "list":
             setattr(head, attr, [_import(m, f"{prefix}{attr}.{i}.", arrays) for i, m in enumerate(spec["items"])])
         else:
             setattr(head, attr, {k: _import(m, f"{prefix}{attr}.{k}.", arrays) for k, m in spec["items"].items()})

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine that has python3 and pip: a virtualenv in .venv
 # (or $STIMAGE_VENV), a matched torch/torchvision pair first (so nothing pulls another
-# torch), then this package with its test extras. Idempotent: re-running is quick.
+# torch), then this package with its test and distributed (Ray, object storage) extras.
+# Idempotent: re-running is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${STIMAGE_VENV:-.venv}"
@@ -19,5 +20,9 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   "${PIP[@]}" install -q $TORCH_SPEC
 fi
 echo "[setup] installing stimage-embed and its dependencies"
-"${PIP[@]}" install -q -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
-"$VENV/bin/python" -c "import torch, torchvision, timm, lancedb, duckdb, openslide; print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| lancedb', lancedb.__version__, '| duckdb', duckdb.__version__)"
+# the torch pair installed above is pinned (constraints) so no extra can replace it
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+"$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -iE "^(torch|torchvision)==" > "$CONSTRAINTS" || true
+"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[test,distributed]" 2> >(grep -v "^WARNING: Location" >&2)
+"$VENV/bin/python" -c "import torch, torchvision, timm, lancedb, duckdb, openslide, ray, lance_ray, boto3, moto; print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| lancedb', lancedb.__version__, '| duckdb', duckdb.__version__, '| ray', ray.__version__)"

@@ -148,3 +148,23 @@ def test_unfitted_and_unsupported_heads_are_refused(tmp_path):
         save_head(Ridge().fit(np.zeros((3, 1)), np.zeros(3)), tmp_path / "y", PROVENANCE)
     with pytest.raises(FileNotFoundError, match="head.json"):
         load_head(tmp_path / "nothing")
+
+
+def test_context_head_round_trip_with_its_inner_glm(tmp_path):
+    """The context head saves its inner NB GLM as a nested member and predicts identically
+    after loading, neighbours recomputed from the same coordinates."""
+    from heads.context import ContextNBRegressor
+
+    rng = np.random.default_rng(3)
+    grid = np.stack(np.meshgrid(np.arange(10), np.arange(6)), -1).reshape(-1, 2) * 100.0  # µm, a square lattice
+    coords = np.concatenate([grid, grid, grid])
+    groups = np.repeat(["s1", "s2", "s3"], len(grid))
+    X = rng.normal(size=(len(coords), 10)).astype(np.float32)
+    y = rng.poisson(4.0, size=(len(coords), 5))
+    head = ContextNBRegressor().fit(X, y, groups=groups, library_size=y.sum(1) + 40.0, coords=coords)
+    back = load_head(save_head(head, tmp_path / "ctx", PROVENANCE))
+    doc = json.loads((tmp_path / "ctx" / "head.json").read_text())
+    assert doc["head"]["class"] == "ContextNBRegressor" and doc["head"]["members"]["model_"]["kind"] == "one"
+    np.testing.assert_array_equal(back.predict_rate(X, groups=groups, coords=coords), head.predict_rate(X, groups=groups, coords=coords))
+    with pytest.raises(TypeError, match="unsupported head class"):
+        save_head(object.__new__(type("Unknown", (NBRegressor,), {})), tmp_path / "x", PROVENANCE)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from stimage_embed.embeddings.provenance import provenance_id
@@ -38,7 +39,7 @@ from stimage_embed.predictions.fstimage import combine_backbones
 from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
 from stimage_embed.predictions.registry import HEADS, head_names, head_spec
 from stimage_embed.predictions.runner import fit_head, head_config, make_head, predict_head
-from stimage_embed.predictions.runs import commit_run_row, committed_runs, run_hash, runs_row
+from stimage_embed.predictions.runs import committed_runs, run_hash, runs_row
 from stimage_embed.predictions.workers import threaded_map
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
@@ -79,7 +80,7 @@ class CompareResult:
 def _drop_uncommitted(store: Store) -> None:
     """Remove the rows of runs proven orphaned, under the store's writer lock.
 
-    ``_write_run`` marks a run pending (``<store>/.pending/compare/<run_id>``) before its
+    ``_write_runs`` marks a run pending (``<store>/.pending/compare/<run_id>``) before its
     first row and clears the mark after its ``runs`` row, all under the lock. So here, under
     the lock, a pending run without a ``runs`` row was cut short by a crash: its rows go.
     Rows of anything else without a ``runs`` row (``predict``, image-only inference, a run
@@ -219,8 +220,8 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     for task, res in threaded_map(lambda t: _compute_task(ses, t, single), tasks, workers):
         ses.reused += res.reused
         bar.update(res.reused)
-        for row, pred, metrics in res.computed:
-            _write_run(ses, row, pred, metrics)
+        if res.computed:
+            _write_runs(ses, res.computed)
         for ids in res.ids:
             ses.run_ids += [rid for head, rid in ids.items() if head in cfg.heads]
         fold_ids.setdefault(id(task.bases), {})[task.backbone] = res.ids
@@ -299,29 +300,37 @@ def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str])
                    gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
                    provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
                    control=base["control"])
-    _write_run(ses, row, pred, score_run(pred, ses.spots, ses.slides, head))
+    _write_runs(ses, [(row, pred, score_run(pred, ses.spots, ses.slides, head))])
 
 
-def _write_run(ses: _Session, row: dict, pred: pl.DataFrame, metrics: pl.DataFrame) -> None:
-    """Commit one scored run under the store's writer lock: mark it pending, drop rows an
-    interrupted attempt left, write predictions, metrics, then its ``runs`` row (the commit
-    marker), then clear the mark. A run another writer committed meanwhile is kept, not
-    written twice."""
-    store, rid = ses.store, row["run_id"]
+def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]) -> None:
+    """Commit scored runs (``(runs row, predictions, metrics)``) together under the store's
+    writer lock: mark them pending, drop rows an interrupted attempt left, write all their
+    predictions, then all their metrics, then their ``runs`` rows (the commit markers), then
+    clear the marks: five commits for a whole fold x backbone instead of five per run. A run
+    another writer committed meanwhile is kept, not written twice."""
+    store = ses.store
     with store.writer("compare"):
-        if rid in committed_runs(store, [rid]):
-            log.info("run %s was committed meanwhile by another writer; keeping it", rid)
-        else:
-            store.mark_pending("compare", rid)
+        already = committed_runs(store, [row["run_id"] for row, _, _ in runs])
+        if already:
+            log.info("runs %s were committed meanwhile by another writer; keeping them", sorted(already))
+        todo = [r for r in runs if r[0]["run_id"] not in already]
+        ids = [row["run_id"] for row, _, _ in todo]
+        if todo:
+            for rid in ids:
+                store.mark_pending("compare", rid)
             for name in ("predictions", "metrics"):
-                store.delete(name, f"run_id IN ({sql_list([rid])})")
-            store.append("predictions", pred)
-            store.append("metrics", metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
-                pl.lit(rid).alias("run_id"), pl.lit(row["dataset"]).alias("dataset"), pl.lit(row["backbone"]).alias("backbone"),
-                pl.lit(row["head"]).alias("head"), pl.lit(row["fold"]).alias("fold"), pl.lit(row["control"]).alias("control"),
-            ))
-            commit_run_row(store, row)
-            store.clear_pending("compare", rid)
-    ses.done.add(rid)
-    ses.computed += 1
-    ses.bar.update()
+                store.delete(name, f"run_id IN ({sql_list(ids)})")
+            store.append("predictions", pl.concat([pred for _, pred, _ in todo], how="vertical_relaxed"))
+            store.append("metrics", pl.concat([metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+                pl.lit(row["run_id"]).alias("run_id"), pl.lit(row["dataset"]).alias("dataset"),
+                pl.lit(row["backbone"]).alias("backbone"), pl.lit(row["head"]).alias("head"),
+                pl.lit(row["fold"]).alias("fold"), pl.lit(row["control"]).alias("control"),
+            ) for row, _, metrics in todo], how="vertical_relaxed"))
+            store.append("runs", pa.Table.from_pylist([row for row, _, _ in todo], schema=S.RUNS))
+            for rid in ids:
+                store.clear_pending("compare", rid)
+    for row, _, _ in runs:
+        ses.done.add(row["run_id"])
+    ses.computed += len(runs)
+    ses.bar.update(len(runs))

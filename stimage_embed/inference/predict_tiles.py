@@ -22,6 +22,7 @@ from stimage_embed.embeddings.provenance import existing_provenance, provenance_
 from stimage_embed.errors import ProvenanceError, StoreError
 from stimage_embed.inference.model import SavedModel
 from stimage_embed.predictions.arrays import SpotArrays
+from stimage_embed.predictions.registry import head_spec
 from stimage_embed.predictions.runner import VALUE_COLUMNS, predict_head
 from stimage_embed.predictions.train_predict import vector_identity
 from stimage_embed.store import schema as S
@@ -75,6 +76,12 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
     seen = np.zeros(n, bool)
     store.delete("predictions", f"run_id = {sql_list([sm.run_id])} AND slide_id = {sql_list([slide_id])}")
     chunk = max(64, ROWS_PER_CHUNK // max(g, 1))
+    if head_spec(sm.head_name).uses_coords:
+        # a context head reads each tile's neighbours: the slide's vectors in one batch, and
+        # the tile centres in µm (``SpotArrays.coords_um``)
+        chunk = max(n, 1)
+        um = store.read("slides", ["um_per_px"], where=f"slide_id IN ({sql_list([slide_id])})")["um_per_px"].to_pylist()
+        keys = keys.with_columns(pl.lit(float(um[0]) if um else None, dtype=pl.Float64).alias("um_per_px"))
     scanner = store.dataset(table).to_batches(columns=["slide_id", "spot_id", "vector"], filter=f"slide_id IN ({sql_list([slide_id])})", batch_size=chunk)
     for batch in scanner:
         if batch.num_rows == 0:

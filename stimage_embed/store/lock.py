@@ -14,6 +14,14 @@ in the environment variable ``STIMAGE_FAULT`` (comma-separated, ``name`` or ``na
 for the N-th time the caller reaches it). The store calls it around every commit
 (``before:<table>``, ``after:<table>``), so tests can kill any writing command between
 two of its commits, exactly where a power cut or an OOM kill could. Unset, it does nothing.
+
+Stores on object storage (``s3://...``) have no file to ``flock``; there the lock is
+:class:`ObjectStoreLock`, which serialises the commits of one process only. Writers of
+several processes or machines rely on Lance instead: every commit is an optimistic,
+atomic manifest swap (a conditional put), a conflicting commit is retried or refused by
+Lance, and vector rows are written by key (``merge_insert`` on slide_id, spot_id), so a
+key is stored once however many writers race. What the file lock adds locally (one
+writing *command* at a time, the busy message naming the holder) is not there.
 """
 
 from __future__ import annotations
@@ -102,6 +110,34 @@ class StoreLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+class ObjectStoreLock:
+    """The writer lock of a store on object storage: re-entrant within this object, no
+    cross-process exclusion (see the module doc: Lance's optimistic commits and keyed
+    writes keep the tables consistent)."""
+
+    def __init__(self, uri: str):
+        self.directory = uri
+        self._depth = 0
+        self.verb: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
+    def acquire(self, verb: str, wait: float = 0.0) -> bool:
+        self._depth += 1
+        if self._depth == 1:
+            self.verb = verb
+            return True
+        return False
+
+    def release(self) -> None:
+        if self._depth:
+            self._depth -= 1
+            if not self._depth:
+                self.verb = None
 
 
 def _holder(fd: int) -> str:

@@ -17,6 +17,8 @@ index (Lance's ``ScalarIndexQuery``) and read only that slide's rows from a few 
 fragments: the cost does not grow with the number of slides in the table.
 
 Runs under the store's writer lock (re-entrant: inside ``ingest``/``embed`` it is held).
+Works on local and object-store stores alike (tables are opened by URI with the store's
+``storage_options``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class UpkeepReport:
 
 
 def table_path(store: Store, table: str) -> Path:
+    """The table's folder: a ``Path``, or an ``ObjectPath`` URI for an object-store store."""
     return store.path / f"{table}.lance"
 
 
@@ -87,9 +90,10 @@ def open_dataset(store: Store, table: str, session: lance.Session | None = None)
     ``session``: a ``lance.Session`` to share parsed metadata and index pages across opens
     (optional; without it every open reads them from disk)."""
     path = table_path(store, table)
-    if not (path / "_versions").is_dir():
+    if not store._committed(table):
         raise StoreError(f"{store.path}: no table {table!r}; tables: {', '.join(store.table_names()) or 'none (run ingest first)'}")
-    return lance.dataset(str(path), session=session) if session is not None else lance.dataset(str(path))
+    opts = {"storage_options": store.storage_options} if store.remote else {}
+    return lance.dataset(str(path), session=session, **opts) if session is not None else lance.dataset(str(path), **opts)
 
 
 def read_slides(store: Store, table: str, slide_ids: Sequence[str], columns: Sequence[str] | None = None,
@@ -198,12 +202,14 @@ def maintain(store: Store, tables: Sequence[str] | None = None, retain: dt.timed
 def data_files(store: Store, table: str) -> dict[str, int]:
     """``data file -> bytes`` of the latest version of ``table`` ({} if it does not exist).
     The files one run's commits added are the difference of two calls: its bytes written."""
-    if not (table_path(store, table) / "_versions").is_dir():
+    if not store._committed(table):
         return {}
     out = {}
     for frag in open_dataset(store, table).get_fragments():
         for f in frag.data_files():
             size = f.file_size_bytes
+            if size is None and store.remote:
+                raise StoreError(f"{store.path}/{table}: Lance did not record the size of data file {f.path}")
             out[f.path] = int(size) if size is not None else (table_path(store, table) / "data" / f.path).stat().st_size
     return out
 

@@ -9,13 +9,19 @@ Writers are serialised by the store's lock (:mod:`stimage_embed.store.lock`): a 
 command holds it for its whole run (:meth:`Store.writer`), and every single commit
 takes it too, re-entrantly. The first writer to take the lock repairs what a killed
 writer may have left (:meth:`Store.recover`). Readers never take it.
+
+A store is a local folder or an object-store URI (``s3://bucket/prefix``, see
+:mod:`stimage_embed.store.uri`); on object storage there is no file lock, and concurrent
+writers rely on Lance's optimistic commits and keyed writes (see ``store.lock``). Model
+folders (``train``) live under ``<store>/models`` for a local store, and in a local
+``--models-dir`` (``$STIMAGE_MODELS_DIR``) for an object-store store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,10 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from stimage_embed.errors import StoreError
+from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.lock import StoreLock, crash_point
+from stimage_embed.store.lock import ObjectStoreLock, StoreLock, crash_point
 from stimage_embed.store.sql import run_sql
+from stimage_embed.store.uri import StoreLocation
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ TABLE_KEYS = {
 #: per-slide tables whose rows only count once the slide's ``slides`` row exists
 SLIDE_CHILD_TABLES = ("genes", "expression", "spots")
 PENDING_DIR = ".pending"
+#: where model folders go when the store is on object storage (or to override <store>/models)
+MODELS_DIR_ENV = "STIMAGE_MODELS_DIR"
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -60,36 +69,69 @@ def _fill_missing(data: pa.Table, table_schema: pa.Schema) -> pa.Table:
 
 
 class Store:
-    """A stimage-embed store at ``path`` (created on first write)."""
+    """A stimage-embed store at ``path``: a folder or an ``s3://bucket/prefix`` URI (created
+    on first write)."""
 
-    def __init__(self, path: str | Path = "store", lock_wait: float = 0.0):
-        """``lock_wait``: seconds a write waits for another writer's lock before failing."""
-        self.path = Path(path).expanduser().resolve()
+    def __init__(self, path: str | Path = "store", lock_wait: float = 0.0, models_dir: str | Path | None = None):
+        """``lock_wait``: seconds a write waits for another writer's lock before failing.
+        ``models_dir``: local folder of model folders (default ``<store>/models``; required,
+        or ``$STIMAGE_MODELS_DIR``, for a store on object storage)."""
+        self.location = StoreLocation(path)
+        self.path = self.location.path
+        self.remote = self.location.remote
         self.lock_wait = lock_wait
+        self._models_dir = models_dir
         self._db: lancedb.DBConnection | None = None
-        self._lock = StoreLock(self.path)
+        self._lock = ObjectStoreLock(self.location.uri) if self.remote else StoreLock(self.path)
         self._commits: Counter[str] = Counter()  # commits per table by this object (crash points)
 
     # -- connection ---------------------------------------------------------------
     @property
+    def uri(self) -> str:
+        """The store's location as Lance takes it (local path or object-store URI)."""
+        return self.location.uri
+
+    @property
+    def storage_options(self) -> dict[str, str] | None:
+        """Lance ``storage_options`` of the store (object stores: endpoint, region, ...)."""
+        return self.location.storage_options()
+
+    @property
+    def models_dir(self) -> Path:
+        """Local folder of model folders: ``models_dir`` > ``$STIMAGE_MODELS_DIR`` >
+        ``<store>/models`` (local stores only)."""
+        explicit = self._models_dir or os.environ.get(MODELS_DIR_ENV)
+        if explicit:
+            return Path(explicit).expanduser().resolve()
+        if self.remote:
+            raise InputError(None, "--models-dir", f"the store {self.uri} is on object storage: give a local folder for "
+                             f"model folders with --models-dir (or ${MODELS_DIR_ENV})")
+        return self.path / "models"
+
+    @property
     def db(self) -> lancedb.DBConnection:
         if self._db is None:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._db = lancedb.connect(str(self.path))
+            if self.remote:
+                self.location.check()
+                self._db = lancedb.connect(self.uri, storage_options=self.storage_options)
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._db = lancedb.connect(str(self.path))
         return self._db
 
     def exists(self) -> bool:
-        return self.path.is_dir() and any(self.path.glob("*.lance"))
+        self.location.check()
+        return any(n.endswith(".lance") for n in self.location.listdir(""))
 
     def table_names(self) -> list[str]:
         """Tables with at least one commit (a table whose creation was killed has none)."""
-        if not self.path.is_dir():
+        self.location.check()
+        if not self.location.is_dir():
             return []
         return sorted(n for n in self.db.list_tables().tables if self._committed(n))
 
     def _committed(self, name: str) -> bool:
-        versions = self.path / f"{name}.lance" / "_versions"
-        return versions.is_dir() and any(versions.glob("*.manifest"))
+        return any(n.endswith(".manifest") for n in self.location.listdir(f"{name}.lance/_versions"))
 
     def has_table(self, name: str) -> bool:
         return name in self.table_names()
@@ -140,12 +182,12 @@ class Store:
           ingest killed between its commits; ``slides`` is its last commit) are deleted.
         """
         with self._commit():
-            if not self.path.is_dir():
+            if not self.location.is_dir():
                 return
             for name in self.db.list_tables().tables:
                 if not self._committed(name):
                     log.warning("%s: removing table %r, whose creation was interrupted (no commit)", self.path, name)
-                    shutil.rmtree(self.path / f"{name}.lance")
+                    self.location.remove_tree(f"{name}.lance")
             known = set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
             for name in SLIDE_CHILD_TABLES:
                 if not self.has_table(name):
@@ -160,16 +202,13 @@ class Store:
     # -- intents: markers of multi-commit writes in flight --------------------------
     def mark_pending(self, kind: str, key: str) -> None:
         """Record, before writing, that ``key`` of ``kind`` is being written (a file in the store)."""
-        d = self.path / PENDING_DIR / kind
-        d.mkdir(parents=True, exist_ok=True)
-        (d / key).touch()
+        self.location.touch(f"{PENDING_DIR}/{kind}/{key}")
 
     def clear_pending(self, kind: str, key: str) -> None:
-        (self.path / PENDING_DIR / kind / key).unlink(missing_ok=True)
+        self.location.remove(f"{PENDING_DIR}/{kind}/{key}")
 
     def pending(self, kind: str) -> list[str]:
-        d = self.path / PENDING_DIR / kind
-        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        return self.location.listdir(f"{PENDING_DIR}/{kind}")
 
     # -- reading ------------------------------------------------------------------
     def sql(self, query: str, file_access: bool = True) -> pl.DataFrame:
@@ -238,6 +277,27 @@ class Store:
             else:
                 self._create(name, table, schema)
 
+    def ensure_table(self, name: str, schema: pa.Schema) -> None:
+        """Create ``name`` empty with ``schema`` if missing (one commit), else add the nullable
+        columns ``schema`` gained since it was created."""
+        if self.has_table(name):
+            with self._commit():
+                self._conformed_table(name, schema)
+        else:
+            self.append(name, schema.empty_table(), schema=schema)
+
+    def append_fragments(self, name: str, fragments: Sequence) -> None:
+        """Commit data files written elsewhere (``lance.FragmentMetadata``, e.g. by Ray
+        workers) to table ``name`` as ONE Lance append; the table must exist. Files never
+        committed stay invisible (Lance's cleanup reclaims them)."""
+        import lance
+
+        uri = str(self.path / f"{name}.lance")
+        with self._commit(name):
+            version = self.table(name).version
+            lance.LanceDataset.commit(uri, lance.LanceOperation.Append(list(fragments)), read_version=version,
+                                      storage_options=self.storage_options)
+
     def delete(self, name: str, where: str) -> int:
         """Delete the rows of ``name`` matching the Lance filter ``where`` (one commit, none if
         nothing matches). Returns the number of rows deleted."""
@@ -267,8 +327,8 @@ class Store:
         return table.select(schema.names).cast(schema)
 
     def _create(self, name: str, data: pa.Table, schema: pa.Schema) -> None:
-        if (self.path / f"{name}.lance").exists():  # a creation killed before its first commit
-            shutil.rmtree(self.path / f"{name}.lance")
+        if self.location.is_dir(f"{name}.lance"):  # a creation killed before its first commit
+            self.location.remove_tree(f"{name}.lance")
         self.db.create_table(name, data=data, schema=schema)
 
     def _conformed_table(self, name: str, schema: pa.Schema):

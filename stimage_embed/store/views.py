@@ -6,6 +6,9 @@ so ``stimage-embed query "SELECT * FROM leaderboard"`` works. Every view groups 
 ``dataset, split, gene_spec, control`` (from ``runs``), so runs of different splits, gene
 specs or the shuffled leak control are never averaged together. NaN metric values (e.g.
 the Pearson of a constant prediction) are stored as NULL and ignored by the aggregates.
+
+The ``compare`` report computes its aggregates with this same SQL over its polars tables
+(:mod:`stimage_embed.evaluation.report_tables`), so the report and a query agree.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ SCORES = """
 """
 
 _KEYS = "dataset, split, gene_spec, control"
+
+#: per-slide Pearson rows (one per run x test slide x gene; NULL where undefined)
+_PCC_SLIDE = f"SELECT * FROM ({SCORES}) WHERE metric = 'pearson' AND scope = 'slide'"
+
+#: mean per-slide Pearson of each gene of each model over its test slides
+GENE_SCORES = f"""
+        SELECT {_KEYS}, backbone, head, gene, avg(value) AS pcc_mean, COUNT(value) AS slides
+        FROM ({_PCC_SLIDE})
+        GROUP BY ALL
+        """
 
 #: view name -> (SQL, store tables it reads)
 EVALUATION_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -52,19 +65,34 @@ EVALUATION_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
         """,
         ("metrics", "runs"),
     ),
-    "gene_scores": (
+    # per model: mean and median per-slide PCC over its (test slide, gene) values; how many are defined
+    "model_scores": (
         f"""
-        SELECT {_KEYS}, backbone, head, gene, avg(value) AS pcc_mean, COUNT(value) AS slides
-        FROM ({SCORES}) WHERE metric = 'pearson' AND scope = 'slide'
+        SELECT {_KEYS}, backbone, head, avg(value) AS pcc_mean, median(value) AS pcc_median,
+               COUNT(value) AS pcc_defined, COUNT(*) AS pcc_values
+        FROM ({_PCC_SLIDE})
         GROUP BY ALL
         """,
         ("metrics", "runs"),
     ),
+    "gene_scores": (GENE_SCORES, ("metrics", "runs")),
+    # genes of each model ranked by mean per-slide PCC (1 = best; ties by gene name; undefined last)
     "top_genes": (
         f"""
-        SELECT *, row_number() OVER (PARTITION BY {_KEYS}, backbone, head ORDER BY pcc_mean DESC NULLS LAST) AS rank
-        FROM (SELECT {_KEYS}, backbone, head, gene, avg(value) AS pcc_mean
-              FROM ({SCORES}) WHERE metric = 'pearson' AND scope = 'slide' GROUP BY ALL)
+        SELECT {_KEYS}, backbone, head, gene, pcc_mean,
+               row_number() OVER (PARTITION BY {_KEYS}, backbone, head ORDER BY pcc_mean DESC NULLS LAST, gene) AS rank
+        FROM ({GENE_SCORES})
+        """,
+        ("metrics", "runs"),
+    ),
+    # empirical coverage of the central 50% / 90% predictive intervals: mean and sd over (slide, gene) values
+    "coverage": (
+        f"""
+        SELECT {_KEYS}, backbone, head, scope,
+               CAST(regexp_extract(metric, '([0-9]+)$', 1) AS DOUBLE) / 100 AS nominal,
+               avg(value) AS empirical, stddev_samp(value) AS sd, COUNT(value) AS n
+        FROM ({SCORES}) WHERE metric IN ('coverage_50', 'coverage_90')
+        GROUP BY ALL
         """,
         ("metrics", "runs"),
     ),
@@ -82,16 +110,20 @@ EVALUATION_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
         """,
         ("metrics", "runs"),
     ),
+    # deciles of predicted sd (raw counts) per model: mean sd and mean |observed - mean| (raw counts);
+    # rows without a finite, non-negative variance, a finite mean or an observed count are skipped
     "uncertainty_error": (
         """
         WITH p AS (
             SELECT r.dataset, r.split, r.gene_spec, coalesce(r.control, 'none') AS control, r.backbone, r.head,
-                   sqrt(p.variance) AS sd, abs(p.observed - p.mean) AS abs_error
+                   sqrt(CAST(p.variance AS DOUBLE)) AS sd,
+                   abs(CAST(p.observed AS DOUBLE) - CAST(p.mean AS DOUBLE)) AS abs_error
             FROM predictions p JOIN runs r USING (run_id)
-            WHERE p.variance IS NOT NULL AND p.observed IS NOT NULL)
+            WHERE isfinite(p.variance) AND p.variance >= 0 AND isfinite(p.mean) AND p.observed IS NOT NULL)
         SELECT dataset, split, gene_spec, control, backbone, head, decile, COUNT(*) AS n,
                avg(sd) AS sd_mean, avg(abs_error) AS abs_error_mean
-        FROM (SELECT *, ntile(10) OVER (PARTITION BY dataset, split, gene_spec, control, backbone, head ORDER BY sd) AS decile FROM p)
+        FROM (SELECT *, ntile(10) OVER (PARTITION BY dataset, split, gene_spec, control, backbone, head
+                                        ORDER BY sd, abs_error) AS decile FROM p)
         GROUP BY ALL
         """,
         ("predictions", "runs"),
