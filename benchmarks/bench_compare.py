@@ -27,6 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import polars as pl
+
 from _common import table, timer
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.evaluation.compare import CompareConfig, compare
@@ -76,6 +78,10 @@ def main() -> None:
     print(table(rows, ("step", "runs", "seconds", "/ embedding pass")))
     print(f"compare cold / one embedding pass = {t['cold'] / e:.2f}; with the leak control "
           f"{(t['cold'] + t['control']) / e:.2f} (the control adds {t['control'] / t['cold']:.0%})")
+    board = cold.leaderboard.select("dataset", "backbone", "head", "pcc_mean", "mse_mean", "auc_mean")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=3):
+        print("leaderboard of the cold compare (mean per-slide PCC, MSE; AUC for highlow):")
+        print(board.sort("dataset", "pcc_mean", descending=[False, True], nulls_last=True))
     if prof:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(args.profile)

@@ -19,11 +19,32 @@ Aggregations (``aggregation``)
 * ``"mean"`` (default): fixed aggregation. The features are ``[x_i, mean of ring 1,
   mean of ring 2, ...]`` (masked means of the neighbours' vectors per ring), given to an
   :class:`~heads.nb.NBRegressor` GLM (standardised, ``n_components`` principal components,
-  L2 chosen by CV grouped by slide over ``alphas``). On HER2ST leave-one-slide-out
-  (Lite0, var:50) it was the best design measured (see ``benchmarks/bench_context.py``).
+  L2 chosen by CV grouped by slide over ``alphas``). Cheap: about 1.5x an ``nb`` fit.
 * ``"attention"``: learned attention over the neighbours with a relative-position
-  encoding (:mod:`heads.context_attention`), NB output, Adam with early stopping on a
-  held-out training slide, weight decay chosen by CV grouped by slide.
+  encoding (:mod:`heads.context_attention`; Adam, early stopping on held-out training
+  slides, weight decay by grouped CV) pools the neighbours' vectors; the pooled vector
+  joins the spot's own in the same NB GLM (``readout="glm"``; ``"net"``: the network's
+  own readout, worse). About 10x the cost of ``"mean"``; not persistable by
+  :func:`heads.save_head` (use it in ``compare``).
+
+``X`` may also be the spot vector concatenated with the vector of a wider window around
+the spot (``embed --context-um 300``: table ``embeddings_<backbone>__ctx300um``).
+
+Measured (``benchmarks/bench_context.py``; leave-one-slide-out, Lite0, var:50 from the
+training slides, mean PCC of log1p(CP10k) over genes averaged over folds; paired
+difference to nb over (fold, gene) with a bootstrap 95 % CI)::
+
+    design                      HER2ST (5 folds)                   MOB (4 folds)
+    nb (per spot)               0.278                              0.342
+    mean                        0.303 (1.09x) +0.026 [.013,.037]   0.390 (1.14x) +0.048 [.037,.059]
+    attention                   0.311 (1.12x) +0.033 [.023,.044]   0.341 (1.00x) tie
+    nb on [spot, 300 µm]        0.308 (1.11x)                      0.429 (1.25x)
+    mean on [spot, 300 µm]      0.335 (1.21x) +0.057 [.041,.072]   0.453 (1.33x) +0.111 [.100,.123]
+    nb on [spot, 300, 600 µm]   0.333 (1.20x)                      --
+    mean on [spot, 300, 600 µm] 0.354 (1.27x) +0.076 [.058,.092]   --
+
+Shuffled-vector control (vectors permuted within each slide): nb 0.002 / -0.004,
+``mean`` 0.003 / 0.026, ``mean`` on [spot, 300 µm] 0.010 / 0.000 (HER2ST / MOB).
 """
 
 from __future__ import annotations
@@ -35,9 +56,9 @@ from sklearn.base import BaseEstimator
 
 from heads.context_attention import AttentionNB
 from heads.inputs import check_groups, check_library_size, check_X
-from heads.scale import TARGET_SUM
 from heads.nb import NBPrediction, NBRegressor
 from heads.neighbours import find_neighbours, masked_neighbour_mean
+from heads.scale import TARGET_SUM
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +119,11 @@ class ContextNBRegressor(BaseEstimator):
         n_components: int | None = 256,
         max_iter: int = 200,
         weight_decays: tuple[float, ...] | None = None,
-        hidden: int = 32,
-        attention_components: int = 64,
+        hidden: int = 64,
+        attention_components: int = 256,
         lr: float = 3e-3,
         max_epochs: int = 300,
-        patience: int = 10,
+        patience: int = 20,
         readout: str = "glm",
         random_state: int | None = 0,
         device: str = "auto",
@@ -166,7 +187,7 @@ class ContextNBRegressor(BaseEstimator):
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
         coords: np.ndarray | None = None,
-    ) -> "ContextNBRegressor":
+    ) -> ContextNBRegressor:
         """Fit on spot vectors ``X`` (n, dim), RAW counts ``y`` (n, G), slide labels
         ``groups`` (n,) (neighbours and the grouped CV stay within / hold out whole
         slides), total raw counts per spot ``library_size`` (n,) and spot centres

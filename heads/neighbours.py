@@ -7,6 +7,11 @@ same rule finds the 6 hexagonal neighbours on Visium and the 8 (4 + 4 diagonal) 
 legacy ST; the next shells (sqrt(3) and 2 pitch) lie outside it. A spot at a tissue edge
 or next to a spot removed by QC has fewer neighbours: the missing slots are masked.
 
+On HER2ST (legacy ST, spot centres detected on the image) the lattice is jittered and
+slightly anisotropic: the median nearest distance is ~187 µm and the diagonal neighbours
+fall between 1.3 and 1.7 pitches, so the 1.5-pitch ring holds about half of them (most
+spots have 4-6 neighbours) and the second ring ``(1.5, 2.5]`` the rest.
+
 The pitch of a slide is measured, not assumed: the median distance from each of its spots
 to its nearest other spot, in the unit of ``coords`` (µm for the heads). Neighbours never
 cross slides: coordinates of different slides are unrelated frames.

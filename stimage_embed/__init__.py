@@ -6,4 +6,4 @@ Data flow (one sub-package per stage):
 -> ``predictions`` -> ``evaluation`` (splits, genes, metrics, compare, report).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -1,23 +1,37 @@
 """The ``stimage-embed`` command line: ingest -> embed -> train/predict -> compare.
 
 Every verb has ``--help``. Errors from bad input are printed as one clear line naming
-the file and field, with exit code 2.
+the file and field, with exit code 2. Shared options, option parsing and printing are in
+:mod:`stimage_embed.cli_helpers`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import polars as pl
 import typer
 
 from stimage_embed import __version__
-from stimage_embed.errors import StimageError
+from stimage_embed.cli_helpers import (
+    DataRootOpt,
+    ModelsDirOpt,
+    StoreOpt,
+    WaitOpt,
+    backbone_names,
+    cli_errors,
+    first_line,
+    print_compare_result,
+    print_frame,
+    region_box,
+    slides_from,
+    split_csv,
+    weights_map,
+)
+from stimage_embed.predictions.registry import head_help, head_names
 
 app = typer.Typer(
     name="stimage-embed",
@@ -27,64 +41,6 @@ app = typer.Typer(
     add_completion=False,
 )
 log = logging.getLogger("stimage_embed")
-
-StoreOpt = Annotated[Path, typer.Option("--store", envvar="STIMAGE_STORE", help="Store directory (LanceDB database).")]
-DataRootOpt = Annotated[
-    Optional[Path],
-    typer.Option("--data-root", envvar="STIMAGE_DATA_ROOT", help="Folder that relative catalog roots resolve against [default: ../shared/data]."),
-]
-
-
-def cli_errors(func: Callable) -> Callable:
-    """Turn library errors into one clear line on stderr and exit code 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except StimageError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-
-    return wrapper
-
-
-WaitOpt = Annotated[
-    float,
-    typer.Option("--wait", metavar="SECONDS", help="If another command is writing to the store, wait up to this long for it (0: fail at once)."),
-]
-
-
-def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
-    """CSV has no nested values: list, array and struct columns are written as JSON text."""
-    nested = [c for c, t in df.schema.items() if t.is_nested()]
-    return df.with_columns(
-        pl.Series(c, [None if v is None else json.dumps(v, default=str) for v in df[c].to_list()], dtype=pl.Utf8)
-        for c in nested
-    )
-
-
-def _backbone_names(value: str, field: str) -> list[str]:
-    """Comma-separated backbone names, each checked (letters, digits, '_': they name tables)."""
-    from stimage_embed.errors import InputError
-    from stimage_embed.store.schema import BACKBONE_NAME
-
-    names = _split_csv(value)
-    bad = [n for n in names if not BACKBONE_NAME.fullmatch(n)]
-    if bad or not names:
-        raise InputError(None, field, f"invalid backbone name(s) {bad or value!r}: letters, digits and '_' only "
-                         "(see `stimage-embed backbones`)")
-    return names
-
-
-def _print_frame(df: pl.DataFrame, fmt: str = "table") -> None:
-    if fmt == "csv":
-        sys.stdout.write(_csv_safe(df).write_csv())
-    elif fmt == "json":
-        sys.stdout.write(df.write_json() + "\n")
-    else:
-        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            typer.echo(str(df))
 
 
 def _print_version(value: bool) -> None:
@@ -121,7 +77,7 @@ def ingest(
     st = Store(store, lock_wait=wait)
     with st.writer("ingest"):
         summary = run_ingest(catalog, st, tissue_threshold=tissue_threshold, slides=slide, data_root=data_root)
-    _print_frame(
+    print_frame(
         summary.select(
             "dataset", "slide_id", "patient", "n_spots", "n_spots_skipped", "n_spots_pass_qc", "n_genes",
             pl.col("um_per_px").round(4), "um_per_px_source",
@@ -148,9 +104,9 @@ def query(
     try:
         df = Store(store).sql(sql, file_access=allow_file_access)
     except duckdb.Error as exc:
-        typer.echo(f"error: SQL: {_first_line(exc)}", err=True)
+        typer.echo(f"error: SQL: {first_line(exc)}", err=True)
         raise typer.Exit(2) from exc
-    _print_frame(df, fmt)
+    print_frame(df, fmt)
 
 
 @app.command()
@@ -165,9 +121,9 @@ def info(store: StoreOpt = Path("store")) -> None:
         typer.echo(f"{st.path}: empty store (run `stimage-embed ingest <catalog>`)")
         return
     rows = [{"table": n, "rows": st.table(n).count_rows(), "version": st.table(n).version} for n in names]
-    _print_frame(pl.DataFrame(rows))
+    print_frame(pl.DataFrame(rows))
     if "slides" in names:
-        _print_frame(
+        print_frame(
             st.sql(
                 """SELECT dataset, species, tissue, preservation, COUNT(*) AS slides,
                           COUNT(DISTINCT patient) AS patients, SUM(n_spots)::BIGINT AS spots,
@@ -200,7 +156,7 @@ def backbones(
                 "source": spec.hub_id or spec.timm_name or "",
             }
         )
-    _print_frame(pl.DataFrame(rows))
+    print_frame(pl.DataFrame(rows))
 
 
 @app.command()
@@ -210,6 +166,7 @@ def embed(
     store: StoreOpt = Path("store"),
     slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slides (repeatable).")] = None,
     tile_um: Annotated[Optional[float], typer.Option(help="Tile width in µm [default: each slide's spot diameter].")] = None,
+    context_um: Annotated[Optional[list[float]], typer.Option("--context-um", help="Embed a wider window of this width (µm) centred on each spot into embeddings_<backbone>__ctx<W>um (repeatable: one table per width); heads load it as backbone <backbone>__ctx<W>um.")] = None,
     stain: Annotated[str, typer.Option(help="macenko | reinhard | none")] = "macenko",
     stain_template: Annotated[Optional[str], typer.Option(help="Slide id whose stain is the target [default: the one the backbone's vectors used, else the first slide id].")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per batch (= resume chunk).")] = 32,
@@ -221,81 +178,60 @@ def embed(
     overwrite: Annotated[bool, typer.Option(help="Drop the backbone's existing vectors first (with --slide: only those slides' vectors).")] = False,
     flush_rows: Annotated[int, typer.Option(help="Rows buffered per backbone before an atomic append.")] = 512,
     wait: WaitOpt = 0.0,
+    engine: Annotated[str, typer.Option(help="local (this process) | ray (a Ray Data pipeline; needs the distributed extra: pip install stimage-embed\\[distributed]).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray engine: cluster address (auto | ray://HOST:10001); default: start a local Ray.")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="Ray engine: GPUs per model worker (0: CPU workers of 0.5 CPU each).")] = 0.0,
 ) -> None:
-    """Embed every spot tile once per backbone into embeddings_<backbone> (resumable)."""
+    """Embed every spot tile once per backbone into embeddings_<backbone> (resumable).
+    With --engine ray, --workers is the number of model workers (Ray actors)."""
     from stimage_embed.embeddings.embed_pass import embed as run_embed
     from stimage_embed.errors import InputError
     from stimage_embed.store import Store
 
-    wmap = {}
-    for item in weights or []:
-        if "=" not in item:
-            raise InputError(None, "--weights", f"expected NAME=PATH, got {item!r}")
-        k, v = item.split("=", 1)
-        wmap[k] = v
-    names = _backbone_names(backbone, "--backbone")
+    wmap = weights_map(weights)
+    names = backbone_names(backbone, "--backbone")
     st = Store(store, lock_wait=wait)
+    if engine not in ("local", "ray"):
+        raise InputError(None, "--engine", f"expected local or ray, got {engine!r}")
+    if engine == "ray":
+        from stimage_embed.embeddings.ray_engine import RayConfig, embed_ray
+
+        run_embed = functools.partial(embed_ray, config=RayConfig(address=address, gpus_per_worker=gpus_per_worker))
     with st.writer("embed"):
-        report = run_embed(
-            st, names, slides=slide, tile_um=tile_um, stain=stain,
-            stain_template=stain_template, batch_size=batch_size, num_workers=workers, device=device, precision=precision,
-            weights=wmap, only_qc=only_qc, overwrite=overwrite, flush_rows=flush_rows,
-        )
-    typer.echo(report.line())
-
-
-def _split_csv(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
-
-
-def _first_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n\n")[0].split()) or type(exc).__name__
-
-
-def _slides_from(store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None) -> list[str] | None:
-    """Slide ids from a comma list or from SQL returning a ``slide_id`` column (user SQL:
-    run without file access; an error is one line naming the option)."""
-    import duckdb
-
-    from stimage_embed.errors import InputError
-
-    if ids:
-        return _split_csv(ids)
-    if sql:
-        sql_field = sql_field or f"{field}-sql"
-        try:
-            df = store_obj.sql(sql, file_access=False)
-        except duckdb.Error as exc:
-            raise InputError(None, sql_field, f"invalid SQL: {_first_line(exc)}") from exc
-        if "slide_id" not in df.columns:
-            raise InputError(None, sql_field, f"the SQL must return a slide_id column; got {df.columns}")
-        return sorted(df["slide_id"].unique().to_list())
-    return None
+        for width in context_um or [None]:  # one pass (and one table per backbone) per context width
+            extra = {} if width is None else {"context_um": width}
+            report = run_embed(
+                st, names, slides=slide, tile_um=tile_um, stain=stain,
+                stain_template=stain_template, batch_size=batch_size, num_workers=workers, device=device, precision=precision,
+                weights=wmap, only_qc=only_qc, overwrite=overwrite, flush_rows=flush_rows, **extra,
+            )
+            typer.echo(report.line() if width is None else f"context {width:g} µm: {report.line()}")
 
 
 @app.command()
 @cli_errors
 def train(
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone whose cached vectors to train on.")] = "efficientnet_lite0",
-    head: Annotated[str, typer.Option(help="nb | ensemble | highlow | ridge | mean")] = "nb",
+    head: Annotated[str, typer.Option(help="a head fitted on one backbone's vectors: " + head_help())] = "nb",
     genes: Annotated[str, typer.Option(help="var:K (default; top K by variance of log1p CP10k) | mean:K | seurat:K (alias hvg:K) | panel:NAME | file:PATH, selected on the training slides only.")] = "var:50",
     train_slides: Annotated[Optional[str], typer.Option("--train", help="Training slide ids, comma-separated.")] = None,
     train_sql: Annotated[Optional[str], typer.Option(help="SQL returning the training slide_ids.")] = None,
     all_spots: Annotated[bool, typer.Option(help="Train on spots failing tissue QC too.")] = False,
     store: StoreOpt = Path("store"),
     wait: WaitOpt = 0.0,
+    models_dir: ModelsDirOpt = None,
 ) -> None:
     """Fit one head on cached vectors and save it under <store>/models/<run_id>."""
     from stimage_embed.errors import InputError
     from stimage_embed.predictions.train_predict import train as run_train
     from stimage_embed.store import Store
 
-    st = Store(store, lock_wait=wait)
-    names = _backbone_names(backbone, "--backbone")
+    st = Store(store, lock_wait=wait, models_dir=models_dir)
+    names = backbone_names(backbone, "--backbone")
     if len(names) != 1:
         raise InputError(None, "--backbone", f"train fits one backbone's vectors; got {names}")
     backbone = names[0]
-    slides = _slides_from(st, train_sql, train_slides, "--train") or []
+    slides = slides_from(st, train_sql, train_slides, "--train") or []
     with st.writer("train"):
         rid, path = run_train(st, backbone, head, genes, slides, only_qc=not all_spots)
     typer.echo(f"model {rid} saved to {path}")
@@ -309,13 +245,14 @@ def predict(
     slides_sql: Annotated[Optional[str], typer.Option(help="SQL returning the slide_ids to predict.")] = None,
     store: StoreOpt = Path("store"),
     wait: WaitOpt = 0.0,
+    models_dir: ModelsDirOpt = None,
 ) -> None:
     """Predict expression for slides with a saved model; writes the predictions table."""
     from stimage_embed.predictions.train_predict import predict as run_predict
     from stimage_embed.store import Store
 
-    st = Store(store, lock_wait=wait)
-    ids = _slides_from(st, slides_sql, slides, "--slide", "--slides-sql") or []
+    st = Store(store, lock_wait=wait, models_dir=models_dir)
+    ids = slides_from(st, slides_sql, slides, "--slide", "--slides-sql") or []
     with st.writer("predict"):
         pred = run_predict(st, model, ids)
     typer.echo(f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
@@ -340,23 +277,16 @@ def infer(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading tiles.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     store: StoreOpt = Path("store"),
+    models_dir: ModelsDirOpt = None,
 ) -> None:
     """Predict a model's genes on a slide that has only an image: grid over tissue, embed, predict, maps."""
-    from stimage_embed.errors import InputError
     from stimage_embed.inference.infer import infer as run_infer
     from stimage_embed.store import Store
 
-    box = None
-    if region is not None:
-        try:
-            box = tuple(float(v) for v in region.split(","))
-        except ValueError:
-            box = ()
-        if len(box) != 4:
-            raise InputError(None, "--region", f"expected X0,Y0,X1,Y1 (four numbers, full-resolution px), got {region!r}")
+    box = region_box(region)
     result = run_infer(
-        Store(store), image, model, out, slide_id=slide_id, um_per_px=um_per_px, pitch_um=pitch_um,
-        genes=_split_csv(genes) or None, n_top_genes=top_genes, tissue_threshold=tissue_threshold, min_tissue=min_tissue,
+        Store(store, models_dir=models_dir), image, model, out, slide_id=slide_id, um_per_px=um_per_px, pitch_um=pitch_um,
+        genes=split_csv(genes) or None, n_top_genes=top_genes, tissue_threshold=tissue_threshold, min_tissue=min_tissue,
         region=box, weights=weights, num_workers=workers, device=device, progress=True,
     )
     for line in result.lines():
@@ -367,7 +297,7 @@ def infer(
 @cli_errors
 def compare(
     backbones: Annotated[str, typer.Option("--backbones", help="Comma-separated backbones with vectors in the store.")] = "efficientnet_lite0",
-    heads: Annotated[str, typer.Option("--heads", help="Comma-separated: nb, ensemble, highlow, ridge, mean, fstimage.")] = "nb,ensemble,highlow,ridge,mean",
+    heads: Annotated[str, typer.Option("--heads", help="Comma-separated head names: " + head_help())] = ",".join(head_names(spans_backbones=False)),
     split: Annotated[str, typer.Option(help="loso | lopo | kfold:K[:SEED] (folds within each dataset).")] = "loso",
     genes: Annotated[str, typer.Option(help="var:K (default; top K by variance of log1p CP10k) | mean:K | seurat:K (alias hvg:K) | panel:NAME | file:PATH, selected on the training slides only.")] = "var:50",
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Comma-separated datasets [default: all].")] = None,
@@ -378,7 +308,7 @@ def compare(
     missing: Annotated[str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")] = "error",
     all_spots: Annotated[bool, typer.Option(help="Use spots failing tissue QC too.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
-    highlow_max_iter: Annotated[int, typer.Option(help="saga iterations of the high/low classifier (sklearn's default is 1000).")] = 100,
+    highlow_max_iter: Annotated[int, typer.Option(help="iterations of the high/low classifier's solver (FISTA; saga epochs with solver saga).")] = 1000,
     control: Annotated[Optional[str], typer.Option(help="Also run a leak control: 'shuffled' trains and scores every head on vectors permuted among each slide's spots (should score about 0).")] = None,
     store: StoreOpt = Path("store"),
     wait: WaitOpt = 0.0,
@@ -391,36 +321,18 @@ def compare(
     from stimage_embed.store import Store
 
     st = Store(store, lock_wait=wait)
-    tr = _slides_from(st, train_sql, train, "--train")
-    te = _slides_from(st, test_sql, test, "--test")
+    tr = slides_from(st, train_sql, train, "--train")
+    te = slides_from(st, test_sql, test, "--test")
     if (tr is None) != (te is None):
         raise InputError(None, "--train/--test", "give both the training and the test slides for an explicit split")
     cfg = CompareConfig(
-        backbones=_backbone_names(backbones, "--backbones"), heads=_split_csv(heads), split=split, genes=genes,
-        datasets=_split_csv(dataset) or None, only_qc=not all_spots, missing=missing, train_slides=tr, test_slides=te,
-        head_params={"highlow": {"max_iter": highlow_max_iter, "tol": 1e-3}}, controls=_split_csv(control),
+        backbones=backbone_names(backbones, "--backbones"), heads=split_csv(heads), split=split, genes=genes,
+        datasets=split_csv(dataset) or None, only_qc=not all_spots, missing=missing, train_slides=tr, test_slides=te,
+        head_params={"highlow": {"max_iter": highlow_max_iter}} if highlow_max_iter != 1000 else {}, controls=split_csv(control),
     )
     with st.writer("compare"):
         result = run_compare(st, cfg)
-    typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
-    _print_frame(result.leaderboard.select(
-        "dataset", "split", "gene_spec", "control", "backbone", "head", "folds", "genes",
-        *[pl.col(c).round(3) for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")],
-    ))
-    from stimage_embed.evaluation.paired import paired_comparisons
-
-    paired = paired_comparisons(st, run_ids=result.run_ids)
-    if paired.height:
-        typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
-        _print_frame(paired.select(
-            "dataset", "a_backbone", "a_head", "b_backbone", "b_head", "n_pairs",
-            *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")], "verdict",
-        ))
-    if report is not None:
-        from stimage_embed.evaluation.report_driver import write_compare_report
-
-        path = write_compare_report(st, result, report)
-        typer.echo(f"report: {path}")
+    print_compare_result(st, result, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: stages in data-flow order; a module may import only from its own stage or earlier ones
 #: (``store`` serves all; ``tiles`` holds the image primitives ingest's tissue QC uses)
 STAGES = ("errors", "paths", "store", "tiles", "ingest", "backbones", "embeddings", "predictions", "evaluation",
-          "inference", "cli", "cli_helpers")
+          "inference", "cli_helpers", "cli")
 
 
 def _sources(package: str) -> list[Path]:

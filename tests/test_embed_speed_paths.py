@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from stimage_embed.embeddings.embed_pass import embed
+from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import (
-    SlideJob, SlideStainFit, TileStream, make_chunks, prefetch, stored_stain_estimates, template_normalizer,
+    SlideJob, SlideStainFit, TileStream, make_chunks, stored_stain_estimates, template_normalizer,
 )
 from stimage_embed.predictions.arrays import load_embeddings
 from stimage_embed.store import Store
@@ -120,6 +121,43 @@ def test_thread_stream_equals_worker_stream_and_a_fit_in_the_pass(ingested_store
     for x, y, z in zip(a, b, c):
         assert torch.equal(x["tiles"][224], y["tiles"][224]) and torch.equal(x["tiles"][224], z["tiles"][224])
         assert torch.equal(x["padded"], z["padded"])
+
+
+def test_compute_threads_give_every_batch_of_the_stream_and_reraise_errors(ingested_store, slides) -> None:
+    """The CPU layout (one compute thread per core, slides shared): every chunk once, the same
+    tiles as the plain stream, and a compute error reaches the consumer; torch's thread count
+    is restored."""
+    est = stored_stain_estimates(slides)
+    stream, chunks = _stream(slides, ingested_store, ["C5", "MOB1"], 12, SlideStainFit(template_normalizer("macenko", "", est["B4"]), "B4", est))
+    ref = {(b["slide_id"], b["chunk"]): b for b in stream.batches(chunks)}
+    before = torch.get_num_threads()
+    got = list(compute_stream(stream, chunks, lambda b: b | {"sum": int(b["tiles"][224].sum())}, threads=2))
+    assert sorted((b["slide_id"], b["chunk"]) for b in got) == sorted(ref) and len(got) == 4
+    for b in got:
+        r = ref[(b["slide_id"], b["chunk"])]
+        assert b["spot_ids"] == r["spot_ids"] and torch.equal(b["tiles"][224], r["tiles"][224]) and b["sum"] == int(r["tiles"][224].sum())
+
+    def broken(batch):
+        raise ValueError("model failed")
+
+    with pytest.raises(ValueError, match="model failed"):
+        list(compute_stream(stream, chunks, broken, threads=2))
+    assert torch.get_num_threads() == before
+
+
+def test_lead_slide_openings_only_reorders_and_opens_each_thread_a_slide_at_the_start() -> None:
+    from stimage_embed.embeddings.stream_threads import lead_slide_openings
+    from stimage_embed.embeddings.tile_stream import Chunk
+
+    chunks = [Chunk(s, i, (), (), ()) for s, n in (("A", 5), ("B", 3), ("C", 4)) for i in range(n)]
+    for lead in (1, 2, 3):
+        got = lead_slide_openings(chunks, lead)
+        assert sorted(got, key=chunks.index) == chunks  # a permutation
+        for s in "ABC":  # each slide's chunks keep their order
+            assert [c.index for c in got if c.slide_id == s] == sorted(c.index for c in got if c.slide_id == s)
+        assert [c.slide_id for c in got[:lead]] == list("ABC"[:lead])  # one slide per thread at the start
+    assert [(c.slide_id, c.index) for c in lead_slide_openings(chunks, 2)][:7] == [
+        ("A", 0), ("B", 0), ("A", 1), ("A", 2), ("A", 3), ("A", 4), ("C", 0)]
 
 
 def test_prefetch_reraises_producer_errors_and_stops_early() -> None:

@@ -2,10 +2,12 @@
 
 * Streams tiles from the slides; several backbones share each decoded slide and each chunk.
   On few CPU cores, one thread per core cuts, stain-normalises and embeds its own chunks
-  (single-threaded torch ops, no oversubscription; ``tile_stream.compute_stream``); on a GPU
+  (single-threaded torch ops, no oversubscription; ``stream_threads.compute_stream``); on a GPU
   a thread cuts tiles ahead of the model; on many cores DataLoader worker processes do.
   Per-slide stain estimates come from ingest (``slides.stain_estimate``), not refitted.
-* Upkeep after the writes (``store.maintenance``): slide_id index, compaction, old versions.
+* What to embed (slides, stain target, each table made ready, chunks still missing):
+  ``embed_plan``. Upkeep after the writes (``store.maintenance``): slide_id index,
+  compaction, old versions.
 * Batches, channels_last, autocast (bf16 on CPU only when measured faster with cosine
   >= 0.999 to fp32; fp16/bf16 on GPU per the spec), pinned memory on GPU.
 * Writes one Lance table per backbone (``embeddings_<name>``) of float16 vectors keyed
@@ -13,15 +15,20 @@
 * Resume: keys already present are skipped. Each append is one atomic Lance commit of
   whole chunks, so a run killed at any point (even SIGKILL) leaves only complete
   commits, and a re-run completes the table to exactly one row per key.
-* Concurrency: the pass holds the store's writer lock, and each append is a keyed insert
-  (``merge_insert`` on slide_id, spot_id), so a key is never stored twice. Vectors cut
-  under another slide geometry (``slides.geometry_hash``: re-ingested with moved spots)
-  are deleted and embedded again; ``--overwrite --slide S`` replaces only S's vectors.
+* Concurrency: a key is never stored twice. On a local store the pass holds the store's
+  exclusive writer lock from the read of the stored keys to its last commit, and appends
+  only keys it found missing (plain appends: a keyed insert would join every stored key at
+  each commit, quadratic in the table's size). On object storage, which has no
+  cross-process lock, each append is a keyed insert (``merge_insert`` on slide_id,
+  spot_id). Vectors cut under another slide geometry (``slides.geometry_hash``:
+  re-ingested with moved spots) are deleted and embedded again; ``--overwrite --slide S``
+  replaces only S's vectors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -34,18 +41,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stimage_embed import __version__
 from stimage_embed.backbones import create_model
-from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.tile_stream import (
-    SlideJob, SlideStainFit, TileStream, compute_stream, make_chunks, prefetch, stored_stain_estimates, template_normalizer,
-)
-from stimage_embed.errors import InputError, ProvenanceError, StoreError
+from stimage_embed.embeddings.embed_plan import prepare_table, select_spots, stain_target, work_list
+from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
+from stimage_embed.embeddings.tile_stream import SlideJob, TileStream
+from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.lock import writes
 from stimage_embed.store.maintenance import data_files, maintain
-from stimage_embed.store.store import Store, sql_list
+from stimage_embed.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +80,149 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _existing_keys(store: Store, table: str) -> set[tuple[str, str]]:
-    if not store.has_table(table):
-        return set()
-    t = store.read(table, ["slide_id", "spot_id"])
-    return set(zip(t["slide_id"].to_pylist(), t["spot_id"].to_pylist()))
+class _Model:
+    """One backbone's forward on batches of uint8 tiles, at the pass's precision."""
+
+    def __init__(self, bb, dev: torch.device, precision: str):
+        self.bb, self.dev, self.precision = bb, dev, precision
+
+    def __call__(self, tiles: torch.Tensor) -> np.ndarray:
+        """Vectors of a batch of uint8 tiles (N, px, px, 3): float32 (N, dim), on the CPU."""
+        x = self.bb.preprocess(tiles.to(self.dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.dev.type, dtype=getattr(torch, self.precision)) if self.precision != "float32" else contextlib.nullcontext()
+        with ctx:
+            return self.bb(x).float().cpu().numpy()
+
+
+class _Writer:
+    """Buffers each backbone's new vectors and commits them every ``flush_rows`` rows, one
+    commit each: an append under the local store's writer lock, a keyed insert (a key
+    already stored is skipped) on object storage (see the module doc)."""
+
+    def __init__(self, store: Store, models: dict, tables: dict[str, str], pids: dict[str, str], report: EmbedReport,
+                 jobs: dict[str, SlideJob], slide_tab: pl.DataFrame, spots: pl.DataFrame, flush_rows: int):
+        self.store, self.models, self.tables, self.pids, self.report = store, models, tables, pids, report
+        self.jobs, self.flush_rows = jobs, flush_rows
+        self.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
+        self.umpp = dict(zip(slide_tab["slide_id"], slide_tab["um_per_px"]))
+        self.ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
+        self.buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
+        self.buffered = {n: 0 for n in models}
+
+    def add(self, name: str, sid: str, keys: list[str], vec: np.ndarray, padded: np.ndarray) -> None:
+        """Rows of one backbone for ``keys`` of slide ``sid``: float32 vectors (n, dim), padded fractions (n,)."""
+        if not np.isfinite(vec).all():
+            raise StoreError(f"{name}: non-finite embedding for slide {sid}; refusing to store it")
+        dim = vec.shape[1]
+        flat = pa.array(vec.astype(np.float16).ravel(), type=pa.float16())
+        n = len(keys)
+        self.buffers[name].append(pa.table(
+            {
+                "slide_id": [sid] * n,
+                "spot_id": keys,
+                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "tissue_fraction": pa.array([self.tissue[(sid, k)] for k in keys], pa.float32()),
+                "padded_fraction": pa.array(padded, pa.float32()),
+                "tile_um": pa.array([self.jobs[sid].tile_um] * n, pa.float32()),
+                "um_per_px": pa.array([self.umpp[sid]] * n, pa.float32()),
+                "provenance_id": [self.pids[name]] * n,
+                "geometry_hash": [self.ghash.get(sid)] * n,
+            },
+            schema=S.embedding_schema(dim, optional=True),
+        ))
+        self.buffered[name] += n
+        if self.buffered[name] >= self.flush_rows:
+            self.flush(name)
+
+    def flush(self, name: str) -> None:
+        if not self.buffers[name]:
+            return
+        data = pa.concat_tables(self.buffers[name])
+        schema = S.embedding_schema(self.models[name].embed_dim, optional=True)
+        if self.store.remote:
+            self.store.insert_new(self.tables[name], data, ("slide_id", "spot_id"), schema=schema)
+        else:  # the pass holds the exclusive lock and writes only keys missing when it read them
+            self.store.append(self.tables[name], data, schema=schema)
+        self.report.vectors[name] = self.report.vectors.get(name, 0) + data.num_rows
+        self.buffers[name], self.buffered[name] = [], 0
+
+
+def _default_workers(n_tiles: int) -> int:
+    """DataLoader worker processes by default: spawned workers cost seconds to start, not
+    worth it for small jobs or few cores (0 = threads of this process)."""
+    cores = os.cpu_count() or 2
+    return 0 if n_tiles < 256 or cores <= 4 else min(4, cores - 1)
+
+
+def _loader(stream: TileStream, chunks: list, compute, num_workers: int, dev: torch.device):
+    """The computed or cut batches of ``chunks`` (see the module doc for the three layouts)."""
+    if num_workers:
+        return DataLoader(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
+            persistent_workers=False, prefetch_factor=4,
+            # spawn, not fork: forking after LanceDB started its async runtime can deadlock
+            multiprocessing_context="spawn",
+        )
+    if dev.type == "cpu":  # one thread per core cuts its tiles and runs the model on them (see stream_threads)
+        threads = max(1, min(4, torch.get_num_threads()))
+        return compute_stream(stream, chunks, compute, threads, intra_op_threads=torch.get_num_threads() // threads)
+    # one background thread cuts tiles a few batches ahead of the model on the GPU
+    return prefetch(stream.batches(chunks), depth=8, pin_memory=True)
+
+
+def _consume(loader, models: dict, forward: dict, needs, writer: _Writer, n_tiles: int, progress: bool, closing: bool) -> None:
+    """Store the vectors of every batch of ``loader`` for each backbone still lacking them
+    (computed in the batch's ``features`` by a compute thread, else here), then flush."""
+    report = writer.report
+    bar = tqdm(total=n_tiles, unit="tile", desc="embed " + ",".join(models), disable=not progress, smoothing=0.1)
+    with torch.inference_mode(), contextlib.closing(loader) if closing else contextlib.nullcontext():
+        for batch in loader:
+            sid, ids = batch["slide_id"], batch["spot_ids"]
+            for name, bb in models.items():
+                missing = needs(name, sid, ids)
+                if missing:
+                    feats = batch["features"][name] if "features" in batch else forward[name](batch["tiles"][bb.input_size])
+                    writer.add(name, sid, [ids[j] for j in missing], feats[missing], batch["padded"].numpy()[missing])
+            report.tiles += len(ids)
+            bar.update(len(ids))
+            bar.set_postfix(slide=sid)
+    for name in models:
+        writer.flush(name)
+    bar.close()
+
+
+def _context_tile_um(tile_um: float | None, context_um: float | None) -> float | None:
+    """The tile width (µm) of the pass: ``context_um`` when given (it is the tile width of a
+    context table; a different ``tile_um`` as well is an error), else ``tile_um``."""
+    if context_um is None:
+        return tile_um
+    if tile_um is not None and float(tile_um) != float(context_um):
+        raise InputError(None, "--context-um", f"gives the tile width itself; got --tile-um {tile_um} as well")
+    P.context_width_label(context_um)  # a positive width, or a one-line error
+    return float(context_um)
+
+
+def _provenance_base(name: str, bb, tile_um: float | None, stain: str, template_id: str | None, stain_desc: dict,
+                     context_um: float | None) -> dict:
+    """A backbone's provenance record before the precision is chosen (``embed_plan.prepare_table``)."""
+    prov = {"backbone": name, "spec_hash": bb.spec.spec_hash(), "weights_sha256": bb.weights_sha256,
+            "transform": bb.transform_description(), "tile_um": tile_um if tile_um is not None else "spot_diameter",
+            "tile_px": bb.input_size, "stain_method": stain, "stain_template": template_id, "stain": stain_desc}
+    if context_um is not None:
+        prov["context_um"] = float(context_um)
+    return prov
+
+
+def _missing(done_keys: dict[str, set], name: str, sid: str, ids) -> list[int]:
+    """Positions in ``ids`` (spot ids of slide ``sid``) of the keys backbone ``name`` still lacks."""
+    return [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
+
+
+def _bytes_added(store: Store, tables: dict[str, str], before: dict[str, dict[str, int]]) -> int:
+    """Bytes written: the data files this run's commits added to ``tables`` since ``before``
+    (``data_files`` per table; measured before the upkeep rewrites them)."""
+    return sum(size for name, table in tables.items() for path, size in data_files(store, table).items()
+               if path not in before[name])
 
 
 @writes("embed")
@@ -100,10 +243,14 @@ def embed(
     flush_rows: int = 512,
     progress: bool = True,
     backbone_overrides: dict[str, dict] | None = None,
+    context_um: float | None = None,
 ) -> EmbedReport:
     """Embed the store's spots with each backbone (see module docstring).
 
     tile_um: physical tile width in µm; default = each slide's spot diameter.
+    context_um: embed instead a wider window of this width (µm) centred on each spot, into
+        its own table ``embeddings_<backbone>__ctx<W>um`` (:func:`provenance.vector_table_name`)
+        with its own provenance (``tile_um = context_um``, ``context_um``).
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
     num_workers: DataLoader worker processes; 0 = threads of this process: on CPU one per core
         (max 4), each cutting, normalising and embedding its own chunks with single-threaded
@@ -115,192 +262,47 @@ def embed(
         raise InputError(None, "--backbone", "name at least one backbone")
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
+    tile_um = _context_tile_um(tile_um, context_um)
     dev = _device(device)
-    slide_tab = pl.from_arrow(store.read("slides"))
-    if slides:
-        unknown = sorted(set(slides) - set(slide_tab["slide_id"]))
-        if unknown:
-            raise InputError(None, "--slide", f"slides not in the store: {unknown}")
-        slide_tab = slide_tab.filter(pl.col("slide_id").is_in(slides))
-    slide_tab = slide_tab.sort("slide_id")
-    where = f"slide_id IN ({sql_list(slide_tab['slide_id'])})" + (" AND passes_qc" if only_qc else "")
-    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y", "tissue_fraction"], where=where))
-
-    # --- backbones, stain template, provenance -------------------------------------
+    slide_tab, spots = select_spots(store, slides, only_qc)
     models = {name: create_model(name, weights=(weights or {}).get(name), device=str(dev), overrides=(backbone_overrides or {}).get(name)) for name in backbones}
-    template_id = None
-    stain_factory = None
-    stain_desc: dict = {"method": stain}
-    if stain != "none":
-        all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
-        # default: the template the tables' vectors were normalised against, else the first slide
-        recorded = None if stain_template or (overwrite and not slides) else P.recorded_stain_template(
-            store, [S.embedding_table_name(b) for b in backbones])
-        template_id = stain_template or recorded or all_slides["slide_id"][0]
-        row = all_slides.filter(pl.col("slide_id") == template_id)
-        if row.height == 0:
-            raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
-        # per-slide stain estimates made at ingest (same thumbnail and tissue mask): not recomputed
-        estimates = stored_stain_estimates(all_slides)
-        target = template_normalizer(stain, row["image_path"][0], estimates.get(template_id))
-        stain_factory = SlideStainFit(target, template_slide=template_id, estimates=estimates)
-        stain_desc = target.to_dict()
-
+    template_id, stain_factory, stain_desc = stain_target(store, backbones, stain, stain_template, overwrite and not slides)
     report = EmbedReport()
     tables, provs, done_keys = {}, {}, {}
     for name, bb in models.items():
-        table = S.embedding_table_name(name)
-        if overwrite and not slides and store.has_table(table):
-            store.drop_table(table)
-            P.forget(store, table)
-        old = P.existing_provenance(store, table)
-        prec = precision
-        if prec == "auto" and old:
-            prec = old[0].get("precision", "auto")  # resume with the table's precision
-        prec, probe = choose_precision(bb, dev, prec)
-        report.precision[name] = prec
-        prov = {
-            "backbone": name,
-            "spec_hash": bb.spec.spec_hash(),
-            "weights_sha256": bb.weights_sha256,
-            "transform": bb.transform_description(),
-            "tile_um": tile_um if tile_um is not None else "spot_diameter",
-            "tile_px": bb.input_size,
-            "stain_method": stain,
-            "stain_template": template_id,
-            "stain": stain_desc,
-            "precision": prec,
-            "precision_probe": probe,
-            "package_version": __version__,
-            "embed_dim": bb.embed_dim,
-        }
-        try:
-            P.check_compatible(store, table, prov)
-        except ProvenanceError as exc:
-            if overwrite and slides:
-                raise ProvenanceError(f"{exc} (--overwrite with --slide replaces only these slides' vectors, which must keep "
-                                      "the table's provenance; omit --slide to replace every slide's)") from exc
-            raise
-        if overwrite and slides:  # replace only these slides' vectors
-            store.delete(table, f"slide_id IN ({sql_list(slide_tab['slide_id'])})")
-        P.repair(store, table, slide_tab)
-        tables[name], provs[name] = table, prov
-        have = _existing_keys(store, table)
-        done_keys[name] = have
+        prov = _provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
+        tables[name] = P.vector_table_name(name, context_um)
+        report.precision[name], provs[name], done_keys[name] = prepare_table(
+            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name])
 
-    # --- work list: chunks holding any key missing for any backbone -------------------
-    jobs, chunks = {}, []
-    for srow in slide_tab.iter_rows(named=True):
-        sid = srow["slide_id"]
-        sp = spots.filter(pl.col("slide_id") == sid)
-        if sp.height == 0:
-            continue
-        jobs[sid] = SlideJob(sid, srow["image_path"], srow["um_per_px"], float(tile_um or srow["spot_diameter_um"]))
-        for ch in make_chunks(sid, sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), batch_size):
-            if any((sid, s) not in done_keys[n] for n in models for s in ch.spot_ids):
-                chunks.append(ch)
-    n_tiles = sum(len(c.spot_ids) for c in chunks)
+    jobs, chunks = work_list(slide_tab, spots, tile_um, batch_size, done_keys)
     if not chunks:
         log.info("all %d spots already embedded for %s", spots.height, ", ".join(models))
         maintain(store, list(tables.values()))  # e.g. after a killed run: its commits still need upkeep
         return report
-
-    if num_workers is None:
-        # spawned workers cost seconds to start: not worth it for small jobs or 1-2 cores
-        cores = os.cpu_count() or 2
-        num_workers = 0 if n_tiles < 256 or cores <= 4 else min(4, cores - 1)
-    tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
-    umpp = dict(zip(slide_tab["slide_id"], slide_tab["um_per_px"]))
+    n_tiles = sum(len(c.spot_ids) for c in chunks)
+    num_workers = _default_workers(n_tiles) if num_workers is None else num_workers
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}
-    ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
-    stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
-    def forward(name: str, tiles: torch.Tensor) -> np.ndarray:
-        """One backbone's vectors of a batch of uint8 tiles: float32, on the CPU."""
-        bb = models[name]
-        x = bb.preprocess(tiles.to(dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(dev.type, dtype=getattr(torch, report.precision[name])) if report.precision[name] != "float32" else contextlib.nullcontext()
-        with ctx:
-            return bb(x).float().cpu().numpy()
+    forward = {name: _Model(bb, dev, report.precision[name]) for name, bb in models.items()}
+
+    needs = functools.partial(_missing, done_keys)
 
     def compute(batch: dict) -> dict:
         """In a compute thread: the vectors of every backbone that still needs this chunk."""
-        sid = batch["slide_id"]
         with torch.inference_mode():
-            batch["features"] = {name: forward(name, batch["tiles"][bb.input_size]) for name, bb in models.items()
-                                 if any((sid, s) not in done_keys[name] for s in batch["spot_ids"])}
+            batch["features"] = {name: forward[name](batch["tiles"][bb.input_size]) for name, bb in models.items()
+                                 if needs(name, batch["slide_id"], batch["spot_ids"])}
         del batch["tiles"]
         return batch
 
-    if num_workers:
-        loader = DataLoader(
-            stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
-            persistent_workers=False, prefetch_factor=4,
-            # spawn, not fork: forking after LanceDB started its async runtime can deadlock
-            multiprocessing_context="spawn",
-        )
-    elif dev.type == "cpu":  # one thread per core cuts its tiles and runs the model on them (see tile_stream)
-        threads = max(1, min(4, torch.get_num_threads()))
-        loader = compute_stream(stream, chunks, compute, threads, intra_op_threads=torch.get_num_threads() // threads)
-    else:  # one background thread cuts tiles a few batches ahead of the model on the GPU
-        loader = prefetch(stream.batches(chunks), depth=8, pin_memory=True)
-    buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
-    buffered = {n: 0 for n in models}
-
-    def flush(name: str) -> None:
-        if not buffers[name]:
-            return
-        data = pa.concat_tables(buffers[name])
-        # keyed insert: a key already stored is never written twice, whatever ran before
-        store.insert_new(tables[name], data, ("slide_id", "spot_id"), schema=S.embedding_schema(models[name].embed_dim, optional=True))
-        report.vectors[name] = report.vectors.get(name, 0) + data.num_rows
-        buffers[name], buffered[name] = [], 0
-
+    stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
+    loader = _loader(stream, chunks, compute, num_workers, dev)
+    writer = _Writer(store, models, tables, pids, report, jobs, slide_tab, spots, flush_rows)
     before = {name: data_files(store, tables[name]) for name in models}  # after any --overwrite drop or delete
     t0 = time.perf_counter()
-    bar = tqdm(total=n_tiles, unit="tile", desc="embed " + ",".join(models), disable=not progress, smoothing=0.1)
-    with torch.inference_mode(), contextlib.closing(loader) if not num_workers else contextlib.nullcontext():
-        for batch in loader:
-            sid, ids = batch["slide_id"], batch["spot_ids"]
-            for name, bb in models.items():
-                missing = [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
-                if not missing:
-                    continue
-                feats = batch["features"][name] if "features" in batch else forward(name, batch["tiles"][bb.input_size])
-                vec = feats[missing]
-                if not np.isfinite(vec).all():
-                    raise StoreError(f"{name}: non-finite embedding for slide {sid}; refusing to store it")
-                dim = vec.shape[1]
-                flat = pa.array(vec.astype(np.float16).ravel(), type=pa.float16())
-                keys = [ids[j] for j in missing]
-                buffers[name].append(
-                    pa.table(
-                        {
-                            "slide_id": [sid] * len(keys),
-                            "spot_id": keys,
-                            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-                            "tissue_fraction": pa.array([tissue[(sid, k)] for k in keys], pa.float32()),
-                            "padded_fraction": pa.array(batch["padded"].numpy()[missing], pa.float32()),
-                            "tile_um": pa.array([jobs[sid].tile_um] * len(keys), pa.float32()),
-                            "um_per_px": pa.array([umpp[sid]] * len(keys), pa.float32()),
-                            "provenance_id": [pids[name]] * len(keys),
-                            "geometry_hash": [ghash.get(sid)] * len(keys),
-                        },
-                        schema=S.embedding_schema(dim, optional=True),
-                    )
-                )
-                buffered[name] += len(keys)
-                if buffered[name] >= flush_rows:
-                    flush(name)
-            report.tiles += len(ids)
-            bar.update(len(ids))
-            bar.set_postfix(slide=sid)
-    for name in models:
-        flush(name)
-    bar.close()
+    _consume(loader, models, forward, needs, writer, n_tiles, progress, closing=not num_workers)
     report.seconds = time.perf_counter() - t0
-    # bytes written: the data files this run's commits added (before the upkeep rewrites them)
-    report.bytes_written = sum(size for name in models for path, size in data_files(store, tables[name]).items()
-                               if path not in before[name])
+    report.bytes_written = _bytes_added(store, tables, before)
     # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
     maintain(store, list(tables.values()) + ["provenance"])
     return report

@@ -31,6 +31,28 @@ IDENTITY_FIELDS = (
 )
 
 
+#: table-name suffix of context windows: ``embeddings_<backbone>__ctx<width>um``
+CONTEXT_SUFFIX = "__ctx{width}um"
+
+
+def context_width_label(context_um: float) -> str:
+    """``300`` for 300.0 µm, ``62p5`` for 62.5 µm: a width as table names allow it."""
+    width = float(context_um)
+    if not (0 < width < float("inf")):  # also refuses NaN
+        raise InputError(None, "--context-um", f"a context width must be a positive number of µm, got {context_um!r}")
+    return f"{width:g}".replace(".", "p")
+
+
+def vector_table_name(backbone: str, context_um: float | None = None) -> str:
+    """The table of a backbone's vectors: ``embeddings_<backbone>`` for spot tiles (each
+    slide's spot diameter, or ``--tile-um``), ``embeddings_<backbone>__ctx<W>um`` for the
+    wider window of ``context_um`` µm centred on each spot (one table per width, each
+    with its own provenance recording ``tile_um = context_um``). Heads load a context
+    table as the pseudo-backbone ``<backbone>__ctx<W>um``."""
+    base = S.embedding_table_name(backbone)
+    return base if context_um is None else base + CONTEXT_SUFFIX.format(width=context_width_label(context_um))
+
+
 def provenance_id(prov: dict[str, Any]) -> str:
     canon = json.dumps({k: prov.get(k) for k in IDENTITY_FIELDS}, sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]

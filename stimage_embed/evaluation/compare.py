@@ -34,7 +34,7 @@ from stimage_embed.errors import InputError, StoreError
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
 from stimage_embed.evaluation.views import leaderboard
-from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays, shuffled_within_slides, table_provenance
+from stimage_embed.predictions.arrays import SpotArrays, embedded_slides, load_spot_arrays, shuffled_within_slides, table_provenance
 from stimage_embed.predictions.fstimage import combine_backbones
 from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
 from stimage_embed.predictions.registry import HEADS, head_names, head_spec
@@ -100,7 +100,7 @@ def _embedded_slides(store: Store, backbones: list[str]) -> set[str]:
     """Slides with counts (rows in ``expression``) and vectors in every backbone's table;
     image-only slides (``infer``) have no counts and are never in a fold."""
     with_counts = set(store.sql("SELECT DISTINCT slide_id FROM expression")["slide_id"]) if store.has_table("expression") else set()
-    sets = [set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(b)}")["slide_id"]) for b in backbones]
+    sets = [embedded_slides(store, b) for b in backbones]
     return set.intersection(with_counts, *sets) if sets else set()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -36,6 +37,12 @@ from stimage_embed.inference.pseudobulk import pseudobulk, write_pseudobulk_csv,
 from stimage_embed.inference.slide_from_image import IMAGE_ONLY, check_slide_id, probe_image, read_image, register_slide
 from stimage_embed.store.store import Store
 from stimage_embed.tiles.tissue import TISSUE_THRESHOLD, tissue_mask
+
+if TYPE_CHECKING:
+    from stimage_embed.embeddings.embed_pass import EmbedReport
+    from stimage_embed.inference.model import EmbeddingRecipe, SavedModel
+    from stimage_embed.inference.predict_tiles import TilePredictions
+    from stimage_embed.inference.slide_from_image import ImageInfo
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,59 @@ def _tile_keys(slide_id: str, patient: str, grid: TileGrid) -> pl.DataFrame:
     })
 
 
+def _check_model_and_genes(store: Store, model: str, genes: list[str] | None) -> SavedModel:
+    """The saved model, after checking every requested gene is one it predicts."""
+    sm = load_saved_model(store, model)
+    unknown = sorted(set(genes or []) - set(sm.genes))
+    if unknown:
+        raise InputError(None, "--genes", f"not predicted by model {sm.run_id}: {unknown}; its genes: {', '.join(sm.genes)}")
+    return sm
+
+
+def _embed_and_predict(store: Store, sm: SavedModel, recipe: EmbeddingRecipe, sid: str, img: ImageInfo,
+                       grid: TileGrid, tissue_area_fraction: float, *, tissue_threshold: float, dataset: str,
+                       weights: str | None, embed_options: dict) -> tuple[EmbedReport, TilePredictions, pl.DataFrame | None]:
+    """Under the store's writer lock: register the slide, embed its tiles, predict them and
+    write the pseudo-bulk (``None`` for a classifier head). ``embed_options``: batch_size,
+    num_workers, device, progress of the embedding pass."""
+    with store.writer("infer"):
+        check_slide_id(store, sid, img.path)  # again: another writer may have taken the id meanwhile
+        register_slide(store, sid, img, grid, tissue_threshold, tissue_area_fraction, dataset=dataset)
+        report = embed(
+            store, [sm.backbone], slides=[sid], tile_um=recipe.embed_tile_um, stain=recipe.stain,
+            stain_template=recipe.stain_template, precision=recipe.precision,
+            weights={sm.backbone: weights} if weights else None, **embed_options,
+        )
+        if report.tiles:
+            log.info("%s", report.line())
+        pred = predict_slide_tiles(store, sm, sid, _tile_keys(sid, sid, grid))
+        pb = pseudobulk(sm.run_id, sid, sm.genes, pred.values["mean_log1p"], grid.passes_qc) if "mean_log1p" in pred.values else None
+        if pb is not None:
+            write_pseudobulk_table(store, pb)
+        else:
+            log.info("model %s (%s) predicts classes, not expression: no pseudo-bulk", sm.run_id, sm.head_name)
+    return report, pred, pb
+
+
+def _write_outputs(out: Path, sid: str, sm: SavedModel, recipe: EmbeddingRecipe, img: ImageInfo, grid: TileGrid,
+                   pred: TilePredictions, pb: pl.DataFrame | None, genes: list[str] | None,
+                   n_top_genes: int) -> tuple[Path, Path | None, dict[str, Path]]:
+    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``."""
+    info = {"run_id": sm.run_id, "backbone": sm.backbone, "head": sm.head_name, "provenance_id": recipe.provenance_id,
+            "image_path": str(img.path), "um_per_px_source": img.um_per_px_source}
+    adata = build_anndata(sid, grid, pred, img.thumbnail, img.downsample, info)
+    h5ad = write_anndata(adata, out / f"{sid}.h5ad")
+    csv = write_pseudobulk_csv(pb, out / f"{sid}_pseudobulk.csv") if pb is not None else None
+
+    x_name = adata.uns["stimage_embed"]["X"]
+    values = pred.values.get("mean_log1p", pred.values.get("prob_high"))
+    draw = list(dict.fromkeys(list(genes or []) + top_genes(values, sm.genes, n_top_genes, grid.passes_qc)))
+    label = "predicted log1p(CP10k)" if x_name == "mean_log1p" else "P(high expression)"
+    maps = write_heatmaps(out / sid, img.thumbnail, img.width, img.height, grid, values, sm.genes, draw, sid,
+                          f"{sm.head_name}/{sm.backbone}, model {sm.run_id[:10]}", label)
+    return h5ad, csv, maps
+
+
 def infer(
     store: Store,
     image: str | Path,
@@ -121,10 +181,7 @@ def infer(
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(out, "--out", "exists and is not a folder")
-    sm = load_saved_model(store, model)
-    unknown = sorted(set(genes or []) - set(sm.genes))
-    if unknown:
-        raise InputError(None, "--genes", f"not predicted by model {sm.run_id}: {unknown}; its genes: {', '.join(sm.genes)}")
+    sm = _check_model_and_genes(store, model, genes)
     recipe = embedding_recipe(store, sm, weights, check_stain=False)
     probe_image(image, um_per_px)  # cheap checks first: file, header, µm/px
     if slide_id is not None:
@@ -138,36 +195,12 @@ def infer(
                        min_tissue=min_tissue, tissue_threshold=tissue_threshold, region=region, source=str(img.path))
 
     # --- everything checked: write, under the store's writer lock ----------------------
-    with store.writer("infer"):
-        check_slide_id(store, sid, img.path)  # again: another writer may have taken the id meanwhile
-        register_slide(store, sid, img, grid, tissue_threshold, float(mask.mean()), dataset=dataset)
-        report = embed(
-            store, [sm.backbone], slides=[sid], tile_um=recipe.embed_tile_um, stain=recipe.stain,
-            stain_template=recipe.stain_template, precision=recipe.precision,
-            weights={sm.backbone: weights} if weights else None,
-            batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
-        )
-        if report.tiles:
-            log.info("%s", report.line())
-        pred = predict_slide_tiles(store, sm, sid, _tile_keys(sid, sid, grid))
-        pb = pseudobulk(sm.run_id, sid, sm.genes, pred.values["mean_log1p"], grid.passes_qc) if "mean_log1p" in pred.values else None
-        if pb is not None:
-            write_pseudobulk_table(store, pb)
-        else:
-            log.info("model %s (%s) predicts classes, not expression: no pseudo-bulk", sm.run_id, sm.head_name)
-
-    info = {"run_id": sm.run_id, "backbone": sm.backbone, "head": sm.head_name, "provenance_id": recipe.provenance_id,
-            "image_path": str(img.path), "um_per_px_source": img.um_per_px_source}
-    adata = build_anndata(sid, grid, pred, img.thumbnail, img.downsample, info)
-    h5ad = write_anndata(adata, out / f"{sid}.h5ad")
-    csv = write_pseudobulk_csv(pb, out / f"{sid}_pseudobulk.csv") if pb is not None else None
-
-    x_name = adata.uns["stimage_embed"]["X"]
-    values = pred.values.get("mean_log1p", pred.values.get("prob_high"))
-    draw = list(dict.fromkeys(list(genes or []) + top_genes(values, sm.genes, n_top_genes, grid.passes_qc)))
-    label = "predicted log1p(CP10k)" if x_name == "mean_log1p" else "P(high expression)"
-    maps = write_heatmaps(out / sid, img.thumbnail, img.width, img.height, grid, values, sm.genes, draw, sid,
-                          f"{sm.head_name}/{sm.backbone}, model {sm.run_id[:10]}", label)
+    report, pred, pb = _embed_and_predict(
+        store, sm, recipe, sid, img, grid, float(mask.mean()), tissue_threshold=tissue_threshold, dataset=dataset,
+        weights=weights,
+        embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
+    )
+    h5ad, csv, maps = _write_outputs(out, sid, sm, recipe, img, grid, pred, pb, genes, n_top_genes)
     return InferResult(
         slide_id=sid, run_id=sm.run_id, backbone=sm.backbone, head=sm.head_name, n_tiles=len(grid),
         n_pass_qc=int(grid.passes_qc.sum()), tile_um=grid.tile_um, pitch_um=grid.pitch_um, um_per_px=img.um_per_px,

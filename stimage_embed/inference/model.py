@@ -97,6 +97,9 @@ class EmbeddingRecipe:
 
 
 def _training_record(store: Store, sm: SavedModel) -> dict[str, Any]:
+    if "+" in sm.backbone:
+        raise ProvenanceError(f"{sm.path}: the model was trained on composite vectors ({sm.backbone}); infer embeds one "
+                              "backbone's tiles per pass and cannot rebuild them yet: train on a single vector table")
     table = S.embedding_table_name(sm.backbone)
     want = sm.identity
     if not want:

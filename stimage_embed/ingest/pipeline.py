@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from stimage_embed import __version__
@@ -96,17 +97,60 @@ def _stain_estimate(thumb: np.ndarray, mask: np.ndarray, image_path: Path) -> st
     return json.dumps(est | {"thumbnail_px": THUMBNAIL_MAX_SIDE})
 
 
-def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float) -> PreparedSlide:
-    """QC one slide read by its reader and build its rows for every store table."""
-    spots_file = data.source_files.get("spots", catalog.source)
+@dataclass
+class _SlideQC:
+    """What the image and the tissue QC tell about a slide's spots (pixels are level-0 px)."""
+
+    width: int
+    height: int
+    fit: object  # lattice fit of array -> pixel coordinates (``fit_lattice``), or None
+    step_um: float | None  # µm per array step (catalog)
+    um_per_px: float
+    um_source: str
+    in_image: np.ndarray  # (n_spots,) bool: centre inside the image
+    tissue: np.ndarray  # (n_spots,) fraction of the spot disk on tissue (0 outside the image)
+    padded: np.ndarray  # (n_spots,) fraction of the default tile window past the image edge
+    passes: np.ndarray  # (n_spots,) bool: in_image and tissue >= threshold
+    tissue_area_fraction: float  # of the thumbnail
+    stain_estimate: str | None  # JSON, see :func:`_stain_estimate`
+
+
+def _checked_counts(catalog: DatasetCatalog, data: SlideData) -> sp.csr_matrix:
+    """The slide's (spot x gene) raw counts as CSR, after checking it is not empty and fits int32."""
     if data.n_spots == 0:
-        raise InputError(spots_file, "spots", f"slide {data.slide_id!r} has no spots under tissue with counts (empty slide)")
+        raise InputError(data.source_files.get("spots", catalog.source), "spots",
+                         f"slide {data.slide_id!r} has no spots under tissue with counts (empty slide)")
     if data.n_genes == 0:
         raise InputError(data.source_files.get("counts", catalog.source), "genes", f"slide {data.slide_id!r} has no genes")
     counts = data.counts.tocsr()
     if counts.nnz and counts.data.max() > INT32_MAX:
         raise InputError(data.source_files.get("counts"), "counts", f"count {counts.data.max()} exceeds the int32 range of the store")
+    return counts
 
+
+def _check_in_image(data: SlideData, spots_file: object, width: int, height: int) -> np.ndarray:
+    """(n_spots,) bool: spot centre inside the ``width`` x ``height`` px image. Raises when
+    none is; warns about those outside (they fail QC)."""
+    in_image = (data.pixel_x >= 0) & (data.pixel_x < width) & (data.pixel_y >= 0) & (data.pixel_y < height)
+    if not in_image.any():
+        raise InputError(
+            spots_file,
+            "pixel_x/pixel_y",
+            f"no spot centre of slide {data.slide_id!r} falls inside the {width}x{height} px image {data.image_path.name} "
+            f"(x in [{data.pixel_x.min():.0f}, {data.pixel_x.max():.0f}], y in [{data.pixel_y.min():.0f}, {data.pixel_y.max():.0f}]); "
+            "are the coordinates scaled (e.g. hires/lowres) or for another image?",
+        )
+    if not in_image.all():
+        bad = data.spot_ids[~in_image]
+        log.warning("%s: pixel_x/pixel_y: %d spot(s) of slide %s lie outside the %dx%d image and fail QC: %s",
+                    spots_file, len(bad), data.slide_id, width, height, list(bad[:5]))
+    return in_image
+
+
+def _slide_qc(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float) -> _SlideQC:
+    """Open the image: µm/px, spots inside the image, tissue fraction of each spot (on a
+    thumbnail of at most :data:`THUMBNAIL_MAX_SIDE` px), padding and the QC verdict."""
+    spots_file = data.source_files.get("spots", catalog.source)
     with SlideImage.open(data.image_path) as image:
         width, height = image.width, image.height
         fit = fit_lattice(data.array_col, data.array_row, data.pixel_x, data.pixel_y)
@@ -114,19 +158,7 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
         um_per_px, um_source = resolve_um_per_px(
             data.um_per_px, data.um_per_px_source, image.um_per_px_from_metadata(), fit, step_um, catalog.source, data.slide_id
         )
-        in_image = (data.pixel_x >= 0) & (data.pixel_x < width) & (data.pixel_y >= 0) & (data.pixel_y < height)
-        if not in_image.any():
-            raise InputError(
-                spots_file,
-                "pixel_x/pixel_y",
-                f"no spot centre of slide {data.slide_id!r} falls inside the {width}x{height} px image {data.image_path.name} "
-                f"(x in [{data.pixel_x.min():.0f}, {data.pixel_x.max():.0f}], y in [{data.pixel_y.min():.0f}, {data.pixel_y.max():.0f}]); "
-                "are the coordinates scaled (e.g. hires/lowres) or for another image?",
-            )
-        if not in_image.all():
-            bad = data.spot_ids[~in_image]
-            log.warning("%s: pixel_x/pixel_y: %d spot(s) of slide %s lie outside the %dx%d image and fail QC: %s",
-                        spots_file, len(bad), data.slide_id, width, height, list(bad[:5]))
+        in_image = _check_in_image(data, spots_file, width, height)
         thumb, downsample = image.thumbnail(THUMBNAIL_MAX_SIDE)
     mask = tissue_mask(thumb)
     stain_estimate = _stain_estimate(thumb, mask, data.image_path)
@@ -135,12 +167,16 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
     tissue = np.where(in_image, tissue, 0.0)
     window_px = catalog.spot_diameter_um / um_per_px
     padded = _padded_fractions(data.pixel_x, data.pixel_y, window_px, width, height)
-    passes = in_image & (tissue >= tissue_threshold)
+    return _SlideQC(width=width, height=height, fit=fit, step_um=step_um, um_per_px=um_per_px, um_source=um_source,
+                    in_image=in_image, tissue=tissue, padded=padded, passes=in_image & (tissue >= tissue_threshold),
+                    tissue_area_fraction=float(mask.mean()), stain_estimate=stain_estimate)
 
+
+def _spot_tables(data: SlideData, counts: sp.csr_matrix, total: np.ndarray, qc: _SlideQC) -> dict[str, pa.Table]:
+    """``spots``, ``genes`` and ``expression`` rows of the slide (raw integer counts;
+    ``total``: (n_spots,) int64 counts per spot)."""
     n = data.n_spots
     sid = [data.slide_id] * n
-    total = np.asarray(counts.sum(1)).ravel().astype(np.int64)
-    detected = np.diff(counts.indptr).astype(np.int32)
     csc = counts.tocsc()
     spots = pa.table(
         {
@@ -150,12 +186,12 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
             "array_col": data.array_col.astype(np.int32),
             "pixel_x": data.pixel_x.astype(np.float64),
             "pixel_y": data.pixel_y.astype(np.float64),
-            "tissue_fraction": tissue.astype(np.float32),
-            "padded_fraction": padded.astype(np.float32),
-            "in_image": in_image,
-            "passes_qc": passes,
+            "tissue_fraction": qc.tissue.astype(np.float32),
+            "padded_fraction": qc.padded.astype(np.float32),
+            "in_image": qc.in_image,
+            "passes_qc": qc.passes,
             "total_counts": total,
-            "n_genes_detected": detected,
+            "n_genes_detected": np.diff(counts.indptr).astype(np.int32),
         },
         schema=S.SPOTS,
     )
@@ -181,7 +217,14 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
         },
         schema=S.EXPRESSION,
     )
-    summary = {
+    return {"spots": spots, "genes": genes, "expression": expression}
+
+
+def _slide_summary(catalog: DatasetCatalog, data: SlideData, qc: _SlideQC, total_counts: int,
+                   tissue_threshold: float) -> dict:
+    """The slide's ``slides`` row (schema :data:`stimage_embed.store.schema.SLIDES`)."""
+    fit = qc.fit
+    return {
         "dataset": catalog.name,
         "slide_id": data.slide_id,
         "patient": data.patient,
@@ -190,32 +233,41 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
         "tissue": catalog.tissue,
         "preservation": catalog.preservation,
         "image_path": str(data.image_path),
-        "image_width": width,
-        "image_height": height,
-        "um_per_px": um_per_px,
-        "um_per_px_source": um_source,
-        "um_per_px_estimate": fit.um_per_px(step_um) if fit else None,
+        "image_width": qc.width,
+        "image_height": qc.height,
+        "um_per_px": qc.um_per_px,
+        "um_per_px_source": qc.um_source,
+        "um_per_px_estimate": fit.um_per_px(qc.step_um) if fit else None,
         "px_per_array_step_x": fit.px_per_step_x if fit else None,
         "px_per_array_step_y": fit.px_per_step_y if fit else None,
         "spot_diameter_um": catalog.spot_diameter_um,
         "spot_pitch_um": catalog.spot_pitch_um,
-        "n_spots": n,
+        "n_spots": data.n_spots,
         "n_spots_skipped": len(data.skipped_spots),
-        "n_spots_pass_qc": int(passes.sum()),
+        "n_spots_pass_qc": int(qc.passes.sum()),
         "n_genes": data.n_genes,
-        "total_counts": int(total.sum()),
+        "total_counts": total_counts,
         "tissue_threshold": tissue_threshold,
-        "tissue_area_fraction": float(mask.mean()),
+        "tissue_area_fraction": qc.tissue_area_fraction,
         "catalog_path": str(catalog.source),
         "source_files": json.dumps(data.source_files, sort_keys=True),
         "package_version": __version__,
         "ingested_at": dt.datetime.now(dt.timezone.utc),
-        "geometry_hash": geometry_hash(data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, um_per_px,
+        "geometry_hash": geometry_hash(data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px,
                                        catalog.spot_diameter_um),
-        "stain_estimate": stain_estimate,
+        "stain_estimate": qc.stain_estimate,
     }
+
+
+def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float) -> PreparedSlide:
+    """QC one slide read by its reader and build its rows for every store table."""
+    counts = _checked_counts(catalog, data)
+    qc = _slide_qc(catalog, data, tissue_threshold)
+    total = np.asarray(counts.sum(1)).ravel().astype(np.int64)
+    tables = _spot_tables(data, counts, total, qc)
+    summary = _slide_summary(catalog, data, qc, int(total.sum()), tissue_threshold)
     slides = pa.Table.from_pylist([summary], schema=S.SLIDES)
-    return PreparedSlide(data.slide_id, {"slides": slides, "spots": spots, "genes": genes, "expression": expression}, summary)
+    return PreparedSlide(data.slide_id, {"slides": slides, **tables}, summary)
 
 
 def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str]) -> None:

@@ -13,10 +13,9 @@ import numpy as np
 import polars as pl
 import pyarrow.compute as pc
 import scipy.sparse as sp
-import torch
 
 from stimage_embed.embeddings.provenance import existing_provenance
-from stimage_embed.errors import StoreError
+from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.maintenance import SlideReader, read_slides
 from stimage_embed.store.store import Store, sql_list
@@ -58,12 +57,41 @@ def shuffled_within_slides(arrays: SpotArrays, seed: int = 0) -> SpotArrays:
                       genes=arrays.genes, provenance=arrays.provenance)
 
 
+#: joins the vector tables of a composite "backbone": ``a+b`` is the concatenation, per
+#: spot, of ``a``'s and ``b``'s vectors (e.g. ``efficientnet_lite0+efficientnet_lite0__ctx300um``:
+#: the spot tile and a 300 µm window around it, from ``embed --context-um 300``)
+COMPOSITE_SEPARATOR = "+"
+
+
+def vector_parts(backbone: str) -> list[str]:
+    """The vector tables' backbone names of ``backbone`` (one, or the parts of ``a+b``)."""
+    parts = [p.strip() for p in backbone.split(COMPOSITE_SEPARATOR)]
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise InputError(None, "--backbone", f"{backbone!r}: a composite names distinct vector tables joined by "
+                         f"{COMPOSITE_SEPARATOR!r}, e.g. efficientnet_lite0+efficientnet_lite0__ctx300um")
+    return parts
+
+
 def table_provenance(store: Store, backbone: str) -> dict:
-    table = S.embedding_table_name(backbone)
-    provs = existing_provenance(store, table)
-    if not provs:
-        raise StoreError(f"{store.path}: no vectors for backbone {backbone!r}; run `stimage-embed embed --backbone {backbone}`")
-    return provs[0]
+    """Provenance of a backbone's vectors; for a composite ``a+b``, each identity field is
+    the list of its parts' values (so a change in any part changes the provenance id)."""
+    parts = vector_parts(backbone)
+    provs = []
+    for part in parts:
+        found = existing_provenance(store, S.embedding_table_name(part))
+        if not found:
+            raise StoreError(f"{store.path}: no vectors for backbone {part!r}; run `stimage-embed embed --backbone {part}`")
+        provs.append(found[0])
+    if len(provs) == 1:
+        return provs[0]
+    keys = dict.fromkeys(k for p in provs for k in p)
+    return {k: [p.get(k) for p in provs] for k in keys}
+
+
+def embedded_slides(store: Store, backbone: str) -> set[str]:
+    """Slides with vectors of ``backbone`` (of every part of a composite)."""
+    sets = [set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(p)}")["slide_id"]) for p in vector_parts(backbone)]
+    return set.intersection(*sets)
 
 
 def load_embeddings(
@@ -74,7 +102,17 @@ def load_embeddings(
     Read straight from the Lance dataset through its ``slide_id`` index, which the store's
     upkeep keeps complete and compact after every embed (:mod:`stimage_embed.store.maintenance`):
     the cost of one slide does not grow with the number of slides in the table. ``reader``:
-    a :class:`SlideReader` of this store, for many reads (keeps the parsed index and metadata)."""
+    a :class:`SlideReader` of this store, for many reads (keeps the parsed index and metadata).
+    A composite ``a+b`` gives the spots present in every part, with the parts' vectors side
+    by side (``a``'s columns first)."""
+    parts = vector_parts(backbone)
+    if len(parts) > 1:
+        loaded = [load_embeddings(store, p, slide_ids, reader) for p in parts]
+        keys = loaded[0][0].with_row_index("_0")
+        for i, (k, _) in enumerate(loaded[1:], start=1):
+            keys = keys.join(k.with_row_index(f"_{i}"), on=["slide_id", "spot_id"], how="inner", maintain_order="left")
+        X = np.hstack([x[keys[f"_{i}"].to_numpy()] for i, (_, x) in enumerate(loaded)])
+        return keys.select("slide_id", "spot_id"), X
     table = S.embedding_table_name(backbone)
     slides = list(dict.fromkeys(slide_ids))
     cols = ["spot_id", "vector"] if len(slides) == 1 else ["slide_id", "spot_id", "vector"]  # one slide: known
@@ -87,7 +125,7 @@ def load_embeddings(
     keys = pl.DataFrame({"slide_id": slide_col, "spot_id": t["spot_id"].to_pylist()}, schema={"slide_id": pl.String, "spot_id": pl.String})
     vec = t["vector"].combine_chunks()
     X16 = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, vec.type.list_size)
-    X = torch.tensor(X16, dtype=torch.float32).numpy()  # exact, and ~30x faster than numpy's float16 -> float32
+    X = X16.astype(np.float32)  # exact; numpy, not torch: a multi-threaded torch cast stalls on a busy machine
     return keys, X
 
 

@@ -82,6 +82,8 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType({spec.name: spec for spec in (
     HeadSpec("nb", "linear negative-binomial GLM, L2 by CV grouped by slide", "nb", "heads:NBRegressor", marker="o"),
     HeadSpec("ensemble", "5 bootstrapped NB GLMs: epistemic + aleatoric uncertainty", "nb_ensemble", f"{__name__}:seed_ensemble",
              defaults={"bootstrap": True}, marker="s", takes_alpha_from="nb", spread="between seeds"),
+    HeadSpec("context", "NB GLM on the spot's vector and its lattice neighbours' vectors (same slide)", "nb",
+             "heads.context:ContextNBRegressor", marker="P", uses_coords=True),
     HeadSpec("highlow", "elastic-net logistic classifiers of high/low expression (STimage)", "classifier",
              "heads:HighLowClassifier", defaults={"n_jobs": -1}, marker="^"),
     HeadSpec("fstimage", "FSTimage: the nb predictions of several backbones averaged", "combined",

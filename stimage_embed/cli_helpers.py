@@ -1,0 +1,157 @@
+"""Helpers of the ``stimage-embed`` command line (:mod:`stimage_embed.cli`): shared options,
+the error wrapper, option parsing and printing of tables.
+
+Errors from bad input are :class:`~stimage_embed.errors.InputError` naming the option;
+:func:`cli_errors` prints them as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import polars as pl
+import typer
+
+from stimage_embed.errors import InputError, StimageError
+
+StoreOpt = Annotated[str, typer.Option("--store", envvar="STIMAGE_STORE", help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).")]
+ModelsDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--models-dir", envvar="STIMAGE_MODELS_DIR", help="Local folder of model folders (default: <store>/models; required for an s3:// store)."),
+]
+DataRootOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data-root", envvar="STIMAGE_DATA_ROOT", help="Folder that relative catalog roots resolve against [default: ../shared/data]."),
+]
+WaitOpt = Annotated[
+    float,
+    typer.Option("--wait", metavar="SECONDS", help="If another command is writing to the store, wait up to this long for it (0: fail at once)."),
+]
+
+
+def cli_errors(func: Callable) -> Callable:
+    """Turn library errors into one clear line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except StimageError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+
+    return wrapper
+
+
+def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no nested values: list, array and struct columns are written as JSON text."""
+    nested = [c for c, t in df.schema.items() if t.is_nested()]
+    return df.with_columns(
+        pl.Series(c, [None if v is None else json.dumps(v, default=str) for v in df[c].to_list()], dtype=pl.Utf8)
+        for c in nested
+    )
+
+
+def print_frame(df: pl.DataFrame, fmt: str = "table") -> None:
+    """Print ``df`` to stdout as ``table`` (all rows), ``csv`` or ``json``."""
+    if fmt == "csv":
+        sys.stdout.write(csv_safe(df).write_csv())
+    elif fmt == "json":
+        sys.stdout.write(df.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            typer.echo(str(df))
+
+
+def split_csv(value: str | None) -> list[str]:
+    """Non-empty, stripped items of a comma-separated option (none for ``None``)."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first paragraph of an exception's message, on one line."""
+    return " ".join(str(exc).split("\n\n")[0].split()) or type(exc).__name__
+
+
+def backbone_names(value: str, field: str) -> list[str]:
+    """Comma-separated backbone names, each checked (letters, digits, '_': they name tables;
+    ``a+b`` joins the vectors of two tables, e.g. a spot tile and its ``--context-um`` window)."""
+    from stimage_embed.store.schema import BACKBONE_NAME
+
+    names = split_csv(value)
+    bad = [n for n in names if not all(BACKBONE_NAME.fullmatch(p) for p in n.split("+"))]
+    if bad or not names:
+        raise InputError(None, field, f"invalid backbone name(s) {bad or value!r}: letters, digits and '_' only "
+                         "(see `stimage-embed backbones`)")
+    return names
+
+
+def weights_map(items: list[str] | None) -> dict[str, str]:
+    """``NAME=PATH`` options (``--weights``) as a dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError(None, "--weights", f"expected NAME=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def region_box(region: str | None) -> tuple[float, float, float, float] | None:
+    """``--region X0,Y0,X1,Y1`` (full-resolution px) as a tuple, ``None`` when not given."""
+    if region is None:
+        return None
+    try:
+        box = tuple(float(v) for v in region.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise InputError(None, "--region", f"expected X0,Y0,X1,Y1 (four numbers, full-resolution px), got {region!r}")
+    return box
+
+
+def slides_from(store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None) -> list[str] | None:
+    """Slide ids from a comma list or from SQL returning a ``slide_id`` column (user SQL:
+    run without file access; an error is one line naming the option)."""
+    import duckdb
+
+    if ids:
+        return split_csv(ids)
+    if sql:
+        sql_field = sql_field or f"{field}-sql"
+        try:
+            df = store_obj.sql(sql, file_access=False)
+        except duckdb.Error as exc:
+            raise InputError(None, sql_field, f"invalid SQL: {first_line(exc)}") from exc
+        if "slide_id" not in df.columns:
+            raise InputError(None, sql_field, f"the SQL must return a slide_id column; got {df.columns}")
+        return sorted(df["slide_id"].unique().to_list())
+    return None
+
+
+def print_compare_result(store_obj, result, report: Path | None) -> None:
+    """Print a ``compare`` result (runs, leaderboard, paired comparisons); write the report
+    folder when ``report`` is given."""
+    from stimage_embed.evaluation.paired import paired_comparisons
+
+    typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
+    print_frame(result.leaderboard.select(
+        "dataset", "split", "gene_spec", "control", "backbone", "head", "folds", "genes",
+        *[pl.col(c).round(3) for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")],
+    ))
+    paired = paired_comparisons(store_obj, run_ids=result.run_ids)
+    if paired.height:
+        typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
+        print_frame(paired.select(
+            "dataset", "a_backbone", "a_head", "b_backbone", "b_head", "n_pairs",
+            *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")], "verdict",
+        ))
+    if report is not None:
+        from stimage_embed.evaluation.report_driver import write_compare_report
+
+        path = write_compare_report(store_obj, result, report)
+        typer.echo(f"report: {path}")
