@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from stimage_embed.embeddings.provenance import existing_provenance
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.maintenance import SlideReader, read_slides
+from stimage_embed.store.maintenance import SlideReader
 from stimage_embed.store.store import Store, sql_list
 
 
@@ -99,10 +99,10 @@ def load_embeddings(
 ) -> tuple[pl.DataFrame, np.ndarray]:
     """(keys, X float32) of a backbone for the given slides, sorted by key.
 
-    Read straight from the Lance dataset through its ``slide_id`` index, which the store's
-    upkeep keeps complete and compact after every embed (:mod:`stimage_embed.store.maintenance`):
-    the cost of one slide does not grow with the number of slides in the table. ``reader``:
-    a :class:`SlideReader` of this store, for many reads (keeps the parsed index and metadata).
+    Read straight from the Lance dataset by the row positions of each slide (the store's
+    :attr:`~stimage_embed.store.Store.slide_reader`, or ``reader``), on tables the store's
+    upkeep keeps compact after every embed (:mod:`stimage_embed.store.maintenance`): the cost
+    of one slide does not grow with the number of slides in the table.
     A composite ``a+b`` gives the spots present in every part, with the parts' vectors side
     by side (``a``'s columns first)."""
     parts = vector_parts(backbone)
@@ -116,7 +116,7 @@ def load_embeddings(
     table = S.embedding_table_name(backbone)
     slides = list(dict.fromkeys(slide_ids))
     cols = ["spot_id", "vector"] if len(slides) == 1 else ["slide_id", "spot_id", "vector"]  # one slide: known
-    t = reader.read(table, slides, cols) if reader is not None else read_slides(store, table, slides, cols)
+    t = (reader or store.slide_reader).read(table, slides, cols)
     sort_keys = [(c, "ascending") for c in cols[:-1]]
     order = pc.sort_indices(t, sort_keys=sort_keys).to_numpy()
     if np.any(order[1:] < order[:-1]):  # rows are stored by slide and spot: usually in order already

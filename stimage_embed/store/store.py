@@ -20,6 +20,7 @@ folders (``train``) live under ``<store>/models`` for a local store, and in a lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import Counter
@@ -86,6 +87,15 @@ class Store:
         self._commits: Counter[str] = Counter()  # commits per table by this object (crash points)
 
     # -- connection ---------------------------------------------------------------
+    @functools.cached_property
+    def slide_reader(self):
+        """This object's :class:`~stimage_embed.store.maintenance.SlideReader`: reads by slide
+        keep the tables' parsed metadata and each version's slide row positions (one scan of
+        ``slide_id`` per table version), so one slide's vectors cost about an h5 read."""
+        from stimage_embed.store.maintenance import SlideReader
+
+        return SlideReader(self)
+
     @property
     def uri(self) -> str:
         """The store's location as Lance takes it (local path or object-store URI)."""
