@@ -18,7 +18,7 @@ SE="$VENV/bin/stimage-embed"
 "$SE" backbones
 "$SE" embed --backbone "$BACKBONES" --store "$STORE"
 "$SE" query --store "$STORE" "SELECT e.slide_id, COUNT(*) AS vectors, SUM(s.total_counts)::BIGINT AS umis FROM embeddings_efficientnet_lite0 e JOIN spots s USING (slide_id, spot_id) GROUP BY 1 ORDER BY 1"
-HEADS=nb,ensemble,highlow,ridge,mean
+HEADS=nb,ensemble,context,highlow,ridge,mean
 [[ "$BACKBONES" == *,* ]] && HEADS="$HEADS,fstimage"
 "$SE" compare --store "$STORE" --backbones "$BACKBONES" --heads "$HEADS" --split loso --genes var:50 --report reports/compare
 echo "report written to reports/compare/report.md"
