@@ -66,6 +66,14 @@ _PILOT_ALPHA = 1.0  # L2 of the pilot fit that estimates the dispersions held fi
 _PREDICT_CHUNK = 8192
 
 
+def _checked_fit_inputs(X, y, groups, library_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(X, y, library_size, groups)`` checked for a fit (see :mod:`heads.inputs`)."""
+    X = check_X(X)
+    n = X.shape[0]
+    y = check_counts(y, n)
+    return X, y, check_library_size(library_size, y, n), check_groups(groups, n)
+
+
 class NBRegressor(BaseEstimator):
     """Per-gene negative-binomial regression on spot embeddings (see module doc).
 
@@ -241,11 +249,8 @@ class NBRegressor(BaseEstimator):
         self._check_params()
         if self._solver() != "lbfgs":
             raise ValueError("fit_members: batched members need solver='lbfgs'")
-        X = check_X(X)
+        X, y, lib, groups = _checked_fit_inputs(X, y, groups, library_size)
         n = X.shape[0]
-        y = check_counts(y, n)
-        lib = check_library_size(library_size, y, n)
-        groups = check_groups(groups, n)
         seed = self._seed()
         scaler = StandardScaler().fit(X)
         Xs = (X.astype(np.float64) - scaler.mean_) / scaler.scale_
@@ -289,11 +294,8 @@ class NBRegressor(BaseEstimator):
     # ------------------------------------------------------------------ adam
     def _fit_adam(self, X, y, groups, library_size) -> "NBRegressor":
         """The network path (hidden layer / STimage r,p): Adam + early stopping."""
-        X = check_X(X)
+        X, y, lib, groups = _checked_fit_inputs(X, y, groups, library_size)
         n = X.shape[0]
-        y = check_counts(y, n)
-        lib = check_library_size(library_size, y, n)
-        groups = check_groups(groups, n)
         seed = self._seed()
         self.seed_ = seed
         self.solver_ = "adam"
