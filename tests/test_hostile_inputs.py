@@ -197,3 +197,14 @@ def test_a_model_folder_with_a_missing_or_truncated_safetensors_is_one_line(tmp_
 def test_version():
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"stimage-embed {__version__}"
+
+
+def test_decode_budget_counts_reclaimable_page_cache():
+    """The full-decode memory budget is half the kernel's available memory (free plus
+    reclaimable cache, as psutil reports it), not half the free pages: after a large install
+    the cache holds most of the RAM and a real slide would otherwise be refused."""
+    psutil = pytest.importorskip("psutil")
+    from stimage_embed.tiles.image import default_max_bytes
+
+    expected = psutil.virtual_memory().available / 2
+    assert abs(default_max_bytes() - expected) < 0.1 * expected

@@ -135,7 +135,18 @@ def _check_plausible(path: Path, kind: str, n_px: int, channels: int, max_pixels
 
 
 def default_max_bytes() -> int:
-    """Memory budget of one full decode: half the memory available now (Linux), else 8 GB."""
+    """Memory budget of one full decode: half the memory available now, else 8 GB.
+
+    "Available" is the kernel's ``MemAvailable`` (free memory plus the page cache it can
+    reclaim), not the free pages alone: after large file writes (an install, a dataset
+    copy) the cache holds most of the RAM and free pages can be a few hundred MB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
