@@ -190,11 +190,58 @@ def nb_variance(r: np.ndarray, p: np.ndarray) -> np.ndarray:
 def nb_quantiles(r: np.ndarray, p: np.ndarray, q: Sequence[float]) -> np.ndarray:
     """Quantiles (raw counts) at levels ``q``; shape ``(len(q),) + broadcast(r, p).shape``.
 
-    Uses ``scipy.stats.nbinom.ppf`` (smallest integer ``k`` with ``CDF(k) >= q``).
-    """
-    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    levels = np.asarray(q, dtype=np.float64).reshape((-1,) + (1,) * max(r.ndim, p.ndim))
-    return stats.nbinom.ppf(levels, r[None, ...], p[None, ...])
+    The same numbers as ``scipy.stats.nbinom.ppf(q, r, p)`` (the smallest integer ``k`` with
+    ``CDF(k) >= q``; they can differ only where a CDF value is within rounding of ``q``), several
+    times faster: scipy inverts the CDF numerically (``nbdtrik``) per element; here one
+    vectorised ``CDF(k) = I_p(r, k + 1)`` (the regularised incomplete beta function,
+    ``scipy.special.betainc``) at a Cornish-Fisher guess is corrected by unit steps of the
+    pmf recurrence. Elements still unresolved after the steps (far tails), levels outside
+    (0, 1) and non-finite parameters go to scipy."""
+    r, p = np.broadcast_arrays(np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64))
+    levels = np.asarray(q, dtype=np.float64).ravel()
+    out = np.empty((levels.size,) + r.shape)
+    for i, level in enumerate(levels):
+        out[i] = _nb_ppf(level, r.ravel(), p.ravel()).reshape(r.shape)
+    return out
+
+
+def _nb_ppf(level: float, r: np.ndarray, p: np.ndarray, steps: int = 32) -> np.ndarray:
+    """``scipy.stats.nbinom.ppf(level, r, p)`` for 1-d ``r``, ``p`` (see :func:`nb_quantiles`).
+
+    One ``CDF(k) = I_p(r, k + 1)`` and one pmf at the Cornish-Fisher guess ``k``, then unit
+    steps by the pmf recurrence ``pmf(k + 1) = pmf(k) (k + r) (1 - p) / (k + 1)`` until
+    ``CDF(k) >= level > CDF(k) - pmf(k)``."""
+    ok = np.isfinite(r) & np.isfinite(p) & (r > 0) & (p > 0) & (p <= 1) & (0.0 < level < 1.0)
+    k = np.full(r.shape, np.nan)
+    rr, pp = r[ok], p[ok]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mean = rr * (1.0 - pp) / pp
+        skew = np.nan_to_num((2.0 - pp) / np.sqrt(rr * (1.0 - pp)), posinf=0.0)
+        z = special.ndtri(level)
+        guess = mean + np.sqrt(mean / pp) * (z + (z * z - 1.0) * skew / 6.0)
+        kk = np.clip(np.floor(np.nan_to_num(guess, nan=0.0, posinf=0.0)), 0.0, None)
+        cdf = special.betainc(rr, kk + 1.0, pp)
+        pmf = np.exp(special.gammaln(kk + rr) - special.gammaln(rr) - special.gammaln(kk + 1.0)
+                     + special.xlogy(rr, pp) + special.xlog1py(kk, -pp))
+        todo = np.arange(kk.size)
+        for _ in range(steps):
+            c, f, kt, rt, qt = cdf[todo], pmf[todo], kk[todo], rr[todo], 1.0 - pp[todo]
+            up = c < level
+            down = ~up & (kt > 0) & (c - f >= level)
+            f_up = f * (kt + rt) * qt / (kt + 1.0)  # pmf(k + 1)
+            f_down = f * kt / ((kt - 1.0 + rt) * qt)  # pmf(k - 1)
+            kk[todo] = np.where(up, kt + 1.0, np.where(down, kt - 1.0, kt))
+            cdf[todo] = np.where(up, c + f_up, np.where(down, c - f, c))
+            pmf[todo] = np.where(up, f_up, np.where(down, f_down, f))
+            todo = todo[up | down]
+            if todo.size == 0:
+                break
+    if todo.size:
+        kk[todo] = stats.nbinom.ppf(level, rr[todo], pp[todo])
+    k[ok] = kk
+    if not ok.all():
+        k[~ok] = stats.nbinom.ppf(level, r[~ok], p[~ok])
+    return k
 
 
 def nb_sample(r: np.ndarray, p: np.ndarray, n_samples: int, rng: np.random.Generator | int | None = None) -> np.ndarray:

@@ -58,15 +58,21 @@ def fit_elastic_net_logistic(X: np.ndarray, Y: np.ndarray, C: float, l1_ratio: f
     # Lipschitz constant of the smooth part's gradient in (w, b): the logistic curvature is
     # at most 1/4, the design [X, 1] has squared spectral norm <= ||X||^2 + n
     step = 1.0 / ((_spectral_norm_sq(Xt) + n) / (4.0 * n) + lam2)
+    coef = torch.zeros((d, G), **kw)  # results, written as each gene stops
+    intercept = torch.zeros(G, **kw)
+    n_iter = torch.full((G,), int(max_iter), dtype=torch.int64)
+    converged = torch.zeros(G, dtype=torch.bool)
+    # the state of the genes still running only: a finished gene's column leaves every matrix
+    # product, so an iteration costs in proportion to the genes left
+    idx = torch.arange(G, device=kw["device"])
+    Ya = Yt
     W = torch.zeros((d, G), **kw)
     p = Yt.mean(dim=0).clamp(1e-6, 1 - 1e-6)
     b = torch.log(p / (1 - p))
     Wy, by = W.clone(), b.clone()
     t = torch.ones(G, **kw)
-    n_iter = torch.zeros(G, dtype=torch.int64)
-    active = torch.ones(G, dtype=torch.bool, device=kw["device"])
     for it in range(1, int(max_iter) + 1):
-        r = torch.sigmoid(Xt @ Wy + by) - Yt  # (n, G)
+        r = torch.sigmoid(Xt @ Wy + by) - Ya  # (n, genes left)
         gW = Xt.T @ r / n + lam2 * Wy
         gb = r.mean(dim=0)
         Wn = Wy - step * gW
@@ -80,21 +86,21 @@ def fit_elastic_net_logistic(X: np.ndarray, Y: np.ndarray, C: float, l1_ratio: f
         restart = ((Wy - Wn) * (Wn - W)).sum(dim=0) + (by - bn) * (bn - b) > 0
         beta = torch.where(restart, torch.zeros_like(beta), beta)
         t_next = torch.where(restart, torch.ones_like(t_next), t_next)
-        keep = (~active)[None, :]
-        Wn = torch.where(keep, W, Wn)
-        bn = torch.where(~active, b, bn)
         Wy = Wn + beta * (Wn - W)
         by = bn + beta * (bn - b)
-        Wy = torch.where(keep, Wn, Wy)
-        by = torch.where(~active, bn, by)
         W, b, t = Wn, bn, t_next
-        newly = active & done
-        n_iter[newly.cpu()] = it
-        active = active & ~done
-        if not bool(active.any()):
-            break
-    n_iter[active.cpu()] = int(max_iter)
+        if bool(done.any()):
+            fin = idx[done]
+            coef[:, fin], intercept[fin] = W[:, done], b[done]
+            n_iter[fin.cpu()] = it
+            converged[fin.cpu()] = True
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            idx, Ya, W, b, Wy, by, t = idx[keep], Ya[:, keep], W[:, keep], b[keep], Wy[:, keep], by[keep], t[keep]
+    else:
+        coef[:, idx], intercept[idx] = W, b  # genes still running at max_iter
     return ElasticNetFit(
-        coef=W.T.cpu().double().numpy().copy(), intercept=b.cpu().double().numpy().copy(),
-        n_iter=n_iter.numpy(), converged=~active.cpu().numpy(),
+        coef=coef.T.cpu().double().numpy().copy(), intercept=intercept.cpu().double().numpy().copy(),
+        n_iter=n_iter.numpy(), converged=converged.numpy(),
     )

@@ -95,6 +95,22 @@ def test_quantiles_and_samples():
     np.testing.assert_array_equal(s, D.nb_sample(r, p, 20000, rng=0))
 
 
+def test_fast_quantiles_equal_scipy_ppf_on_many_parameters():
+    """The betainc + pmf-recurrence quantiles against ``scipy.stats.nbinom.ppf`` element by
+    element: spots x genes-like draws (means 1e-3..1e4, dispersions 1e-2..1e3), tail levels,
+    and the edge cases scipy defines (levels 0 and 1, p = 1, NaN, r = 0)."""
+    rng = np.random.default_rng(3)
+    mu = np.exp(rng.uniform(np.log(1e-3), np.log(1e4), 50_000))
+    theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e3), 50_000))
+    r, p = D.mean_disp_to_rp(mu, theta)
+    levels = (0.001, 0.05, 0.25, 0.5, 0.75, 0.95, 0.999)
+    np.testing.assert_array_equal(D.nb_quantiles(r, p, levels), stats.nbinom.ppf(np.array(levels)[:, None], r[None], p[None]))
+    r_edge = np.array([1.0, 2.0, np.nan, 0.0, 5.0, 3.0])
+    p_edge = np.array([1.0, 0.5, 0.5, 0.5, 1e-12, 0.3])
+    lv = np.array([0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(D.nb_quantiles(r_edge, p_edge, lv), stats.nbinom.ppf(lv[:, None], r_edge[None], p_edge[None]))
+
+
 def test_expected_log1p_matches_a_scipy_sum():
     from scipy import stats
 

@@ -202,6 +202,31 @@ def test_l2_is_chosen_by_cv_on_held_out_training_groups():
     assert strong.alpha_ <= 1.0
 
 
+def test_default_l2_path_extends_past_an_end_minimum():
+    """With no ``alphas`` the path starts at DEFAULT_ALPHAS and grows by sqrt(10) steps past
+    an end while the held-out loss is lowest there; the choice equals a fixed path over the
+    same points (given explicitly, which is never extended)."""
+    from heads.nb import DEFAULT_ALPHAS
+
+    rng = np.random.default_rng(2)
+    n, d, g = 600, 40, 5
+    groups = np.repeat([f"s{i}" for i in range(6)], n // 6)
+    X = rng.normal(size=(n, d))
+    signal = rng.negative_binomial(5, 5 / (5 + np.exp(1.0 + X[:, :g])))
+    m = NBRegressor(cv=3, random_state=0).fit(X, signal, groups=groups)
+    assert m.alphas_.min() < min(DEFAULT_ALPHAS)  # the strong signal pulled the path down
+    assert np.all(np.diff(m.alphas_) > 0) and set(DEFAULT_ALPHAS) <= set(np.round(m.alphas_, 12))
+    best = int(np.argmin(m.cv_loss_))
+    assert best not in (0, m.alphas_.size - 1) or m.alphas_[0] <= 1e-3 * (1 + 1e-9)
+    fixed = NBRegressor(cv=3, random_state=0, alphas=tuple(m.alphas_)).fit(X, signal, groups=groups)
+    np.testing.assert_array_equal(fixed.alphas_, m.alphas_)
+    assert fixed.alpha_ == m.alpha_
+    with pytest.raises(ValueError, match="increasing path"):
+        from heads.nb_glm import select_alpha_adaptive
+
+        select_alpha_adaptive(np.zeros((4, 1)), np.zeros((4, 1)), np.zeros(4), None, (3.0, 1.0), [], np.zeros(1), 5)
+
+
 def test_cv_uses_only_the_rows_it_is_given():
     """Rows of other (test) slides never reach the fit: adding them to the call would change
     the choice, fitting without them reproduces the same alpha and coefficients."""

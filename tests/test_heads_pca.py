@@ -9,18 +9,23 @@ from sklearn.decomposition import PCA
 from heads.pca import principal_axes
 
 
-@pytest.mark.parametrize("n, d", [(60, 150), (150, 40)])  # fewer rows than features, and more
-def test_principal_axes_equal_sklearn_pca(n, d):
+@pytest.mark.parametrize(
+    "n, d, k",
+    # fewer rows than features, and more (float64 eigh of all); then the heads' 256 leading
+    # axes of a larger Gram matrix (the mixed-precision float32 + Rayleigh-Ritz path)
+    [(60, 150, 20), (150, 40, 20), (600, 700, 256), (900, 640, 256)],
+)
+def test_principal_axes_equal_sklearn_pca(n, d, k):
     rng = np.random.default_rng(n)
     X = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.2 + rng.normal(size=(n, d)) + 3.0
-    mean, comps, s = principal_axes(X, 20)
-    ref = PCA(n_components=20, svd_solver="full").fit(X)
+    mean, comps, s = principal_axes(X, k)
+    ref = PCA(n_components=k, svd_solver="full").fit(X)
     np.testing.assert_allclose(mean, ref.mean_, rtol=1e-12)
     np.testing.assert_allclose(s, ref.singular_values_, rtol=1e-9)
     # same axes up to sign, orthonormal, and signed deterministically
     np.testing.assert_allclose(np.abs(np.sum(comps * ref.components_, axis=1)), 1.0, atol=1e-9)
-    np.testing.assert_allclose(comps @ comps.T, np.eye(20), atol=1e-9)
-    assert np.all(comps[np.arange(20), np.argmax(np.abs(comps), axis=1)] > 0)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(k), atol=1e-9)
+    assert np.all(comps[np.arange(k), np.argmax(np.abs(comps), axis=1)] > 0)
 
 
 def test_rank_deficient_input_keeps_only_non_null_axes():

@@ -168,6 +168,8 @@ class _Session:
     provs: dict[str, dict]
     bar: Any
     run_ids: list[str] = field(default_factory=list)
+    #: run id -> predictions of a run a spanning head combines, computed in this call
+    member_predictions: dict[str, pl.DataFrame] = field(default_factory=dict)
     computed: int = 0
     reused: int = 0
 
@@ -192,8 +194,9 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     """Run (or reuse) every fold x backbone x head (x control); returns the leaderboard.
 
     Fold x backbone tasks are fitted by ``workers`` threads (default: one per core, see
-    :mod:`stimage_embed.predictions.workers`); this thread writes their runs as they finish,
-    and a head spanning backbones (FSTimage) once every backbone of its fold is written."""
+    :mod:`stimage_embed.predictions.workers`), the largest folds first. Once every backbone
+    of a fold is fitted, this thread runs the heads spanning backbones (FSTimage) from the
+    fold's predictions in memory and writes all the fold's runs in one batch."""
     t0 = time.perf_counter()
     controls = _check_config(cfg)
     provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
@@ -209,28 +212,40 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
         pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])), provs, bar,
     )
     tasks: list[_Task] = []
-    for ds, fold in folds:
-        genes = fold_genes(store, fold.train_slides, cfg.genes)
+    # each fold's genes from its training counts, the folds side by side (reads and sparse sums)
+    fold_gene_lists = dict(threaded_map(lambda i: fold_genes(store, folds[i][1].train_slides, cfg.genes), range(len(folds)), workers))
+    for i, (ds, fold) in enumerate(folds):
+        genes = fold_gene_lists[i]
         bases = [{"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
                   "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes,
                   "gene_spec": cfg.genes, "only_qc": cfg.only_qc, "control": control} for control in controls]
         tasks += [_Task(fold, bb, bases) for bb in cfg.backbones]
+    # the largest folds first, so the last tasks to finish are short ones and no core idles long
+    spots_per_slide = dict(ses.spots.group_by("slide_id").len().iter_rows())
+    tasks.sort(key=lambda t: -sum(spots_per_slide.get(s, 0) for s in t.fold.train_slides))
     left = {id(t.bases): len(cfg.backbones) for t in tasks}
     fold_ids: dict[int, dict[str, list[dict[str, str]]]] = {}
+    unwritten: dict[int, list[tuple[dict, pl.DataFrame, pl.DataFrame]]] = {}
+    combined = {head_spec(h).combines for h in spanning}
     for task, res in threaded_map(lambda t: _compute_task(ses, t, single), tasks, workers):
+        fold = id(task.bases)
         ses.reused += res.reused
-        bar.update(res.reused)
-        if res.computed:
-            _write_runs(ses, res.computed)
+        bar.update(res.reused + len(res.computed))
+        unwritten.setdefault(fold, []).extend(res.computed)
+        # predictions a spanning head will combine stay in memory until it has run
+        ses.member_predictions.update({row["run_id"]: pred for row, pred, _ in res.computed if row["head"] in combined})
         for ids in res.ids:
             ses.run_ids += [rid for head, rid in ids.items() if head in cfg.heads]
-        fold_ids.setdefault(id(task.bases), {})[task.backbone] = res.ids
-        left[id(task.bases)] -= 1
-        if left[id(task.bases)] == 0:  # every backbone of the fold is written
-            by_bb = fold_ids.pop(id(task.bases))
+        fold_ids.setdefault(fold, {})[task.backbone] = res.ids
+        left[fold] -= 1
+        if left[fold] == 0:  # every backbone of the fold is computed
+            by_bb = fold_ids.pop(fold)
+            runs = unwritten.pop(fold)
             for c, base in enumerate(task.bases):
                 for head in spanning:
-                    _run_spanning(ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones})
+                    runs += _run_spanning(ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones})
+            if runs:  # one write batch per fold: its backbones' runs and the spanning heads'
+                _write_runs(ses, runs)
     bar.close()
     board = leaderboard(store, ses.run_ids)
     return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids)
@@ -282,45 +297,56 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
     return out
 
 
-def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str]) -> None:
+def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str]) -> list[tuple[dict, pl.DataFrame, pl.DataFrame]]:
     """Run (or reuse) a head spanning backbones (FSTimage) from the fold's runs of the head
-    it combines (``nb_runs``: backbone -> run id)."""
+    it combines (``nb_runs``: backbone -> run id); returns the run to write (none if reused)."""
     rid = run_hash({**base, "head": head, "members": nb_runs, "missing": ses.cfg.missing})
     ses.run_ids.append(rid)
     if rid in ses.done:
+        for r in nb_runs.values():
+            ses.member_predictions.pop(r, None)
         ses.reused += 1
         ses.bar.update()
-        return
-    ids = sql_list(list(nb_runs.values()))
-    allp = pl.from_arrow(ses.store.read("predictions", where=f"run_id IN ({ids})"))
-    members = {bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items()}
+        return []
+    members = {bb: ses.member_predictions.pop(r) for bb, r in nb_runs.items() if r in ses.member_predictions}
+    stored = [r for bb, r in nb_runs.items() if bb not in members]  # runs reused from the store
+    if stored:
+        allp = pl.from_arrow(ses.store.read("predictions", where=f"run_id IN ({sql_list(stored)})"))
+        members.update({bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items() if bb not in members})
+    members = {bb: members[bb] for bb in nb_runs}  # the backbones' order
     pred = combine_backbones(members, missing=ses.cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
     row = runs_row(run_id=rid, dataset=base["dataset"], backbone=head, members=list(nb_runs), head=head,
                    split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
                    gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
                    provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
                    control=base["control"])
-    _write_runs(ses, [(row, pred, score_run(pred, ses.spots, ses.slides, head))])
+    ses.bar.update()
+    return [(row, pred, score_run(pred, ses.spots, ses.slides, head))]
 
 
 def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]) -> None:
     """Commit scored runs (``(runs row, predictions, metrics)``) together under the store's
     writer lock: mark them pending, drop rows an interrupted attempt left, write all their
     predictions, then all their metrics, then their ``runs`` rows (the commit markers), then
-    clear the marks: five commits for a whole fold x backbone instead of five per run. A run
+    clear the marks: five commits for a whole fold (every backbone and head) instead of five per run. A run
     another writer committed meanwhile is kept, not written twice."""
     store = ses.store
-    with store.writer("compare"):
+    with store.writer("compare", repair=False):  # compare() repaired the store when it started
         already = committed_runs(store, [row["run_id"] for row, _, _ in runs])
         if already:
             log.info("runs %s were committed meanwhile by another writer; keeping them", sorted(already))
         todo = [r for r in runs if r[0]["run_id"] not in already]
         ids = [row["run_id"] for row, _, _ in todo]
         if todo:
+            # rows of these runs can exist only if a writer was killed writing them: it left
+            # them marked pending (writers mark under the lock we hold), so only those are
+            # deleted, and a fresh run costs no scan of the predictions table
+            stale = sorted(set(ids) & set(store.pending("compare")))
             for rid in ids:
                 store.mark_pending("compare", rid)
-            for name in ("predictions", "metrics"):
-                store.delete(name, f"run_id IN ({sql_list(ids)})")
+            if stale:
+                for name in ("predictions", "metrics"):
+                    store.delete(name, f"run_id IN ({sql_list(stale)})")
             store.append("predictions", pl.concat([pred for _, pred, _ in todo], how="vertical_relaxed"))
             store.append("metrics", pl.concat([metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
                 pl.lit(row["run_id"]).alias("run_id"), pl.lit(row["dataset"]).alias("dataset"),
@@ -333,4 +359,3 @@ def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame
     for row, _, _ in runs:
         ses.done.add(row["run_id"])
     ses.computed += len(runs)
-    ses.bar.update(len(runs))

@@ -144,7 +144,9 @@ class Store:
         return any(n.endswith(".manifest") for n in self.location.listdir(f"{name}.lance/_versions"))
 
     def has_table(self, name: str) -> bool:
-        return name in self.table_names()
+        """Whether ``name`` has a committed version (one listing, not the whole store's)."""
+        self.location.check()
+        return self._committed(name)
 
     def table(self, name: str):
         if not self.has_table(name):
@@ -157,12 +159,13 @@ class Store:
 
     # -- the writer lock ----------------------------------------------------------
     @contextlib.contextmanager
-    def writer(self, verb: str, wait: float | None = None) -> Iterator["Store"]:
+    def writer(self, verb: str, wait: float | None = None, repair: bool = True) -> Iterator["Store"]:
         """Hold the store's writer lock for a whole command (re-entrant). The outermost
-        acquisition first repairs what a killed writer left (:meth:`recover`)."""
+        acquisition first repairs what a killed writer left (:meth:`recover`), unless
+        ``repair=False`` (the write batches of a command that repaired the store at its start)."""
         outer = self._lock.acquire(verb, self.lock_wait if wait is None else wait)
         try:
-            if outer:
+            if outer and repair:
                 self.recover()
             yield self
         finally:
@@ -389,7 +392,9 @@ class Store:
             libs.append(np.bincount(rows, weights=cv, minlength=len(sub)))
             cols = lut[gi]
             keep = cols >= 0
-            blocks.append(sp.csr_matrix((cv[keep], (rows[keep], cols[keep])), shape=(len(sub), len(genes))))
+            # CSR straight from each spot's (gene, count) list, no COO sort (duplicates sum as before)
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(sub)))]).astype(np.int64)
+            blocks.append(sp.csr_matrix((cv[keep], cols[keep], indptr), shape=(len(sub), len(genes))))
             keys_parts.append(pl.DataFrame({"slide_id": sub["slide_id"].to_pylist(), "spot_id": sub["spot_id"].to_pylist()}))
         keys = pl.concat(keys_parts)
         return keys, list(genes), sp.vstack(blocks).tocsr(), np.concatenate(libs)
