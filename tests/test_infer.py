@@ -252,6 +252,35 @@ def test_nb_model_gives_uncertainty_layers(c5, real_data_root):
     assert np.allclose(adata.X, np.log1p(head.predict_rate(X[rows]) * 1e4), atol=1e-4)  # image only: no library size
 
 
+@pytest.mark.slow
+def test_context_model_reads_the_grid_neighbours(c5, real_data_root):
+    """A context head (own vector + lattice-neighbour rings) on an image-only slide: ``infer``
+    predicts the slide's tiles in one batch with their centres in µm, so every interior tile
+    has neighbours. Its predictions equal the saved head applied by hand to the stored
+    vectors at the grid centres (pixel x/y times µm/px), and differ from the same head with
+    no neighbours (no coordinates)."""
+    store = c5["store"]
+    rid, path = train(store, "efficientnet_lite0", "context", "var:5", ["C4"], params={"alpha": 1.0})
+    res = infer(store, real_data_root / "her2st" / "images" / "C5.jpg", rid, c5["out"] / "context", slide_id=SLIDE,
+                um_per_px=c5["umpp"], pitch_um=PITCH_UM, region=c5["region"], n_top_genes=1, num_workers=0)
+    assert res.tiles_embedded == 0
+    adata = ad.read_h5ad(res.anndata)
+    head = load_head(path)
+    tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
+        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
+    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
+    order = pl.DataFrame({"spot_id": tab["spot_id"].to_pylist(), "i": np.arange(tab.num_rows)})
+    spots = store.sql(f"SELECT spot_id, pixel_x, pixel_y FROM spots WHERE slide_id = '{SLIDE}'")
+    grid = pl.DataFrame({"spot_id": list(adata.obs_names)}).join(order, on="spot_id", how="left").join(spots, on="spot_id", how="left")
+    rows = grid["i"].to_numpy()
+    coords = grid.select("pixel_x", "pixel_y").to_numpy().astype(np.float64) * float(c5["umpp"])
+    groups = np.full(len(rows), SLIDE)
+    expected = np.log1p(head.predict_rate(X[rows], groups=groups, coords=coords) * 1e4)
+    assert np.allclose(adata.X, expected, atol=1e-4)
+    alone = np.log1p(head.predict_rate(X[rows], groups=groups, coords=None) * 1e4)
+    assert np.abs(expected - alone).max() > 1e-3  # the neighbours changed the predictions
+
+
 # --------------------------------------------------------------------------- other verbs
 @pytest.mark.slow
 def test_other_verbs_with_an_image_only_slide(c5):
