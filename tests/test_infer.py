@@ -68,6 +68,17 @@ def _grid_predictions(store: Store, run_id: str, slide: str) -> pl.DataFrame:
     return store.sql(f"SELECT spot_id, gene, mean_log1p FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{slide}'")
 
 
+def _stored_vectors(store: Store, spot_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, rows)``: the Lite0 vectors of the image-only slide read straight from Lance, and
+    the row of each of ``spot_ids`` in ``X``."""
+    tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
+        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
+    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
+    order = pl.DataFrame({"spot_id": tab["spot_id"].to_pylist(), "i": np.arange(tab.num_rows)})
+    rows = pl.DataFrame({"spot_id": spot_ids}).join(order, on="spot_id", how="left", maintain_order="left")["i"].to_numpy()
+    return X, rows
+
+
 # --------------------------------------------------------------------------- consistency
 @pytest.mark.slow
 def test_grid_predictions_agree_with_spot_predictions_on_c5(c5, capsys):
@@ -244,11 +255,7 @@ def test_nb_model_gives_uncertainty_layers(c5, real_data_root):
     assert {"variance", "q05", "q95"} <= set(adata.layers)
     assert np.all(adata.layers["variance"] > 0) and np.all(adata.layers["q05"] <= adata.layers["q95"])
     head = load_head(path)
-    tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
-        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
-    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
-    order = pl.DataFrame({"spot_id": tab["spot_id"].to_pylist(), "i": np.arange(tab.num_rows)})
-    rows = order.join(pl.DataFrame({"spot_id": list(adata.obs_names)}), on="spot_id", how="right")["i"].to_numpy()
+    X, rows = _stored_vectors(store, list(adata.obs_names))
     assert np.allclose(adata.X, np.log1p(head.predict_rate(X[rows]) * 1e4), atol=1e-4)  # image only: no library size
 
 
@@ -266,13 +273,9 @@ def test_context_model_reads_the_grid_neighbours(c5, real_data_root):
     assert res.tiles_embedded == 0
     adata = ad.read_h5ad(res.anndata)
     head = load_head(path)
-    tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
-        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
-    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
-    order = pl.DataFrame({"spot_id": tab["spot_id"].to_pylist(), "i": np.arange(tab.num_rows)})
+    X, rows = _stored_vectors(store, list(adata.obs_names))
     spots = store.sql(f"SELECT spot_id, pixel_x, pixel_y FROM spots WHERE slide_id = '{SLIDE}'")
-    grid = pl.DataFrame({"spot_id": list(adata.obs_names)}).join(order, on="spot_id", how="left").join(spots, on="spot_id", how="left")
-    rows = grid["i"].to_numpy()
+    grid = pl.DataFrame({"spot_id": list(adata.obs_names)}).join(spots, on="spot_id", how="left", maintain_order="left")
     coords = grid.select("pixel_x", "pixel_y").to_numpy().astype(np.float64) * float(c5["umpp"])
     groups = np.full(len(rows), SLIDE)
     expected = np.log1p(head.predict_rate(X[rows], groups=groups, coords=coords) * 1e4)

@@ -138,23 +138,21 @@ class FittedNormalizer:
         :meth:`estimate_dict`) as source: equal to ``fit_source`` on the same image and mask.
         None if the estimate is missing or was made with another method or parameters."""
         self._require_target()
-        values = self._usable_estimate(estimate)
-        if values is None:
-            return None
-        out = copy.deepcopy(self)
-        for f, v in values.items():
-            setattr(out, f"source_{f}_", v)
-        return out
+        return self._with_estimate(estimate, "source")
 
     def with_target_estimate(self, estimate: dict[str, Any] | None):
         """A **new** normaliser whose target is a stored estimate (equal to ``fit_target`` on
         the same image and mask); None if unusable (see :meth:`with_source_estimate`)."""
+        return self._with_estimate(estimate, "target")
+
+    def _with_estimate(self, estimate: dict[str, Any] | None, side: str):
+        """A copy with the usable ``estimate`` set as its ``<side>_*_`` attributes, or None."""
         values = self._usable_estimate(estimate)
         if values is None:
             return None
         out = copy.deepcopy(self)
         for f, v in values.items():
-            setattr(out, f"target_{f}_", v)
+            setattr(out, f"{side}_{f}_", v)
         return out
 
     def own_source(self):
