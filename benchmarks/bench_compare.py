@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-
 from _common import table, timer
+
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.evaluation.compare import CompareConfig, compare
 from stimage_embed.store import Store
@@ -48,7 +48,11 @@ def main() -> None:
     backbones = args.backbones.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store")
-        shutil.copytree(args.store, store.path, ignore=shutil.ignore_patterns("runs.lance", "predictions.lance", "metrics.lance", "models"))
+        shutil.copytree(
+            args.store,
+            store.path,
+            ignore=shutil.ignore_patterns("runs.lance", "predictions.lance", "metrics.lance", "models"),
+        )
         t: dict[str, float] = {}
         with timer(t, "embed"):
             rep = embed(store, [backbones[0]], overwrite=True, progress=False)
@@ -73,11 +77,15 @@ def main() -> None:
         ("+ shuffled leak control (its runs)", ctrl.computed, f"{t['control']:.1f}", f"{t['control'] / e:.2f}"),
         ("compare warm (all reused)", warm.reused, f"{t['warm']:.1f}", f"{t['warm'] / e:.2f}"),
     ]
-    print(f"compare {args.split} {args.genes}: backbones {args.backbones}; heads {args.heads}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}" + (f"; {tiles} tiles embedded" if tiles else ""))
+    print(
+        f"compare {args.split} {args.genes}: backbones {args.backbones}; heads {args.heads}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}" + (f"; {tiles} tiles embedded" if tiles else "")
+    )
     print(table(rows, ("step", "runs", "seconds", "/ embedding pass")))
-    print(f"compare cold / one embedding pass = {t['cold'] / e:.2f}; with the leak control "
-          f"{(t['cold'] + t['control']) / e:.2f} (the control adds {t['control'] / t['cold']:.0%})")
+    print(
+        f"compare cold / one embedding pass = {t['cold'] / e:.2f}; with the leak control "
+        f"{(t['cold'] + t['control']) / e:.2f} (the control adds {t['control'] / t['cold']:.0%})"
+    )
     board = cold.leaderboard.select("dataset", "backbone", "head", "pcc_mean", "mse_mean", "auc_mean")
     with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=3):
         print("leaderboard of the cold compare (mean per-slide PCC, MSE; AUC for highlow):")

@@ -75,7 +75,9 @@ def coords_um(store: Store, keys: pl.DataFrame) -> np.ndarray:
     return np.c_[k["pixel_x"].to_numpy(), k["pixel_y"].to_numpy()] * k["um_per_px"].to_numpy()[:, None]
 
 
-def features(store: Store, backbone: str, ctx_backbone: str | None, slides: list[str], genes: list[str], shuffled: bool):
+def features(
+    store: Store, backbone: str, ctx_backbone: str | None, slides: list[str], genes: list[str], shuffled: bool
+):
     """(X, X with the wider windows' vectors appended or None, counts, lib, groups, coords);
     ``ctx_backbone``: comma-separated context tables (pseudo-backbones), appended in order."""
     a = load_spot_arrays(store, backbone, slides, genes)
@@ -117,8 +119,16 @@ def run_fold(store, backbone, ctx_backbone, slides, test, genes_spec, designs):
             fit_s = time.perf_counter() - t0
             rate = head.predict_rate(F[te], groups=g[te], coords=xy[te]) if spatial else head.predict_rate(F[te])
             r = pearson(truth, np.log1p(rate * 1e4))
-            out.append({"fold": test, "design": design, "gene": genes, "pcc": r, "fit_s": fit_s,
-                        "alpha": getattr(head, "alpha_", float("nan"))})
+            out.append(
+                {
+                    "fold": test,
+                    "design": design,
+                    "gene": genes,
+                    "pcc": r,
+                    "fit_s": fit_s,
+                    "alpha": getattr(head, "alpha_", float("nan")),
+                }
+            )
             log.info("%s %s: mean PCC %.4f, fit %.1f s, alpha %s", test, design, np.nanmean(r), fit_s, out[-1]["alpha"])
     return out
 
@@ -149,8 +159,11 @@ def main() -> None:
     ap.add_argument("--store", required=True)
     ap.add_argument("--datasets", default="her2st,stutility_mob")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--context-backbone", default=None,
-                    help="comma-separated, e.g. efficientnet_lite0__ctx300um (embed --context-um 300)")
+    ap.add_argument(
+        "--context-backbone",
+        default=None,
+        help="comma-separated, e.g. efficientnet_lite0__ctx300um (embed --context-um 300)",
+    )
     ap.add_argument("--designs", default="nb,context,context_r1,attention,nb:shuffled,context:shuffled")
     ap.add_argument("--genes", default="var:50")
     ap.add_argument("--threads", type=int, default=1)

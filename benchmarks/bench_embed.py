@@ -49,9 +49,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
-
 from _common import table, timer
+from PIL import Image
 
 if TYPE_CHECKING:
     from stimage_embed.backbones.backbone import Backbone
@@ -99,8 +98,16 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _pass_in_child(store_dir: str, backbone: str, slides: list[str] | None, stain: str, batch_size: int,
-                   num_workers: int | None, precision: str, overwrite: bool) -> dict:
+def _pass_in_child(
+    store_dir: str,
+    backbone: str,
+    slides: list[str] | None,
+    stain: str,
+    batch_size: int,
+    num_workers: int | None,
+    precision: str,
+    overwrite: bool,
+) -> dict:
     """Run in a spawned process: time ``embed()`` as a whole; report its peak RSS."""
     from stimage_embed.embeddings.embed_pass import embed
     from stimage_embed.store import Store
@@ -111,24 +118,61 @@ def _pass_in_child(store_dir: str, backbone: str, slides: list[str] | None, stai
     store = Store(store_dir)
     c0 = _cpu_seconds()
     t0 = time.perf_counter()
-    rep = embed(store, [backbone], slides=slides, stain=stain, batch_size=batch_size, num_workers=num_workers,
-                device="cpu", precision=precision, overwrite=overwrite, progress=False)
+    rep = embed(
+        store,
+        [backbone],
+        slides=slides,
+        stain=stain,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device="cpu",
+        precision=precision,
+        overwrite=overwrite,
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     cpu = _cpu_seconds() - c0
     name = S.embedding_table_name(backbone)
     tdir = store.path / f"{name}.lance"
     ds = store.dataset(name)
-    return {"tiles": rep.tiles, "wall": wall, "cpu": cpu, "loop": rep.seconds, "rows": ds.count_rows(), "dir_bytes": _dir_bytes(tdir),
-            "live_bytes": live_bytes(store, name), "bytes_written": rep.bytes_written, "line": rep.line(),
-            "fragments": len(ds.get_fragments()), "precision": rep.precision[backbone],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
+    return {
+        "tiles": rep.tiles,
+        "wall": wall,
+        "cpu": cpu,
+        "loop": rep.seconds,
+        "rows": ds.count_rows(),
+        "dir_bytes": _dir_bytes(tdir),
+        "live_bytes": live_bytes(store, name),
+        "bytes_written": rep.bytes_written,
+        "line": rep.line(),
+        "fragments": len(ds.get_fragments()),
+        "precision": rep.precision[backbone],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def run_a(store_dir: Path, backbone: str, slides: list[str] | None, stain: str, args: argparse.Namespace,
-          num_workers: int | None = None, overwrite: bool = False) -> dict:
+def run_a(
+    store_dir: Path,
+    backbone: str,
+    slides: list[str] | None,
+    stain: str,
+    args: argparse.Namespace,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_pass_in_child, str(store_dir), backbone, slides, stain, args.batch_size,
-                           num_workers if num_workers is not None else args.num_workers, args.precision, overwrite).result()
+        return pool.submit(
+            _pass_in_child,
+            str(store_dir),
+            backbone,
+            slides,
+            stain,
+            args.batch_size,
+            num_workers if num_workers is not None else args.num_workers,
+            args.precision,
+            overwrite,
+        ).result()
 
 
 def drop_stain_estimates(store_dir: Path) -> None:
@@ -143,20 +187,29 @@ def sample_tiles(store: Store, slides: list[str], size: int, n: int) -> np.ndarr
     import polars as pl
 
     from stimage_embed.embeddings.tile_stream import (
-        SlideJob, SlideStainFit, TileStream, make_chunks, stored_stain_estimates, template_normalizer,
+        SlideJob,
+        SlideStainFit,
+        TileStream,
+        make_chunks,
+        stored_stain_estimates,
+        template_normalizer,
     )
 
     tab = pl.from_arrow(store.read("slides")).sort("slide_id")
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y"]))
     est = stored_stain_estimates(tab)
     tmpl = tab.row(0, named=True)
-    fit = SlideStainFit(template_normalizer("macenko", tmpl["image_path"], est.get(tmpl["slide_id"])), tmpl["slide_id"], est)
+    fit = SlideStainFit(
+        template_normalizer("macenko", tmpl["image_path"], est.get(tmpl["slide_id"])), tmpl["slide_id"], est
+    )
     per = -(-n // len(slides))
     jobs, chunks = {}, []
     for r in tab.filter(pl.col("slide_id").is_in(slides)).iter_rows(named=True):
         sp = spots.filter(pl.col("slide_id") == r["slide_id"]).head(per)
         jobs[r["slide_id"]] = SlideJob(r["slide_id"], r["image_path"], r["um_per_px"], r["spot_diameter_um"])
-        chunks += make_chunks(r["slide_id"], sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), per)
+        chunks += make_chunks(
+            r["slide_id"], sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), per
+        )
     out = [b["tiles"][size].numpy() for b in TileStream(chunks, jobs, (size,), stain_factory=fit).batches(chunks)]
     return np.concatenate(out)[:n]
 
@@ -167,7 +220,9 @@ def pass_threads() -> tuple[int, int]:
     return threads, max(1, torch.get_num_threads() // threads)
 
 
-def run_b(bb: Backbone, tiles: np.ndarray, n: int, batch_size: int, precision: str, threads: int = 1) -> tuple[float, float]:
+def run_b(
+    bb: Backbone, tiles: np.ndarray, n: int, batch_size: int, precision: str, threads: int = 1
+) -> tuple[float, float]:
     """Bare forward on ``n`` in-memory uint8 tiles in batches; one untimed warm-up batch first.
 
     ``threads`` = 1: one loop, torch's intra-op threads on every core. ``threads`` > 1: that
@@ -213,7 +268,9 @@ def run_c(bb: Backbone, store: Store, slides: list[str], precision: str, tmp: Pa
     t_tiles = t_embed = 0.0
     n_cut = n_embed = 0
     for sid in slides:
-        sl = store.sql(f"SELECT image_path, um_per_px, spot_diameter_um FROM slides WHERE slide_id = '{sid}'").row(0, named=True)
+        sl = store.sql(f"SELECT image_path, um_per_px, spot_diameter_um FROM slides WHERE slide_id = '{sid}'").row(
+            0, named=True
+        )
         sp = store.sql(f"SELECT spot_id, pixel_x, pixel_y FROM spots WHERE slide_id = '{sid}' ORDER BY spot_id")
         win = sl["spot_diameter_um"] / sl["um_per_px"]
         out = tmp / f"naive_{sid}"
@@ -222,7 +279,9 @@ def run_c(bb: Backbone, store: Store, slides: list[str], precision: str, tmp: Pa
         img = Image.open(sl["image_path"]).convert("RGB")
         paths = []
         for i, (x, y) in enumerate(zip(sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy())):
-            crop = img.crop((int(x - win / 2), int(y - win / 2), int(x + win / 2), int(y + win / 2))).resize((size, size))
+            crop = img.crop((int(x - win / 2), int(y - win / 2), int(x + win / 2), int(y + win / 2))).resize(
+                (size, size)
+            )
             p = out / f"tile_{i}.jpeg"
             crop.save(p, "JPEG")
             paths.append(p)
@@ -248,10 +307,14 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=None, help="the pass's num_workers (default: its own choice)")
-    ap.add_argument("--precision", default="float32", help="float32 | bfloat16 | auto (auto: the pass's measured choice)")
+    ap.add_argument(
+        "--precision", default="float32", help="float32 | bfloat16 | auto (auto: the pass's measured choice)"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="A/B pairs; the ratio's range over them is printed")
     ap.add_argument("--variants", default="", help="comma-separated extra rows: none, refit, workers, naive")
-    ap.add_argument("--naive-max-tiles", type=int, default=20, help="naive: embed one by one only the first N tiles per slide")
+    ap.add_argument(
+        "--naive-max-tiles", type=int, default=20, help="naive: embed one by one only the first N tiles per slide"
+    )
     args = ap.parse_args()
     variants = {v.strip() for v in args.variants.split(",") if v.strip()}
     logging.basicConfig(level=logging.WARNING)
@@ -268,7 +331,9 @@ def main() -> None:
         with timer(t, "ingest"):
             slides = ingest_subset(Store(tmp / "ingested"), wanted)
         ingested = Store(tmp / "ingested")
-        n_total = ingested.sql(f"SELECT COUNT(*) AS n FROM spots WHERE slide_id IN ({', '.join(repr(s) for s in slides)})")["n"][0]
+        n_total = ingested.sql(
+            f"SELECT COUNT(*) AS n FROM spots WHERE slide_id IN ({', '.join(repr(s) for s in slides)})"
+        )["n"][0]
         bb = create_model(args.backbone, device="cpu")
         tiles = sample_tiles(ingested, slides, bb.input_size, 256)
         shutil.copytree(tmp / "ingested", tmp / "store_A")
@@ -279,7 +344,11 @@ def main() -> None:
         for rep in range(args.repeats):
             l0 = os.getloadavg()[0]
             half = n_total // 2
-            b1 = {k: run_b(bb, tiles, half, args.batch_size, precision, k) for k in layouts} if precision != "auto" else None
+            b1 = (
+                {k: run_b(bb, tiles, half, args.batch_size, precision, k) for k in layouts}
+                if precision != "auto"
+                else None
+            )
             a = run_a(tmp / "store_A", args.backbone, slides if wanted else None, "macenko", args, overwrite=rep > 0)
             precision, _ = choose_precision(bb, "cpu", a["precision"])
             if b1 is None:
@@ -294,9 +363,20 @@ def main() -> None:
             lean = min(layouts, key=lambda k: b_cpu[k])  # the least CPU per tile (no spin-waits)
             ratios.append(rate_a / rate_b[best])
             cpu_ratios.append((b_cpu[lean] / n_total) / (a["cpu"] / n))
-            pairs.append((rep + 1, n, f"{a['wall']:.1f}", f"{rate_a:.1f}", " / ".join(f"{rate_b[k]:.1f}" for k in layouts),
-                          f"{rate_a / rate_b[best]:.3f}", f"{a['cpu']:.0f} / {b_cpu[lean]:.0f}", f"{cpu_ratios[-1]:.3f}",
-                          f"{a['peak_rss_mb']:.0f}", f"{l0:.2f} -> {os.getloadavg()[0]:.2f}"))
+            pairs.append(
+                (
+                    rep + 1,
+                    n,
+                    f"{a['wall']:.1f}",
+                    f"{rate_a:.1f}",
+                    " / ".join(f"{rate_b[k]:.1f}" for k in layouts),
+                    f"{rate_a / rate_b[best]:.3f}",
+                    f"{a['cpu']:.0f} / {b_cpu[lean]:.0f}",
+                    f"{cpu_ratios[-1]:.3f}",
+                    f"{a['peak_rss_mb']:.0f}",
+                    f"{l0:.2f} -> {os.getloadavg()[0]:.2f}",
+                )
+            )
             rows.append((f"A  embed(), macenko (repeat {rep + 1}{', overwrite' if rep else ''})", a))
 
         extra = {}
@@ -307,43 +387,107 @@ def main() -> None:
             shutil.copytree(tmp / "ingested", d)
             if v == "refit":
                 drop_stain_estimates(d)
-            extra[v] = run_a(d, args.backbone, slides if wanted else None, "none" if v == "none" else "macenko", args,
-                             num_workers=1 if v == "workers" else None)
+            extra[v] = run_a(
+                d,
+                args.backbone,
+                slides if wanted else None,
+                "none" if v == "none" else "macenko",
+                args,
+                num_workers=1 if v == "workers" else None,
+            )
         c = run_c(bb, ingested, slides, precision, tmp, args.naive_max_tiles) if "naive" in variants else None
     load1 = os.getloadavg()
 
-    print(f"Embedding pass, {args.backbone}, slides {','.join(slides)} ({n_total} tiles), batch {args.batch_size}, "
-          f"precision {precision}, pass num_workers {args.num_workers if args.num_workers is not None else 'default'} "
-          f"(torch threads {rows[0][1]['threads']} in the pass, {torch.get_num_threads()} for B), {os.cpu_count()} CPUs; "
-          f"ingest (untimed) {t['ingest']:.1f} s")
-    print(f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(
+        f"Embedding pass, {args.backbone}, slides {','.join(slides)} ({n_total} tiles), batch {args.batch_size}, "
+        f"precision {precision}, pass num_workers {args.num_workers if args.num_workers is not None else 'default'} "
+        f"(torch threads {rows[0][1]['threads']} in the pass, {torch.get_num_threads()} for B), {os.cpu_count()} CPUs; "
+        f"ingest (untimed) {t['ingest']:.1f} s"
+    )
+    print(
+        f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
+    )
     print()
-    b_names = " / ".join("1 loop" if k == 1 else f"{k} threads x {max(1, torch.get_num_threads() // k)}" for k in layouts)
-    print(table(pairs, ("repeat", "tiles", "A s", "A tiles/s", f"B tiles/s ({b_names})", "A/B (faster B)", "CPU s A / B",
-                        "A/B by CPU s per tile", "A peak RSS MB", "load 1-min")))
-    print(f"\nA/B (target >= 0.9; B = the faster bare-forward layout of the same run): median {np.median(ratios):.3f}, range {min(ratios):.3f} - {max(ratios):.3f} over {len(ratios)} repeat(s)")
-    print(f"A/B by CPU seconds per tile (B's per tile / A's per tile; insensitive to other load, blind to idle waits): "
-          f"median {np.median(cpu_ratios):.3f}, range {min(cpu_ratios):.3f} - {max(cpu_ratios):.3f}")
+    b_names = " / ".join(
+        "1 loop" if k == 1 else f"{k} threads x {max(1, torch.get_num_threads() // k)}" for k in layouts
+    )
+    print(
+        table(
+            pairs,
+            (
+                "repeat",
+                "tiles",
+                "A s",
+                "A tiles/s",
+                f"B tiles/s ({b_names})",
+                "A/B (faster B)",
+                "CPU s A / B",
+                "A/B by CPU s per tile",
+                "A peak RSS MB",
+                "load 1-min",
+            ),
+        )
+    )
+    print(
+        f"\nA/B (target >= 0.9; B = the faster bare-forward layout of the same run): median {np.median(ratios):.3f}, range {min(ratios):.3f} - {max(ratios):.3f} over {len(ratios)} repeat(s)"
+    )
+    print(
+        f"A/B by CPU seconds per tile (B's per tile / A's per tile; insensitive to other load, blind to idle waits): "
+        f"median {np.median(cpu_ratios):.3f}, range {min(cpu_ratios):.3f} - {max(cpu_ratios):.3f}"
+    )
     if extra or c:
         print()
         vrows = []
-        names = {"none": "A0  stain none", "refit": "A*  macenko, store without stain estimates (fit in the pass)",
-                 "workers": "Aw  macenko, 1 DataLoader worker process"}
+        names = {
+            "none": "A0  stain none",
+            "refit": "A*  macenko, store without stain estimates (fit in the pass)",
+            "workers": "Aw  macenko, 1 DataLoader worker process",
+        }
         for v, r in extra.items():
-            vrows.append((names[v], r["tiles"], f"{r['wall']:.1f}", f"{r['tiles'] / r['wall']:.1f}", f"{r['peak_rss_mb']:.0f}"))
+            vrows.append(
+                (names[v], r["tiles"], f"{r['wall']:.1f}", f"{r['tiles'] / r['wall']:.1f}", f"{r['peak_rss_mb']:.0f}")
+            )
         if c:
             per_tile = c["t_tiles"] / c["n_cut"] + c["t_embed"] / max(1, c["n_embed"])
-            vrows.append(("C   naive: PIL crop -> JPEG -> read -> batch 1", c["n_embed"], f"{c['t_tiles'] + c['t_embed']:.1f}",
-                          f"{1 / per_tile:.1f}", ""))
+            vrows.append(
+                (
+                    "C   naive: PIL crop -> JPEG -> read -> batch 1",
+                    c["n_embed"],
+                    f"{c['t_tiles'] + c['t_embed']:.1f}",
+                    f"{1 / per_tile:.1f}",
+                    "",
+                )
+            )
         print(table(vrows, ("variant (after the A/B pairs)", "tiles", "seconds", "tiles/s", "peak RSS MB")))
     print()
     dim = bb.embed_dim
     brows = []
     for label, a in rows:
-        brows.append((label, a["rows"], a["fragments"], f"{a['bytes_written'] / 1e6:.2f}", f"{a['live_bytes'] / 1e6:.2f}",
-                      f"{a['dir_bytes'] / 1e6:.2f}", f"{a['live_bytes'] / a['rows'] / (2 * dim):.2f}"))
-    print(table(brows, (f"{S.embedding_table_name(args.backbone)}", "rows", "fragments", "EmbedReport MB written",
-                        "table data MB (latest version)", "table dir MB", f"data bytes/vector / (2 x {dim})")))
+        brows.append(
+            (
+                label,
+                a["rows"],
+                a["fragments"],
+                f"{a['bytes_written'] / 1e6:.2f}",
+                f"{a['live_bytes'] / 1e6:.2f}",
+                f"{a['dir_bytes'] / 1e6:.2f}",
+                f"{a['live_bytes'] / a['rows'] / (2 * dim):.2f}",
+            )
+        )
+    print(
+        table(
+            brows,
+            (
+                f"{S.embedding_table_name(args.backbone)}",
+                "rows",
+                "fragments",
+                "EmbedReport MB written",
+                "table data MB (latest version)",
+                "table dir MB",
+                f"data bytes/vector / (2 x {dim})",
+            ),
+        )
+    )
     print()
     print("EmbedReport of the last A:", rows[-1][1]["line"])
 

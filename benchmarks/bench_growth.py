@@ -37,7 +37,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from _common import table
 
 DIM, GENES, SLIDES, BATCH = 1280, 50, 9, 32
@@ -58,13 +57,19 @@ def _source_vectors(store_dir: str | None, backbone: str, base: int, seed: int =
     if store_dir is None:
         rng = np.random.default_rng(seed)
         sid = np.array([f"S{i % SLIDES}" for i in range(base)])
-        return sid, np.array([f"spot{i:06d}" for i in range(base)]), rng.standard_normal((base, DIM)).astype(np.float32), {}
+        return (
+            sid,
+            np.array([f"spot{i:06d}" for i in range(base)]),
+            rng.standard_normal((base, DIM)).astype(np.float32),
+            {},
+        )
     from stimage_embed.store import Store
     from stimage_embed.store import schema as S
 
     store = Store(store_dir)
     t = store.read(S.embedding_table_name(backbone), ["slide_id", "spot_id", "vector"]).sort_by(
-        [("slide_id", "ascending"), ("spot_id", "ascending")])
+        [("slide_id", "ascending"), ("spot_id", "ascending")]
+    )
     vec = t["vector"].combine_chunks()
     X = vec.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, -1).astype(np.float32)
     umpp = dict(zip(*store.sql("SELECT slide_id, um_per_px FROM slides").get_columns()))
@@ -83,10 +88,17 @@ def _writes_in_child(store_src: str | None, backbone: str, copies: int, out_dir:
     logging.basicConfig(level=logging.WARNING)
     sid0, spot0, X, umpp = _source_vectors(store_src, backbone, 2642)
     sids = np.concatenate([sid0 if c == 0 else np.char.add(sid0, f"~{c}") for c in range(copies)])
-    spots = pl.DataFrame({"slide_id": sids, "spot_id": np.tile(spot0, copies), "tissue_fraction": np.ones(len(sids), np.float32)})
+    spots = pl.DataFrame(
+        {"slide_id": sids, "spot_id": np.tile(spot0, copies), "tissue_fraction": np.ones(len(sids), np.float32)}
+    )
     slide_ids = list(dict.fromkeys(sids.tolist()))
-    slide_tab = pl.DataFrame({"slide_id": slide_ids, "um_per_px": [float(umpp.get(s.split("~")[0], 0.5)) for s in slide_ids],
-                              "geometry_hash": ["g"] * len(slide_ids)})
+    slide_tab = pl.DataFrame(
+        {
+            "slide_id": slide_ids,
+            "um_per_px": [float(umpp.get(s.split("~")[0], 0.5)) for s in slide_ids],
+            "geometry_hash": ["g"] * len(slide_ids),
+        }
+    )
     jobs = {s: SlideJob(s, "", float(umpp.get(s.split("~")[0], 0.5)), 100.0) for s in slide_ids}
     name = "bench"
     store = Store(Path(out_dir) / f"writes_{copies}")
@@ -95,7 +107,9 @@ def _writes_in_child(store_src: str | None, backbone: str, copies: int, out_dir:
     class _Dim:
         embed_dim = X.shape[1]
 
-    writer = _Writer(store, {name: _Dim()}, {name: f"embeddings_{name}"}, {name: "p"}, report, jobs, slide_tab, spots, flush_rows)
+    writer = _Writer(
+        store, {name: _Dim()}, {name: f"embeddings_{name}"}, {name: "p"}, report, jobs, slide_tab, spots, flush_rows
+    )
     # batches of 32 spots of one slide, as the stream hands them over (source vectors reused per copy)
     starts = np.flatnonzero(np.r_[True, sid0[1:] != sid0[:-1]])
     bounds = list(zip(starts, np.r_[starts[1:], len(sid0)]))
@@ -114,8 +128,16 @@ def _writes_in_child(store_src: str | None, backbone: str, copies: int, out_dir:
         up = maintain(store, [f"embeddings_{name}"])
         t_up = time.perf_counter() - t1
     rows = store.dataset(f"embeddings_{name}").count_rows()
-    return {"spots": len(sids), "rows": rows, "write": t_write, "upkeep": t_up, "cpu": time.process_time() - c0, "peak": _peak_mb(), "rss0": rss0,
-            "upkeep_line": up.tables[0].line()}
+    return {
+        "spots": len(sids),
+        "rows": rows,
+        "write": t_write,
+        "upkeep": t_up,
+        "cpu": time.process_time() - c0,
+        "peak": _peak_mb(),
+        "rss0": rss0,
+        "upkeep_line": up.tables[0].line(),
+    }
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -123,7 +145,7 @@ def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     a 16-d signal plus noise; NB counts (dispersion 5) whose log-mean is linear in the signal."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, 16)).astype(np.float32)
-    X = (z @ rng.standard_normal((16, DIM)).astype(np.float32) * 0.3 + rng.standard_normal((n, DIM)).astype(np.float32))
+    X = z @ rng.standard_normal((16, DIM)).astype(np.float32) * 0.3 + rng.standard_normal((n, DIM)).astype(np.float32)
     lib = rng.lognormal(np.log(3000.0), 0.5, n)
     eta = z @ rng.normal(0, 0.3, (16, GENES)) + rng.normal(np.log(1e-3), 1.0, GENES)
     mu = lib[:, None] * np.exp(eta)
@@ -150,7 +172,14 @@ def _fit_in_child(head: str, n: int, threads: int) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         est.fit(X, y, groups=groups, library_size=lib)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"spots": n, "fit": wall, "cpu": cpu, "peak": _peak_mb(), "rss0": rss0, "n_iter": getattr(est, "n_iter_", "")}
+    return {
+        "spots": n,
+        "fit": wall,
+        "cpu": cpu,
+        "peak": _peak_mb(),
+        "rss0": rss0,
+        "n_iter": getattr(est, "n_iter_", ""),
+    }
 
 
 def _in_child(fn, *args) -> dict:
@@ -172,9 +201,13 @@ def main() -> None:
     ap.add_argument("--heads", default="nb,ridge")
     ap.add_argument("--flush-rows", type=int, default=512)
     ap.add_argument("--skip-writes", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch/BLAS threads of the head fits (1: robust to other load, which makes spinning thread pools "
-                         "many times slower on a shared 2-core machine; 0: library defaults)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/BLAS threads of the head fits (1: robust to other load, which makes spinning thread pools "
+        "many times slower on a shared 2-core machine; 0: library defaults)",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     heads_ = [h.strip() for h in args.heads.split(",") if h.strip()]
@@ -183,32 +216,80 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         for k in sizes:  # interleaved: each size of every cost, then the next size
             if not args.skip_writes:
-                results.setdefault("writes", []).append(_in_child(_writes_in_child, args.store, args.backbone, k, tmpd, args.flush_rows))
+                results.setdefault("writes", []).append(
+                    _in_child(_writes_in_child, args.store, args.backbone, k, tmpd, args.flush_rows)
+                )
             for h in heads_:
                 results.setdefault(h, []).append(_in_child(_fit_in_child, h, args.base_spots * k, args.threads))
     load1 = os.getloadavg()
 
-    print(f"Growth with spots, sizes {sizes} x; vectors {'of ' + args.store if args.store else 'random'} for the writes; "
-          f"heads on synthetic {DIM}-d vectors, {GENES} genes, {args.base_spots} spots at 1x; {os.cpu_count()} CPUs")
+    print(
+        f"Growth with spots, sizes {sizes} x; vectors {'of ' + args.store if args.store else 'random'} for the writes; "
+        f"heads on synthetic {DIM}-d vectors, {GENES} genes, {args.base_spots} spots at 1x; {os.cpu_count()} CPUs"
+    )
     print(f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}")
     print()
     rows, fits = [], []
     for key, res in results.items():
-        label = {"writes": "embed-pass writes + upkeep", "nb": "NBRegressor(alpha=1.0) fit", "ridge": "RidgeBaseline fit"}[key]
+        label = {
+            "writes": "embed-pass writes + upkeep",
+            "nb": "NBRegressor(alpha=1.0) fit",
+            "ridge": "RidgeBaseline fit",
+        }[key]
         t = [r["write"] + r["upkeep"] if key == "writes" else r["fit"] for r in res]
         c = [r["cpu"] for r in res]
         for k, r, tt in zip(sizes, res, t):
-            extra = f"write {r['write']:.2f} + upkeep {r['upkeep']:.2f}" if key == "writes" else f"L-BFGS iterations {r['n_iter']}" if r["n_iter"] != "" else ""
-            rows.append((label, f"{k}x", r["spots"], f"{tt:.2f}", f"{r['cpu']:.2f}", f"{tt / r['spots'] * 1e3:.3f}", f"{r['peak']:.0f}",
-                         f"{r['peak'] - r['rss0']:.0f}", extra))
+            extra = (
+                f"write {r['write']:.2f} + upkeep {r['upkeep']:.2f}"
+                if key == "writes"
+                else f"L-BFGS iterations {r['n_iter']}"
+                if r["n_iter"] != ""
+                else ""
+            )
+            rows.append(
+                (
+                    label,
+                    f"{k}x",
+                    r["spots"],
+                    f"{tt:.2f}",
+                    f"{r['cpu']:.2f}",
+                    f"{tt / r['spots'] * 1e3:.3f}",
+                    f"{r['peak']:.0f}",
+                    f"{r['peak'] - r['rss0']:.0f}",
+                    extra,
+                )
+            )
         if len(sizes) > 1:
-            fits.append((label, f"{exponent(sizes, t):.3f}", f"{exponent(sizes, c):.3f}",
-                         f"{np.log(t[-1] / t[0]) / np.log(sizes[-1] / sizes[0]):.3f}",
-                         f"{max(r['peak'] for r in res):.0f}", f"{max(r['peak'] - r['rss0'] for r in res):.0f}"))
-    print(table(rows, ("cost", "size", "spots", "wall s", "CPU s", "wall ms per spot", "peak RSS MB", "peak - RSS before MB", "")))
+            fits.append(
+                (
+                    label,
+                    f"{exponent(sizes, t):.3f}",
+                    f"{exponent(sizes, c):.3f}",
+                    f"{np.log(t[-1] / t[0]) / np.log(sizes[-1] / sizes[0]):.3f}",
+                    f"{max(r['peak'] for r in res):.0f}",
+                    f"{max(r['peak'] - r['rss0'] for r in res):.0f}",
+                )
+            )
+    print(
+        table(
+            rows,
+            ("cost", "size", "spots", "wall s", "CPU s", "wall ms per spot", "peak RSS MB", "peak - RSS before MB", ""),
+        )
+    )
     print()
-    print(table(fits, ("cost", "exponent k, wall (log-log fit)", "k, CPU s", f"k wall from {sizes[0]}x to {sizes[-1]}x",
-                       "max peak RSS MB", "max growth MB")))
+    print(
+        table(
+            fits,
+            (
+                "cost",
+                "exponent k, wall (log-log fit)",
+                "k, CPU s",
+                f"k wall from {sizes[0]}x to {sizes[-1]}x",
+                "max peak RSS MB",
+                "max growth MB",
+            ),
+        )
+    )
     print("target: k <= 1.1")
     if "writes" in results:
         print()

@@ -53,12 +53,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-
 from _common import table, timer
+
 from heads import NBRegressor, nb_log_prob_log_mu
 from stimage_embed.backbones import create_model
-from stimage_embed.predictions.genes import select_genes
 from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays
+from stimage_embed.predictions.genes import select_genes
 from stimage_embed.store import Store
 from stimage_embed.tiles.image import SlideImage
 from stimage_embed.tiles.window import TileGeometry, TileReader
@@ -80,7 +80,9 @@ def build_store(root: Path, backbone: str) -> Store:
 
 def dataset_slides(store: Store) -> dict[str, list[str]]:
     s = store.sql("SELECT dataset, slide_id FROM slides ORDER BY dataset, slide_id")
-    return {ds: s.filter(pl.col("dataset") == ds)["slide_id"].to_list() for ds in s["dataset"].unique(maintain_order=True)}
+    return {
+        ds: s.filter(pl.col("dataset") == ds)["slide_id"].to_list() for ds in s["dataset"].unique(maintain_order=True)
+    }
 
 
 def hvg_genes(store: Store, slides: list[str], k: int) -> list[str]:
@@ -89,7 +91,9 @@ def hvg_genes(store: Store, slides: list[str], k: int) -> list[str]:
     return select_genes(f"hvg:{k}", counts, genes, keys["slide_id"].to_numpy(), slides, library_size=lib)
 
 
-def fit_nb(X: np.ndarray, y: np.ndarray, groups: np.ndarray, lib: np.ndarray, max_epochs: int | None = None) -> tuple[NBRegressor, float]:
+def fit_nb(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, lib: np.ndarray, max_epochs: int | None = None
+) -> tuple[NBRegressor, float]:
     """Fit ``NBRegressor`` (head defaults, seed 0, CPU; ``max_epochs`` overrides the default)."""
     params = {} if max_epochs is None else {"max_epochs": max_epochs}
     t0 = time.perf_counter()
@@ -172,13 +176,25 @@ def stimage_epoch(store: Store, arrays: dict[str, SpotArrays], backbone: str, n_
                 t["head"] += t3 - t2
             img.close()
     scale = n_all / n_used
-    return {"n_used": n_used, "n_all": n_all, "scale": scale, "decode": t["decode"],
-            **{k: t[k] * scale for k in ("read", "forward", "head")}, "measured": dict(t)}
+    return {
+        "n_used": n_used,
+        "n_all": n_all,
+        "scale": scale,
+        "decode": t["decode"],
+        **{k: t[k] * scale for k in ("read", "forward", "head")},
+        "measured": dict(t),
+    }
 
 
 # ----------------------------------------------------------------------------- scaling
-def synthetic(real_X: np.ndarray, real_lib: np.ndarray, real_groups: np.ndarray, model: NBRegressor, factor: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def synthetic(
+    real_X: np.ndarray,
+    real_lib: np.ndarray,
+    real_groups: np.ndarray,
+    model: NBRegressor,
+    factor: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``factor`` x the real spots: Gaussian X with the real mean/covariance, resampled
     library sizes, NB counts drawn from ``model`` at those X (raw counts)."""
     n = real_X.shape[0] * factor
@@ -195,15 +211,27 @@ def synthetic(real_X: np.ndarray, real_lib: np.ndarray, real_groups: np.ndarray,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=None, help="store with ingested sections and vectors (default: build one in a temp dir, slow)")
+    ap.add_argument(
+        "--store",
+        default=None,
+        help="store with ingested sections and vectors (default: build one in a temp dir, slow)",
+    )
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--genes", type=int, default=250, help="top-K HVG per dataset")
-    ap.add_argument("--stimage-tiles", type=int, default=288,
-                    help="tiles timed for the STimage epoch, in whole batches per slide (0 = all spots)")
+    ap.add_argument(
+        "--stimage-tiles",
+        type=int,
+        default=288,
+        help="tiles timed for the STimage epoch, in whole batches per slide (0 = all spots)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--scales", default="1,4,16")
-    ap.add_argument("--scale-max-epochs", type=int, default=20,
-                    help="max_epochs of the scaling fits (0 = the head default, 300: ~1 h at 16x on a loaded 2-core box)")
+    ap.add_argument(
+        "--scale-max-epochs",
+        type=int,
+        default=20,
+        help="max_epochs of the scaling fits (0 = the head default, 300: ~1 h at 16x on a loaded 2-core box)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
@@ -224,45 +252,118 @@ def main() -> None:
             arrays[ds] = arr
             m = models[ds]
             n = arr.X.shape[0]
-            tot["load"] += t["load"]; tot["fit"] += t["fit"]; tot["n"] += n
-            rows.append((ds, len(np.unique(arr.groups)), n, f"{arr.X.shape[1]}", len(genes), f"{t['load']:.2f}", f"{t['fit']:.2f}",
-                         m.n_epochs_, m.best_epoch_ + 1, f"{1000 * t['fit'] / m.n_epochs_:.1f}"))
-        rows.append(("all", sum(r[1] for r in rows), tot["n"], "", "", f"{tot['load']:.2f}", f"{tot['fit']:.2f}", "", "", ""))
-        print(f"\nOurs: NBRegressor on cached {args.backbone} vectors, top-{args.genes} HVG per dataset, one fit per dataset")
-        print(table(rows, ("dataset", "slides", "spots", "dim", "genes", "load s (HVG + arrays)", "fit s", "epochs run",
-                           "best epoch", "ms/epoch")))
+            tot["load"] += t["load"]
+            tot["fit"] += t["fit"]
+            tot["n"] += n
+            rows.append(
+                (
+                    ds,
+                    len(np.unique(arr.groups)),
+                    n,
+                    f"{arr.X.shape[1]}",
+                    len(genes),
+                    f"{t['load']:.2f}",
+                    f"{t['fit']:.2f}",
+                    m.n_epochs_,
+                    m.best_epoch_ + 1,
+                    f"{1000 * t['fit'] / m.n_epochs_:.1f}",
+                )
+            )
+        rows.append(
+            ("all", sum(r[1] for r in rows), tot["n"], "", "", f"{tot['load']:.2f}", f"{tot['fit']:.2f}", "", "", "")
+        )
+        print(
+            f"\nOurs: NBRegressor on cached {args.backbone} vectors, top-{args.genes} HVG per dataset, one fit per dataset"
+        )
+        print(
+            table(
+                rows,
+                (
+                    "dataset",
+                    "slides",
+                    "spots",
+                    "dim",
+                    "genes",
+                    "load s (HVG + arrays)",
+                    "fit s",
+                    "epochs run",
+                    "best epoch",
+                    "ms/epoch",
+                ),
+            )
+        )
 
         # --- STimage-style epoch ---------------------------------------------------------
         st = stimage_epoch(store, arrays, args.backbone, args.stimage_tiles, args.batch_size)
         label = "all tiles measured" if st["n_used"] == st["n_all"] else f"extrapolated from {st['n_used']} tiles"
         epoch1 = st["decode"] + st["read"] + st["forward"] + st["head"]
         cached = st["forward"] + st["head"]
-        print(f"\nSTimage-style epoch, frozen {args.backbone} recomputed per tile, batch {args.batch_size}, "
-              f"{st['n_all']} spots ({label}; slide decode measured for all slides)")
+        print(
+            f"\nSTimage-style epoch, frozen {args.backbone} recomputed per tile, batch {args.batch_size}, "
+            f"{st['n_all']} spots ({label}; slide decode measured for all slides)"
+        )
         per_tile_ms = {k: 1000 * st["measured"][k] / st["n_used"] for k in ("read", "forward", "head")}
-        print(table([
-            ("slide decode (9 slides, fixed)", f"{st['decode']:.1f}", ""),
-            ("tile read 100 µm -> 224 px", f"{st['read']:.1f}", f"{per_tile_ms['read']:.2f}"),
-            ("backbone forward (fp32)", f"{st['forward']:.1f}", f"{per_tile_ms['forward']:.2f}"),
-            ("NB head fwd/bwd + Adam step", f"{st['head']:.2f}", f"{per_tile_ms['head']:.3f}"),
-            ("epoch 1 (decode+read+forward+head)", f"{epoch1:.1f}", ""),
-            ("epoch >= 2 (tiles cached: forward+head)", f"{cached:.1f}", ""),
-        ], ("component", "seconds per epoch", "ms per tile")))
+        print(
+            table(
+                [
+                    ("slide decode (9 slides, fixed)", f"{st['decode']:.1f}", ""),
+                    ("tile read 100 µm -> 224 px", f"{st['read']:.1f}", f"{per_tile_ms['read']:.2f}"),
+                    ("backbone forward (fp32)", f"{st['forward']:.1f}", f"{per_tile_ms['forward']:.2f}"),
+                    ("NB head fwd/bwd + Adam step", f"{st['head']:.2f}", f"{per_tile_ms['head']:.3f}"),
+                    ("epoch 1 (decode+read+forward+head)", f"{epoch1:.1f}", ""),
+                    ("epoch >= 2 (tiles cached: forward+head)", f"{cached:.1f}", ""),
+                ],
+                ("component", "seconds per epoch", "ms per tile"),
+            )
+        )
 
         ours_fit, ours_total = tot["fit"], tot["fit"] + tot["load"]
         embed_once = st["decode"] + st["read"] + st["forward"]  # what our one-off embedding pass costs, same path
         stimage_100 = epoch1 + (STIMAGE_MAX_EPOCHS - 1) * cached
-        print(f"\nRatios (STimage / ours); STimage's default is up to {STIMAGE_MAX_EPOCHS} epochs (example.ini; Keras early "
-              f"stopping may end sooner), so the real ratio is ~ the per-epoch ratio x its epoch count")
-        print(table([
-            ("1 STimage epoch (epoch 1) / our NB fits", f"{epoch1:.1f}", f"{ours_fit:.2f}", f"{epoch1 / ours_fit:.1f}x"),
-            ("1 STimage epoch (cached) / our NB fits", f"{cached:.1f}", f"{ours_fit:.2f}", f"{cached / ours_fit:.1f}x"),
-            ("1 STimage epoch (epoch 1) / our load + fits", f"{epoch1:.1f}", f"{ours_total:.2f}", f"{epoch1 / ours_total:.1f}x"),
-            (f"{STIMAGE_MAX_EPOCHS} STimage epochs / our load + fits", f"{stimage_100:.0f}", f"{ours_total:.2f}", f"{stimage_100 / ours_total:.0f}x"),
-            (f"{STIMAGE_MAX_EPOCHS} STimage epochs / (one-off embed pass + load + fits)", f"{stimage_100:.0f}",
-             f"{embed_once + ours_total:.1f}", f"{stimage_100 / (embed_once + ours_total):.1f}x"),
-        ], ("comparison", "STimage s", "ours s", "ratio")))
-        print("(one-off embed pass estimated as decode + tile read + forward on the same path; it is shared by every head fitted later)")
+        print(
+            f"\nRatios (STimage / ours); STimage's default is up to {STIMAGE_MAX_EPOCHS} epochs (example.ini; Keras early "
+            f"stopping may end sooner), so the real ratio is ~ the per-epoch ratio x its epoch count"
+        )
+        print(
+            table(
+                [
+                    (
+                        "1 STimage epoch (epoch 1) / our NB fits",
+                        f"{epoch1:.1f}",
+                        f"{ours_fit:.2f}",
+                        f"{epoch1 / ours_fit:.1f}x",
+                    ),
+                    (
+                        "1 STimage epoch (cached) / our NB fits",
+                        f"{cached:.1f}",
+                        f"{ours_fit:.2f}",
+                        f"{cached / ours_fit:.1f}x",
+                    ),
+                    (
+                        "1 STimage epoch (epoch 1) / our load + fits",
+                        f"{epoch1:.1f}",
+                        f"{ours_total:.2f}",
+                        f"{epoch1 / ours_total:.1f}x",
+                    ),
+                    (
+                        f"{STIMAGE_MAX_EPOCHS} STimage epochs / our load + fits",
+                        f"{stimage_100:.0f}",
+                        f"{ours_total:.2f}",
+                        f"{stimage_100 / ours_total:.0f}x",
+                    ),
+                    (
+                        f"{STIMAGE_MAX_EPOCHS} STimage epochs / (one-off embed pass + load + fits)",
+                        f"{stimage_100:.0f}",
+                        f"{embed_once + ours_total:.1f}",
+                        f"{stimage_100 / (embed_once + ours_total):.1f}x",
+                    ),
+                ],
+                ("comparison", "STimage s", "ours s", "ratio"),
+            )
+        )
+        print(
+            "(one-off embed pass estimated as decode + tile read + forward on the same path; it is shared by every head fitted later)"
+        )
 
         # --- scaling ---------------------------------------------------------------------
         ds_list = list(arrays)
@@ -284,14 +385,42 @@ def main() -> None:
             if factor == 1:
                 base_model, base = model, 1000 * sec / model.n_epochs_
             ms_ep = 1000 * sec / model.n_epochs_
-            srows.append((f"{factor}x" + (" (real)" if factor == 1 else " (synthetic)"), X.shape[0], X.shape[1], y.shape[1],
-                          f"{sec:.2f}", model.n_epochs_, f"{ms_ep:.1f}", f"{ms_ep / base:.1f}x",
-                          f"{ms_ep / (X.shape[0] / 1000):.2f}", f"{ms_ep * default_epochs / 1000:.0f}"))
+            srows.append(
+                (
+                    f"{factor}x" + (" (real)" if factor == 1 else " (synthetic)"),
+                    X.shape[0],
+                    X.shape[1],
+                    y.shape[1],
+                    f"{sec:.2f}",
+                    model.n_epochs_,
+                    f"{ms_ep:.1f}",
+                    f"{ms_ep / base:.1f}x",
+                    f"{ms_ep / (X.shape[0] / 1000):.2f}",
+                    f"{ms_ep * default_epochs / 1000:.0f}",
+                )
+            )
         cap = f"max_epochs={args.scale_max_epochs}" if args.scale_max_epochs else "default max_epochs"
-        print(f"\nNBRegressor fit time vs number of spots ({k} gene slots, {cap}, default patience, full batch; 4x/16x counts "
-              f"drawn from the 1x fit)")
-        print(table(srows, ("scale", "spots", "dim", "genes", "fit s", "epochs run", "ms/epoch", "ms/epoch vs 1x",
-                            "ms/epoch per 1000 spots", f"s at {default_epochs} epochs (est.)")))
+        print(
+            f"\nNBRegressor fit time vs number of spots ({k} gene slots, {cap}, default patience, full batch; 4x/16x counts "
+            f"drawn from the 1x fit)"
+        )
+        print(
+            table(
+                srows,
+                (
+                    "scale",
+                    "spots",
+                    "dim",
+                    "genes",
+                    "fit s",
+                    "epochs run",
+                    "ms/epoch",
+                    "ms/epoch vs 1x",
+                    "ms/epoch per 1000 spots",
+                    f"s at {default_epochs} epochs (est.)",
+                ),
+            )
+        )
         print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

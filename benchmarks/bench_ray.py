@@ -63,8 +63,18 @@ def run_pass(store, slides: list[str], workers: int, threads: int, batch_size: i
     cfg = RayConfig(workers=workers, threads_per_worker=threads)
     t0 = time.perf_counter()
     try:
-        rep = embed_ray(store, [BACKBONE], slides=slides, overwrite=True, stain_template=slides[0], precision="float32",
-                        batch_size=batch_size, flush_rows=2 * batch_size, progress=False, config=cfg)
+        rep = embed_ray(
+            store,
+            [BACKBONE],
+            slides=slides,
+            overwrite=True,
+            stain_template=slides[0],
+            precision="float32",
+            batch_size=batch_size,
+            flush_rows=2 * batch_size,
+            progress=False,
+            config=cfg,
+        )
     finally:
         del store.append_fragments
     span = commits[-1][0] - commits[0][0] if len(commits) > 1 else float("nan")
@@ -78,11 +88,16 @@ def cut_rate(store, slides: list[str], batch_size: int) -> float:
     from stimage_embed.embeddings import ray_stages as RS
     from stimage_embed.embeddings.ray_plan import plan_pass
 
-    plan = plan_pass(store, [BACKBONE], slides=slides, stain_template=slides[0], precision="float32",
-                     batch_size=batch_size)
+    plan = plan_pass(
+        store, [BACKBONE], slides=slides, stain_template=slides[0], precision="float32", batch_size=batch_size
+    )
     rows = plan.chunk_rows()
-    batch = {k: np.array([r[k] for r in rows] if not isinstance(rows[0][k], list) else
-                         [np.asarray(r[k]) for r in rows], dtype=object) for k in rows[0]}
+    batch = {
+        k: np.array(
+            [r[k] for r in rows] if not isinstance(rows[0][k], list) else [np.asarray(r[k]) for r in rows], dtype=object
+        )
+        for k in rows[0]
+    }
     sizes = tuple(sorted({bb.input_size for bb in plan.models.values()}))
     t0 = time.perf_counter()
     n = sum(len(out["spot_id"]) for out in RS.cut_tiles(batch, sizes, tuple(plan.models), plan.stain_factory))
@@ -123,8 +138,11 @@ def s3_write_rate(n_rows: int = 20000, dim: int = 1280) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:
@@ -132,13 +150,27 @@ def s3_write_rate(n_rows: int = 20000, dim: int = 1280) -> float:
                 break
             except OSError:
                 time.sleep(0.1)
-        opts = {"aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true", "aws_region": "us-east-1",
-                "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
-        boto3.client("s3", endpoint_url=opts["aws_endpoint"], region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
+        opts = {
+            "aws_endpoint": f"http://127.0.0.1:{port}",
+            "allow_http": "true",
+            "aws_region": "us-east-1",
+            "aws_access_key_id": "bench",
+            "aws_secret_access_key": "bench",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=opts["aws_endpoint"],
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        ).create_bucket(Bucket="bench")
         vec = np.random.default_rng(0).standard_normal((n_rows, dim)).astype(np.float16)
-        data = pa.table({"spot_id": [str(i) for i in range(n_rows)],
-                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim)})
+        data = pa.table(
+            {
+                "spot_id": [str(i) for i in range(n_rows)],
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
+            }
+        )
         t0 = time.perf_counter()
         lance.write_dataset(data, "s3://bench/vectors.lance", storage_options=opts)
         return vec.nbytes / 1e6 / (time.perf_counter() - t0)
@@ -171,16 +203,42 @@ def main() -> None:
             for workers, threads in order:
                 res = run_pass(store, slides, workers, threads, args.batch_size)
                 seen.setdefault((workers, threads), []).append((res["tiles"] / res["wall"], res["steady"]))
-                rows.append((r + 1, f"{workers}x{threads}", res["tiles"], f"{res['wall']:.1f}", f"{res['first']:.1f}",
-                             f"{res['tiles'] / res['wall']:.1f}", f"{res['steady']:.1f}", f"{os.getloadavg()[0]:.1f}"))
+                rows.append(
+                    (
+                        r + 1,
+                        f"{workers}x{threads}",
+                        res["tiles"],
+                        f"{res['wall']:.1f}",
+                        f"{res['first']:.1f}",
+                        f"{res['tiles'] / res['wall']:.1f}",
+                        f"{res['steady']:.1f}",
+                        f"{os.getloadavg()[0]:.1f}",
+                    )
+                )
             two, one = np.mean(seen[(2, 1)], axis=0), np.mean(seen[(1, 1)], axis=0)
             ratios.append((two[0] / one[0], two[1] / one[1]))
         ray.shutdown()
-        print(table(rows, ("round", "workers x threads", "tiles", "wall s", "first commit s", "tiles/s", "steady tiles/s",
-                           "load")))
+        print(
+            table(
+                rows,
+                (
+                    "round",
+                    "workers x threads",
+                    "tiles",
+                    "wall s",
+                    "first commit s",
+                    "tiles/s",
+                    "steady tiles/s",
+                    "load",
+                ),
+            )
+        )
         bare = bare_forward(args.batch_size)
-        print("\nratio 2 workers / 1 worker, 1 torch thread each (whole pass; steady, after the first commit): "
-              + ", ".join(f"{a:.2f}; {b:.2f}" for a, b in ratios) + f"  on {os.cpu_count()} cores")
+        print(
+            "\nratio 2 workers / 1 worker, 1 torch thread each (whole pass; steady, after the first commit): "
+            + ", ".join(f"{a:.2f}; {b:.2f}" for a, b in ratios)
+            + f"  on {os.cpu_count()} cores"
+        )
         print(f"bare forward, 1 torch thread: {bare:.1f} tiles/s ({BACKBONE}, batch {args.batch_size})")
         print(f"cutting stage (decode, window, Macenko), 1 process: {cut:.1f} tiles/s")
         if args.s3:

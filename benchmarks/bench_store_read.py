@@ -45,7 +45,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-
 from _common import table
 
 
@@ -65,7 +64,9 @@ def build_store(src, dst: Path, backbone: str, copies: int, flush_rows: int):
                 ids = pc.binary_join_element_wise(base["slide_id"], pa.scalar(f"~{c}"), "")
                 part = base.set_column(base.schema.get_field_index("slide_id"), base.schema.field("slide_id"), ids)
             for i in range(0, part.num_rows, flush_rows):
-                store.insert_new(name, part.slice(i, flush_rows), ("slide_id", "spot_id"), schema=S.embedding_schema(dim))
+                store.insert_new(
+                    name, part.slice(i, flush_rows), ("slide_id", "spot_id"), schema=S.embedding_schema(dim)
+                )
     return store, name
 
 
@@ -100,7 +101,9 @@ def read_h5(path: Path):
 
     ids, X = read_h5_raw(path)
     spot = [b.decode() for b in ids]
-    return pl.DataFrame({"slide_id": [path.stem] * len(spot), "spot_id": spot}), torch.tensor(X, dtype=torch.float32).numpy()
+    return pl.DataFrame({"slide_id": [path.stem] * len(spot), "spot_id": spot}), torch.tensor(
+        X, dtype=torch.float32
+    ).numpy()
 
 
 def read_before(store, name: str, sid: str) -> pa.Table:
@@ -110,15 +113,21 @@ def read_before(store, name: str, sid: str) -> pa.Table:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=os.environ.get("STIMAGE_STORE", "store"), help="store with the nine sections' vectors")
+    ap.add_argument(
+        "--store", default=os.environ.get("STIMAGE_STORE", "store"), help="store with the nine sections' vectors"
+    )
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--sizes", default="9,90", help="slides per store (multiples of the source's slide count)")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--flush-rows", type=int, default=512, help="vectors per commit when building (the pass's default)")
     ap.add_argument("--index-type", default="BTREE", help="slide_id index type for the upkeep (BTREE, BITMAP)")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch threads for the float16 -> float32 conversion of the arrays level (0: torch's default). On a "
-                         "loaded 2-core machine a 2-thread pool turns a 0.1 ms conversion into ~8 ms, on both sides alike")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads for the float16 -> float32 conversion of the arrays level (0: torch's default). On a "
+        "loaded 2-core machine a 2-thread pool turns a 0.1 ms conversion into ~8 ms, on both sides alike",
+    )
     args = ap.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -154,13 +163,21 @@ def main() -> None:
             for sid in slides[:3]:
                 keys, x = read_h5(h5[sid])
                 ids = keys["spot_id"].to_list()
-                for k, X in (load_embeddings(store_a, args.backbone, [sid]), load_embeddings(store_a, args.backbone, [sid], reader=reader)):
+                for k, X in (
+                    load_embeddings(store_a, args.backbone, [sid]),
+                    load_embeddings(store_a, args.backbone, [sid], reader=reader),
+                ):
                     assert k.equals(keys) and np.array_equal(X, x)
-                for t in (read_before(store_b, name, sid), read_slides(store_a, name, [sid], ["spot_id", "vector"]),
-                          reader.read(name, [sid], ["spot_id", "vector"])):
+                for t in (
+                    read_before(store_b, name, sid),
+                    read_slides(store_a, name, [sid], ["spot_id", "vector"]),
+                    reader.read(name, [sid], ["spot_id", "vector"]),
+                ):
                     t = t.sort_by("spot_id")
                     v = t["vector"].combine_chunks()
-                    assert t["spot_id"].to_pylist() == ids and np.array_equal(v.values.to_numpy(zero_copy_only=False).reshape(len(ids), -1), x)
+                    assert t["spot_id"].to_pylist() == ids and np.array_equal(
+                        v.values.to_numpy(zero_copy_only=False).reshape(len(ids), -1), x
+                    )
             if not profile_text:
                 pr = cProfile.Profile()
                 pr.enable()
@@ -195,24 +212,42 @@ def main() -> None:
             results.append((len(slides), frag_b, frag_a, med, t_up, up.tables[0]))
     load1 = os.getloadavg()
 
-    print(f"One slide's {args.backbone} vectors: the vectors of {args.store} (x copies under new slide ids); "
-          f"{args.rounds} interleaved rounds per size, one random slide per round; slide_id index {args.index_type}")
+    print(
+        f"One slide's {args.backbone} vectors: the vectors of {args.store} (x copies under new slide ids); "
+        f"{args.rounds} interleaved rounds per size, one random slide per round; slide_id index {args.index_type}"
+    )
     print(f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}; torch threads {torch.get_num_threads()}")
     print()
     rows = []
-    labels = [("h5", "h5 file per slide", None), ("before", "store as written (former path)", 1),
-              ("cold", "after upkeep, cold (load_embeddings)", 2), ("reader", "after upkeep, SlideReader", 2)]
+    labels = [
+        ("h5", "h5 file per slide", None),
+        ("before", "store as written (former path)", 1),
+        ("cold", "after upkeep, cold (load_embeddings)", 2),
+        ("reader", "after upkeep, SlideReader", 2),
+    ]
     for n, fb, fa, med, _, _ in results:
         for key, label, frag in labels:
             r, a = med[f"{key} raw"], med[f"{key} arrays"]
-            rows.append((n, label, {None: "", 1: fb, 2: fa}[frag], f"{r:.3f}", f"{r / med['h5 raw']:.2f}", f"{a:.3f}", f"{a / med['h5 arrays']:.2f}"))
+            rows.append(
+                (
+                    n,
+                    label,
+                    {None: "", 1: fb, 2: fa}[frag],
+                    f"{r:.3f}",
+                    f"{r / med['h5 raw']:.2f}",
+                    f"{a:.3f}",
+                    f"{a / med['h5 arrays']:.2f}",
+                )
+            )
     print(table(rows, ("slides", "reader", "fragments", "raw ms", "raw x h5", "arrays ms", "arrays x h5")))
     print("target: <= 1.2 x h5, not growing with the number of slides")
     print()
     for n, fb, fa, med, t_up, up in results:
         print(f"upkeep of the {n}-slide table: {t_up:.2f} s ({up.line()})")
     print()
-    print("cProfile of the former path (Store.read + filter, then arrays), 3 reads of every slide of the smallest store:")
+    print(
+        "cProfile of the former path (Store.read + filter, then arrays), 3 reads of every slide of the smallest store:"
+    )
     print("\n".join(profile_text.splitlines()[:34]))
 
 

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import table, timer
 from PIL import Image
 
-from _common import table, timer
 from stimage_embed.ingest.pipeline import ingest
 from stimage_embed.store import Store
 from stimage_embed.tiles.image import SlideImage
@@ -30,7 +30,9 @@ def naive(image_path: str, xs, ys, win: float, out_px: int, tmp: Path) -> None:
     img = Image.open(image_path).convert("RGB")
     paths = []
     for i, (x, y) in enumerate(zip(xs, ys)):
-        crop = img.crop((int(x - win / 2), int(y - win / 2), int(x + win / 2), int(y + win / 2))).resize((out_px, out_px))
+        crop = img.crop((int(x - win / 2), int(y - win / 2), int(x + win / 2), int(y + win / 2))).resize(
+            (out_px, out_px)
+        )
         p = tmp / f"tile_{i}.jpeg"
         crop.save(p, "JPEG")
         paths.append(p)
@@ -63,7 +65,9 @@ def main() -> None:
         tot = {"ours": 0.0, "naive": 0.0, "n": 0}
         for sid in args.slides.split(","):
             sp = store.sql(f"SELECT pixel_x, pixel_y FROM spots WHERE slide_id = '{sid}'")
-            sl = store.sql(f"SELECT image_path, um_per_px, spot_diameter_um FROM slides WHERE slide_id = '{sid}'").row(0, named=True)
+            sl = store.sql(f"SELECT image_path, um_per_px, spot_diameter_um FROM slides WHERE slide_id = '{sid}'").row(
+                0, named=True
+            )
             xs, ys = sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy()
             win = sl["spot_diameter_um"] / sl["um_per_px"]
             r: dict[str, float] = {}
@@ -72,14 +76,32 @@ def main() -> None:
             with timer(r, "ours"):
                 ours(sl["image_path"], xs, ys, sl["um_per_px"], sl["spot_diameter_um"], 224)
             n = len(xs)
-            tot["ours"] += r["ours"]; tot["naive"] += r["naive"]; tot["n"] += n
+            tot["ours"] += r["ours"]
+            tot["naive"] += r["naive"]
+            tot["n"] += n
             rows.append((sid, n, f"{n / r['ours']:.1f}", f"{n / r['naive']:.1f}", f"{r['naive'] / r['ours']:.2f}x"))
-        rows.append(("all", tot["n"], f"{tot['n'] / tot['ours']:.1f}", f"{tot['n'] / tot['naive']:.1f}", f"{tot['naive'] / tot['ours']:.2f}x"))
+        rows.append(
+            (
+                "all",
+                tot["n"],
+                f"{tot['n'] / tot['ours']:.1f}",
+                f"{tot['n'] / tot['naive']:.1f}",
+                f"{tot['naive'] / tot['ours']:.2f}x",
+            )
+        )
         print("Tile reading, 100 µm tiles -> 224 px, including image decode (tiles/s)")
         print(table(rows, ("slide", "tiles", "ours tiles/s", "naive tiles/s", "speed-up ours/naive")))
         print()
-        print(table([("her2st (5 sections)", f"{t['ingest_her2st']:.1f}"), ("stutility_mob (4 sections)", f"{t['ingest_mob']:.1f}"),
-                     ("all nine", f"{t['ingest_her2st'] + t['ingest_mob']:.1f}")], ("ingest", "seconds")))
+        print(
+            table(
+                [
+                    ("her2st (5 sections)", f"{t['ingest_her2st']:.1f}"),
+                    ("stutility_mob (4 sections)", f"{t['ingest_mob']:.1f}"),
+                    ("all nine", f"{t['ingest_her2st'] + t['ingest_mob']:.1f}"),
+                ],
+                ("ingest", "seconds"),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -32,16 +32,16 @@ from heads.context import ContextNBRegressor
 from heads.distributions import (
     mean_disp_to_rp,
     mean_var_to_rp,
+    moment_matched_theta,
+    nb_expected_log1p,
     nb_log_prob,
     nb_log_prob_log_mu,
     nb_log_prob_stimage,
     nb_logpmf,
     nb_logpmf_rp,
-    nb_expected_log1p,
     nb_mean,
     nb_quantiles,
     nb_quantiles_from_moments,
-    moment_matched_theta,
     nb_sample,
     nb_variance,
     rp_to_mean_disp,
@@ -50,10 +50,10 @@ from heads.distributions import (
 )
 from heads.ensemble import CombinedPrediction, SeedEnsemble, Uncertainty, combine_predictions
 from heads.errors import ProvenanceMismatch
-from heads.scale import TARGET_SUM, log1p_normalise, log1p_to_rate, rate_to_log1p
 from heads.nb import NBPrediction, NBRegressor
-from heads.persistence import check_provenance, load_head, save_head
 from heads.neighbours import Neighbours, find_neighbours
+from heads.persistence import check_provenance, load_head, save_head
+from heads.scale import TARGET_SUM, log1p_normalise, log1p_to_rate, rate_to_log1p
 from heads.validation_split import validation_split
 
 __all__ = [

@@ -17,8 +17,8 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
 from sklearn.preprocessing import StandardScaler
 
-from heads.pca import principal_axes
 from heads.inputs import check_counts, check_groups, check_library_size, check_X, counts_at_library
+from heads.pca import principal_axes
 from heads.scale import TARGET_SUM, log1p_normalise
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class RidgeBaseline(BaseEstimator):
     # ------------------------------------------------------------------ fit
     def fit(
         self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, library_size: np.ndarray | None = None
-    ) -> "RidgeBaseline":
+    ) -> RidgeBaseline:
         """``X`` (n, dim) embeddings, ``y`` (n, g) RAW counts, ``groups`` slide per spot,
         ``library_size`` total raw counts per spot over ALL genes (default ``y.sum(1)``)."""
         if self.target not in TARGETS:
@@ -190,7 +190,11 @@ class RidgeBaseline(BaseEstimator):
         self.n_components_ = int(pca.components_.shape[0])
         self.n_features_in_ = X.shape[1]
         self.n_genes_ = y.shape[1]
-        self.smearing_ = np.mean(np.exp(T - self._predict_target(X)), axis=0) if self.target == "log1p_norm" else np.ones(self.n_genes_)
+        self.smearing_ = (
+            np.mean(np.exp(T - self._predict_target(X)), axis=0)
+            if self.target == "log1p_norm"
+            else np.ones(self.n_genes_)
+        )
         return self
 
     # ------------------------------------------------------------------ predict
@@ -238,7 +242,7 @@ class MeanBaseline(BaseEstimator):
 
     def fit(
         self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, library_size: np.ndarray | None = None
-    ) -> "MeanBaseline":
+    ) -> MeanBaseline:
         X = check_X(X)
         y = check_counts(y, X.shape[0])
         lib = check_library_size(library_size, y, X.shape[0])

@@ -50,7 +50,7 @@ def highlow_labels(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarra
         raise ValueError(f"y: expected (n_spots, n_genes), got shape {arr.shape}")
     groups = check_groups(groups, arr.shape[0])
     labels = np.zeros(arr.shape, dtype=bool)
-    for g in (np.unique(groups) if groups is not None else [None]):
+    for g in np.unique(groups) if groups is not None else [None]:
         rows = np.arange(arr.shape[0]) if g is None else np.flatnonzero(groups == g)
         block = arr[rows]
         constant = np.ptp(block, axis=0) == 0
@@ -107,7 +107,7 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, Y: np.ndarray) -> "HighLowClassifier":
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> HighLowClassifier:
         X = check_X(X)
         Yb = np.asarray(Y)
         if Yb.ndim == 1:
@@ -129,8 +129,12 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
         if constant.any():
             logger.info("HighLowClassifier: %d genes with a single class get a constant predictor", int(constant.sum()))
         params = dict(
-            C=float(self.C), l1_ratio=float(self.l1_ratio), solver=self.solver,
-            max_iter=int(self.max_iter), tol=float(self.tol), random_state=self.random_state,
+            C=float(self.C),
+            l1_ratio=float(self.l1_ratio),
+            solver=self.solver,
+            max_iter=int(self.max_iter),
+            tol=float(self.tol),
+            random_state=self.random_state,
         )
         fit_genes = np.flatnonzero(~constant)
         if self.solver not in ("fista", "saga"):
@@ -138,8 +142,15 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
         if self.solver == "fista":
             # float32 halves the time; a tolerance below 1e-5 asks for more than it resolves
             dtype = torch.float32 if float(self.tol) >= 1e-5 else torch.float64
-            fit = fit_elastic_net_logistic(Xs, Yb[:, fit_genes], float(self.C), float(self.l1_ratio),
-                                           max_iter=int(self.max_iter), tol=float(self.tol), dtype=dtype)
+            fit = fit_elastic_net_logistic(
+                Xs,
+                Yb[:, fit_genes],
+                float(self.C),
+                float(self.l1_ratio),
+                max_iter=int(self.max_iter),
+                tol=float(self.tol),
+                dtype=dtype,
+            )
             results = list(zip(fit.coef, fit.intercept, fit.n_iter, fit.converged))
         else:
             results = Parallel(n_jobs=self.n_jobs, prefer="threads")(
@@ -152,7 +163,11 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
         for j, (coef, intercept, n_iter, converged) in zip(fit_genes, results):
             self.coef_[j], self.intercept_[j], self.n_iter_[j], self.converged_[j] = coef, intercept, n_iter, converged
         if not self.converged_.all():
-            logger.warning("HighLowClassifier: %d genes did not converge in max_iter=%d", int((~self.converged_).sum()), self.max_iter)
+            logger.warning(
+                "HighLowClassifier: %d genes did not converge in max_iter=%d",
+                int((~self.converged_).sum()),
+                self.max_iter,
+            )
         self.n_features_in_ = X.shape[1]
         self.n_genes_ = n_genes
         self.classes_ = np.array([False, True])

@@ -175,9 +175,15 @@ class ContextNBRegressor(BaseEstimator):
         return np.concatenate(parts, axis=1)
 
     def _inner_nb(self) -> NBRegressor:
-        return NBRegressor(alpha=self.alpha, alphas=CONTEXT_ALPHAS if self.alphas is None else self.alphas,
-                           cv=self.cv, n_components=self.n_components, max_iter=self.max_iter,
-                           random_state=self.random_state, device=self.device)
+        return NBRegressor(
+            alpha=self.alpha,
+            alphas=CONTEXT_ALPHAS if self.alphas is None else self.alphas,
+            cv=self.cv,
+            n_components=self.n_components,
+            max_iter=self.max_iter,
+            random_state=self.random_state,
+            device=self.device,
+        )
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -197,22 +203,33 @@ class ContextNBRegressor(BaseEstimator):
         n = X.shape[0]
         groups = check_groups(groups, n)
         nbs = self._neighbours(coords, groups, n)
-        self.neighbour_counts_ = (np.bincount(nbs[0].count, minlength=self.rings[0][2] + 1)
-                                  if nbs[0] is not None else np.array([n]))
+        self.neighbour_counts_ = (
+            np.bincount(nbs[0].count, minlength=self.rings[0][2] + 1) if nbs[0] is not None else np.array([n])
+        )
         self.n_features_in_ = X.shape[1]
         if self.aggregation == "mean":
             model = self._inner_nb().fit(self._mean_features(X, nbs), y, groups=groups, library_size=library_size)
             self.alpha_ = model.alpha_
         else:
             n_att = self.attention_components if self.readout == "glm" else self.n_components
-            model = AttentionNB(weight_decays=self.weight_decays, hidden=self.hidden, lr=self.lr, n_components=n_att,
-                                cv=self.cv, max_epochs=self.max_epochs, patience=self.patience,
-                                random_state=self.random_state, device=self.device)
+            model = AttentionNB(
+                weight_decays=self.weight_decays,
+                hidden=self.hidden,
+                lr=self.lr,
+                n_components=n_att,
+                cv=self.cv,
+                max_epochs=self.max_epochs,
+                patience=self.patience,
+                random_state=self.random_state,
+                device=self.device,
+            )
             model.fit(X, nbs, y, groups=groups, library_size=library_size)
             self.weight_decay_ = model.weight_decay_
             self.attention_ = model
             if self.readout == "glm":
-                model = self._inner_nb().fit(np.c_[X, model.attention_pool(X, nbs)], y, groups=groups, library_size=library_size)
+                model = self._inner_nb().fit(
+                    np.c_[X, model.attention_pool(X, nbs)], y, groups=groups, library_size=library_size
+                )
                 self.alpha_ = model.alpha_
         self.model_ = model
         self.n_genes_ = model.n_genes_
@@ -230,24 +247,38 @@ class ContextNBRegressor(BaseEstimator):
             return self.model_._nb_at_ref(np.c_[X, self.attention_.attention_pool(X, nbs)])
         return self.model_.nb_at_ref(X, nbs)
 
-    def predict_rate(self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None) -> np.ndarray:
+    def predict_rate(
+        self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None
+    ) -> np.ndarray:
         """Predicted rate (n, G): the NB mean at the reference depth divided by it, from the
         image vectors of each spot and its same-slide neighbours alone."""
         return np.exp(self._nb_at_ref(X, groups, coords)[0]) / self.ref_library_size_
 
-    def predict_log1p_norm(self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None,
-                           target_sum: float = TARGET_SUM) -> np.ndarray:
+    def predict_log1p_norm(
+        self,
+        X: np.ndarray,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        target_sum: float = TARGET_SUM,
+    ) -> np.ndarray:
         """``log1p(rate * target_sum)`` (log1p(CP10k) for 1e4) of the predicted rate."""
         return np.log1p(self.predict_rate(X, groups=groups, coords=coords) * target_sum)
 
     def _mean_theta(self, X, library_size, groups, coords) -> tuple[np.ndarray, np.ndarray]:
         log_mu_ref, theta = self._nb_at_ref(X, groups, coords)
         n = log_mu_ref.shape[0]
-        scale = np.ones(n) if library_size is None else check_library_size(library_size, None, n) / self.ref_library_size_
+        scale = (
+            np.ones(n) if library_size is None else check_library_size(library_size, None, n) / self.ref_library_size_
+        )
         return np.exp(log_mu_ref) * scale[:, None], theta
 
-    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None,
-                groups: np.ndarray | None = None, coords: np.ndarray | None = None) -> np.ndarray:
+    def predict(
+        self,
+        X: np.ndarray,
+        library_size: np.ndarray | float | None = None,
+        groups: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+    ) -> np.ndarray:
         """NB mean (RAW counts) per spot and gene at ``library_size`` (default the reference)."""
         return self._mean_theta(X, library_size, groups, coords)[0]
 
@@ -270,7 +301,9 @@ class ContextNBRegressor(BaseEstimator):
         levels = np.asarray(quantiles, dtype=np.float64)
         q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
         samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
-        return NBPrediction(mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples)
+        return NBPrediction(
+            mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples
+        )
 
 
 __all__ = ["AGGREGATIONS", "CONTEXT_ALPHAS", "DEFAULT_RINGS", "ContextNBRegressor"]

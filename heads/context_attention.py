@@ -84,8 +84,9 @@ class _AttentionNet(nn.Module):
         feats = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(-2)
         return torch.cat([feats, offset.norm(dim=-1, keepdim=True)], dim=-1)
 
-    def forward(self, Z: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
-                pos_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, Z: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, pos_feat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``eta`` (len(rows), G) without the library offset, and the attention weights."""
         zi = Z[rows]
         zj = Z[index[rows]]  # (b, T, r)
@@ -101,13 +102,25 @@ class AttentionNB:
     Not an sklearn estimator on its own: :class:`heads.context.ContextNBRegressor` holds
     its parameters."""
 
-    def __init__(self, weight_decays=None, hidden=64, lr=3e-3, n_components=256, cv=5, max_epochs=300, patience=20,
-                 random_state=0, device="auto"):
+    def __init__(
+        self,
+        weight_decays=None,
+        hidden=64,
+        lr=3e-3,
+        n_components=256,
+        cv=5,
+        max_epochs=300,
+        patience=20,
+        random_state=0,
+        device="auto",
+    ):
         self.weight_decays = DEFAULT_WEIGHT_DECAYS if weight_decays is None else tuple(weight_decays)
         self.hidden, self.lr, self.n_components, self.cv = int(hidden), float(lr), n_components, int(cv)
         self.max_epochs, self.patience = int(max_epochs), int(patience)
         self.seed = 0 if random_state is None else int(random_state)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
 
     # ------------------------------------------------------------------ features
     def _scores(self, X: np.ndarray) -> np.ndarray:
@@ -131,7 +144,9 @@ class AttentionNB:
             net.log_theta.copy_(torch.as_tensor(self.lt0_, dtype=torch.float32))
         decay = [p for n, p in net.named_parameters() if n.endswith("weight")]
         rest = [p for n, p in net.named_parameters() if not n.endswith("weight")]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=self.lr)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=self.lr
+        )
         trt = torch.as_tensor(tr, device=self.device)
         vat = None if va is None else torch.as_tensor(va, device=self.device)
         best, best_epoch = np.inf, 0
@@ -180,7 +195,12 @@ class AttentionNB:
         self.n_epochs_ = max(1, int(np.median(epochs[best])))
         self.net_ = self._train(data, Y, off, np.arange(n), None, self.weight_decay_, self.n_epochs_)
         self.net_.eval()
-        logger.debug("attention NB: weight decay %.3g (held-out NLL %s), %d epochs", self.weight_decay_, np.round(losses, 4), self.n_epochs_)
+        logger.debug(
+            "attention NB: weight decay %.3g (held-out NLL %s), %d epochs",
+            self.weight_decay_,
+            np.round(losses, 4),
+            self.n_epochs_,
+        )
         return self
 
     # ------------------------------------------------------------------ prediction

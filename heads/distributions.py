@@ -157,7 +157,6 @@ class NBPrediction:
     samples: np.ndarray | None
 
 
-
 def moment_matched_theta(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
     """Dispersion ``theta`` of the NB with this mean and variance (raw counts):
     ``mean**2 / (variance - mean)``; where ``variance <= mean`` the excess is floored at
@@ -173,8 +172,6 @@ def nb_quantiles_from_moments(mean: np.ndarray, variance: np.ndarray, q: Sequenc
     mu = np.asarray(mean, dtype=np.float64)
     r, p = mean_disp_to_rp(mu, moment_matched_theta(mu, variance))
     return nb_quantiles(r, p, q)
-
-
 
 
 def nb_mean(r: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -221,8 +218,13 @@ def _nb_ppf(level: float, r: np.ndarray, p: np.ndarray, steps: int = 32) -> np.n
         guess = mean + np.sqrt(mean / pp) * (z + (z * z - 1.0) * skew / 6.0)
         kk = np.clip(np.floor(np.nan_to_num(guess, nan=0.0, posinf=0.0)), 0.0, None)
         cdf = special.betainc(rr, kk + 1.0, pp)
-        pmf = np.exp(special.gammaln(kk + rr) - special.gammaln(rr) - special.gammaln(kk + 1.0)
-                     + special.xlogy(rr, pp) + special.xlog1py(kk, -pp))
+        pmf = np.exp(
+            special.gammaln(kk + rr)
+            - special.gammaln(rr)
+            - special.gammaln(kk + 1.0)
+            + special.xlogy(rr, pp)
+            + special.xlog1py(kk, -pp)
+        )
         todo = np.arange(kk.size)
         for _ in range(steps):
             c, f, kt, rt, qt = cdf[todo], pmf[todo], kk[todo], rr[todo], 1.0 - pp[todo]

@@ -40,9 +40,16 @@ def _spectral_norm_sq(X: torch.Tensor, steps: int = 50) -> float:
     return lam
 
 
-def fit_elastic_net_logistic(X: np.ndarray, Y: np.ndarray, C: float, l1_ratio: float, max_iter: int = 2000,
-                             tol: float = 1e-4, device: str | torch.device = "cpu",
-                             dtype: torch.dtype = torch.float64) -> ElasticNetFit:
+def fit_elastic_net_logistic(
+    X: np.ndarray,
+    Y: np.ndarray,
+    C: float,
+    l1_ratio: float,
+    max_iter: int = 2000,
+    tol: float = 1e-4,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> ElasticNetFit:
     """Fit every column of the binary ``Y`` (n, n_genes) on ``X`` (n, dim) (see the module
     doc). A gene stops when its proximal-gradient step moves no coefficient by more than
     ``tol`` x (1 + its largest coefficient), sklearn's saga criterion on the change of the
@@ -101,6 +108,8 @@ def fit_elastic_net_logistic(X: np.ndarray, Y: np.ndarray, C: float, l1_ratio: f
     else:
         coef[:, idx], intercept[idx] = W, b  # genes still running at max_iter
     return ElasticNetFit(
-        coef=coef.T.cpu().double().numpy().copy(), intercept=intercept.cpu().double().numpy().copy(),
-        n_iter=n_iter.numpy(), converged=converged.numpy(),
+        coef=coef.T.cpu().double().numpy().copy(),
+        intercept=intercept.cpu().double().numpy().copy(),
+        n_iter=n_iter.numpy(),
+        converged=converged.numpy(),
     )

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from heads.scale import TARGET_SUM
 from heads.nb import NBRegressor
+from heads.scale import TARGET_SUM
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SeedEnsemble(BaseEstimator):
             raise ValueError(f"seeds: must be distinct, got {seeds}")
         return seeds
 
-    def fit(self, X: np.ndarray, y: np.ndarray, **fit_params: Any) -> "SeedEnsemble":
+    def fit(self, X: np.ndarray, y: np.ndarray, **fit_params: Any) -> SeedEnsemble:
         if int(self.n_members) < 1:
             raise ValueError(f"n_members: must be >= 1, got {self.n_members}")
         base = NBRegressor() if self.base_estimator is None else self.base_estimator
@@ -108,7 +108,9 @@ class SeedEnsemble(BaseEstimator):
         variances = np.stack([d.variance for d in dists])
         epistemic = means.var(axis=0, ddof=0)
         aleatoric = variances.mean(axis=0)
-        return Uncertainty(mean=means.mean(axis=0), epistemic=epistemic, aleatoric=aleatoric, total=epistemic + aleatoric)
+        return Uncertainty(
+            mean=means.mean(axis=0), epistemic=epistemic, aleatoric=aleatoric, total=epistemic + aleatoric
+        )
 
 
 # --------------------------------------------------------------------------- backbones

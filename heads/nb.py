@@ -51,9 +51,9 @@ from sklearn.preprocessing import StandardScaler
 
 from heads.distributions import NBPrediction, nb_logpmf, nb_quantiles, nb_sample
 from heads.inputs import check_counts, check_groups, check_library_size, check_X
-from heads.scale import TARGET_SUM
 from heads.nb_glm import fit_nb_glm, principal_components, select_alpha, select_alpha_adaptive
 from heads.nb_network import AdamSchedule, NBNet, train_network
+from heads.scale import TARGET_SUM
 from heads.validation_split import grouped_cv_splits, validation_split
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,9 @@ class NBRegressor(BaseEstimator):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver: expected one of {SOLVERS}, got {self.solver!r}")
         if self._solver() == "lbfgs" and (int(self.hidden) > 0 or self.parametrisation != "mean_dispersion"):
-            raise ValueError("solver: 'lbfgs' fits the linear mean/dispersion GLM; use solver='adam' for hidden layers or 'stimage'")
+            raise ValueError(
+                "solver: 'lbfgs' fits the linear mean/dispersion GLM; use solver='adam' for hidden layers or 'stimage'"
+            )
         if self.alpha is not None and float(self.alpha) < 0:
             raise ValueError(f"alpha: must be >= 0 or None, got {self.alpha}")
         if self.n_components is not None and int(self.n_components) < 1:
@@ -210,7 +212,7 @@ class NBRegressor(BaseEstimator):
         y: np.ndarray,
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
-    ) -> "NBRegressor":
+    ) -> NBRegressor:
         """Fit on embeddings ``X`` (n_spots, dim) and RAW counts ``y`` (n_spots, n_genes).
 
         ``groups``: slide/patient label per spot; the L2 CV (``lbfgs``) and early stopping
@@ -235,12 +237,20 @@ class NBRegressor(BaseEstimator):
         ``cv_loss_``, ``cv_groups_`` and ``alpha_`` (the lowest held-out loss)."""
         folds = grouped_cv_splits(Z.shape[0], groups, int(self.cv), seed)
         if self.alphas is None:
-            cv = select_alpha_adaptive(Z, y, offset, groups, DEFAULT_ALPHAS, folds, log_theta, int(self.max_iter),
-                                       self._torch_device())
+            cv = select_alpha_adaptive(
+                Z, y, offset, groups, DEFAULT_ALPHAS, folds, log_theta, int(self.max_iter), self._torch_device()
+            )
         else:
-            cv = select_alpha(Z, y, offset, groups, self.alphas, folds, log_theta, int(self.max_iter), self._torch_device())
+            cv = select_alpha(
+                Z, y, offset, groups, self.alphas, folds, log_theta, int(self.max_iter), self._torch_device()
+            )
         self.alpha_, self.alphas_, self.cv_loss_, self.cv_groups_ = cv.alpha, cv.alphas, cv.cv_loss, cv.cv_groups
-        logger.debug("NBRegressor: alpha %.3g chosen by %d-fold CV, held-out NLL %s", self.alpha_, len(folds), np.round(self.cv_loss_, 4))
+        logger.debug(
+            "NBRegressor: alpha %.3g chosen by %d-fold CV, held-out NLL %s",
+            self.alpha_,
+            len(folds),
+            np.round(self.cv_loss_, 4),
+        )
 
     def fit_members(
         self,
@@ -249,7 +259,7 @@ class NBRegressor(BaseEstimator):
         seeds: list[int] | None = None,
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
-    ) -> list["NBRegressor"]:
+    ) -> list[NBRegressor]:
         """Fit one model per seed (``None``: this estimator alone) in ONE batched L-BFGS
         fit, sharing the standardisation, the principal components and the CV choice of
         ``alpha``; members differ by their bootstrap of the rows when ``bootstrap=True``.
@@ -265,12 +275,20 @@ class NBRegressor(BaseEstimator):
         ref = float(np.median(lib))
         offset = np.log(lib / ref) if self.use_library_offset else np.zeros(n)
         Z, V = principal_components(Xs, self.n_components)
-        shared = {"scaler_mean_": scaler.mean_.astype(np.float64), "scaler_scale_": scaler.scale_.astype(np.float64),
-                  "n_features_in_": X.shape[1], "n_genes_": y.shape[1], "ref_library_size_": ref, "solver_": "lbfgs",
-                  "n_components_": int(V.shape[1])}
+        shared = {
+            "scaler_mean_": scaler.mean_.astype(np.float64),
+            "scaler_scale_": scaler.scale_.astype(np.float64),
+            "n_features_in_": X.shape[1],
+            "n_genes_": y.shape[1],
+            "ref_library_size_": ref,
+            "solver_": "lbfgs",
+            "n_components_": int(V.shape[1]),
+        }
         device = self._torch_device()
         pilot_alpha = _PILOT_ALPHA if self.alpha is None else float(self.alpha)
-        pilot = fit_nb_glm(Z, y, offset, np.ones((1, n)), np.array([pilot_alpha]), max_iter=int(self.max_iter), device=device)
+        pilot = fit_nb_glm(
+            Z, y, offset, np.ones((1, n)), np.array([pilot_alpha]), max_iter=int(self.max_iter), device=device
+        )
         log_theta = pilot.log_theta[0]
         if self.alpha is None:
             self._select_alpha(Z, y, offset, groups, seed, log_theta)
@@ -285,8 +303,16 @@ class NBRegressor(BaseEstimator):
                 weights[i] = np.random.default_rng(s).poisson(1.0, n)
                 if weights[i].sum() == 0:
                     weights[i] = 1.0
-        fit = fit_nb_glm(Z, y, offset, weights, np.full(len(members), shared["alpha_"]), log_theta=log_theta,
-                         max_iter=int(self.max_iter), device=device)
+        fit = fit_nb_glm(
+            Z,
+            y,
+            offset,
+            weights,
+            np.full(len(members), shared["alpha_"]),
+            log_theta=log_theta,
+            max_iter=int(self.max_iter),
+            device=device,
+        )
         if not fit.converged:
             logger.info("NBRegressor: L-BFGS stopped at max_iter=%d before the tolerance", self.max_iter)
         for i, (m, s) in enumerate(zip(members, member_seeds)):
@@ -300,7 +326,7 @@ class NBRegressor(BaseEstimator):
         return members
 
     # ------------------------------------------------------------------ adam
-    def _fit_adam(self, X, y, groups, library_size) -> "NBRegressor":
+    def _fit_adam(self, X, y, groups, library_size) -> NBRegressor:
         """The network path (hidden layer / STimage r,p): Adam + early stopping."""
         X, y, lib, groups = _checked_fit_inputs(X, y, groups, library_size)
         n = X.shape[0]
@@ -322,14 +348,25 @@ class NBRegressor(BaseEstimator):
         dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
         module = self._make_module()
-        y_norm = y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
+        y_norm = (
+            y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
+        )
         self.module_ = module
         module.initialise(y_norm, cpu_gen)
         module.to(device)
-        schedule = AdamSchedule(float(self.lr), float(self.weight_decay), self.batch_size, int(self.max_epochs), int(self.patience))
+        schedule = AdamSchedule(
+            float(self.lr), float(self.weight_decay), self.batch_size, int(self.max_epochs), int(self.patience)
+        )
         result = train_network(
-            module, torch.as_tensor(self._standardise(X), device=device), torch.as_tensor(y.astype(np.float32), device=device),
-            torch.as_tensor(self._log_offset(lib), device=device), train_idx, val_idx, schedule, cpu_gen, dev_gen,
+            module,
+            torch.as_tensor(self._standardise(X), device=device),
+            torch.as_tensor(y.astype(np.float32), device=device),
+            torch.as_tensor(self._log_offset(lib), device=device),
+            train_idx,
+            val_idx,
+            schedule,
+            cpu_gen,
+            dev_gen,
         )
         history, best_epoch = result.history, result.best_epoch
         self.history_ = history
@@ -388,7 +425,9 @@ class NBRegressor(BaseEstimator):
         levels = np.asarray(quantiles, dtype=np.float64)
         q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
         samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
-        return NBPrediction(mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples)
+        return NBPrediction(
+            mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples
+        )
 
     def score(self, X: np.ndarray, y: np.ndarray, library_size: np.ndarray | None = None) -> float:
         """Mean NB log-likelihood per (spot, gene) of RAW counts ``y`` (higher is better);

@@ -71,7 +71,9 @@ def nb_nll_matrix(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, fit: GLMFit)
     return nll.mean(dim=2).numpy()
 
 
-def _update_log_theta(eta: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, lt: torch.Tensor, steps: int) -> torch.Tensor:
+def _update_log_theta(
+    eta: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, lt: torch.Tensor, steps: int
+) -> torch.Tensor:
     """Newton steps on ``log theta`` (M, G) maximising the weighted NB log-likelihood with
     the means fixed (``eta`` = log mu, (n, M, G)); ``w`` (M, n) rows sum to 1. Derivatives
     of ``l = lgamma(y+t) - lgamma(t) + t log(t/(t+mu)) + y log(mu/(t+mu))`` in ``t``:
@@ -86,7 +88,9 @@ def _update_log_theta(eta: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, lt: t
         t = torch.exp(lt)[None]
         tm = t + mu
         dl = torch.special.digamma(Yb + t) - torch.special.digamma(t) + torch.log(t / tm) + (mu - Yb) / tm
-        d2l = torch.special.polygamma(1, Yb + t) - torch.special.polygamma(1, t) + 1.0 / t - 1.0 / tm - (mu - Yb) / tm**2
+        d2l = (
+            torch.special.polygamma(1, Yb + t) - torch.special.polygamma(1, t) + 1.0 / t - 1.0 / tm - (mu - Yb) / tm**2
+        )
         g = (wt * t * dl).sum(dim=0)
         h = (wt * (t**2 * d2l + t * dl)).sum(dim=0)
         step = torch.where(h < 0, -g / h, 0.1 * torch.sign(g))
@@ -151,7 +155,7 @@ def fit_nb_glm(
     coef = x[: r * M * G].reshape(r, M, G).transpose(1, 0, 2)
     return GLMFit(
         coef=np.ascontiguousarray(coef),
-        intercept=x[r * M * G:].reshape(M, G).copy(),
+        intercept=x[r * M * G :].reshape(M, G).copy(),
         log_theta=lt.detach().cpu().double().numpy(),
         n_iter=n_iter,
         converged=converged,
@@ -198,14 +202,25 @@ def _problem(Z, Y, offset, weights, alphas, device: torch.device, dtype: torch.d
     Zt, Yt = torch.as_tensor(Zn, **kw), torch.as_tensor(Yn, **kw)
     w = torch.as_tensor(wn / wn.sum(axis=1, keepdims=True), **kw)
     return _Problem(
-        Zt=Zt, ZtT=Zt.T.contiguous(), Z2T=(Zt * Zt).T.contiguous(), Yt=Yt, Yb=Yt[:, None, :],
-        off=torch.as_tensor(np.asarray(offset, dtype=np.float64), **kw), w=w, wg=(w.T / G)[:, :, None],
-        alpha=torch.as_tensor(an, **kw)[None, :, None], n=n, r=r, G=G, M=M,
+        Zt=Zt,
+        ZtT=Zt.T.contiguous(),
+        Z2T=(Zt * Zt).T.contiguous(),
+        Yt=Yt,
+        Yb=Yt[:, None, :],
+        off=torch.as_tensor(np.asarray(offset, dtype=np.float64), **kw),
+        w=w,
+        wg=(w.T / G)[:, :, None],
+        alpha=torch.as_tensor(an, **kw)[None, :, None],
+        n=n,
+        r=r,
+        G=G,
+        M=M,
     )
 
 
-def _lbfgs_means(pb: _Problem, A: torch.Tensor, b: torch.Tensor, lt: torch.Tensor, max_iter: int,
-                 tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _lbfgs_means(
+    pb: _Problem, A: torch.Tensor, b: torch.Tensor, lt: torch.Tensor, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One round of L-BFGS on the coefficients ``A`` (r, M*G) and intercepts ``b`` (M, G)
     with the dispersions ``lt`` (M, G, log) fixed; returns (A, b, iterations)."""
     n, r, G, M = pb.n, pb.r, pb.G, pb.M
@@ -225,8 +240,15 @@ def _lbfgs_means(pb: _Problem, A: torch.Tensor, b: torch.Tensor, lt: torch.Tenso
         p_A = (pb.Z2T @ fisher.reshape(n, M * G) + (2.0 * alpha / G).expand(1, M, G).reshape(1, M * G)).rsqrt()
         p_b = fisher.sum(dim=0).clamp_min(1e-12).rsqrt()
     Ap, bp = A / p_A, b / p_b
-    opt = torch.optim.LBFGS([Ap, bp], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=tol)
+    opt = torch.optim.LBFGS(
+        [Ap, bp],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=tol,
+    )
 
     def closure() -> torch.Tensor:
         A_, b_ = Ap * p_A, bp * p_b
@@ -271,9 +293,18 @@ class AlphaCV:
     cv_groups: list[list[str]]
 
 
-def select_alpha(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, groups: np.ndarray | None, alphas: np.ndarray,
-                 folds: list[tuple[np.ndarray, np.ndarray]], log_theta: np.ndarray, max_iter: int,
-                 device: torch.device | str = "cpu", tol: float = CV_TOL) -> AlphaCV:
+def select_alpha(
+    Z: np.ndarray,
+    Y: np.ndarray,
+    offset: np.ndarray,
+    groups: np.ndarray | None,
+    alphas: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    log_theta: np.ndarray,
+    max_iter: int,
+    device: torch.device | str = "cpu",
+    tol: float = CV_TOL,
+) -> AlphaCV:
     """CV over the L2 path with the dispersions held at ``log_theta`` (G,) (a pilot fit's).
 
     ``folds``: (train rows, held-out rows) pairs, e.g.
@@ -286,18 +317,36 @@ def select_alpha(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, groups: np.nd
         raise ValueError("alphas: need at least one alpha, all >= 0")
     losses = []
     for tr, te in folds:
-        fit = fit_nb_glm(Z[tr], Y[tr], offset[tr], np.ones((alphas.size, len(tr))), alphas, log_theta=log_theta,
-                         rounds=1, max_iter=max_iter, tol=tol, device=device)
+        fit = fit_nb_glm(
+            Z[tr],
+            Y[tr],
+            offset[tr],
+            np.ones((alphas.size, len(tr))),
+            alphas,
+            log_theta=log_theta,
+            rounds=1,
+            max_iter=max_iter,
+            tol=tol,
+            device=device,
+        )
         losses.append(nb_nll_matrix(Z[te], Y[te], offset[te], fit).mean(axis=1))
     loss = np.mean(losses, axis=0)
     held_out = [sorted({str(g) for g in groups[te]}) if groups is not None else [] for _, te in folds]
     return AlphaCV(float(alphas[int(np.argmin(loss))]), alphas, loss, held_out)
 
 
-def select_alpha_adaptive(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, groups: np.ndarray | None,
-                          start: tuple[float, ...], folds: list[tuple[np.ndarray, np.ndarray]], log_theta: np.ndarray,
-                          max_iter: int, device: torch.device | str = "cpu",
-                          bounds: tuple[float, float] = (1e-3, 1e4)) -> AlphaCV:
+def select_alpha_adaptive(
+    Z: np.ndarray,
+    Y: np.ndarray,
+    offset: np.ndarray,
+    groups: np.ndarray | None,
+    start: tuple[float, ...],
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    log_theta: np.ndarray,
+    max_iter: int,
+    device: torch.device | str = "cpu",
+    bounds: tuple[float, float] = (1e-3, 1e4),
+) -> AlphaCV:
     """:func:`select_alpha` over the geometric path ``start`` (ratio ``start[1] / start[0]``),
     extended by two more alphas past an end while the lowest held-out loss sits at that end
     (never beyond ``bounds``). The best alpha falls with the number of training spots, so a
@@ -327,4 +376,15 @@ def select_alpha_adaptive(Z: np.ndarray, Y: np.ndarray, offset: np.ndarray, grou
     return AlphaCV(float(a[int(np.argmin(loss))]), a, loss, cv.cv_groups)
 
 
-__all__ = ["AlphaCV", "CV_TOL", "GLMFit", "fit_nb_glm", "initial_nb_params", "nb_nll_matrix", "nb_log_prob_log_mu", "principal_components", "select_alpha", "select_alpha_adaptive"]
+__all__ = [
+    "AlphaCV",
+    "CV_TOL",
+    "GLMFit",
+    "fit_nb_glm",
+    "initial_nb_params",
+    "nb_nll_matrix",
+    "nb_log_prob_log_mu",
+    "principal_components",
+    "select_alpha",
+    "select_alpha_adaptive",
+]

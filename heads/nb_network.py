@@ -114,9 +114,17 @@ class AdamSchedule:
     patience: int
 
 
-def train_network(module: NBNet, Xt: torch.Tensor, yt: torch.Tensor, off: torch.Tensor, train_idx: np.ndarray,
-                  val_idx: np.ndarray, schedule: AdamSchedule, cpu_gen: torch.Generator,
-                  dev_gen: torch.Generator) -> TrainResult:
+def train_network(
+    module: NBNet,
+    Xt: torch.Tensor,
+    yt: torch.Tensor,
+    off: torch.Tensor,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    schedule: AdamSchedule,
+    cpu_gen: torch.Generator,
+    dev_gen: torch.Generator,
+) -> TrainResult:
     """Adam on the mean NB NLL per (spot, gene) of the ``train_idx`` rows, early stopping on
     the ``val_idx`` rows' NLL (the best epoch's weights are restored)."""
     device = Xt.device

@@ -37,7 +37,9 @@ def _leading_eigh(G: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]
     return w[::-1], (Q @ W)[:, ::-1]
 
 
-def principal_axes(X: np.ndarray, k: int | None = None, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def principal_axes(
+    X: np.ndarray, k: int | None = None, rtol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, components, singular_values)`` of the rows of ``X`` (n, d).
 
     ``components`` (r, d): orthonormal principal axes, largest variance first, each signed

@@ -38,7 +38,10 @@ FORMAT = "heads/1"
 JSON_NAME = "head.json"
 ARRAYS_NAME = "arrays.safetensors"
 HEAD_CLASSES = MappingProxyType(
-    {c.__name__: c for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline, ContextNBRegressor)}
+    {
+        c.__name__: c
+        for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline, ContextNBRegressor)
+    }
 )
 _MISSING = "<missing>"
 
@@ -55,7 +58,11 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, np.generic):
         return _encode(value.item(), where)
     if isinstance(value, np.ndarray):
-        return {"__ndarray__": [_encode(v, where) for v in value.ravel().tolist()], "dtype": value.dtype.str, "shape": list(value.shape)}
+        return {
+            "__ndarray__": [_encode(v, where) for v in value.ravel().tolist()],
+            "dtype": value.dtype.str,
+            "shape": list(value.shape),
+        }
     if isinstance(value, tuple):
         return {"__tuple__": [_encode(v, where) for v in value]}
     if isinstance(value, list):
@@ -105,8 +112,14 @@ def _export(head: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray]) -> 
     if name not in HEAD_CLASSES:
         raise TypeError(f"save_head: unsupported head class {name}; supported: {sorted(HEAD_CLASSES)}")
     check_is_fitted(head)
-    meta: dict[str, Any] = {"class": name, "params": _encode(head.get_params(deep=False), f"{name}.params"), "attrs": {},
-                            "arrays": [], "modules": [], "members": {}}
+    meta: dict[str, Any] = {
+        "class": name,
+        "params": _encode(head.get_params(deep=False), f"{name}.params"),
+        "attrs": {},
+        "arrays": [],
+        "modules": [],
+        "members": {},
+    }
     for attr, value in vars(head).items():
         if not attr.endswith("_") or attr.startswith("_") or attr == "provenance_":
             continue
@@ -120,11 +133,15 @@ def _export(head: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray]) -> 
         elif isinstance(value, BaseEstimator):
             meta["members"][attr] = {"kind": "one", "items": _export(value, f"{prefix}{attr}.", arrays)}
         elif _is_estimator_list(value):
-            meta["members"][attr] = {"kind": "list", "items": [
-                _export(m, f"{prefix}{attr}.{i}.", arrays) for i, m in enumerate(value)]}
+            meta["members"][attr] = {
+                "kind": "list",
+                "items": [_export(m, f"{prefix}{attr}.{i}.", arrays) for i, m in enumerate(value)],
+            }
         elif _is_estimator_dict(value):
-            meta["members"][attr] = {"kind": "dict", "items": {
-                k: _export(m, f"{prefix}{attr}.{k}.", arrays) for k, m in value.items()}}
+            meta["members"][attr] = {
+                "kind": "dict",
+                "items": {k: _export(m, f"{prefix}{attr}.{k}.", arrays) for k, m in value.items()},
+            }
         else:
             meta["attrs"][attr] = _encode(value, f"{name}.{attr}")
     return meta
@@ -152,7 +169,9 @@ def _import(meta: dict, prefix: str, arrays: dict[str, np.ndarray]) -> BaseEstim
     for attr in meta["modules"]:
         module = head._make_module()
         prefix_mod = f"{prefix}{attr}."
-        state = {k[len(prefix_mod):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix_mod)}
+        state = {
+            k[len(prefix_mod) :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix_mod)
+        }
         module.load_state_dict(state, strict=True)
         module.eval()
         setattr(head, attr, module)
@@ -181,13 +200,18 @@ def save_head(head: BaseEstimator, directory: str | Path, provenance: Mapping[st
     prov = _normalise(provenance)
     if getattr(head, "provenance_", None) is not None:
         diff = _differences(_normalise(head.provenance_), prov) | {
-            k: (v, _MISSING) for k, v in _normalise(head.provenance_).items() if k not in prov}
+            k: (v, _MISSING) for k, v in _normalise(head.provenance_).items() if k not in prov
+        }
         if diff:
             raise ProvenanceMismatch(diff)
     arrays: dict[str, np.ndarray] = {}
     meta = _export(head, "", arrays)
-    doc = {"format": FORMAT, "provenance": prov,
-           "versions": {"numpy": np.__version__, "torch": torch.__version__}, "head": meta}
+    doc = {
+        "format": FORMAT,
+        "provenance": prov,
+        "versions": {"numpy": np.__version__, "torch": torch.__version__},
+        "head": meta,
+    }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(out / ARRAYS_NAME), metadata={"format": FORMAT})

@@ -59,8 +59,11 @@ def grouped_cv_splits(
     idx = np.arange(n_spots)
     n_groups = 0 if groups is None else len(np.unique(groups))
     if n_groups < 2:
-        logger.warning("grouped CV: %s; falling back to a %d-fold split of spots",
-                       "no groups" if groups is None else "a single group", n_folds)
+        logger.warning(
+            "grouped CV: %s; falling back to a %d-fold split of spots",
+            "no groups" if groups is None else "a single group",
+            n_folds,
+        )
         splitter = KFold(n_splits=min(n_folds, n_spots), shuffle=True, random_state=random_state)
         return [(tr, te) for tr, te in splitter.split(idx)]
     splitter = GroupKFold(n_splits=min(n_folds, n_groups))

@@ -301,16 +301,20 @@ shared = set.intersection(*gene_sets)
 print(f"genes selected in every fold: {len(shared)} of {len(set.union(*gene_sets))} ({sorted(shared)})")
 fold_slides = sorted({s for t in folds["test_slides"] for s in t})
 if fold_slides != sorted(SLIDES):
-    display(Markdown(
-        f"**Note:** the folds cover {fold_slides}, not `SLIDES` = {sorted(SLIDES)}: this store has vectors "
-        "of both backbones for other HER2ST slides too (or lacks some). Scores below are over the folds' slides."
-    ))
+    display(
+        Markdown(
+            f"**Note:** the folds cover {fold_slides}, not `SLIDES` = {sorted(SLIDES)}: this store has vectors "
+            "of both backbones for other HER2ST slides too (or lacks some). Scores below are over the folds' slides."
+        )
+    )
 other_runs = store.sql(f"SELECT COUNT(*) AS n FROM runs WHERE run_id NOT IN ({run_list})")["n"][0]
 if other_runs:
-    display(Markdown(
-        f"**Note:** the store holds {other_runs} other run(s) (earlier comparisons with other settings). "
-        "The views below aggregate every run in the store; the leaderboard above and the report use this comparison only."
-    ))
+    display(
+        Markdown(
+            f"**Note:** the store holds {other_runs} other run(s) (earlier comparisons with other settings). "
+            "The views below aggregate every run in the store; the leaderboard above and the report use this comparison only."
+        )
+    )
 
 # %% [markdown]
 # ### SQL on the evaluation views
@@ -323,13 +327,15 @@ if other_runs:
 # fragile winner; with few slides, look at this table before trusting the global ranking.
 
 # %%
-display(store.sql(
-    """
+display(
+    store.sql(
+        """
     SELECT slide_id, backbone, head, genes, pcc_median, pcc_mean
     FROM leaderboard_slide WHERE dataset = 'her2st'
     ORDER BY slide_id, pcc_mean DESC NULLS LAST
     """
-))
+    )
+)
 
 # %% [markdown]
 # **Most predictable genes** (`top_genes`): per model, genes ranked by their Pearson r
@@ -365,9 +371,9 @@ wins = store.sql(
     """
 )
 wins = wins.with_columns(
-    pl.struct("wins_a", "wins_b").map_elements(
-        lambda r: stats.binomtest(r["wins_a"], r["wins_a"] + r["wins_b"]).pvalue, return_dtype=pl.Float64
-    ).alias("sign_test_p")
+    pl.struct("wins_a", "wins_b")
+    .map_elements(lambda r: stats.binomtest(r["wins_a"], r["wins_a"] + r["wins_b"]).pvalue, return_dtype=pl.Float64)
+    .alias("sign_test_p")
 )
 display(wins)
 
@@ -450,8 +456,10 @@ best_pairs = store.sql(
     GROUP BY ALL ORDER BY pcc DESC NULLS LAST
     """
 )
-shown = next((drawn[f"{s}_{g}"] for s, g in best_pairs.select("slide_id", "gene").iter_rows() if f"{s}_{g}" in drawn),
-             min(drawn.values(), default=None))
+shown = next(
+    (drawn[f"{s}_{g}"] for s, g in best_pairs.select("slide_id", "gene").iter_rows() if f"{s}_{g}" in drawn),
+    min(drawn.values(), default=None),
+)
 print(f"{len(drawn)} spatial maps; showing {shown.name if shown else 'none'}")
 if shown:
     display(Image(filename=str(shown)))
@@ -471,9 +479,7 @@ summary = {
     "run_ids": result.run_ids,
     "folds": folds["fold"].to_list(),
     "genes_per_fold": dict(zip(folds["fold"], folds["n_genes"])),
-    "vectors": {
-        b: int(vectors.filter(pl.col("backbone") == b)["vectors"].sum()) for b in BACKBONES
-    },
+    "vectors": {b: int(vectors.filter(pl.col("backbone") == b)["vectors"].sum()) for b in BACKBONES},
     "metric_rows": int(store.sql(f"SELECT COUNT(*) AS n FROM metrics WHERE run_id IN ({run_list})")["n"][0]),
     "leaderboard": [
         {"backbone": r["backbone"], "head": r["head"], "pcc_mean": r["pcc_mean"], "pcc_median": r["pcc_median"]}

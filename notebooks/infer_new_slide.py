@@ -104,6 +104,7 @@ def show(fig) -> None:
     fig.savefig(png, format="png", facecolor="white")
     display(Image(data=png.getvalue()))
 
+
 # %% [markdown]
 # ## 2. The store and the model
 #
@@ -122,11 +123,15 @@ store = Store(STORE)
 if MODEL is None:
     if not store.has_table("slides"):
         ingest("her2st", store, data_root=data_root(), progress=False)
-    embed(store, ["efficientnet_lite0"], slides=TRAIN_SLIDES, precision="float32", num_workers=NUM_WORKERS, progress=False)
+    embed(
+        store, ["efficientnet_lite0"], slides=TRAIN_SLIDES, precision="float32", num_workers=NUM_WORKERS, progress=False
+    )
     MODEL, _ = train(store, "efficientnet_lite0", "nb", "var:20", TRAIN_SLIDES)
 run = json.loads((store.path / "models" / MODEL / "run.json").read_text())
-print(f"model {MODEL}: head {run['head']} on {run['backbone']}, trained on {run['train_slides']} "
-      f"({run['n_train_spots']} spots), {len(run['genes'])} genes")
+print(
+    f"model {MODEL}: head {run['head']} on {run['backbone']}, trained on {run['train_slides']} "
+    f"({run['n_train_spots']} spots), {len(run['genes'])} genes"
+)
 print("genes:", ", ".join(run["genes"]))
 
 # %% [markdown]
@@ -137,16 +142,18 @@ print("genes:", ", ".join(run["genes"]))
 # writing anything.
 
 # %%
-display(store.sql(
-    f"""
+display(
+    store.sql(
+        f"""
     SELECT p.provenance_id, p.backbone, left(p.weights_sha256, 16) AS weights_sha256,
            json_extract_string(p.json, '$.tile_um') AS tile_um, p.tile_px, p.stain_method, p.stain_template,
            json_extract_string(p.json, '$.precision') AS precision
     FROM provenance p
-    WHERE p.provenance_id IN (SELECT DISTINCT provenance_id FROM embeddings_{run['backbone']}
-                              WHERE slide_id IN ({", ".join(f"'{s}'" for s in run['train_slides'])}))
+    WHERE p.provenance_id IN (SELECT DISTINCT provenance_id FROM embeddings_{run["backbone"]}
+                              WHERE slide_id IN ({", ".join(f"'{s}'" for s in run["train_slides"])}))
     """
-))
+    )
+)
 
 # %% [markdown]
 # ## 3. Infer
@@ -162,8 +169,14 @@ display(store.sql(
 if UM_PER_PX is None and IMAGE.suffix.lower() in (".jpg", ".jpeg", ".png") and BULK_SLIDE is not None:
     UM_PER_PX = store.sql(f"SELECT um_per_px FROM slides WHERE slide_id = '{BULK_SLIDE}'")["um_per_px"][0]
 result = infer(
-    store, IMAGE, MODEL, OUT, slide_id=SLIDE_ID, um_per_px=float(UM_PER_PX) if UM_PER_PX is not None else None,
-    pitch_um=float(PITCH_UM) if PITCH_UM else None, num_workers=NUM_WORKERS,
+    store,
+    IMAGE,
+    MODEL,
+    OUT,
+    slide_id=SLIDE_ID,
+    um_per_px=float(UM_PER_PX) if UM_PER_PX is not None else None,
+    pitch_um=float(PITCH_UM) if PITCH_UM else None,
+    num_workers=NUM_WORKERS,
 )
 print("\n".join(result.lines()))
 
@@ -176,22 +189,26 @@ print("\n".join(result.lines()))
 # full-resolution pixels, tissue fraction and QC flag.
 
 # %%
-display(store.sql(
-    f"""
+display(
+    store.sql(
+        f"""
     SELECT slide_id, platform, image_width, image_height, round(um_per_px, 4) AS um_per_px, um_per_px_source,
            spot_diameter_um AS tile_um, spot_pitch_um AS pitch_um, n_spots AS tiles, n_spots_pass_qc AS tiles_pass_qc,
            n_genes, round(tissue_area_fraction, 3) AS tissue_area_fraction
     FROM slides WHERE slide_id = '{SLIDE_ID}'
     """
-))
-display(store.sql(
-    f"""
+    )
+)
+display(
+    store.sql(
+        f"""
     SELECT gene, COUNT(*) AS tiles, round(avg(mean_log1p), 3) AS mean_log1p,
            round(min(mean_log1p), 3) AS min_log1p, round(max(mean_log1p), 3) AS max_log1p
     FROM predictions WHERE run_id = '{MODEL}' AND slide_id = '{SLIDE_ID}'
     GROUP BY gene ORDER BY max_log1p - min_log1p DESC
     """
-))
+    )
+)
 
 # %% [markdown]
 # ## 5. Heatmaps
@@ -266,7 +283,11 @@ else:
 # %% tags=["pseudobulk"]
 pb = pl.read_csv(result.pseudobulk_csv) if result.pseudobulk_csv else None
 display(pb.sort("mean_cp10k", descending=True) if pb is not None else Markdown("classifier head: no pseudo-bulk"))
-display(store.sql(f"SELECT COUNT(*) AS genes, any_value(n_tiles) AS tiles FROM pseudobulk WHERE run_id = '{MODEL}' AND slide_id = '{SLIDE_ID}'"))
+display(
+    store.sql(
+        f"SELECT COUNT(*) AS genes, any_value(n_tiles) AS tiles FROM pseudobulk WHERE run_id = '{MODEL}' AND slide_id = '{SLIDE_ID}'"
+    )
+)
 
 # %% [markdown]
 # ## 8. Against measured bulk expression
@@ -289,7 +310,11 @@ if BULK_SLIDE is not None and pb is not None:
         GROUP BY e.gene
         """
     )
-    cmp = pb.select("gene", "mean_cp10k").join(bulk, on="gene", how="left").with_columns(pl.col("bulk_cp10k").fill_null(0.0))
+    cmp = (
+        pb.select("gene", "mean_cp10k")
+        .join(bulk, on="gene", how="left")
+        .with_columns(pl.col("bulk_cp10k").fill_null(0.0))
+    )
     bulk_r = float(stats.pearsonr(np.log1p(cmp["mean_cp10k"]), np.log1p(cmp["bulk_cp10k"]))[0])
     display(cmp.sort("bulk_cp10k", descending=True))
     fig = Figure(figsize=(4.5, 4), layout="constrained", dpi=100)
@@ -309,12 +334,22 @@ else:
 
 # %%
 summary = {
-    "slide_id": result.slide_id, "run_id": result.run_id, "head": result.head, "backbone": result.backbone,
-    "tiles": result.n_tiles, "tiles_pass_qc": result.n_pass_qc, "tile_um": result.tile_um, "pitch_um": result.pitch_um,
-    "um_per_px": result.um_per_px, "prediction_rows": result.prediction_rows, "genes": list(adata.var_names),
-    "heatmaps": {g: str(p) for g, p in result.heatmaps.items()}, "anndata": str(result.anndata),
+    "slide_id": result.slide_id,
+    "run_id": result.run_id,
+    "head": result.head,
+    "backbone": result.backbone,
+    "tiles": result.n_tiles,
+    "tiles_pass_qc": result.n_pass_qc,
+    "tile_um": result.tile_um,
+    "pitch_um": result.pitch_um,
+    "um_per_px": result.um_per_px,
+    "prediction_rows": result.prediction_rows,
+    "genes": list(adata.var_names),
+    "heatmaps": {g: str(p) for g, p in result.heatmaps.items()},
+    "anndata": str(result.anndata),
     "pseudobulk_csv": str(result.pseudobulk_csv) if result.pseudobulk_csv else None,
-    "bulk_slide": BULK_SLIDE, "pseudobulk_vs_bulk_r": bulk_r,
+    "bulk_slide": BULK_SLIDE,
+    "pseudobulk_vs_bulk_r": bulk_r,
 }
 (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps({k: v for k, v in summary.items() if k not in ("genes", "heatmaps")}, indent=2))

@@ -10,26 +10,46 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import polars as pl
 import typer
 
 from stimage_embed.errors import InputError, StimageError
 
-StoreOpt = Annotated[str, typer.Option("--store", envvar="STIMAGE_STORE", help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).")]
+StoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="STIMAGE_STORE",
+        help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).",
+    ),
+]
 ModelsDirOpt = Annotated[
-    Optional[Path],
-    typer.Option("--models-dir", envvar="STIMAGE_MODELS_DIR", help="Local folder of model folders (default: <store>/models; required for an s3:// store)."),
+    Path | None,
+    typer.Option(
+        "--models-dir",
+        envvar="STIMAGE_MODELS_DIR",
+        help="Local folder of model folders (default: <store>/models; required for an s3:// store).",
+    ),
 ]
 DataRootOpt = Annotated[
-    Optional[Path],
-    typer.Option("--data-root", envvar="STIMAGE_DATA_ROOT", help="Folder that relative catalog roots resolve against [default: ../shared/data]."),
+    Path | None,
+    typer.Option(
+        "--data-root",
+        envvar="STIMAGE_DATA_ROOT",
+        help="Folder that relative catalog roots resolve against [default: ../shared/data].",
+    ),
 ]
 WaitOpt = Annotated[
     float,
-    typer.Option("--wait", metavar="SECONDS", help="If another command is writing to the store, wait up to this long for it (0: fail at once)."),
+    typer.Option(
+        "--wait",
+        metavar="SECONDS",
+        help="If another command is writing to the store, wait up to this long for it (0: fail at once).",
+    ),
 ]
 
 
@@ -85,8 +105,11 @@ def backbone_names(value: str, field: str) -> list[str]:
     names = split_csv(value)
     bad = [n for n in names if not all(BACKBONE_NAME.fullmatch(p) for p in n.split("+"))]
     if bad or not names:
-        raise InputError(None, field, f"invalid backbone name(s) {bad or value!r}: letters, digits and '_' only "
-                         "(see `stimage-embed backbones`)")
+        raise InputError(
+            None,
+            field,
+            f"invalid backbone name(s) {bad or value!r}: letters, digits and '_' only (see `stimage-embed backbones`)",
+        )
     return names
 
 
@@ -114,7 +137,9 @@ def region_box(region: str | None) -> tuple[float, float, float, float] | None:
     return box
 
 
-def slides_from(store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None) -> list[str] | None:
+def slides_from(
+    store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None
+) -> list[str] | None:
     """Slide ids from a comma list or from SQL returning a ``slide_id`` column (user SQL:
     run without file access; an error is one line naming the option)."""
     import duckdb
@@ -139,17 +164,37 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
     from stimage_embed.evaluation.paired import paired_comparisons
 
     typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
-    print_frame(result.leaderboard.select(
-        "dataset", "split", "gene_spec", "control", "backbone", "head", "folds", "genes",
-        *[pl.col(c).round(3) for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")],
-    ))
+    print_frame(
+        result.leaderboard.select(
+            "dataset",
+            "split",
+            "gene_spec",
+            "control",
+            "backbone",
+            "head",
+            "folds",
+            "genes",
+            *[
+                pl.col(c).round(3)
+                for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")
+            ],
+        )
+    )
     paired = paired_comparisons(store_obj, run_ids=result.run_ids)
     if paired.height:
         typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
-        print_frame(paired.select(
-            "dataset", "a_backbone", "a_head", "b_backbone", "b_head", "n_pairs",
-            *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")], "verdict",
-        ))
+        print_frame(
+            paired.select(
+                "dataset",
+                "a_backbone",
+                "a_head",
+                "b_backbone",
+                "b_head",
+                "n_pairs",
+                *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")],
+                "verdict",
+            )
+        )
     if report is not None:
         from stimage_embed.evaluation.report_driver import write_compare_report
 

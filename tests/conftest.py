@@ -9,7 +9,17 @@ import pytest
 
 from stimage_embed.paths import data_root
 
-EXPECTED_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "MOB1": 379, "MOB2": 407, "MOB3": 438, "MOB4": 403}
+EXPECTED_SPOTS = {
+    "B4": 283,
+    "C2": 187,
+    "C3": 180,
+    "C4": 184,
+    "C5": 181,
+    "MOB1": 379,
+    "MOB2": 407,
+    "MOB3": 438,
+    "MOB4": 403,
+}
 
 
 @pytest.fixture(scope="session")

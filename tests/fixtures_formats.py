@@ -61,10 +61,18 @@ class Section:
     def spot_of_barcode(self) -> dict[str, str]:
         return {b: s for s, b in self.barcodes.items()}
 
-    def subset(self, n_genes: int) -> "Section":
+    def subset(self, n_genes: int) -> Section:
         """The same section restricted to its first ``n_genes`` genes (faster bad-input cases)."""
-        return Section(self.slide_id, self.image, self.counts.iloc[:, :n_genes].copy(), self.spots, self.um_per_px,
-                       self.barcodes, None if self.gene_ids is None else self.gene_ids[:n_genes], self.spare_barcodes)
+        return Section(
+            self.slide_id,
+            self.image,
+            self.counts.iloc[:, :n_genes].copy(),
+            self.spots,
+            self.um_per_px,
+            self.barcodes,
+            None if self.gene_ids is None else self.gene_ids[:n_genes],
+            self.spare_barcodes,
+        )
 
 
 def load_section(data_root: Path, slide_id: str = "C5") -> Section:
@@ -83,8 +91,16 @@ def load_section(data_root: Path, slide_id: str = "C5") -> Section:
     codes = list(dict.fromkeys(codes))
     barcodes = dict(zip(spots.index, codes))
     gene_ids = np.array([f"ENSG{i:011d}" for i in range(counts.shape[1])])
-    return Section(slide_id, base / "images" / f"{slide_id}.jpg", counts.astype(np.int64), spots,
-                   float(LEGACY_PITCH_UM / px_per_step), barcodes, gene_ids, codes[len(spots):])
+    return Section(
+        slide_id,
+        base / "images" / f"{slide_id}.jpg",
+        counts.astype(np.int64),
+        spots,
+        float(LEGACY_PITCH_UM / px_per_step),
+        barcodes,
+        gene_ids,
+        codes[len(spots) :],
+    )
 
 
 # ----------------------------------------------------------------------------- Space Ranger
@@ -106,19 +122,27 @@ def visium_tables(sec: Section, n_off_tissue: int = 4, n_antibodies: int = 2) ->
         counts[f"CD{i + 3}_TotalSeqB"] = rng.integers(0, 50, len(counts))
     types = np.array(["Gene Expression"] * sec.counts.shape[1] + ["Antibody Capture"] * n_antibodies)
     ids = np.concatenate([sec.gene_ids, [f"AB{i}" for i in range(n_antibodies)]])
-    pos = pd.DataFrame({
-        "barcode": [sec.barcodes[s] for s in sec.spots.index],
-        "in_tissue": 1,
-        "array_row": sec.spots["y"].to_numpy(),
-        "array_col": sec.spots["x"].to_numpy(),
-        "pxl_row_in_fullres": sec.spots["pixel_y"].to_numpy(),
-        "pxl_col_in_fullres": sec.spots["pixel_x"].to_numpy(),
-    })
+    pos = pd.DataFrame(
+        {
+            "barcode": [sec.barcodes[s] for s in sec.spots.index],
+            "in_tissue": 1,
+            "array_row": sec.spots["y"].to_numpy(),
+            "array_col": sec.spots["x"].to_numpy(),
+            "pxl_row_in_fullres": sec.spots["pixel_y"].to_numpy(),
+            "pxl_col_in_fullres": sec.spots["pixel_x"].to_numpy(),
+        }
+    )
     spare = sec.spare_barcodes[:n_off_tissue]
-    off = pd.DataFrame({
-        "barcode": spare, "in_tissue": 0, "array_row": np.arange(len(spare)), "array_col": 0,
-        "pxl_row_in_fullres": 100.0 + 291.0 * np.arange(len(spare)), "pxl_col_in_fullres": 100.0,
-    })
+    off = pd.DataFrame(
+        {
+            "barcode": spare,
+            "in_tissue": 0,
+            "array_row": np.arange(len(spare)),
+            "array_col": 0,
+            "pxl_row_in_fullres": 100.0 + 291.0 * np.arange(len(spare)),
+            "pxl_col_in_fullres": 100.0,
+        }
+    )
     return VisiumTables(counts, ids, types, pd.concat([pos, off], ignore_index=True))
 
 
@@ -131,7 +155,9 @@ def write_10x_h5(path: Path, counts: pd.DataFrame, gene_ids: np.ndarray, feature
         f.attrs["filetype"] = "matrix"
         f.attrs["version"] = 2
         m = f.create_group("matrix")
-        m.create_dataset("data", data=csc.data.astype(np.float32 if values.dtype.kind == "f" else np.int32), compression="gzip")
+        m.create_dataset(
+            "data", data=csc.data.astype(np.float32 if values.dtype.kind == "f" else np.int32), compression="gzip"
+        )
         m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
         m.create_dataset("indptr", data=csc.indptr.astype(np.int64))
         m.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
@@ -182,16 +208,22 @@ def write_positions(spatial: Path, positions: pd.DataFrame, variant: str) -> Pat
 
 def write_scalefactors(spatial: Path, um_per_px: float) -> Path:
     path = spatial / "scalefactors_json.json"
-    path.write_text(json.dumps({
-        "spot_diameter_fullres": SR_SPOT_DIAMETER_UM / um_per_px,
-        "tissue_hires_scalef": 0.2, "fiducial_diameter_fullres": 1.6 * SR_SPOT_DIAMETER_UM / um_per_px,
-        "tissue_lowres_scalef": 0.06,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "spot_diameter_fullres": SR_SPOT_DIAMETER_UM / um_per_px,
+                "tissue_hires_scalef": 0.2,
+                "fiducial_diameter_fullres": 1.6 * SR_SPOT_DIAMETER_UM / um_per_px,
+                "tissue_lowres_scalef": 0.06,
+            }
+        )
+    )
     return path
 
 
-def write_spaceranger(outs: Path, tables: VisiumTables, *, positions: str = "csv", counts: str = "h5",
-                      um_per_px: float | None = None) -> dict[str, Path]:
+def write_spaceranger(
+    outs: Path, tables: VisiumTables, *, positions: str = "csv", counts: str = "h5", um_per_px: float | None = None
+) -> dict[str, Path]:
     """A Space Ranger ``outs/`` folder. Returns the paths written (``counts``, ``spatial``, ...)."""
     spatial = outs / "spatial"
     pos = write_positions(spatial, tables.positions, positions)
@@ -236,9 +268,16 @@ def write_pyramidal_tiff(path: Path, rgb: np.ndarray, um_per_px: float, n_levels
     level = rgb
     with tifffile.TiffWriter(path) as tif:
         for i in range(n_levels):
-            tif.write(level, tile=(tile, tile), compression="jpeg", photometric="rgb",
-                      subfiletype=1 if i else 0, resolution=(res / 2**i, res / 2**i), resolutionunit="CENTIMETER",
-                      metadata=None)
+            tif.write(
+                level,
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                resolution=(res / 2**i, res / 2**i),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
             level = np.asarray(Image.fromarray(level).reduce(2))
     return path
 
@@ -249,16 +288,29 @@ def hest_anndata(sec: Section, tr: HestTransform, barcoded: bool = False, n_off_
     ids = sec.counts.index.intersection(sec.spots.index, sort=False)
     spots = sec.spots.loc[ids]
     x, y = tr.apply(spots["pixel_x"].to_numpy(), spots["pixel_y"].to_numpy())
-    obs = pd.DataFrame({
-        "in_tissue": 1, "array_row": spots["y"].to_numpy(), "array_col": spots["x"].to_numpy(),
-        "pxl_col_in_fullres": x, "pxl_row_in_fullres": y,
-    }, index=[sec.barcodes[i] for i in ids] if barcoded else list(ids))
+    obs = pd.DataFrame(
+        {
+            "in_tissue": 1,
+            "array_row": spots["y"].to_numpy(),
+            "array_col": spots["x"].to_numpy(),
+            "pxl_col_in_fullres": x,
+            "pxl_row_in_fullres": y,
+        },
+        index=[sec.barcodes[i] for i in ids] if barcoded else list(ids),
+    )
     X = sp.csr_matrix(sec.counts.loc[ids].to_numpy(np.float32))
     xy = np.column_stack([x, y])
     if n_off_tissue:
-        off = pd.DataFrame({"in_tissue": 0, "array_row": np.arange(n_off_tissue), "array_col": 0,
-                            "pxl_col_in_fullres": 10.0, "pxl_row_in_fullres": 10.0 + np.arange(n_off_tissue)},
-                           index=[f"off{i}" for i in range(n_off_tissue)])
+        off = pd.DataFrame(
+            {
+                "in_tissue": 0,
+                "array_row": np.arange(n_off_tissue),
+                "array_col": 0,
+                "pxl_col_in_fullres": 10.0,
+                "pxl_row_in_fullres": 10.0 + np.arange(n_off_tissue),
+            },
+            index=[f"off{i}" for i in range(n_off_tissue)],
+        )
         obs = pd.concat([obs, off])
         X = sp.vstack([X, sp.csr_matrix((n_off_tissue, X.shape[1]), dtype=np.float32)]).tocsr()
         xy = np.vstack([xy, off[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()])
@@ -287,8 +339,9 @@ def hest_image(sec: Section, margin: int = 200) -> HestImage:
     return HestImage(np.asarray(half.crop((x0, y0, x1, y1))), tr, sec.um_per_px / tr.scale)
 
 
-def write_hest_sample(root: Path, sec: Section, image: HestImage | None = None, sample_id: str = "SPA_C5",
-                      adata: ad.AnnData | None = None) -> tuple[dict[str, Path], HestTransform, float]:
+def write_hest_sample(
+    root: Path, sec: Section, image: HestImage | None = None, sample_id: str = "SPA_C5", adata: ad.AnnData | None = None
+) -> tuple[dict[str, Path], HestTransform, float]:
     """``st/``, ``wsis/``, ``metadata/`` for one sample. Returns (paths, transform, µm/px of the TIFF)."""
     image = image or hest_image(sec)
     rgb, tr, um = image.rgb, image.transform, image.um_per_px
@@ -301,17 +354,33 @@ def write_hest_sample(root: Path, sec: Section, image: HestImage | None = None, 
     if adata is None:
         adata = hest_anndata(sec, tr)
     thumb = np.asarray(Image.fromarray(rgb).reduce(8))
-    adata.uns["spatial"] = {"ST": {"images": {"downscaled_fullres": thumb},
-                                   "scalefactors": {"tissue_downscaled_fullres_scalef": 1 / 8, "spot_diameter_fullres": 100 / um}}}
+    adata.uns["spatial"] = {
+        "ST": {
+            "images": {"downscaled_fullres": thumb},
+            "scalefactors": {"tissue_downscaled_fullres_scalef": 1 / 8, "spot_diameter_fullres": 100 / um},
+        }
+    }
     paths["h5ad"].parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(paths["h5ad"])
     paths["metadata"].parent.mkdir(parents=True, exist_ok=True)
-    paths["metadata"].write_text(json.dumps({
-        "id": sample_id, "st_technology": "Spatial Transcriptomics", "species": "Homo sapiens", "organ": "Breast",
-        "pixel_size_um_estimated": um, "pixel_size_um_embedded": None, "spot_diameter": 100.0,
-        "inter_spot_dist": 200.0, "fullres_px_width": rgb.shape[1], "fullres_px_height": rgb.shape[0],
-        "spots_under_tissue": int(adata.n_obs), "patient": "C",
-    }))
+    paths["metadata"].write_text(
+        json.dumps(
+            {
+                "id": sample_id,
+                "st_technology": "Spatial Transcriptomics",
+                "species": "Homo sapiens",
+                "organ": "Breast",
+                "pixel_size_um_estimated": um,
+                "pixel_size_um_embedded": None,
+                "spot_diameter": 100.0,
+                "inter_spot_dist": 200.0,
+                "fullres_px_width": rgb.shape[1],
+                "fullres_px_height": rgb.shape[0],
+                "spots_under_tissue": int(adata.n_obs),
+                "patient": "C",
+            }
+        )
+    )
     return paths, tr, um
 
 
@@ -336,10 +405,15 @@ def generic_anndata(sec: Section, with_array_coords: bool = True) -> ad.AnnData:
 def write_catalog(path: Path, reader: str, slides: list[dict], platform: str = "visium", **extra) -> DatasetCatalog:
     """Write a catalog YAML whose root is its own folder and load it."""
     cat = {
-        "name": f"fixture_{reader}", "reader": reader, "root": ".", "platform": platform,
+        "name": f"fixture_{reader}",
+        "reader": reader,
+        "root": ".",
+        "platform": platform,
         "spot_diameter_um": 100 if platform == "legacy_st" else 55,
         "spot_pitch_um": 200 if platform == "legacy_st" else 100,
-        "species": "human", "tissue": "breast", "slides": slides,
+        "species": "human",
+        "tissue": "breast",
+        "slides": slides,
     }
     cat.update(extra)
     path.write_text(yaml.safe_dump(cat))

@@ -25,9 +25,16 @@ TABLE = f"embeddings_{BACKBONE}"
 CHUNK = 4
 
 
-def mini_dataset(root: Path, data_root: Path, n_spots: int = 12, slides: dict[str, str] | None = None,
-                 shift_px: dict[str, float] | None = None, name: str = "mini", margin_px: int = 300,
-                 downsample: int = 2) -> Path:
+def mini_dataset(
+    root: Path,
+    data_root: Path,
+    n_spots: int = 12,
+    slides: dict[str, str] | None = None,
+    shift_px: dict[str, float] | None = None,
+    name: str = "mini",
+    margin_px: int = 300,
+    downsample: int = 2,
+) -> Path:
     """Write ``root/<slide>.*`` files and ``root/<name>.yaml``; returns the catalog path.
 
     Each slide is a real HER2ST section cut down to its ``n_spots`` selected spots nearest
@@ -46,7 +53,11 @@ def mini_dataset(root: Path, data_root: Path, n_spots: int = 12, slides: dict[st
     for sid, section in slides.items():
         sel = pl.read_csv(src / f"spots/{section}_selection.tsv", separator="\t").filter(pl.col("selected") == 1)
         cx, cy = sel["pixel_x"].median(), sel["pixel_y"].median()
-        sel = sel.with_columns(((pl.col("pixel_x") - cx) ** 2 + (pl.col("pixel_y") - cy) ** 2).alias("_d")).sort("_d").head(n_spots)
+        sel = (
+            sel.with_columns(((pl.col("pixel_x") - cx) ** 2 + (pl.col("pixel_y") - cy) ** 2).alias("_d"))
+            .sort("_d")
+            .head(n_spots)
+        )
         sel = sel.drop("_d").sort("y", "x")
         img = root / f"{sid}.jpg"
         if not img.exists():
@@ -56,7 +67,7 @@ def mini_dataset(root: Path, data_root: Path, n_spots: int = 12, slides: dict[st
             x1 = min(full.shape[1], int(sel["pixel_x"].max()) + margin_px)
             y1 = min(full.shape[0], int(sel["pixel_y"].max()) + margin_px)
             k = downsample
-            crop = full[y0:y0 + (y1 - y0) // k * k, x0:x0 + (x1 - x0) // k * k].astype(np.float32)
+            crop = full[y0 : y0 + (y1 - y0) // k * k, x0 : x0 + (x1 - x0) // k * k].astype(np.float32)
             crop = crop.reshape(crop.shape[0] // k, k, crop.shape[1] // k, k, 3).mean((1, 3))
             img.write_bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(crop.round().astype(np.uint8)), level=90))
             (root / f"{sid}.origin").write_text(f"{x0} {y0} {k}")
@@ -70,11 +81,27 @@ def mini_dataset(root: Path, data_root: Path, n_spots: int = 12, slides: dict[st
             for line in fh:
                 if line.split("\t", 1)[0] in keys:
                     out.write(line)
-        entries.append({"id": sid, "patient": sid, "image": f"{sid}.jpg", "counts": f"{sid}.tsv.gz", "spots": f"{sid}_selection.tsv"})
+        entries.append(
+            {
+                "id": sid,
+                "patient": sid,
+                "image": f"{sid}.jpg",
+                "counts": f"{sid}.tsv.gz",
+                "spots": f"{sid}_selection.tsv",
+            }
+        )
     cat = {
-        "name": name, "reader": "legacy_st", "root": str(root), "platform": "legacy_st", "spot_diameter_um": 100,
-        "spot_pitch_um": 200, "species": "human", "tissue": "breast", "preservation": "frozen",
-        "reader_options": {"layout": "her2st"}, "slides": entries,
+        "name": name,
+        "reader": "legacy_st",
+        "root": str(root),
+        "platform": "legacy_st",
+        "spot_diameter_um": 100,
+        "spot_pitch_um": 200,
+        "species": "human",
+        "tissue": "breast",
+        "preservation": "frozen",
+        "reader_options": {"layout": "her2st"},
+        "slides": entries,
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cat))
@@ -103,8 +130,20 @@ def cli(*args: str, check: bool = True, fault: str | None = None, timeout: float
 
 def embed_args(store: Path, *extra: str) -> list[str]:
     """A deterministic small embedding pass (float32, chunks of CHUNK, one append per chunk)."""
-    return ["embed", "--store", str(store), "--precision", "float32", "--batch-size", str(CHUNK), "--flush-rows", str(CHUNK),
-            "--workers", "0", *extra]
+    return [
+        "embed",
+        "--store",
+        str(store),
+        "--precision",
+        "float32",
+        "--batch-size",
+        str(CHUNK),
+        "--flush-rows",
+        str(CHUNK),
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def table_rows(store, table: str, order: tuple[str, ...]) -> list[dict]:
@@ -126,7 +165,9 @@ def copy_store(src, dst: Path):
 
 def popen(*args: str, fault: str | None = None) -> subprocess.Popen:
     extra = {"STIMAGE_FAULT": fault} if fault else {}
-    return subprocess.Popen(cli_args(*args), env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cli_args(*args), env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
@@ -142,5 +183,7 @@ def killed(proc: subprocess.CompletedProcess) -> bool:
 def key_counts(store, table: str, keys: tuple[str, ...]) -> tuple[int, int]:
     """(rows, distinct keys) of a table."""
     cols = ", ".join(keys)
-    df = store.sql(f"SELECT COUNT(*) AS n, COUNT(DISTINCT ({cols})) AS k FROM {table}")  # one scan (vector tables stream)
+    df = store.sql(
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT ({cols})) AS k FROM {table}"
+    )  # one scan (vector tables stream)
     return int(df["n"][0]), int(df["k"][0])

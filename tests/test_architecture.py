@@ -14,8 +14,20 @@ from stimage_embed.predictions.registry import HEADS, OUTPUT_KINDS, head_spec
 ROOT = Path(__file__).resolve().parents[1]
 #: stages in data-flow order; a module may import only from its own stage or earlier ones
 #: (``store`` serves all; ``tiles`` holds the image primitives ingest's tissue QC uses)
-STAGES = ("errors", "paths", "store", "tiles", "ingest", "backbones", "embeddings", "predictions", "evaluation",
-          "inference", "cli_helpers", "cli")
+STAGES = (
+    "errors",
+    "paths",
+    "store",
+    "tiles",
+    "ingest",
+    "backbones",
+    "embeddings",
+    "predictions",
+    "evaluation",
+    "inference",
+    "cli_helpers",
+    "cli",
+)
 
 
 def _sources(package: str) -> list[Path]:
@@ -50,7 +62,12 @@ def test_stages_import_only_earlier_stages():
 
 
 def test_heads_never_import_stimage_embed():
-    wrong = [f"{p.relative_to(ROOT)}: {m}" for p in _sources("heads") for m in _imports(p) if m.split(".")[0] == "stimage_embed"]
+    wrong = [
+        f"{p.relative_to(ROOT)}: {m}"
+        for p in _sources("heads")
+        for m in _imports(p)
+        if m.split(".")[0] == "stimage_embed"
+    ]
     assert not wrong, wrong
 
 
@@ -62,7 +79,9 @@ def test_modules_and_functions_stay_small():
             big_modules.append(f"{path.relative_to(ROOT)}: {len(src.splitlines())} lines")
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
-                long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+                long_functions.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+                )
     assert not big_modules and not long_functions, big_modules + long_functions
 
 

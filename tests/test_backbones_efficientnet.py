@@ -68,7 +68,10 @@ def test_package_checkpoint_maps_strictly_onto_timm(name: str) -> None:
     assert torch.equal(model.conv_stem.weight, raw["_conv_stem.weight"])
     assert torch.equal(model.classifier.weight, raw["_fc.weight"])
     assert torch.equal(model.conv_head.weight, raw["_conv_head.weight"])
-    assert torch.equal(model.blocks[-1][-1].conv_pwl.weight, raw[f"_blocks.{len(sum(map(list, model.blocks), [])) - 1}._project_conv.weight"])
+    assert torch.equal(
+        model.blocks[-1][-1].conv_pwl.weight,
+        raw[f"_blocks.{len(sum(map(list, model.blocks), [])) - 1}._project_conv.weight"],
+    )
 
 
 @pytest.mark.parametrize("name", LITES)

@@ -91,8 +91,16 @@ def _tiles(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def test_virchow2_loads_offline_from_hf_cache_and_pools_cls_mean_patch(hf_cache: Path, tmp_path: Path) -> None:
     # the model card's construction, written out here independently of catalogs/backbones.yaml
     direct = timm.create_model(
-        "vit_huge_patch14_224", img_size=28, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
-        global_pool="", dynamic_img_size=True, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU,
+        "vit_huge_patch14_224",
+        img_size=28,
+        init_values=1e-5,
+        num_classes=0,
+        reg_tokens=4,
+        mlp_ratio=5.3375,
+        global_pool="",
+        dynamic_img_size=True,
+        mlp_layer=timm.layers.SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
         **TINY_VIT,
     ).eval()
     sd = _randomise(direct, seed=1)
@@ -101,12 +109,27 @@ def test_virchow2_loads_offline_from_hf_cache_and_pools_cls_mean_patch(hf_cache:
         "num_classes": 0,
         "num_features": 32,
         "global_pool": "",
-        "model_args": {"img_size": 28, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True},
-        "pretrained_cfg": {"tag": "tiny-test", "input_size": [3, 28, 28], "interpolation": "bicubic",
-                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0, "num_classes": 0},
+        "model_args": {
+            "img_size": 28,
+            "init_values": 1e-5,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        "pretrained_cfg": {
+            "tag": "tiny-test",
+            "input_size": [3, 28, 28],
+            "interpolation": "bicubic",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "crop_pct": 1.0,
+            "num_classes": 0,
+        },
     }
     files = put_in_cache(
-        hf_cache, "paige-ai/Virchow2",
+        hf_cache,
+        "paige-ai/Virchow2",
         {"config.json": json.dumps(config).encode(), "model.safetensors": _safetensors_bytes(sd, tmp_path)},
     )
     assert weights_available("virchow2")
@@ -133,7 +156,13 @@ def test_virchow2_loads_offline_from_hf_cache_and_pools_cls_mean_patch(hf_cache:
 
 def test_uni_loads_torch_bin_from_cache_and_pools_cls(hf_cache: Path, tmp_path: Path) -> None:
     direct = timm.create_model(
-        "vit_large_patch16_224", img_size=32, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True, **TINY_VIT
+        "vit_large_patch16_224",
+        img_size=32,
+        patch_size=16,
+        init_values=1e-5,
+        num_classes=0,
+        dynamic_img_size=True,
+        **TINY_VIT,
     ).eval()
     sd = _randomise(direct, seed=2)
     put_in_cache(hf_cache, "MahmoodLab/UNI", {"pytorch_model.bin": _torch_bytes(sd, tmp_path)})
@@ -150,7 +179,14 @@ def test_gated_model_missing_offline_names_repo_and_access(hf_cache: Path) -> No
     with pytest.raises(WeightsUnavailableError) as err:
         create_model("uni")
     msg = str(err.value)
-    for needle in ("MahmoodLab/UNI", "https://huggingface.co/MahmoodLab/UNI", "HF_TOKEN", "hf auth login", "--weights PATH", "HF_HUB_OFFLINE"):
+    for needle in (
+        "MahmoodLab/UNI",
+        "https://huggingface.co/MahmoodLab/UNI",
+        "HF_TOKEN",
+        "hf auth login",
+        "--weights PATH",
+        "HF_HUB_OFFLINE",
+    ):
         assert needle in msg, (needle, msg)
     with pytest.raises(WeightsUnavailableError, match="paige-ai/Virchow2"):
         create_model("virchow2")
@@ -159,7 +195,9 @@ def test_gated_model_missing_offline_names_repo_and_access(hf_cache: Path) -> No
 def test_explicit_weights_path_wins_and_must_exist(hf_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="not found"):
         create_model("uni", weights=tmp_path / "nope.bin")
-    direct = timm.create_model("vit_large_patch16_224", img_size=32, patch_size=16, init_values=1e-5, num_classes=0, **TINY_VIT)
+    direct = timm.create_model(
+        "vit_large_patch16_224", img_size=32, patch_size=16, init_values=1e-5, num_classes=0, **TINY_VIT
+    )
     sd = _randomise(direct, seed=4)
     path = tmp_path / "uni_local.safetensors"
     save_file(sd, str(path))
@@ -167,13 +205,19 @@ def test_explicit_weights_path_wins_and_must_exist(hf_cache: Path, tmp_path: Pat
     assert bb.weights_source == "explicit" and bb.weights_path == str(path)
     # a checkpoint of the wrong architecture fails strictly, naming the file
     with pytest.raises(WeightsUnavailableError, match="uni_local.safetensors"):
-        create_model("uni", weights=path, overrides={"img_size": 32, "input_size": 32, "embed_dim": 32, "depth": 3, "num_heads": 2})
+        create_model(
+            "uni",
+            weights=path,
+            overrides={"img_size": 32, "input_size": 32, "embed_dim": 32, "depth": 3, "num_heads": 2},
+        )
 
 
 # --- transformers-format checkpoints (Phikon / Phikon-v2) vs an independent reference ----------
 
 
-def _hf_vit_state(depth: int, dim: int, mlp: int, patch: int, grid: int, dinov2: bool, seed: int) -> dict[str, torch.Tensor]:
+def _hf_vit_state(
+    depth: int, dim: int, mlp: int, patch: int, grid: int, dinov2: bool, seed: int
+) -> dict[str, torch.Tensor]:
     """A random checkpoint with transformers' ViTModel / Dinov2Model key names and shapes."""
     g = torch.Generator().manual_seed(seed)
 
@@ -201,7 +245,12 @@ def _hf_vit_state(depth: int, dim: int, mlp: int, patch: int, grid: int, dinov2:
             names = {"n1": "norm1", "n2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
             sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"] = r(dim), r(dim)
         else:
-            names = {"n1": "layernorm_before", "n2": "layernorm_after", "fc1": "intermediate.dense", "fc2": "output.dense"}
+            names = {
+                "n1": "layernorm_before",
+                "n2": "layernorm_after",
+                "fc1": "intermediate.dense",
+                "fc2": "output.dense",
+            }
         sd[p + names["n1"] + ".weight"], sd[p + names["n1"] + ".bias"] = 1 + r(dim), r(dim)
         sd[p + names["n2"] + ".weight"], sd[p + names["n2"] + ".bias"] = 1 + r(dim), r(dim)
         sd[p + names["fc1"] + ".weight"], sd[p + names["fc1"] + ".bias"] = r(mlp, dim), r(mlp)
@@ -209,26 +258,44 @@ def _hf_vit_state(depth: int, dim: int, mlp: int, patch: int, grid: int, dinov2:
     return sd
 
 
-def _hf_reference_cls(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, eps: float, dinov2: bool) -> torch.Tensor:
+def _hf_reference_cls(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, eps: float, dinov2: bool
+) -> torch.Tensor:
     """last_hidden_state[:, 0] of transformers' ViT / DINOv2, written from their module structure."""
     w = sd["embeddings.patch_embeddings.projection.weight"]
     dim, patch = w.shape[0], w.shape[-1]
     h = F.conv2d(x, w, sd["embeddings.patch_embeddings.projection.bias"], stride=patch).flatten(2).transpose(1, 2)
-    h = torch.cat([sd["embeddings.cls_token"].expand(x.shape[0], -1, -1), h], dim=1) + sd["embeddings.position_embeddings"]
+    h = (
+        torch.cat([sd["embeddings.cls_token"].expand(x.shape[0], -1, -1), h], dim=1)
+        + sd["embeddings.position_embeddings"]
+    )
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
     n1, n2, fc1, fc2 = (
-        ("norm1", "norm2", "mlp.fc1", "mlp.fc2") if dinov2 else ("layernorm_before", "layernorm_after", "intermediate.dense", "output.dense")
+        ("norm1", "norm2", "mlp.fc1", "mlp.fc2")
+        if dinov2
+        else ("layernorm_before", "layernorm_after", "intermediate.dense", "output.dense")
     )
     for i in range(depth):
         p = f"encoder.layer.{i}."
         y = F.layer_norm(h, (dim,), sd[p + n1 + ".weight"], sd[p + n1 + ".bias"], eps)
-        q, k, v = (F.linear(y, sd[p + f"attention.attention.{n}.weight"], sd[p + f"attention.attention.{n}.bias"]) for n in ("query", "key", "value"))
+        q, k, v = (
+            F.linear(y, sd[p + f"attention.attention.{n}.weight"], sd[p + f"attention.attention.{n}.bias"])
+            for n in ("query", "key", "value")
+        )
         split = lambda t: t.view(t.shape[0], t.shape[1], heads, dim // heads).transpose(1, 2)  # noqa: E731
         att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim // heads), dim=-1) @ split(v)
-        att = F.linear(att.transpose(1, 2).reshape(h.shape), sd[p + "attention.output.dense.weight"], sd[p + "attention.output.dense.bias"])
+        att = F.linear(
+            att.transpose(1, 2).reshape(h.shape),
+            sd[p + "attention.output.dense.weight"],
+            sd[p + "attention.output.dense.bias"],
+        )
         h = h + (att * sd[p + "layer_scale1.lambda1"] if dinov2 else att)
         y = F.layer_norm(h, (dim,), sd[p + n2 + ".weight"], sd[p + n2 + ".bias"], eps)
-        y = F.linear(F.gelu(F.linear(y, sd[p + fc1 + ".weight"], sd[p + fc1 + ".bias"])), sd[p + fc2 + ".weight"], sd[p + fc2 + ".bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, sd[p + fc1 + ".weight"], sd[p + fc1 + ".bias"])),
+            sd[p + fc2 + ".weight"],
+            sd[p + fc2 + ".bias"],
+        )
         h = h + (y * sd[p + "layer_scale2.lambda1"] if dinov2 else y)
     return F.layer_norm(h, (dim,), sd["layernorm.weight"], sd["layernorm.bias"], eps)[:, 0]
 
@@ -237,13 +304,17 @@ def _hf_reference_cls(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, 
     ("name", "repo", "dinov2", "eps"),
     [("phikon", "owkin/phikon", False, 1e-12), ("phikon_v2", "owkin/phikon-v2", True, 1e-6)],
 )
-def test_transformers_checkpoint_matches_reference(hf_cache: Path, tmp_path: Path, name: str, repo: str, dinov2: bool, eps: float) -> None:
+def test_transformers_checkpoint_matches_reference(
+    hf_cache: Path, tmp_path: Path, name: str, repo: str, dinov2: bool, eps: float
+) -> None:
     sd = _hf_vit_state(depth=2, dim=32, mlp=128, patch=16, grid=2, dinov2=dinov2, seed=5)
     put_in_cache(hf_cache, repo, {"model.safetensors": _safetensors_bytes(sd, tmp_path)})
     bb = create_model(name, overrides={"img_size": 32, "input_size": 32, **TINY_VIT})
     x = bb.preprocess(_tiles(2, 32, seed=6))
     with torch.inference_mode():
-        torch.testing.assert_close(bb(x), _hf_reference_cls(sd, x, heads=2, eps=eps, dinov2=dinov2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            bb(x), _hf_reference_cls(sd, x, heads=2, eps=eps, dinov2=dinov2), rtol=1e-4, atol=1e-4
+        )
 
 
 # --- ResNet-50 cuts (local weights) --------------------------------------------------------------

@@ -23,8 +23,22 @@ from stimage_embed.backbones.spec import default_catalog_path
 from stimage_embed.errors import CatalogError
 
 REQUIRED = {
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet50_trunc", "uni", "uni2_h",
-    "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "phikon", "phikon_v2", "ctranspath", "conch", "gigapath",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "resnet50",
+    "resnet50_trunc",
+    "uni",
+    "uni2_h",
+    "virchow",
+    "virchow2",
+    "h_optimus_0",
+    "h_optimus_1",
+    "phikon",
+    "phikon_v2",
+    "ctranspath",
+    "conch",
+    "gigapath",
 }
 
 
@@ -56,7 +70,17 @@ def test_catalog_covers_required_backbones_with_declared_dims() -> None:
 
 # Parameter counts quoted on the model cards / papers (millions), an independent check that the
 # catalog's timm kwargs describe the published architectures.
-CARD_PARAMS_M = {"uni": 303, "uni2_h": 681, "virchow": 632, "virchow2": 632, "h_optimus_0": 1134, "gigapath": 1134, "phikon": 86, "phikon_v2": 303, "ctranspath": 27.5}
+CARD_PARAMS_M = {
+    "uni": 303,
+    "uni2_h": 681,
+    "virchow": 632,
+    "virchow2": 632,
+    "h_optimus_0": 1134,
+    "gigapath": 1134,
+    "phikon": 86,
+    "phikon_v2": 303,
+    "ctranspath": 27.5,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CARD_PARAMS_M))
@@ -124,7 +148,12 @@ def test_spec_hash_is_stable_and_tracks_fields(tmp_path) -> None:
     shuffled["timm_kwargs"] = dict(reversed(list(entry["timm_kwargs"].items())))
     assert load_backbone_catalog(_write(tmp_path, [shuffled]))["virchow2"].spec_hash() == base.spec_hash()
     # any field that changes the numbers changes the hash
-    for change in ({"mean": [0.5, 0.5, 0.5]}, {"input_size": 256}, {"pooling": "cls"}, {"timm_kwargs": {**entry["timm_kwargs"], "reg_tokens": 0}}):
+    for change in (
+        {"mean": [0.5, 0.5, 0.5]},
+        {"input_size": 256},
+        {"pooling": "cls"},
+        {"timm_kwargs": {**entry["timm_kwargs"], "reg_tokens": 0}},
+    ):
         other = load_backbone_catalog(_write(tmp_path, [{**entry, **change}], "c.yaml"))["virchow2"]
         assert other.spec_hash() != base.spec_hash(), change
     # documentation does not

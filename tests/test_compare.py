@@ -26,7 +26,14 @@ PARAMS = {"ensemble": {"n_members": 2}, "highlow": {"max_iter": 50, "tol": 1e-3}
 def compared(tmp_path_factory, embedded_store):
     store = Store(tmp_path_factory.mktemp("cmp") / "store")
     shutil.copytree(embedded_store.path, store.path)
-    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=HEADS, split="loso", genes="var:8", datasets=["her2st"], head_params=PARAMS)
+    cfg = CompareConfig(
+        backbones=["efficientnet_lite0"],
+        heads=HEADS,
+        split="loso",
+        genes="var:8",
+        datasets=["her2st"],
+        head_params=PARAMS,
+    )
     result = compare(store, cfg, progress=False)
     return store, cfg, result
 
@@ -57,7 +64,9 @@ def test_pearson_equals_scipy_on_the_stored_predictions(compared):
     store, _, _ = compared
     run = store.sql("SELECT run_id FROM runs WHERE head = 'nb' AND fold = 'loso:C5'")["run_id"][0]
     pred = store.sql(f"SELECT * FROM predictions WHERE run_id = '{run}'")
-    met = store.sql(f"SELECT gene, value FROM metrics WHERE run_id = '{run}' AND metric = 'pearson' AND scope = 'slide'")
+    met = store.sql(
+        f"SELECT gene, value FROM metrics WHERE run_id = '{run}' AND metric = 'pearson' AND scope = 'slide'"
+    )
     for gene, value in zip(met["gene"], met["value"]):
         g = pred.filter(pl.col("gene") == gene)
         truth = np.log1p(g["observed"].to_numpy() / g["library_size"].to_numpy() * 1e4)

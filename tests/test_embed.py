@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import EMBED_SLIDES, EXPECTED_SPOTS
+
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.errors import ProvenanceError
 from stimage_embed.predictions.arrays import load_embeddings
@@ -69,18 +69,45 @@ def test_appending_with_a_different_provenance_is_refused(tmp_path, embedded_sto
     shutil.copytree(embedded_store.path, store.path)
     before = store.table("embeddings_efficientnet_lite0").version
     with pytest.raises(ProvenanceError, match="stain_method: table has 'macenko', this run has 'reinhard'"):
-        embed(store, ["efficientnet_lite0"], slides=["C3"], stain="reinhard", precision="float32", num_workers=0, progress=False)
+        embed(
+            store,
+            ["efficientnet_lite0"],
+            slides=["C3"],
+            stain="reinhard",
+            precision="float32",
+            num_workers=0,
+            progress=False,
+        )
     assert store.table("embeddings_efficientnet_lite0").version == before
     assert store.sql("SELECT COUNT(*) AS n FROM embeddings_efficientnet_lite0 WHERE slide_id = 'C3'")["n"][0] == 0
 
 
 def _cli(store, *extra):
-    return [sys.executable, "-m", "stimage_embed.cli", "embed", "--store", str(store), "--slide", "C5", "--precision",
-            "float32", "--batch-size", "32", "--flush-rows", "32", "--workers", "0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "stimage_embed.cli",
+        "embed",
+        "--store",
+        str(store),
+        "--slide",
+        "C5",
+        "--precision",
+        "float32",
+        "--batch-size",
+        "32",
+        "--flush-rows",
+        "32",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def _vectors(store, slide="C5"):
-    t = store.read("embeddings_efficientnet_lite0", ["slide_id", "spot_id", "vector"], where=f"slide_id = '{slide}'").to_pandas()
+    t = store.read(
+        "embeddings_efficientnet_lite0", ["slide_id", "spot_id", "vector"], where=f"slide_id = '{slide}'"
+    ).to_pandas()
     t = t.sort_values(["slide_id", "spot_id"])
     return t.spot_id.tolist(), np.stack(t.vector.to_numpy())
 

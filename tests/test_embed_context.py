@@ -24,8 +24,22 @@ CTX = "embeddings_efficientnet_lite0__ctx300um"
 def context_store(tmp_path_factory, embedded_store):
     store = Store(tmp_path_factory.mktemp("ctx") / "store")
     shutil.copytree(embedded_store.path, store.path)
-    res = CliRunner().invoke(app, ["embed", "--store", str(store.path), "--slide", "C5", "--context-um", "300",
-                                   "--precision", "float32", "--workers", "0"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--store",
+            str(store.path),
+            "--slide",
+            "C5",
+            "--context-um",
+            "300",
+            "--precision",
+            "float32",
+            "--workers",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return store
 
@@ -33,13 +47,17 @@ def context_store(tmp_path_factory, embedded_store):
 def test_context_vectors_get_their_own_table_and_provenance(context_store, embedded_store):
     assert vector_table_name("efficientnet_lite0", 300.0) == CTX
     assert vector_table_name("efficientnet_lite0", 62.5) == "embeddings_efficientnet_lite0__ctx62p5um"
-    n = context_store.sql(f"SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS u, MIN(tile_um) AS lo, MAX(tile_um) AS hi "
-                          f"FROM {CTX} WHERE slide_id = 'C5'")
+    n = context_store.sql(
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS u, MIN(tile_um) AS lo, MAX(tile_um) AS hi "
+        f"FROM {CTX} WHERE slide_id = 'C5'"
+    )
     assert (n["n"][0], n["u"][0], n["lo"][0], n["hi"][0]) == (181, 181, 300.0, 300.0)
     prov = context_store.sql(f"SELECT * FROM provenance WHERE table_name = '{CTX}'")
     rec = json.loads(prov["json"][0])
     assert prov.height == 1 and rec["tile_um"] == 300.0 and rec["context_um"] == 300.0 and prov["tile_um"][0] == 300.0
-    assert set(context_store.sql(f"SELECT DISTINCT provenance_id FROM {CTX}")["provenance_id"]) == {prov["provenance_id"][0]}
+    assert set(context_store.sql(f"SELECT DISTINCT provenance_id FROM {CTX}")["provenance_id"]) == {
+        prov["provenance_id"][0]
+    }
     # the spot table is untouched: same rows, same single provenance
     spot = context_store.sql("SELECT provenance_id FROM provenance WHERE table_name = 'embeddings_efficientnet_lite0'")
     assert spot.height == 1
@@ -52,7 +70,15 @@ def test_context_vectors_equal_embedding_that_width_as_the_tile(context_store, i
     keys, ctx = load_embeddings(context_store, "efficientnet_lite0__ctx300um", ["C5"])  # loaded as a pseudo-backbone
     ref_store = Store(tmp_path / "ref")
     shutil.copytree(ingested_store.path, ref_store.path)
-    embed(ref_store, ["efficientnet_lite0"], slides=["C5"], tile_um=300.0, precision="float32", num_workers=0, progress=False)
+    embed(
+        ref_store,
+        ["efficientnet_lite0"],
+        slides=["C5"],
+        tile_um=300.0,
+        precision="float32",
+        num_workers=0,
+        progress=False,
+    )
     rkeys, ref = load_embeddings(ref_store, "efficientnet_lite0", ["C5"])
     assert keys.equals(rkeys) and np.isfinite(ctx).all()
     np.testing.assert_allclose(ctx, ref, rtol=0, atol=2e-3)  # float16 storage; same tiles, same model
@@ -61,8 +87,10 @@ def test_context_vectors_equal_embedding_that_width_as_the_tile(context_store, i
     assert cos.mean() < 0.99  # a different (wider) window than the 100 µm spot tile
 
 
-@pytest.mark.parametrize("extra,match", [(["--context-um", "0"], "--context-um"),
-                                         (["--context-um", "300", "--tile-um", "200"], "--context-um")])
+@pytest.mark.parametrize(
+    "extra,match",
+    [(["--context-um", "0"], "--context-um"), (["--context-um", "300", "--tile-um", "200"], "--context-um")],
+)
 def test_bad_context_width_is_a_one_line_error(context_store, extra, match):
     res = CliRunner().invoke(app, ["embed", "--store", str(context_store.path), "--slide", "C5", *extra])
     assert res.exit_code != 0 and match in res.output

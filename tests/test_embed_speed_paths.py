@@ -17,7 +17,12 @@ import torch
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import (
-    SlideJob, SlideStainFit, TileStream, make_chunks, stored_stain_estimates, template_normalizer,
+    SlideJob,
+    SlideStainFit,
+    TileStream,
+    make_chunks,
+    stored_stain_estimates,
+    template_normalizer,
 )
 from stimage_embed.predictions.arrays import load_embeddings
 from stimage_embed.store import Store
@@ -94,13 +99,17 @@ def test_stored_stain_estimates_equal_a_fit_in_the_pass(slides, thumbs) -> None:
     assert make_normalizer("reinhard", th, mask=m).with_source_estimate(est["C5"]) is None
 
 
-def _stream(slides: pl.DataFrame, store: Store, ids: list[str], per_slide: int, fit: SlideStainFit) -> tuple[TileStream, list]:
+def _stream(
+    slides: pl.DataFrame, store: Store, ids: list[str], per_slide: int, fit: SlideStainFit
+) -> tuple[TileStream, list]:
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y"]))
     jobs, chunks = {}, []
     for r in slides.filter(pl.col("slide_id").is_in(ids)).iter_rows(named=True):
         sp = spots.filter(pl.col("slide_id") == r["slide_id"]).head(per_slide)
         jobs[r["slide_id"]] = SlideJob(r["slide_id"], r["image_path"], r["um_per_px"], r["spot_diameter_um"])
-        chunks += make_chunks(r["slide_id"], sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), 8)
+        chunks += make_chunks(
+            r["slide_id"], sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), 8
+        )
     return TileStream(chunks, jobs, (224,), stain_factory=fit), chunks
 
 
@@ -128,14 +137,24 @@ def test_compute_threads_give_every_batch_of_the_stream_and_reraise_errors(inges
     tiles as the plain stream, and a compute error reaches the consumer; torch's thread count
     is restored."""
     est = stored_stain_estimates(slides)
-    stream, chunks = _stream(slides, ingested_store, ["C5", "MOB1"], 12, SlideStainFit(template_normalizer("macenko", "", est["B4"]), "B4", est))
+    stream, chunks = _stream(
+        slides,
+        ingested_store,
+        ["C5", "MOB1"],
+        12,
+        SlideStainFit(template_normalizer("macenko", "", est["B4"]), "B4", est),
+    )
     ref = {(b["slide_id"], b["chunk"]): b for b in stream.batches(chunks)}
     before = torch.get_num_threads()
     got = list(compute_stream(stream, chunks, lambda b: b | {"sum": int(b["tiles"][224].sum())}, threads=2))
     assert sorted((b["slide_id"], b["chunk"]) for b in got) == sorted(ref) and len(got) == 4
     for b in got:
         r = ref[(b["slide_id"], b["chunk"])]
-        assert b["spot_ids"] == r["spot_ids"] and torch.equal(b["tiles"][224], r["tiles"][224]) and b["sum"] == int(r["tiles"][224].sum())
+        assert (
+            b["spot_ids"] == r["spot_ids"]
+            and torch.equal(b["tiles"][224], r["tiles"][224])
+            and b["sum"] == int(r["tiles"][224].sum())
+        )
 
     def broken(batch):
         raise ValueError("model failed")
@@ -157,7 +176,14 @@ def test_lead_slide_openings_only_reorders_and_opens_each_thread_a_slide_at_the_
             assert [c.index for c in got if c.slide_id == s] == sorted(c.index for c in got if c.slide_id == s)
         assert [c.slide_id for c in got[:lead]] == list("ABC"[:lead])  # one slide per thread at the start
     assert [(c.slide_id, c.index) for c in lead_slide_openings(chunks, 2)][:7] == [
-        ("A", 0), ("B", 0), ("A", 1), ("A", 2), ("A", 3), ("A", 4), ("C", 0)]
+        ("A", 0),
+        ("B", 0),
+        ("A", 1),
+        ("A", 2),
+        ("A", 3),
+        ("A", 4),
+        ("C", 0),
+    ]
 
 
 def test_prefetch_reraises_producer_errors_and_stops_early() -> None:
@@ -187,7 +213,9 @@ def test_prefetch_reraises_producer_errors_and_stops_early() -> None:
     assert closed == [True]
 
 
-def test_pass_vectors_equal_the_refit_path_and_bytes_are_counted_after_overwrite(tmp_path, ingested_store, embedded_store) -> None:
+def test_pass_vectors_equal_the_refit_path_and_bytes_are_counted_after_overwrite(
+    tmp_path, ingested_store, embedded_store
+) -> None:
     """A store without stored estimates (older stores) fits each slide in the pass: the same
     vectors bit for bit as the session's store (estimates, one worker process). Then
     ``overwrite`` replaces the table and reports the bytes it wrote."""
@@ -203,7 +231,9 @@ def test_pass_vectors_equal_the_refit_path_and_bytes_are_counted_after_overwrite
     table_bytes = live_bytes(store, "embeddings_efficientnet_lite0")
     assert rep.bytes_written >= 181 * 1280 * 2 and abs(rep.bytes_written - table_bytes) < 0.1 * table_bytes
 
-    rep2 = embed(store, ["efficientnet_lite0"], slides=["C5"], precision="float32", num_workers=0, progress=False, overwrite=True)
+    rep2 = embed(
+        store, ["efficientnet_lite0"], slides=["C5"], precision="float32", num_workers=0, progress=False, overwrite=True
+    )
     assert rep2.vectors == {"efficientnet_lite0": 181}
     assert rep2.bytes_written >= 181 * 1280 * 2, rep2.line()  # was ~0.01 MB: the net growth of the store directory
     k2, x2 = load_embeddings(store, "efficientnet_lite0", ["C5"])

@@ -22,7 +22,9 @@ TRAIN = ("C2", "C3", "C4", "C5")  # the lopo fold that holds out patient B
 @pytest.fixture(scope="module")
 def her2st(real_data_root) -> tuple[sp.csr_matrix, list[str], np.ndarray]:
     """All five sections on the union of their genes (absent gene = 0), raw counts."""
-    frames = {s: pd.read_csv(real_data_root / "her2st" / "counts" / f"{s}.tsv.gz", sep="\t", index_col=0) for s in SLIDES}
+    frames = {
+        s: pd.read_csv(real_data_root / "her2st" / "counts" / f"{s}.tsv.gz", sep="\t", index_col=0) for s in SLIDES
+    }
     genes = sorted(set().union(*(f.columns for f in frames.values())))
     mats = [sp.csr_matrix(f.reindex(columns=genes, fill_value=0).to_numpy(dtype=np.float64)) for f in frames.values()]
     slide_ids = np.concatenate([[s] * f.shape[0] for s, f in frames.items()])
@@ -81,7 +83,22 @@ def test_hvg_uses_training_slides_only_and_the_detection_filter(her2st):
 def test_stimage14_panel_on_her2st(her2st):
     x, genes, slide_ids = her2st
     got = select_genes("panel:stimage14", x, genes, slide_ids, TRAIN)
-    assert got == ["COX6C", "TP53", "PABPC1", "GNAS", "B2M", "SPARC", "HSP90AB1", "TFF3", "ATP1A1", "FASN", "VEGFA", "CD74", "CD63", "CD81"]
+    assert got == [
+        "COX6C",
+        "TP53",
+        "PABPC1",
+        "GNAS",
+        "B2M",
+        "SPARC",
+        "HSP90AB1",
+        "TFF3",
+        "ATP1A1",
+        "FASN",
+        "VEGFA",
+        "CD74",
+        "CD63",
+        "CD81",
+    ]
 
 
 def test_user_gene_file_warns_on_missing_and_fails_on_none(her2st, tmp_path: Path, caplog):

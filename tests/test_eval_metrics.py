@@ -43,7 +43,9 @@ def _lin_ccc(x: np.ndarray, y: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def pair() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    t = np.log1p(rng.poisson(rng.gamma(2.0, 2.0, size=(120, 1)) * rng.gamma(2.0, 1.0, size=(1, 30)) + 0.5).astype(float))
+    t = np.log1p(
+        rng.poisson(rng.gamma(2.0, 2.0, size=(120, 1)) * rng.gamma(2.0, 1.0, size=(1, 30)) + 0.5).astype(float)
+    )
     p = 0.6 * t + rng.normal(0, 0.5, size=t.shape) + 0.3
     t[:, 5] = 0.0  # constant truth column (all zero)
     p[:, 7] = 1.5  # constant prediction column
@@ -178,7 +180,9 @@ def test_f1_and_classification_table():
     np.testing.assert_allclose(df.filter(pl.col("metric") == "f1")["value"].to_numpy(), got, equal_nan=True)
     slides = np.array(["S1"] * 35 + ["S2"] * 35)
     per = per_slide_classification_metrics(y, prob, genes, slides)
-    v = per.filter((pl.col("slide_id") == "S2") & (pl.col("gene") == "g0") & (pl.col("metric") == "auc"))["value"].item()
+    v = per.filter((pl.col("slide_id") == "S2") & (pl.col("gene") == "g0") & (pl.col("metric") == "auc"))[
+        "value"
+    ].item()
     assert v == pytest.approx(roc_auc_score(y[35:, 0], prob[35:, 0]), abs=1e-12)
 
 

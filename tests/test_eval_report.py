@@ -38,8 +38,16 @@ def _spots() -> pl.DataFrame:
     for s in SLIDES:
         for r in range(10):
             for c in range(10):
-                rows.append({"slide_id": s, "spot_id": f"{c}x{r}", "array_row": r, "array_col": c,
-                             "pixel_x": 300.0 + 95.0 * c + rng.normal(0, 2), "pixel_y": 250.0 + 95.0 * r + rng.normal(0, 2)})
+                rows.append(
+                    {
+                        "slide_id": s,
+                        "spot_id": f"{c}x{r}",
+                        "array_row": r,
+                        "array_col": c,
+                        "pixel_x": 300.0 + 95.0 * c + rng.normal(0, 2),
+                        "pixel_y": 250.0 + 95.0 * r + rng.normal(0, 2),
+                    }
+                )
     return pl.DataFrame(rows).with_columns(pl.col("array_row", "array_col").cast(pl.Int32))
 
 
@@ -69,9 +77,20 @@ def tables() -> dict[str, pl.DataFrame]:
         for head in ("mean", "ridge", "nb", "ensemble"):
             for fi, test in enumerate(SLIDES):
                 run_id = f"{bb}-{head}-f{fi}"
-                runs.append({"run_id": run_id, "dataset": "synth", "backbone": bb, "members": [bb], "head": head,
-                             "split": "loso", "fold": f"loso:{test}", "train_slides": [s for s in SLIDES if s != test],
-                             "test_slides": [test], "genes": GENES})
+                runs.append(
+                    {
+                        "run_id": run_id,
+                        "dataset": "synth",
+                        "backbone": bb,
+                        "members": [bb],
+                        "head": head,
+                        "split": "loso",
+                        "fold": f"loso:{test}",
+                        "train_slides": [s for s in SLIDES if s != test],
+                        "test_slides": [test],
+                        "genes": GENES,
+                    }
+                )
                 spot_ids, lib, pat, obs = truth[test]
                 n = lib.size
                 if head == "mean":
@@ -86,23 +105,48 @@ def tables() -> dict[str, pl.DataFrame]:
                 var = mean + mean**2 / THETA
                 has_q = head in ("nb", "ensemble")
                 p = THETA / (THETA + mean)
-                q = {k: stats.nbinom.ppf(v, THETA, p) for k, v in
-                     {"q05": 0.05, "q25": 0.25, "q75": 0.75, "q95": 0.95}.items()} if has_q else {}
+                q = (
+                    {
+                        k: stats.nbinom.ppf(v, THETA, p)
+                        for k, v in {"q05": 0.05, "q25": 0.25, "q75": 0.75, "q95": 0.95}.items()
+                    }
+                    if has_q
+                    else {}
+                )
                 epi = 0.1 * mean**2 / THETA if head == "ensemble" else None
                 frame = {
-                    "run_id": run_id, "slide_id": test,
-                    "spot_id": np.repeat(spot_ids, len(GENES)), "gene": np.tile(GENES, n),
-                    "mean": mean.ravel(), "mean_log1p": yh.ravel(),
+                    "run_id": run_id,
+                    "slide_id": test,
+                    "spot_id": np.repeat(spot_ids, len(GENES)),
+                    "gene": np.tile(GENES, n),
+                    "mean": mean.ravel(),
+                    "mean_log1p": yh.ravel(),
                     "variance": var.ravel() if has_q else None,
                     "epistemic": epi.ravel() if epi is not None else None,
                     "aleatoric": (var - epi).ravel() if epi is not None else None,
                     **{k: (q[k].ravel() if has_q else None) for k in ("q05", "q25", "q75", "q95")},
-                    "prob_high": None, "observed": obs.ravel(), "library_size": np.repeat(lib, len(GENES)),
+                    "prob_high": None,
+                    "observed": obs.ravel(),
+                    "library_size": np.repeat(lib, len(GENES)),
                 }
-                preds.append(pl.DataFrame(frame).with_columns(
-                    pl.col("mean", "mean_log1p", "variance", "epistemic", "aleatoric", "q05", "q25", "q75", "q95",
-                           "prob_high", "library_size").cast(pl.Float32),
-                    pl.col("observed").cast(pl.Int32)))
+                preds.append(
+                    pl.DataFrame(frame).with_columns(
+                        pl.col(
+                            "mean",
+                            "mean_log1p",
+                            "variance",
+                            "epistemic",
+                            "aleatoric",
+                            "q05",
+                            "q25",
+                            "q75",
+                            "q95",
+                            "prob_high",
+                            "library_size",
+                        ).cast(pl.Float32),
+                        pl.col("observed").cast(pl.Int32),
+                    )
+                )
                 y = np.log1p(obs / lib32[:, None] * 1e4)  # the stored (float32) library size
                 for g, gene in enumerate(GENES):
                     with warnings.catch_warnings():
@@ -110,32 +154,61 @@ def tables() -> dict[str, pl.DataFrame]:
                         r_ = float(stats.pearsonr(y[:, g], yh[:, g]).statistic)
                     vals = {"pearson": r_, "mse": float(np.mean((y[:, g] - yh[:, g]) ** 2))}
                     if has_q:
-                        vals["coverage_50"] = float(np.mean((obs[:, g] >= q["q25"][:, g]) & (obs[:, g] <= q["q75"][:, g])))
-                        vals["coverage_90"] = float(np.mean((obs[:, g] >= q["q05"][:, g]) & (obs[:, g] <= q["q95"][:, g])))
+                        vals["coverage_50"] = float(
+                            np.mean((obs[:, g] >= q["q25"][:, g]) & (obs[:, g] <= q["q75"][:, g]))
+                        )
+                        vals["coverage_90"] = float(
+                            np.mean((obs[:, g] >= q["q05"][:, g]) & (obs[:, g] <= q["q95"][:, g]))
+                        )
                     # pooled rows carry decoy Pearson values: ranking must use per-slide rows only
                     decoy = {**vals, "pearson": {"KRT19": -0.5, "ACTB": 0.99}.get(gene, r_)}
                     for scope, sid, vv in (("slide", test, vals), ("pooled", "", decoy)):
                         for m, v in vv.items():
-                            mets.append({"run_id": run_id, "dataset": "synth", "backbone": bb, "head": head,
-                                         "fold": f"loso:{test}", "scope": scope, "slide_id": sid, "gene": gene,
-                                         "metric": m, "value": v})
+                            mets.append(
+                                {
+                                    "run_id": run_id,
+                                    "dataset": "synth",
+                                    "backbone": bb,
+                                    "head": head,
+                                    "fold": f"loso:{test}",
+                                    "scope": scope,
+                                    "slide_id": sid,
+                                    "gene": gene,
+                                    "metric": m,
+                                    "value": v,
+                                }
+                            )
     metrics = pl.DataFrame(mets)
     slide = metrics.filter(pl.col("scope") == "slide").with_columns(pl.col("value").fill_nan(None))
     leaderboard = (
         slide.group_by("backbone", "head")
-        .agg(pl.col("value").filter(pl.col("metric") == "pearson").mean().alias("pearson_mean"),
-             pl.col("value").filter(pl.col("metric") == "mse").mean().alias("mse_mean"),
-             pl.col("gene").n_unique().alias("n_genes"))
+        .agg(
+            pl.col("value").filter(pl.col("metric") == "pearson").mean().alias("pearson_mean"),
+            pl.col("value").filter(pl.col("metric") == "mse").mean().alias("mse_mean"),
+            pl.col("gene").n_unique().alias("n_genes"),
+        )
         .sort("pearson_mean", descending=True, nulls_last=True)
     )
-    return {"metrics": metrics, "predictions": pl.concat(preds, how="vertical_relaxed"),
-            "runs": pl.DataFrame(runs), "spots": spots, "leaderboard": leaderboard}
+    return {
+        "metrics": metrics,
+        "predictions": pl.concat(preds, how="vertical_relaxed"),
+        "runs": pl.DataFrame(runs),
+        "spots": spots,
+        "leaderboard": leaderboard,
+    }
 
 
 @pytest.fixture(scope="module")
 def report(tables, tmp_path_factory) -> Path:
-    return write_report(tmp_path_factory.mktemp("report"), tables["metrics"], tables["predictions"], tables["runs"],
-                        tables["spots"], tables["leaderboard"], top_k_genes=3)
+    return write_report(
+        tmp_path_factory.mktemp("report"),
+        tables["metrics"],
+        tables["predictions"],
+        tables["runs"],
+        tables["spots"],
+        tables["leaderboard"],
+        top_k_genes=3,
+    )
 
 
 def _expected_pearson(tables) -> dict[tuple[str, str, str], list[float]]:
@@ -165,8 +238,9 @@ def test_top_gene_and_best_model(tables):
         else:
             assert mean_r == pytest.approx(np.mean(vals), abs=2e-4)
     # every model keeps a row, baselines included
-    assert set(gs.select("backbone", "head").unique().rows()) == {(b, h) for b in ("bbA", "bbB")
-                                                                   for h in ("mean", "ridge", "nb", "ensemble")}
+    assert set(gs.select("backbone", "head").unique().rows()) == {
+        (b, h) for b in ("bbA", "bbB") for h in ("mean", "ridge", "nb", "ensemble")
+    }
 
 
 def test_files_exist_and_pngs_not_blank(report, tables):

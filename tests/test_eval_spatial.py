@@ -130,14 +130,17 @@ def test_iou_hand_computed_strip():
     rows, cols = np.zeros(5, int), np.arange(5)
     res = spatial_iou(np.array([1, 1, 1, 0, 1.0]), np.array([2, 2, 2, 0, 0.0]), rows, cols)
     assert res.iou[0] == pytest.approx(0.6)
-    g = np.exp(-np.arange(5) ** 2 / 2)
-    assert res.true_smooth[0, 0, 3] == pytest.approx((g[3] + g[2] + 2 * g[1]) / (g[3] + g[2] + 2 * g[1] + g[0]), rel=1e-6)
+    g = np.exp(-(np.arange(5) ** 2) / 2)
+    assert res.true_smooth[0, 0, 3] == pytest.approx(
+        (g[3] + g[2] + 2 * g[1]) / (g[3] + g[2] + 2 * g[1] + g[0]), rel=1e-6
+    )
     assert res.pred_high[0, 0].tolist() == [True, True, True, False, False]
 
 
 def _direct_iou(t: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float, np.ndarray]:
     """Independent reference: Gaussian-weighted fraction of high spots within the
     4-sigma square window (scipy's truncation), over spots only."""
+
     def region(v: np.ndarray) -> np.ndarray:
         high = (v - v.mean()) / v.std() > 0
         out = np.zeros(v.size)
@@ -147,6 +150,7 @@ def _direct_iou(t: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray
             wgt = np.exp(-(dr[near] ** 2 + dc[near] ** 2) / 2)
             out[i] = (wgt * high[near]).sum() / wgt.sum()
         return out
+
     rt, rp = region(t), region(p)
     a, b = rt > 0.5, rp > 0.5
     return (a & b).sum() / (a | b).sum(), rt

@@ -64,7 +64,9 @@ def test_pca_is_fitted_on_training_rows_only_and_clipped():
 
 def test_predict_convention_counts_at_library_size():
     X, y, lib, groups = noisy_problem()
-    naive = RidgeBaseline(n_components=10, alphas=[1.0, 1e3], back_transform="expm1").fit(X, y, groups=groups, library_size=lib)
+    naive = RidgeBaseline(n_components=10, alphas=[1.0, 1e3], back_transform="expm1").fit(
+        X, y, groups=groups, library_size=lib
+    )
     ref = naive.ref_library_size_
     assert ref == np.median(lib)
     counts = naive.predict(X)
@@ -74,7 +76,9 @@ def test_predict_convention_counts_at_library_size():
     smear = RidgeBaseline(n_components=10, alphas=[1.0, 1e3]).fit(X, y, groups=groups, library_size=lib)
     assert np.all(smear.smearing_ >= 1.0)  # mean of exp(residual) >= exp(mean residual = 0)
     assert np.all(smear.predict(X) >= counts - 1e-9)
-    as_counts = RidgeBaseline(n_components=10, alphas=[1.0, 1e3], target="counts").fit(X, y, groups=groups, library_size=lib)
+    as_counts = RidgeBaseline(n_components=10, alphas=[1.0, 1e3], target="counts").fit(
+        X, y, groups=groups, library_size=lib
+    )
     assert np.all(as_counts.predict(X) >= 0)
     with pytest.raises(ValueError, match="target"):
         RidgeBaseline(target="log").fit(X, y, groups=groups)
@@ -99,8 +103,11 @@ def test_mean_baseline_is_exact():
     pred = model.predict(X[:7])
     assert pred.shape == (7, 6)
     np.testing.assert_allclose(pred, np.tile(expected, (7, 1)), rtol=1e-12)
-    np.testing.assert_allclose(model.predict(X[:2], library_size=[100.0, 400.0]),
-                               np.vstack([expected * 100, expected * 400]) / np.median(lib), rtol=1e-12)
+    np.testing.assert_allclose(
+        model.predict(X[:2], library_size=[100.0, 400.0]),
+        np.vstack([expected * 100, expected * 400]) / np.median(lib),
+        rtol=1e-12,
+    )
 
 
 def test_ridge_path_equals_sklearn_ridge():

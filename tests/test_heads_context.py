@@ -50,8 +50,12 @@ def brute_force(coords, groups, k, radius, inner):
 def test_interior_spots_have_the_platforms_neighbours(lattice, expected):
     xy = lattice(9, 9)
     nb = find_neighbours(xy)
-    interior = (xy[:, 0] > xy[:, 0].min() + 250) & (xy[:, 0] < xy[:, 0].max() - 250) & \
-               (xy[:, 1] > xy[:, 1].min() + 250) & (xy[:, 1] < xy[:, 1].max() - 250)
+    interior = (
+        (xy[:, 0] > xy[:, 0].min() + 250)
+        & (xy[:, 0] < xy[:, 0].max() - 250)
+        & (xy[:, 1] > xy[:, 1].min() + 250)
+        & (xy[:, 1] < xy[:, 1].max() - 250)
+    )
     assert (nb.count[interior] == expected).all()
     assert nb.count.min() < expected  # corners and edges: fewer, masked
     assert np.allclose(nb.distance[nb.mask].max(), 1.0 if expected == 6 else np.sqrt(2))
@@ -70,7 +74,9 @@ def test_neighbours_equal_a_brute_force_reference_and_stay_in_their_slide():
         ref = brute_force(xy, groups, k, radius, inner)
         assert [set(nb.index[i, nb.mask[i]].tolist()) for i in range(len(xy))] == ref
         assert (groups[nb.index] == groups[:, None]).all()  # never across slides
-        np.testing.assert_allclose(nb.offset[nb.mask], ((xy[nb.index] - xy[:, None]) / nb.pitch[:, None, None])[nb.mask])
+        np.testing.assert_allclose(
+            nb.offset[nb.mask], ((xy[nb.index] - xy[:, None]) / nb.pitch[:, None, None])[nb.mask]
+        )
         assert (nb.offset[~nb.mask] == 0).all() and (nb.index[~nb.mask] == np.nonzero(~nb.mask)[0]).all()
     assert slide_pitch(xy[groups == "B"]) == pytest.approx(200.0, rel=0.05)
 
@@ -125,7 +131,9 @@ def test_saved_head_predicts_the_same(tmp_path):
     X, counts, lib, groups, xy, _ = _synthetic(4)
     head = ContextNBRegressor(**LIGHT).fit(X, counts, groups=groups, library_size=lib, coords=xy)
     back = load_head(save_head(head, tmp_path / "ctx", {"backbone": "synthetic"}))
-    np.testing.assert_array_equal(back.predict_rate(X, groups=groups, coords=xy), head.predict_rate(X, groups=groups, coords=xy))
+    np.testing.assert_array_equal(
+        back.predict_rate(X, groups=groups, coords=xy), head.predict_rate(X, groups=groups, coords=xy)
+    )
     assert back.get_params() == head.get_params()
 
 
@@ -163,17 +171,23 @@ def test_real_vectors_beat_the_shuffled_control_and_slides_do_not_mix(embedded_s
     genes = fold_genes(embedded_store, ["C4"], "var:20")
     a = load_spot_arrays(embedded_store, "efficientnet_lite0", ["C4", "C5"], genes)
     umpp = dict(embedded_store.sql("SELECT slide_id, um_per_px FROM slides").iter_rows())
-    xy = np.c_[a.keys["pixel_x"].to_numpy(), a.keys["pixel_y"].to_numpy()] * np.array([umpp[s] for s in a.groups])[:, None]
+    xy = (
+        np.c_[a.keys["pixel_x"].to_numpy(), a.keys["pixel_y"].to_numpy()]
+        * np.array([umpp[s] for s in a.groups])[:, None]
+    )
     tr, te = a.groups == "C4", a.groups == "C5"
     truth = log1p_normalise(a.counts[te], a.library_size[te])
     scores = {}
     for name, arr in [("real", a), ("shuffled", shuffled_within_slides(a, seed=0))]:
-        head = ContextNBRegressor(**LIGHT).fit(arr.X[tr], arr.counts[tr], groups=arr.groups[tr],
-                                               library_size=arr.library_size[tr], coords=xy[tr])
+        head = ContextNBRegressor(**LIGHT).fit(
+            arr.X[tr], arr.counts[tr], groups=arr.groups[tr], library_size=arr.library_size[tr], coords=xy[tr]
+        )
         pred = np.log1p(head.predict_rate(arr.X[te], groups=arr.groups[te], coords=xy[te]) * 1e4)
         scores[name] = np.nanmean([pearsonr(truth[:, j], pred[:, j])[0] for j in range(len(genes))])
         if name == "real":  # C5's prediction does not depend on another slide's vectors
             both = head.predict_rate(arr.X, groups=arr.groups, coords=xy)[te]
-            np.testing.assert_allclose(both, head.predict_rate(arr.X[te], groups=arr.groups[te], coords=xy[te]), rtol=1e-6)
+            np.testing.assert_allclose(
+                both, head.predict_rate(arr.X[te], groups=arr.groups[te], coords=xy[te]), rtol=1e-6
+            )
     assert abs(scores["shuffled"]) < 0.05
     assert scores["real"] > scores["shuffled"] + 0.1

@@ -45,9 +45,7 @@ def test_stimage_logpmf_matches_scipy(params):
     y = params["y"]
     ref = stats.nbinom.logpmf(y, r, p)
     np.testing.assert_allclose(D.nb_logpmf_rp(y, r, p), ref, rtol=1e-5)
-    got = D.nb_log_prob_stimage(
-        torch.as_tensor(y), torch.as_tensor(r), torch.as_tensor(b, dtype=torch.float64)
-    ).numpy()
+    got = D.nb_log_prob_stimage(torch.as_tensor(y), torch.as_tensor(r), torch.as_tensor(b, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
@@ -104,11 +102,15 @@ def test_fast_quantiles_equal_scipy_ppf_on_many_parameters():
     theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e3), 50_000))
     r, p = D.mean_disp_to_rp(mu, theta)
     levels = (0.001, 0.05, 0.25, 0.5, 0.75, 0.95, 0.999)
-    np.testing.assert_array_equal(D.nb_quantiles(r, p, levels), stats.nbinom.ppf(np.array(levels)[:, None], r[None], p[None]))
+    np.testing.assert_array_equal(
+        D.nb_quantiles(r, p, levels), stats.nbinom.ppf(np.array(levels)[:, None], r[None], p[None])
+    )
     r_edge = np.array([1.0, 2.0, np.nan, 0.0, 5.0, 3.0])
     p_edge = np.array([1.0, 0.5, 0.5, 0.5, 1e-12, 0.3])
     lv = np.array([0.0, 0.5, 1.0])
-    np.testing.assert_array_equal(D.nb_quantiles(r_edge, p_edge, lv), stats.nbinom.ppf(lv[:, None], r_edge[None], p_edge[None]))
+    np.testing.assert_array_equal(
+        D.nb_quantiles(r_edge, p_edge, lv), stats.nbinom.ppf(lv[:, None], r_edge[None], p_edge[None])
+    )
 
 
 def test_expected_log1p_matches_a_scipy_sum():

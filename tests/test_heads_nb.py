@@ -58,8 +58,9 @@ def test_recovers_true_means_mean_dispersion(sim):
     np.testing.assert_allclose(model.predict_rate(X_test) * model.ref_library_size_, model.predict(X_test), rtol=1e-12)
     np.testing.assert_allclose(model.predict_log1p_norm(X_test), np.log1p(model.predict_rate(X_test) * 1e4), rtol=1e-12)
     # the library offset: predicting at twice the reference doubles the mean
-    np.testing.assert_allclose(model.predict(X_test, library_size=2 * model.ref_library_size_),
-                               2 * model.predict(X_test), rtol=1e-12)
+    np.testing.assert_allclose(
+        model.predict(X_test, library_size=2 * model.ref_library_size_), 2 * model.predict(X_test), rtol=1e-12
+    )
 
 
 def test_recovers_true_means_stimage_parametrisation(sim):
@@ -151,7 +152,9 @@ def test_sklearn_clone_and_grid_search():
     twin = clone(est)
     assert twin.get_params() == est.get_params() and twin is not est
     lib = y.sum(1) + 50
-    search = GridSearchCV(NBRegressor(solver="adam", max_epochs=3, val_fraction=0.0), {"hidden": [0, 4]}, cv=GroupKFold(n_splits=3))
+    search = GridSearchCV(
+        NBRegressor(solver="adam", max_epochs=3, val_fraction=0.0), {"hidden": [0, 4]}, cv=GroupKFold(n_splits=3)
+    )
     search.fit(X, y, groups=groups, library_size=lib)
     assert search.best_params_["hidden"] in (0, 4)
     assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
@@ -171,6 +174,7 @@ def test_unpenalised_glm_equals_scipy_maximum_likelihood():
     model = NBRegressor(alpha=0.0, use_library_offset=False, max_iter=500).fit(X, y, library_size=np.ones(n))
     Xs = (X - X.mean(0)) / X.std(0)
     for g in range(2):
+
         def nll(p):
             t = np.exp(p[d + 1])
             m = np.exp(Xs @ p[:d] + p[d])

@@ -22,8 +22,13 @@ from heads import (
     save_head,
 )
 
-PROVENANCE = {"backbone": "uni", "weights_sha256": "ab" * 32, "transform": "imagenet", "tile_um": 110.0,
-              "stain": "macenko"}
+PROVENANCE = {
+    "backbone": "uni",
+    "weights_sha256": "ab" * 32,
+    "transform": "imagenet",
+    "tile_um": 110.0,
+    "stain": "macenko",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +78,9 @@ def test_regression_heads_round_trip(name, data, tmp_path):
     assert type(loaded) is type(head)
     assert loaded.get_params(deep=False).keys() == head.get_params(deep=False).keys()
     np.testing.assert_array_equal(loaded.predict(X_new), head.predict(X_new))
-    np.testing.assert_array_equal(loaded.predict(X_new, library_size=lib[:50]), head.predict(X_new, library_size=lib[:50]))
+    np.testing.assert_array_equal(
+        loaded.predict(X_new, library_size=lib[:50]), head.predict(X_new, library_size=lib[:50])
+    )
     assert loaded.ref_library_size_ == head.ref_library_size_
     assert loaded.provenance_ == json.loads(json.dumps(PROVENANCE))
     if isinstance(head, NBRegressor):
@@ -93,7 +100,9 @@ def test_regression_heads_round_trip(name, data, tmp_path):
 
 def test_classifier_round_trip(data, tmp_path):
     X, y, lib, groups, X_new = data
-    clf = HighLowClassifier(n_jobs=2).fit(X, np.column_stack([highlow_labels(np.log1p(y), groups), np.zeros(160, bool)]))
+    clf = HighLowClassifier(n_jobs=2).fit(
+        X, np.column_stack([highlow_labels(np.log1p(y), groups), np.zeros(160, bool)])
+    )
     loaded = load_head(save_head(clf, tmp_path / "clf", PROVENANCE))
     assert_only_json_and_safetensors(tmp_path / "clf")
     np.testing.assert_array_equal(loaded.predict_proba(X_new), clf.predict_proba(X_new))
@@ -165,6 +174,8 @@ def test_context_head_round_trip_with_its_inner_glm(tmp_path):
     back = load_head(save_head(head, tmp_path / "ctx", PROVENANCE))
     doc = json.loads((tmp_path / "ctx" / "head.json").read_text())
     assert doc["head"]["class"] == "ContextNBRegressor" and doc["head"]["members"]["model_"]["kind"] == "one"
-    np.testing.assert_array_equal(back.predict_rate(X, groups=groups, coords=coords), head.predict_rate(X, groups=groups, coords=coords))
+    np.testing.assert_array_equal(
+        back.predict_rate(X, groups=groups, coords=coords), head.predict_rate(X, groups=groups, coords=coords)
+    )
     with pytest.raises(TypeError, match="unsupported head class"):
         save_head(object.__new__(type("Unknown", (NBRegressor,), {})), tmp_path / "x", PROVENANCE)

@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 
 from stimage_embed.evaluation.compare import CompareConfig, compare
-from stimage_embed.predictions.genes import select_genes
 from stimage_embed.evaluation.paired import bootstrap_mean_ci, compare_pair, paired_comparisons
 from stimage_embed.predictions.arrays import SpotArrays, load_spot_arrays, shuffled_within_slides
 from stimage_embed.predictions.fstimage import combine_backbones
+from stimage_embed.predictions.genes import select_genes
 from stimage_embed.predictions.runner import fit_head, make_head, predict_head
 from stimage_embed.store import Store
 
@@ -26,8 +26,12 @@ BACKBONES = ["efficientnet_lite0", "efficientnet_lite1"]
 HEADS = ["nb", "ensemble", "highlow", "ridge", "mean", "fstimage"]
 #: light settings (CI has 2 cores); the behaviour under test does not depend on them
 _PATH = {"alphas": (1.0, 10.0, 100.0), "cv": 2}
-PARAMS = {"nb": _PATH, "ensemble": {"n_members": 2, **_PATH}, "highlow": {"max_iter": 30, "tol": 1e-3},
-          "ridge": {"alphas": (10.0, 1000.0, 100000.0)}}
+PARAMS = {
+    "nb": _PATH,
+    "ensemble": {"n_members": 2, **_PATH},
+    "highlow": {"max_iter": 30, "tol": 1e-3},
+    "ridge": {"alphas": (10.0, 1000.0, 100000.0)},
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +47,25 @@ def two_backbones(tmp_path_factory, embedded_store):
 
 @pytest.fixture(scope="module")
 def controlled(two_backbones):
-    cfg = CompareConfig(backbones=BACKBONES, heads=HEADS, genes="var:20", datasets=["her2st"], train_slides=["C4"],
-                        test_slides=["C5"], head_params=PARAMS, controls=["shuffled"])
+    cfg = CompareConfig(
+        backbones=BACKBONES,
+        heads=HEADS,
+        genes="var:20",
+        datasets=["her2st"],
+        train_slides=["C4"],
+        test_slides=["C5"],
+        head_params=PARAMS,
+        controls=["shuffled"],
+    )
     result = compare(two_backbones, cfg, progress=False)
     return two_backbones, result
 
 
 def _arrays(store: Store, genes: list[str]) -> tuple[SpotArrays, SpotArrays]:
-    return (load_spot_arrays(store, "efficientnet_lite0", ["C4"], genes),
-            load_spot_arrays(store, "efficientnet_lite0", ["C5"], genes))
+    return (
+        load_spot_arrays(store, "efficientnet_lite0", ["C4"], genes),
+        load_spot_arrays(store, "efficientnet_lite0", ["C5"], genes),
+    )
 
 
 @pytest.mark.parametrize("head", ["nb", "ensemble", "highlow", "ridge", "mean"])
@@ -61,10 +75,17 @@ def test_prediction_does_not_change_with_the_test_spots_counts(embedded_store, h
     train, test = _arrays(embedded_store, genes)
     model = fit_head(head, make_head(head, PARAMS.get(head)), train)
     rng = np.random.default_rng(0)
-    tampered = SpotArrays(keys=test.keys, X=test.X, counts=rng.integers(0, 500, test.counts.shape),
-                          library_size=test.library_size * rng.uniform(0.1, 10.0, test.library_size.shape),
-                          genes=test.genes, provenance=test.provenance)
-    blind = SpotArrays(keys=test.keys, X=test.X, counts=None, library_size=None, genes=test.genes, provenance=test.provenance)
+    tampered = SpotArrays(
+        keys=test.keys,
+        X=test.X,
+        counts=rng.integers(0, 500, test.counts.shape),
+        library_size=test.library_size * rng.uniform(0.1, 10.0, test.library_size.shape),
+        genes=test.genes,
+        provenance=test.provenance,
+    )
+    blind = SpotArrays(
+        keys=test.keys, X=test.X, counts=None, library_size=None, genes=test.genes, provenance=test.provenance
+    )
     column = "prob_high" if head == "highlow" else "mean_log1p"
     a = predict_head(head, model, test)[column].to_numpy()
     assert np.isfinite(a).all()
@@ -83,13 +104,25 @@ def test_fstimage_does_not_change_with_the_test_spots_counts(two_backbones):
         test = load_spot_arrays(two_backbones, bb, ["C5"], genes)
         model = fit_head("nb", make_head("nb", PARAMS["nb"]), train)
         preds[bb] = predict_head("nb", model, test)
-        other = SpotArrays(keys=test.keys, X=test.X, counts=test.counts * 3, library_size=test.library_size * 7,
-                           genes=test.genes, provenance=test.provenance)
+        other = SpotArrays(
+            keys=test.keys,
+            X=test.X,
+            counts=test.counts * 3,
+            library_size=test.library_size * 7,
+            genes=test.genes,
+            provenance=test.provenance,
+        )
         tampered[bb] = predict_head("nb", model, other)
     a = combine_backbones(preds)["mean_log1p"].to_numpy()
     np.testing.assert_array_equal(combine_backbones(tampered)["mean_log1p"].to_numpy(), a)
     # the combined rate is the average of the member rates
-    rates = np.mean([np.expm1(p.sort("slide_id", "spot_id", "gene")["mean_log1p"].to_numpy().astype(np.float64)) for p in preds.values()], axis=0)
+    rates = np.mean(
+        [
+            np.expm1(p.sort("slide_id", "spot_id", "gene")["mean_log1p"].to_numpy().astype(np.float64))
+            for p in preds.values()
+        ],
+        axis=0,
+    )
     comb = combine_backbones(preds).sort("slide_id", "spot_id", "gene")["mean_log1p"].to_numpy()
     np.testing.assert_allclose(np.expm1(comb.astype(np.float64)), rates, rtol=1e-5, atol=1e-6)
 
@@ -119,7 +152,7 @@ def test_shuffled_control_scores_about_zero_for_every_head(controlled):
     store, _ = controlled
     scores = _control_scores(store)
     for head in HEADS:
-        for bb in (["fstimage"] if head == "fstimage" else BACKBONES):
+        for bb in ["fstimage"] if head == "fstimage" else BACKBONES:
             sel = scores.filter((pl.col("head") == head) & (pl.col("backbone") == bb))
             metric = "auc" if head == "highlow" else "pearson"
             ctrl = sel.filter((pl.col("control") == "shuffled") & (pl.col("metric") == metric))
@@ -140,25 +173,40 @@ def test_leaderboard_keeps_controls_and_gene_specs_apart(controlled):
     assert set(board["control"]) == {"none", "shuffled"}
     assert board.filter(pl.col("control") == "none").height == len(BACKBONES) * 5 + 1
     # a compare with another gene spec adds rows; it is never averaged into the first
-    cfg = CompareConfig(backbones=["efficientnet_lite0"], heads=["mean"], genes="mean:5", datasets=["her2st"],
-                        train_slides=["C4"], test_slides=["C5"], head_params=PARAMS)
+    cfg = CompareConfig(
+        backbones=["efficientnet_lite0"],
+        heads=["mean"],
+        genes="mean:5",
+        datasets=["her2st"],
+        train_slides=["C4"],
+        test_slides=["C5"],
+        head_params=PARAMS,
+    )
     compare(store, cfg, progress=False)
-    view = store.sql("SELECT gene_spec, genes FROM leaderboard WHERE head = 'mean' AND control = 'none' AND backbone = 'efficientnet_lite0'")
-    assert dict(zip(view["gene_spec"], view["genes"])) == {"var:20": 20, "mean:5": 5} or sorted(view["gene_spec"]) == ["mean:5", "var:20"]
+    view = store.sql(
+        "SELECT gene_spec, genes FROM leaderboard WHERE head = 'mean' AND control = 'none' AND backbone = 'efficientnet_lite0'"
+    )
+    assert dict(zip(view["gene_spec"], view["genes"])) == {"var:20": 20, "mean:5": 5} or sorted(view["gene_spec"]) == [
+        "mean:5",
+        "var:20",
+    ]
 
 
 def test_paired_comparisons_match_a_hand_bootstrap(controlled):
     store, result = controlled
     paired = paired_comparisons(store, run_ids=result.run_ids)
     row = paired.filter((pl.col("a_head") == "nb") | (pl.col("b_head") == "nb")).filter(
-        ((pl.col("a_head") == "ridge") | (pl.col("b_head") == "ridge")) & (pl.col("a_backbone") == "efficientnet_lite0")
-        & (pl.col("b_backbone") == "efficientnet_lite0"))
+        ((pl.col("a_head") == "ridge") | (pl.col("b_head") == "ridge"))
+        & (pl.col("a_backbone") == "efficientnet_lite0")
+        & (pl.col("b_backbone") == "efficientnet_lite0")
+    )
     assert row.height == 1
     r = row.row(0, named=True)
     vals = store.sql(
         """SELECT r.head, m.fold, m.slide_id, m.gene, m.value FROM metrics m JOIN runs r USING (run_id)
            WHERE m.metric = 'pearson' AND m.scope = 'slide' AND r.control = 'none' AND r.backbone = 'efficientnet_lite0'
-             AND r.head IN ('nb', 'ridge') AND r.gene_spec = 'var:20'""")
+             AND r.head IN ('nb', 'ridge') AND r.gene_spec = 'var:20'"""
+    )
     a = vals.filter(pl.col("head") == r["a_head"]).sort("fold", "slide_id", "gene")["value"].to_numpy()
     b = vals.filter(pl.col("head") == r["b_head"]).sort("fold", "slide_id", "gene")["value"].to_numpy()
     assert r["n_pairs"] == len(a) == 20

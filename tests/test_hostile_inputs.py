@@ -15,9 +15,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from PIL import Image
+from store_cases import mini_dataset
 from typer.testing import CliRunner
 
-from store_cases import mini_dataset
 from stimage_embed import __version__
 from stimage_embed.cli import app
 from stimage_embed.errors import InputError
@@ -59,7 +59,7 @@ def _bomb() -> bytes:
     Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
+    data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2
     return bytes(data)
 
 
@@ -112,7 +112,9 @@ def test_a_non_numeric_pixel_x_names_the_file_field_and_line(case):
     """Before: a polars InvalidOperationError traceback."""
     spots = case.root / "S1_selection.tsv"
     df = pl.read_csv(spots, separator="\t", infer_schema_length=0)
-    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("abc")).otherwise(pl.col("pixel_x")).alias("pixel_x"))
+    df = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("abc")).otherwise(pl.col("pixel_x")).alias("pixel_x")
+    )
     df.write_csv(spots, separator="\t")
     _one_line(case.ingest(), f"{spots}: pixel_x: 1 non-numeric value(s) (line 5: 'abc')")
 
@@ -121,19 +123,31 @@ def test_a_non_numeric_pixel_x_names_the_file_field_and_line(case):
 def test_malformed_user_sql_options_are_one_line(tmp_path):
     """Before: a DuckDB parser error traceback."""
     store = str(tmp_path / "store")
-    _one_line(CliRunner().invoke(app, ["train", "--store", store, "--train-sql", "SELEC slide_id FROM slides"]),
-              "--train-sql: invalid SQL: Parser Error: syntax error at or near \"SELEC\"")
-    _one_line(CliRunner().invoke(app, ["predict", "--store", store, "--model", "x", "--slides-sql", "SELECT FROM WHERE"]),
-              "--slides-sql: invalid SQL")
+    _one_line(
+        CliRunner().invoke(app, ["train", "--store", store, "--train-sql", "SELEC slide_id FROM slides"]),
+        '--train-sql: invalid SQL: Parser Error: syntax error at or near "SELEC"',
+    )
+    _one_line(
+        CliRunner().invoke(app, ["predict", "--store", store, "--model", "x", "--slides-sql", "SELECT FROM WHERE"]),
+        "--slides-sql: invalid SQL",
+    )
 
 
 def test_backbone_names_with_quotes_are_refused(tmp_path):
     """Before: the quote reached a Lance filter and DuckDB SQL (a ValueError traceback)."""
     store = Store(tmp_path / "store")
-    store.append("provenance", pa.Table.from_pylist(
-        [{"provenance_id": "p", "table_name": "embeddings_x", "backbone": "x", "json": "{}"}], schema=S.PROVENANCE))
+    store.append(
+        "provenance",
+        pa.Table.from_pylist(
+            [{"provenance_id": "p", "table_name": "embeddings_x", "backbone": "x", "json": "{}"}], schema=S.PROVENANCE
+        ),
+    )
     bad = "efficientnet_lite0'x"
-    for args in (["compare", "--backbones", bad], ["train", "--backbone", bad, "--train", "C4"], ["embed", "--backbone", bad]):
+    for args in (
+        ["compare", "--backbones", bad],
+        ["train", "--backbone", bad, "--train", "C4"],
+        ["embed", "--backbone", bad],
+    ):
         _one_line(CliRunner().invoke(app, [*args, "--store", str(store.path)]), "backbone", "invalid backbone name")
     with pytest.raises(InputError, match="invalid backbone name"):
         S.embedding_table_name('a"; DROP TABLE slides; --')
@@ -141,8 +155,17 @@ def test_backbone_names_with_quotes_are_refused(tmp_path):
 
 def test_csv_output_of_list_columns_is_json_text(tmp_path):
     """Before: polars ComputeError "CSV format does not support nested data" (a traceback)."""
-    res = CliRunner().invoke(app, ["query", "SELECT 'C5' AS slide_id, [1, 2] AS gene_index, {'a': 1} AS s",
-                                   "--store", str(tmp_path / "store"), "--format", "csv"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "query",
+            "SELECT 'C5' AS slide_id, [1, 2] AS gene_index, {'a': 1} AS s",
+            "--store",
+            str(tmp_path / "store"),
+            "--format",
+            "csv",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.output.strip().splitlines() == ["slide_id,gene_index,s", 'C5,"[1, 2]","{""a"": 1}"']
 
@@ -150,8 +173,12 @@ def test_csv_output_of_list_columns_is_json_text(tmp_path):
 def test_user_sql_has_no_file_access_unless_allowed(tmp_path):
     """Before: `query` could read any file (read_csv('/etc/passwd')) and write one (COPY ... TO)."""
     store = Store(tmp_path / "store")
-    store.append("genes", pa.Table.from_pylist(
-        [{"slide_id": "S", "gene_index": i, "gene": g} for i, g in enumerate(["A", "B"])], schema=S.GENES))
+    store.append(
+        "genes",
+        pa.Table.from_pylist(
+            [{"slide_id": "S", "gene_index": i, "gene": g} for i, g in enumerate(["A", "B"])], schema=S.GENES
+        ),
+    )
     target = tmp_path / "out.csv"
     runner = CliRunner()
 
@@ -161,13 +188,23 @@ def test_user_sql_has_no_file_access_unless_allowed(tmp_path):
     # the store's own tables are there (registered before the configuration is locked)
     res = query("SELECT gene FROM genes ORDER BY gene_index")
     assert res.exit_code == 0 and res.output.splitlines() == ["gene", "A", "B"], res.output
-    for sql in ("SELECT * FROM read_csv('/etc/passwd')", f"COPY (SELECT 1 AS x) TO '{target}'",
-                f"ATTACH '{tmp_path / 'x.db'}'", "SET enable_external_access = true", "LOAD httpfs"):
+    for sql in (
+        "SELECT * FROM read_csv('/etc/passwd')",
+        f"COPY (SELECT 1 AS x) TO '{target}'",
+        f"ATTACH '{tmp_path / 'x.db'}'",
+        "SET enable_external_access = true",
+        "LOAD httpfs",
+    ):
         _one_line(query(sql), "SQL:")
     assert not target.exists() and not (tmp_path / "x.db").exists()
     # user SQL passed through other options is sandboxed too
-    _one_line(runner.invoke(app, ["train", "--store", str(store.path), "--train-sql", "SELECT * FROM read_csv('/etc/passwd')"]),
-              "--train-sql", "disabled by configuration")
+    _one_line(
+        runner.invoke(
+            app, ["train", "--store", str(store.path), "--train-sql", "SELECT * FROM read_csv('/etc/passwd')"]
+        ),
+        "--train-sql",
+        "disabled by configuration",
+    )
     # an explicit flag lifts it
     res = query(f"COPY (SELECT 1 AS x) TO '{target}'", "--allow-file-access")
     assert res.exit_code == 0 and target.read_text().splitlines() == ["x", "1"]
@@ -181,16 +218,23 @@ def test_a_model_folder_with_a_missing_or_truncated_safetensors_is_one_line(tmp_
     from heads.baselines import MeanBaseline
 
     rng = np.random.default_rng(0)
-    head = MeanBaseline().fit(rng.normal(size=(20, 4)).astype(np.float32), rng.poisson(3, (20, 2)), library_size=np.full(20, 100.0))
+    head = MeanBaseline().fit(
+        rng.normal(size=(20, 4)).astype(np.float32), rng.poisson(3, (20, 2)), library_size=np.full(20, 100.0)
+    )
     folder = save_head(head, tmp_path / "model", provenance={"backbone": "x"})
-    (folder / "run.json").write_text(json.dumps({"run_id": "0123456789abcdef0123", "backbone": "efficientnet_lite0",
-                                                 "head": "mean", "genes": ["A", "B"]}))
+    (folder / "run.json").write_text(
+        json.dumps(
+            {"run_id": "0123456789abcdef0123", "backbone": "efficientnet_lite0", "head": "mean", "genes": ["A", "B"]}
+        )
+    )
     arrays = folder / "arrays.safetensors"
     if damage == "missing":
         arrays.unlink()
     else:
         arrays.write_bytes(arrays.read_bytes()[:40])
-    res = CliRunner().invoke(app, ["predict", "--store", str(tmp_path / "store"), "--model", str(folder), "--slide", "C5"])
+    res = CliRunner().invoke(
+        app, ["predict", "--store", str(tmp_path / "store"), "--model", str(folder), "--slide", "C5"]
+    )
     _one_line(res, f"{folder}: model: cannot load the saved head")
 
 

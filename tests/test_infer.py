@@ -44,7 +44,9 @@ PITCH_UM = 50.0
 
 def _in_region(df: pl.DataFrame, region: tuple[float, float, float, float]) -> pl.DataFrame:
     x0, y0, x1, y1 = region
-    return df.filter((pl.col("pixel_x") >= x0) & (pl.col("pixel_x") < x1) & (pl.col("pixel_y") >= y0) & (pl.col("pixel_y") < y1))
+    return df.filter(
+        (pl.col("pixel_x") >= x0) & (pl.col("pixel_x") < x1) & (pl.col("pixel_y") >= y0) & (pl.col("pixel_y") < y1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +61,48 @@ def c5(tmp_path_factory, infer_model_store, real_data_root):
     genes = json.loads((store.path / "models" / run_id / "run.json").read_text())["genes"]
     out = path.parent / "out"
     logging.getLogger("stimage_embed").setLevel(logging.WARNING)
-    result = infer(store, real_data_root / "her2st" / "images" / "C5.jpg", run_id, out, slide_id=SLIDE, um_per_px=umpp,
-                   pitch_um=PITCH_UM, region=region, genes=genes[-EXTRA_GENE_COUNT:], num_workers=1)
-    return {"store": store, "run_id": run_id, "result": result, "out": out, "umpp": umpp, "genes": genes, "region": region}
+    result = infer(
+        store,
+        real_data_root / "her2st" / "images" / "C5.jpg",
+        run_id,
+        out,
+        slide_id=SLIDE,
+        um_per_px=umpp,
+        pitch_um=PITCH_UM,
+        region=region,
+        genes=genes[-EXTRA_GENE_COUNT:],
+        num_workers=1,
+    )
+    return {
+        "store": store,
+        "run_id": run_id,
+        "result": result,
+        "out": out,
+        "umpp": umpp,
+        "genes": genes,
+        "region": region,
+    }
 
 
 def _grid_predictions(store: Store, run_id: str, slide: str) -> pl.DataFrame:
-    return store.sql(f"SELECT spot_id, gene, mean_log1p FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{slide}'")
+    return store.sql(
+        f"SELECT spot_id, gene, mean_log1p FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{slide}'"
+    )
 
 
 def _stored_vectors(store: Store, spot_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(X, rows)``: the Lite0 vectors of the image-only slide read straight from Lance, and
     the row of each of ``spot_ids`` in ``X``."""
     tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
-        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
-    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
+        columns=["spot_id", "vector"], filter=f"slide_id = '{SLIDE}'"
+    )
+    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(
+        tab.num_rows, -1
+    )
     order = pl.DataFrame({"spot_id": tab["spot_id"].to_pylist(), "i": np.arange(tab.num_rows)})
-    rows = pl.DataFrame({"spot_id": spot_ids}).join(order, on="spot_id", how="left", maintain_order="left")["i"].to_numpy()
+    rows = (
+        pl.DataFrame({"spot_id": spot_ids}).join(order, on="spot_id", how="left", maintain_order="left")["i"].to_numpy()
+    )
     return X, rows
 
 
@@ -95,19 +122,26 @@ def test_grid_predictions_agree_with_spot_predictions_on_c5(c5, capsys):
     c5_spots = _in_region(spots.filter(pl.col("slide_id") == "C5"), c5["region"])
     c5_spots = c5_spots.filter(pl.col("spot_id").is_in(spot_pred["spot_id"].unique().to_list()))
     assert c5_spots.height > 170
-    dist, idx = cKDTree(tiles.select("pixel_x", "pixel_y").to_numpy()).query(c5_spots.select("pixel_x", "pixel_y").to_numpy())
+    dist, idx = cKDTree(tiles.select("pixel_x", "pixel_y").to_numpy()).query(
+        c5_spots.select("pixel_x", "pixel_y").to_numpy()
+    )
     pitch_px = PITCH_UM / c5["umpp"]
     assert np.median(dist) <= pitch_px / 2 * np.sqrt(2)  # within a grid cell of the spot
     pairs = pl.DataFrame({"spot_id": c5_spots["spot_id"], "tile": tiles["spot_id"].to_numpy()[idx]})
     grid = _grid_predictions(store, run_id, SLIDE).rename({"spot_id": "tile", "mean_log1p": "grid"})
-    j = (spot_pred.select("spot_id", "gene", pl.col("mean_log1p").alias("spot"))
-         .join(pairs, on="spot_id").join(grid, on=["tile", "gene"]))
+    j = (
+        spot_pred.select("spot_id", "gene", pl.col("mean_log1p").alias("spot"))
+        .join(pairs, on="spot_id")
+        .join(grid, on=["tile", "gene"])
+    )
     assert j.height == c5_spots.height * len(c5["genes"])
     r = {g: stats.pearsonr(d["spot"], d["grid"])[0] for (g,), d in j.group_by("gene")}
     median_r = float(np.median(list(r.values())))
     with capsys.disabled():
-        print(f"\n[infer consistency] C5: median Pearson r over {len(r)} genes = {median_r:.3f} "
-              f"({c5_spots.height} spots, nearest tile at median {np.median(dist) * c5['umpp']:.0f} µm)")
+        print(
+            f"\n[infer consistency] C5: median Pearson r over {len(r)} genes = {median_r:.3f} "
+            f"({c5_spots.height} spots, nearest tile at median {np.median(dist) * c5['umpp']:.0f} µm)"
+        )
     assert median_r >= 0.7, sorted(r.items(), key=lambda kv: kv[1])
 
 
@@ -126,14 +160,19 @@ def test_image_becomes_a_slide_without_counts(c5):
     for table in ("genes", "expression"):
         assert store.sql(f"SELECT COUNT(*) AS n FROM {table} WHERE slide_id = '{SLIDE}'")["n"][0] == 0
     tiles = store.sql(f"SELECT * FROM spots WHERE slide_id = '{SLIDE}'")
-    assert tiles.height == res.n_tiles == row["n_spots"] and int(tiles["passes_qc"].sum()) == res.n_pass_qc == row["n_spots_pass_qc"]
+    assert (
+        tiles.height == res.n_tiles == row["n_spots"]
+        and int(tiles["passes_qc"].sum()) == res.n_pass_qc == row["n_spots_pass_qc"]
+    )
     assert (tiles["passes_qc"] == (tiles["tissue_fraction"] >= 0.7)).all() and (tiles["tissue_fraction"] >= 0.1).all()
     # tiles on the lattice: centres = tile/2 + index * pitch (level-0 px)
     tile, step = 100.0 / c5["umpp"], PITCH_UM / c5["umpp"]
     assert np.allclose(tiles["pixel_x"], tile / 2 + tiles["array_col"] * step)
     assert np.allclose(tiles["pixel_y"], tile / 2 + tiles["array_row"] * step)
     # tissue: the ingested C5's QC-passing spots sit on tiles that mostly pass QC too
-    spots = _in_region(store.sql("SELECT pixel_x, pixel_y FROM spots WHERE slide_id = 'C5' AND passes_qc"), c5["region"])
+    spots = _in_region(
+        store.sql("SELECT pixel_x, pixel_y FROM spots WHERE slide_id = 'C5' AND passes_qc"), c5["region"]
+    )
     _, idx = cKDTree(tiles.select("pixel_x", "pixel_y").to_numpy()).query(spots.to_numpy())
     assert tiles["passes_qc"].to_numpy()[idx].mean() > 0.9
     # vectors carry the model's provenance
@@ -147,16 +186,24 @@ def test_image_becomes_a_slide_without_counts(c5):
 def test_predictions_equal_the_head_applied_to_the_stored_vectors(c5):
     store, run_id = c5["store"], c5["run_id"]
     tab = lance.dataset(str(store.path / "embeddings_efficientnet_lite0.lance")).to_table(
-        columns=["slide_id", "spot_id", "vector"], filter=f"slide_id = '{SLIDE}'")
-    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(tab.num_rows, -1)
+        columns=["slide_id", "spot_id", "vector"], filter=f"slide_id = '{SLIDE}'"
+    )
+    X = np.asarray(tab["vector"].combine_chunks().values.to_numpy(zero_copy_only=False), np.float32).reshape(
+        tab.num_rows, -1
+    )
     head = load_head(store.path / "models" / run_id)
-    want = pl.DataFrame(head.predict_log1p_norm(X), schema=c5["genes"]).with_columns(pl.Series("spot_id", tab["spot_id"].to_pylist()))
+    want = pl.DataFrame(head.predict_log1p_norm(X), schema=c5["genes"]).with_columns(
+        pl.Series("spot_id", tab["spot_id"].to_pylist())
+    )
     want = want.unpivot(index="spot_id", variable_name="gene", value_name="want")
     got = _grid_predictions(store, run_id, SLIDE)
     j = got.join(want, on=["spot_id", "gene"])
     assert got.height == j.height == c5["result"].n_tiles * len(c5["genes"]) == c5["result"].prediction_rows
     assert np.allclose(j["mean_log1p"], j["want"], atol=1e-5)
-    assert store.sql(f"SELECT COUNT(*) AS n FROM predictions WHERE slide_id = '{SLIDE}' AND observed IS NOT NULL")["n"][0] == 0
+    assert (
+        store.sql(f"SELECT COUNT(*) AS n FROM predictions WHERE slide_id = '{SLIDE}' AND observed IS NOT NULL")["n"][0]
+        == 0
+    )
 
 
 # --------------------------------------------------------------------------- outputs
@@ -164,11 +211,16 @@ def test_predictions_equal_the_head_applied_to_the_stored_vectors(c5):
 def test_anndata_for_scanpy_and_squidpy(c5):
     store, res = c5["store"], c5["result"]
     adata = ad.read_h5ad(res.anndata)
-    tiles = store.sql(f"SELECT spot_id, pixel_x, pixel_y, tissue_fraction, passes_qc FROM spots WHERE slide_id = '{SLIDE}'")
+    tiles = store.sql(
+        f"SELECT spot_id, pixel_x, pixel_y, tissue_fraction, passes_qc FROM spots WHERE slide_id = '{SLIDE}'"
+    )
     assert adata.shape == (res.n_tiles, len(c5["genes"])) and list(adata.var_names) == c5["genes"]
     t = tiles.to_pandas().set_index("spot_id").loc[adata.obs_names]
     assert np.allclose(adata.obsm["spatial"], t[["pixel_x", "pixel_y"]].to_numpy())  # level-0 px
-    assert np.allclose(adata.obs["tissue_fraction"], t["tissue_fraction"]) and (adata.obs["passes_qc"] == t["passes_qc"]).all()
+    assert (
+        np.allclose(adata.obs["tissue_fraction"], t["tissue_fraction"])
+        and (adata.obs["passes_qc"] == t["passes_qc"]).all()
+    )
     # X = predicted log1p(CP10k), as in the predictions table
     pred = _grid_predictions(store, c5["run_id"], SLIDE).pivot(on="gene", index="spot_id", values="mean_log1p")
     pred = pred.to_pandas().set_index("spot_id").loc[adata.obs_names, c5["genes"]]
@@ -227,15 +279,27 @@ def test_pseudobulk_csv_and_table(c5):
     ref = pl.DataFrame({"gene": list(adata.var_names), "m": X.mean(0), "cp": np.expm1(X).mean(0)}).sort("gene")
     for df in (csv.sort("gene"), tab):
         assert df["gene"].to_list() == ref["gene"].to_list() and (df["n_tiles"] == res.n_pass_qc).all()
-        assert np.allclose(df["mean_log1p"], ref["m"], rtol=1e-5) and np.allclose(df["mean_cp10k"], ref["cp"], rtol=1e-5)
+        assert np.allclose(df["mean_log1p"], ref["m"], rtol=1e-5) and np.allclose(
+            df["mean_cp10k"], ref["cp"], rtol=1e-5
+        )
 
 
 @pytest.mark.slow
 def test_rerun_reuses_vectors_and_replaces_predictions(c5, real_data_root):
     store, run_id = c5["store"], c5["run_id"]
     before = _grid_predictions(store, run_id, SLIDE)
-    res = infer(store, real_data_root / "her2st" / "images" / "C5.jpg", run_id, c5["out"] / "rerun", slide_id=SLIDE,
-                um_per_px=c5["umpp"], pitch_um=PITCH_UM, region=c5["region"], n_top_genes=1, num_workers=0)
+    res = infer(
+        store,
+        real_data_root / "her2st" / "images" / "C5.jpg",
+        run_id,
+        c5["out"] / "rerun",
+        slide_id=SLIDE,
+        um_per_px=c5["umpp"],
+        pitch_um=PITCH_UM,
+        region=c5["region"],
+        n_top_genes=1,
+        num_workers=0,
+    )
     assert res.tiles_embedded == 0 and res.n_tiles == c5["result"].n_tiles
     after = _grid_predictions(store, run_id, SLIDE)
     assert after.height == before.height == after.unique(["spot_id", "gene"]).height
@@ -248,8 +312,18 @@ def test_nb_model_gives_uncertainty_layers(c5, real_data_root):
     """An NB model on the same slide: its vectors are reused; layers hold the uncertainty."""
     store = c5["store"]
     rid, path = train(store, "efficientnet_lite0", "nb", "var:5", ["C4"], params={"alpha": 1.0})
-    res = infer(store, real_data_root / "her2st" / "images" / "C5.jpg", rid, c5["out"] / "nb", slide_id=SLIDE,
-                um_per_px=c5["umpp"], pitch_um=PITCH_UM, region=c5["region"], n_top_genes=1, num_workers=0)
+    res = infer(
+        store,
+        real_data_root / "her2st" / "images" / "C5.jpg",
+        rid,
+        c5["out"] / "nb",
+        slide_id=SLIDE,
+        um_per_px=c5["umpp"],
+        pitch_um=PITCH_UM,
+        region=c5["region"],
+        n_top_genes=1,
+        num_workers=0,
+    )
     assert res.tiles_embedded == 0
     adata = ad.read_h5ad(res.anndata)
     assert {"variance", "q05", "q95"} <= set(adata.layers)
@@ -268,8 +342,18 @@ def test_context_model_reads_the_grid_neighbours(c5, real_data_root):
     no neighbours (no coordinates)."""
     store = c5["store"]
     rid, path = train(store, "efficientnet_lite0", "context", "var:5", ["C4"], params={"alpha": 1.0})
-    res = infer(store, real_data_root / "her2st" / "images" / "C5.jpg", rid, c5["out"] / "context", slide_id=SLIDE,
-                um_per_px=c5["umpp"], pitch_um=PITCH_UM, region=c5["region"], n_top_genes=1, num_workers=0)
+    res = infer(
+        store,
+        real_data_root / "her2st" / "images" / "C5.jpg",
+        rid,
+        c5["out"] / "context",
+        slide_id=SLIDE,
+        um_per_px=c5["umpp"],
+        pitch_um=PITCH_UM,
+        region=c5["region"],
+        n_top_genes=1,
+        num_workers=0,
+    )
     assert res.tiles_embedded == 0
     adata = ad.read_h5ad(res.anndata)
     head = load_head(path)
@@ -292,8 +376,17 @@ def test_other_verbs_with_an_image_only_slide(c5):
     info = runner.invoke(app, ["info", "--store", st])
     assert info.exit_code == 0, info.output
     assert "image_only" in info.output and "pseudobulk" in info.output
-    q = runner.invoke(app, ["query", "--store", st, "--format", "csv",
-                            f"SELECT COUNT(*) AS n FROM expression_long WHERE slide_id = '{SLIDE}'"])
+    q = runner.invoke(
+        app,
+        [
+            "query",
+            "--store",
+            st,
+            "--format",
+            "csv",
+            f"SELECT COUNT(*) AS n FROM expression_long WHERE slide_id = '{SLIDE}'",
+        ],
+    )
     assert q.exit_code == 0 and q.output.strip().splitlines()[-1] == "0"
     p = runner.invoke(app, ["predict", "--store", st, "--model", c5["run_id"], "--slide", SLIDE])
     assert p.exit_code == 2 and "error:" in p.output and SLIDE in p.output
@@ -303,7 +396,6 @@ def test_other_verbs_with_an_image_only_slide(c5):
 @pytest.mark.slow
 def test_pyramidal_tiff_through_openslide_streams_tiles(tmp_path, infer_model_store, real_data_root, monkeypatch):
     import openslide
-
     from fixtures_formats import write_pyramidal_tiff
 
     src, run_id = infer_model_store
@@ -311,7 +403,9 @@ def test_pyramidal_tiff_through_openslide_streams_tiles(tmp_path, infer_model_st
     shutil.copytree(src.path, store.path)
     umpp = store.sql("SELECT um_per_px FROM slides WHERE slide_id = 'C5'")["um_per_px"][0]
     with Image.open(real_data_root / "her2st" / "images" / "C5.jpg") as im:
-        crop = np.asarray(im.convert("RGB").crop((1000, 1000, 1000 + 4200, 1000 + 4200)))  # > 2 x 2048: thumbnail from level 1
+        crop = np.asarray(
+            im.convert("RGB").crop((1000, 1000, 1000 + 4200, 1000 + 4200))
+        )  # > 2 x 2048: thumbnail from level 1
     tif = write_pyramidal_tiff(tmp_path / "C5_crop.tif", crop, umpp, n_levels=4)
 
     reads: list[tuple[int, tuple[int, int]]] = []
@@ -323,8 +417,25 @@ def test_pyramidal_tiff_through_openslide_streams_tiles(tmp_path, infer_model_st
 
     monkeypatch.setattr(openslide.OpenSlide, "read_region", spy)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["infer", str(tif), "--model", run_id, "--store", str(store.path), "--out", str(out),
-                                 "--pitch-um", "500", "--workers", "0", "--top-genes", "2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(tif),
+            "--model",
+            run_id,
+            "--store",
+            str(store.path),
+            "--out",
+            str(out),
+            "--pitch-um",
+            "500",
+            "--workers",
+            "0",
+            "--top-genes",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     row = store.sql("SELECT * FROM slides WHERE slide_id = 'C5_crop'").row(0, named=True)
     assert row["um_per_px"] == pytest.approx(umpp, rel=1e-6) and row["um_per_px_source"] == "metadata"
@@ -376,8 +487,10 @@ def _bad_cases(tmp: Path, real_data_root: Path, run_id: str, store: Store) -> di
         "other weights": ({"image": jpeg, "um_per_px": umpp, "model": str(other)}, "--weights PATH"),
         "no tissue": ({"image": blank, "um_per_px": 0.5}, "no tissue detected"),
         "unknown gene": ({"image": jpeg, "um_per_px": umpp, "genes": ["NOT_A_GENE"]}, "NOT_A_GENE"),
-        "region without tissue": ({"image": jpeg, "um_per_px": umpp, "slide_id": "C5_corner", "region": (8000, 9000, 9272, 9901)},
-                                  "in --region"),
+        "region without tissue": (
+            {"image": jpeg, "um_per_px": umpp, "slide_id": "C5_corner", "region": (8000, 9000, 9272, 9901)},
+            "in --region",
+        ),
         "slide id of a slide with counts": ({"image": jpeg, "um_per_px": umpp, "slide_id": "C5"}, "already exists"),
     }
 
@@ -404,8 +517,19 @@ def test_bad_input_fails_cleanly_and_writes_nothing(tmp_path, infer_model_store,
 
 def test_cli_prints_one_line_and_exit_code_2(tmp_path, infer_model_store, real_data_root):
     src, run_id = infer_model_store
-    r = CliRunner().invoke(app, ["infer", str(real_data_root / "her2st" / "images" / "C5.jpg"), "--model", run_id,
-                                 "--store", str(src.path), "--out", str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(real_data_root / "her2st" / "images" / "C5.jpg"),
+            "--model",
+            run_id,
+            "--store",
+            str(src.path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 2
     lines = [x for x in r.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--um-per-px" in lines[0]

@@ -36,12 +36,16 @@ def test_tissue_grid_keeps_tiles_by_disk_fraction_and_flags_qc():
     yy, xx = np.mgrid[0:h, 0:w]
     mask = ((yy - 200) ** 2 + (xx - 200) ** 2 < 120**2) | ((xx > 420) & (xx < 560) & (yy > 50) & (yy < 150))
     um_per_px, tile_um = 0.5, 100.0  # tile = 200 level-0 px = 20 mask px
-    grid = tissue_grid(mask, ds, w * ds, h * ds, um_per_px, tile_um, pitch_um=150.0, min_tissue=0.2, tissue_threshold=0.7)
+    grid = tissue_grid(
+        mask, ds, w * ds, h * ds, um_per_px, tile_um, pitch_um=150.0, min_tissue=0.2, tissue_threshold=0.7
+    )
     assert grid.tile_px == 200.0 and grid.pitch_px == 300.0
     # every position of the full lattice, checked with the brute-force reference
     xs, ys = grid_axis(w * ds, 200.0, 300.0), grid_axis(h * ds, 200.0, 300.0)
     assert (grid.n_rows, grid.n_cols) == (ys.size, xs.size)
-    ref = {(r, c): _disk_fraction_bruteforce(mask, ds, xs[c], ys[r], 100.0) for r in range(ys.size) for c in range(xs.size)}
+    ref = {
+        (r, c): _disk_fraction_bruteforce(mask, ds, xs[c], ys[r], 100.0) for r in range(ys.size) for c in range(xs.size)
+    }
     kept = set(zip(grid.row.tolist(), grid.col.tolist()))
     for key, f in ref.items():
         if abs(f - 0.2) > 0.03:  # away from the threshold the decision is unambiguous

@@ -150,7 +150,9 @@ def test_spots_without_counts_are_reported_and_skipped(case, caplog):
 
 def test_spots_outside_the_image_warn_and_fail_qc(case, caplog):
     sp = case.spots()
-    sp = sp.with_columns(pl.when(pl.int_range(pl.len()) < 2).then(99999.0).otherwise(pl.col("pixel_x")).alias("pixel_x"))
+    sp = sp.with_columns(
+        pl.when(pl.int_range(pl.len()) < 2).then(99999.0).otherwise(pl.col("pixel_x")).alias("pixel_x")
+    )
     case.save_spots(sp)
     path = case.write(_catalog(case.root))
     with caplog.at_level(logging.WARNING):
@@ -190,7 +192,9 @@ def test_unknown_reader(case):
 def test_yaml_with_a_wrong_type(case):
     msg = _fails(case, CatalogError, "cat.yaml", "spot_diameter_um", spot_diameter_um="wide")
     assert "wide" in msg
-    msg = _fails(case, CatalogError, "cat.yaml", "slides", "image", slides=[{"id": "C5", "patient": "C", "image": ["a", "b"]}])
+    msg = _fails(
+        case, CatalogError, "cat.yaml", "slides", "image", slides=[{"id": "C5", "patient": "C", "image": ["a", "b"]}]
+    )
 
 
 def test_unknown_catalog_field_is_refused(case):

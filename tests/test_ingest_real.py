@@ -8,8 +8,8 @@ import lance
 import numpy as np
 import polars as pl
 import yaml
-
 from conftest import EXPECTED_SPOTS
+
 from stimage_embed.ingest.pipeline import ingest
 from stimage_embed.store import Store
 
@@ -25,7 +25,9 @@ def test_spots_per_slide_match_the_published_numbers(ingested_store):
 
 
 def test_um_per_px_is_estimated_from_the_spot_pitch(ingested_store):
-    s = ingested_store.sql("SELECT slide_id, um_per_px, um_per_px_source, px_per_array_step_x, px_per_array_step_y FROM slides")
+    s = ingested_store.sql(
+        "SELECT slide_id, um_per_px, um_per_px_source, px_per_array_step_x, px_per_array_step_y FROM slides"
+    )
     assert set(s["um_per_px_source"]) == {"estimated_from_pitch"}
     her = s.filter(pl.col("slide_id").str.starts_with("B") | pl.col("slide_id").str.starts_with("C"))
     # README: ~291 px per 200 µm array step -> ~0.69 µm/px
@@ -57,7 +59,9 @@ def test_gene_vocabulary_and_long_view_are_queryable(ingested_store):
     assert erbb2["total"].to_list() == genes["total_counts"].to_list()
     assert erbb2.height == 5
     # STUtility layout: Ensembl ids mapped to symbols, ids kept
-    mob = ingested_store.sql("SELECT gene, gene_id FROM genes WHERE slide_id = 'MOB1' AND gene_id LIKE 'ENSMUSG%' LIMIT 5")
+    mob = ingested_store.sql(
+        "SELECT gene, gene_id FROM genes WHERE slide_id = 'MOB1' AND gene_id LIKE 'ENSMUSG%' LIMIT 5"
+    )
     assert mob.height == 5 and not mob["gene"].str.starts_with("ENSMUSG").any()
 
 
@@ -107,7 +111,15 @@ def test_user_catalog_yaml_ingests_by_path(tmp_path, real_data_root):
         "tissue": "breast",
         "preservation": "frozen",
         "reader_options": {"layout": "her2st"},
-        "slides": [{"id": "C3", "patient": "C", "image": "images/C3.jpg", "counts": "counts/C3.tsv.gz", "spots": "spots/C3_selection.tsv"}],
+        "slides": [
+            {
+                "id": "C3",
+                "patient": "C",
+                "image": "images/C3.jpg",
+                "counts": "counts/C3.tsv.gz",
+                "spots": "spots/C3_selection.tsv",
+            }
+        ],
     }
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(cat))

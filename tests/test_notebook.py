@@ -19,11 +19,10 @@ import lance
 import numpy as np
 import polars as pl
 import pytest
+from conftest import EXPECTED_SPOTS
 from scipy import stats
 
 from stimage_embed.store import Store
-
-from conftest import EXPECTED_SPOTS
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
@@ -71,7 +70,10 @@ def executed(tmp_path_factory, embedded_store):
     }
     nb = jupytext.read(NOTEBOOK)
     client = nbclient.NotebookClient(
-        nb, km=_kernel_manager(tmp, env), timeout=1200, allow_errors=True,
+        nb,
+        km=_kernel_manager(tmp, env),
+        timeout=1200,
+        allow_errors=True,
         resources={"metadata": {"path": str(tmp)}},
     )
     client.execute()
@@ -99,8 +101,12 @@ def test_notebook_runs_without_errors_and_shows_the_leaderboard(executed):
     nb, _, _ = executed
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.get("execution_count") for c in code), "not every code cell ran"
-    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(code) for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        (i, o.get("ename"), o.get("evalue"))
+        for i, c in enumerate(code)
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, errors
     board = _outputs_text(_tagged(nb, "leaderboard"))
     for name in BACKBONES + HEADS:

@@ -70,8 +70,9 @@ def executed(tmp_path_factory, infer_model_store, real_data_root):
         "MPLBACKEND": "Agg",
     }
     nb = jupytext.read(NOTEBOOK)
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp, env), timeout=1200, allow_errors=True,
-                                     resources={"metadata": {"path": str(tmp)}})
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp, env), timeout=1200, allow_errors=True, resources={"metadata": {"path": str(tmp)}}
+    )
     client.execute()
     return nb, Store(store_dir), out, run_id
 
@@ -87,16 +88,22 @@ def test_notebook_runs_and_shows_the_heatmaps(executed):
     nb, _, out, _ = executed
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.get("execution_count") for c in code), "not every code cell ran"
-    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(code) for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        (i, o.get("ename"), o.get("evalue"))
+        for i, c in enumerate(code)
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, errors
     heat = _tagged(nb, "heatmaps")
     shown = [o for o in heat.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 3
     pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
     assert pngs >= 5  # 3 heatmaps, the scanpy map, the bulk scatter
-    assert "mean_cp10k" in "".join(str(o.get("data", {}).get("text/plain", "")) + str(o.get("data", {}).get("text/html", ""))
-                                   for o in _tagged(nb, "pseudobulk").get("outputs", []))
+    assert "mean_cp10k" in "".join(
+        str(o.get("data", {}).get("text/plain", "")) + str(o.get("data", {}).get("text/html", ""))
+        for o in _tagged(nb, "pseudobulk").get("outputs", [])
+    )
 
 
 @pytest.mark.slow
@@ -104,12 +111,17 @@ def test_summary_agrees_with_the_store(executed):
     _, store, out, run_id = executed
     s = json.loads((out / "summary.json").read_text())
     assert s["slide_id"] == SLIDE and s["run_id"] == run_id and s["pitch_um"] == PITCH_UM and s["tile_um"] == 100.0
-    spots = pl.from_arrow(lance.dataset(str(store.path / "spots.lance")).to_table(
-        columns=["spot_id", "passes_qc"], filter=f"slide_id = '{SLIDE}'"))
+    spots = pl.from_arrow(
+        lance.dataset(str(store.path / "spots.lance")).to_table(
+            columns=["spot_id", "passes_qc"], filter=f"slide_id = '{SLIDE}'"
+        )
+    )
     assert s["tiles"] == spots.height > 50 and s["tiles_pass_qc"] == int(spots["passes_qc"].sum())
     genes = json.loads((store.path / "models" / run_id / "run.json").read_text())["genes"]
     assert s["genes"] == genes
-    n = store.sql(f"SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS t FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{SLIDE}'")
+    n = store.sql(
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS t FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{SLIDE}'"
+    )
     assert s["prediction_rows"] == n["n"][0] == spots.height * len(genes) and n["t"][0] == spots.height
     for gene, path in s["heatmaps"].items():
         assert gene in genes and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -117,9 +129,14 @@ def test_summary_agrees_with_the_store(executed):
 
     # pseudo-bulk vs the measured bulk of C5, recomputed from the raw counts (Lance) and the CSV
     pb = pl.read_csv(s["pseudobulk_csv"])
-    genes_tab = pl.from_arrow(lance.dataset(str(store.path / "genes.lance")).to_table(
-        columns=["gene_index", "gene"], filter="slide_id = 'C5'"))
-    expr = lance.dataset(str(store.path / "expression.lance")).to_table(columns=["gene_index", "counts"], filter="slide_id = 'C5'")
+    genes_tab = pl.from_arrow(
+        lance.dataset(str(store.path / "genes.lance")).to_table(
+            columns=["gene_index", "gene"], filter="slide_id = 'C5'"
+        )
+    )
+    expr = lance.dataset(str(store.path / "expression.lance")).to_table(
+        columns=["gene_index", "counts"], filter="slide_id = 'C5'"
+    )
     gi = np.concatenate([np.asarray(x, np.int64) for x in expr["gene_index"].to_pylist()])
     cnt = np.concatenate([np.asarray(x, np.float64) for x in expr["counts"].to_pylist()])
     totals = np.bincount(gi, weights=cnt, minlength=int(genes_tab["gene_index"].max()) + 1)

@@ -29,7 +29,12 @@ from fixtures_formats import (
 
 from stimage_embed.errors import InputError
 from stimage_embed.ingest.readers import get_reader
-from stimage_embed.ingest.readers._validate import resolve_duplicate_genes, validate_coords, validate_counts, validate_unique
+from stimage_embed.ingest.readers._validate import (
+    resolve_duplicate_genes,
+    validate_coords,
+    validate_counts,
+    validate_unique,
+)
 from stimage_embed.ingest.types import SlideData
 
 N_GENES_BAD = 300  # gene subset for the bad-input cases (speed)
@@ -54,7 +59,9 @@ def spaceranger(section, tmp_path_factory) -> Path:
     write_spaceranger(root / "outs", tables, positions="csv", counts="h5", um_per_px=section.um_per_px)
     write_spaceranger(root / "outs", tables, positions="csv", counts="mtx")
     for variant in ("list", "csv", "parquet"):
-        paths = write_spaceranger(root / f"outs_{variant}", tables, positions=variant, counts="h5", um_per_px=section.um_per_px)
+        paths = write_spaceranger(
+            root / f"outs_{variant}", tables, positions=variant, counts="h5", um_per_px=section.um_per_px
+        )
         paths["counts"].unlink()  # counts are read from outs/
     return root
 
@@ -72,7 +79,14 @@ def hest_sample(section, hest_img, tmp_path_factory):
 
 
 def _visium_entry(image: Path | str, counts: str, spots: str | None, **extra) -> dict:
-    return {"id": "C5", "patient": "C", "image": str(image), "counts": counts, **({"spots": spots} if spots else {}), **extra}
+    return {
+        "id": "C5",
+        "patient": "C",
+        "image": str(image),
+        "counts": counts,
+        **({"spots": spots} if spots else {}),
+        **extra,
+    }
 
 
 def _read(catalog) -> SlideData:
@@ -90,8 +104,9 @@ def _expect_error(catalog, file_name: str, field: str, *also: str) -> InputError
     return info.value
 
 
-def assert_matches_reference(slide: SlideData, sec: Section, spot_of: dict[str, str] | None = None,
-                             transform=None, check_array: bool = True) -> list[str]:
+def assert_matches_reference(
+    slide: SlideData, sec: Section, spot_of: dict[str, str] | None = None, transform=None, check_array: bool = True
+) -> list[str]:
     """Same spots, pixel centres, array coordinates and exact raw counts as HER2ST."""
     ids = [spot_of[s] for s in slide.spot_ids] if spot_of else list(slide.spot_ids)
     expected = sec.counts.index.intersection(sec.spots.index)
@@ -164,8 +179,11 @@ def test_duplicate_gene_policies_against_anndata_and_pandas():
 @pytest.mark.parametrize("variant", ["list", "csv", "parquet"])
 @pytest.mark.parametrize("counts", ["outs/filtered_feature_bc_matrix.h5", "outs/filtered_feature_bc_matrix"])
 def test_visium_matches_her2st(spaceranger, section, variant, counts, caplog):
-    cat = write_catalog(spaceranger / f"cat_{variant}_{Path(counts).suffix or 'mtx'}.yaml", "visium",
-                        [_visium_entry(section.image, counts, f"outs_{variant}/spatial")])
+    cat = write_catalog(
+        spaceranger / f"cat_{variant}_{Path(counts).suffix or 'mtx'}.yaml",
+        "visium",
+        [_visium_entry(section.image, counts, f"outs_{variant}/spatial")],
+    )
     with caplog.at_level(logging.WARNING):
         slide = _read(cat)
     assert_matches_reference(slide, section, section.spot_of_barcode)
@@ -180,7 +198,10 @@ def test_visium_matches_her2st(spaceranger, section, variant, counts, caplog):
     assert slide.um_per_px == pytest.approx(section.um_per_px, rel=1e-9)
     assert slide.um_per_px_source == "scalefactors"
     assert slide.source_files["spots"].endswith(
-        {"list": "tissue_positions_list.csv", "csv": "tissue_positions.csv", "parquet": "tissue_positions.parquet"}[variant])
+        {"list": "tissue_positions_list.csv", "csv": "tissue_positions.csv", "parquet": "tissue_positions.parquet"}[
+            variant
+        ]
+    )
 
 
 def test_visium_h5_and_mtx_agree_with_scanpy(spaceranger, section):
@@ -190,8 +211,14 @@ def test_visium_h5_and_mtx_agree_with_scanpy(spaceranger, section):
     from stimage_embed.ingest.readers.visium import read_counts
 
     for path, ref in (
-        (spaceranger / "outs/filtered_feature_bc_matrix.h5", sc.read_10x_h5(spaceranger / "outs/filtered_feature_bc_matrix.h5")),
-        (spaceranger / "outs/filtered_feature_bc_matrix", sc.read_10x_mtx(spaceranger / "outs/filtered_feature_bc_matrix", var_names="gene_ids")),
+        (
+            spaceranger / "outs/filtered_feature_bc_matrix.h5",
+            sc.read_10x_h5(spaceranger / "outs/filtered_feature_bc_matrix.h5"),
+        ),
+        (
+            spaceranger / "outs/filtered_feature_bc_matrix",
+            sc.read_10x_mtx(spaceranger / "outs/filtered_feature_bc_matrix", var_names="gene_ids"),
+        ),
     ):
         barcodes, genes, ids, counts = read_counts(path)
         assert list(barcodes) == list(ref.obs_names)
@@ -201,18 +228,27 @@ def test_visium_h5_and_mtx_agree_with_scanpy(spaceranger, section):
 
 def test_visium_spatial_folder_defaults_and_catalog_override(spaceranger, section, tmp_path):
     # spots omitted -> outs/spatial next to the counts; catalog µm/px wins over scalefactors
-    cat = write_catalog(spaceranger / "cat_default.yaml", "visium",
-                        [_visium_entry(section.image, "outs/filtered_feature_bc_matrix.h5", None)], um_per_px=0.5)
+    cat = write_catalog(
+        spaceranger / "cat_default.yaml",
+        "visium",
+        [_visium_entry(section.image, "outs/filtered_feature_bc_matrix.h5", None)],
+        um_per_px=0.5,
+    )
     slide = _read(cat)
     assert slide.source_files["spots"].endswith("outs/spatial/tissue_positions.csv")
     assert (slide.um_per_px, slide.um_per_px_source) == (0.5, "catalog")
     # a positions file given directly, no scalefactors next to it -> µm/px left to the pipeline
     tables = visium_tables(section.subset(50))
     p = write_spaceranger(tmp_path / "outs", tables, positions="parquet", counts="h5")
-    cat = write_catalog(tmp_path / "cat.yaml", "visium", [_visium_entry(section.image, "outs/filtered_feature_bc_matrix.h5",
-                                                                         "outs/spatial/tissue_positions.parquet")])
+    cat = write_catalog(
+        tmp_path / "cat.yaml",
+        "visium",
+        [_visium_entry(section.image, "outs/filtered_feature_bc_matrix.h5", "outs/spatial/tissue_positions.parquet")],
+    )
     slide = _read(cat)
-    assert slide.n_spots == 181 and slide.um_per_px is None and slide.um_per_px_source is None and p["positions"].is_file()
+    assert (
+        slide.n_spots == 181 and slide.um_per_px is None and slide.um_per_px_source is None and p["positions"].is_file()
+    )
 
 
 @pytest.mark.parametrize("policy", ["error", "make_unique", "sum"])
@@ -223,8 +259,12 @@ def test_visium_duplicate_gene_symbols(small, tmp_path, policy):
     names[9] = a  # two Ensembl ids, one symbol (as in real 10x feature lists)
     tables.counts.columns = names
     write_spaceranger(tmp_path / "outs", tables, positions="csv", counts="h5")
-    cat = write_catalog(tmp_path / "cat.yaml", "visium", [_visium_entry(small.image, "outs/filtered_feature_bc_matrix.h5", "outs/spatial")],
-                        reader_options={"duplicate_genes": policy})
+    cat = write_catalog(
+        tmp_path / "cat.yaml",
+        "visium",
+        [_visium_entry(small.image, "outs/filtered_feature_bc_matrix.h5", "outs/spatial")],
+        reader_options={"duplicate_genes": policy},
+    )
     if policy == "error":
         _expect_error(cat, "filtered_feature_bc_matrix.h5", "features/name", repr(a))
         return
@@ -240,8 +280,15 @@ def test_visium_duplicate_gene_symbols(small, tmp_path, policy):
         assert slide.gene_ids[col[a]] == f"{small.gene_ids[5]};{small.gene_ids[9]}"
 
 
-def _bad_visium(small: Section, tmp_path: Path, mutate, counts: str = "h5", positions: str = "csv", spots: str = "outs/spatial",
-                image: Path | str | None = None):
+def _bad_visium(
+    small: Section,
+    tmp_path: Path,
+    mutate,
+    counts: str = "h5",
+    positions: str = "csv",
+    spots: str = "outs/spatial",
+    image: Path | str | None = None,
+):
     tables = visium_tables(small)
     mutate(tables)
     write_spaceranger(tmp_path / "outs", tables, positions=positions, counts=counts, um_per_px=small.um_per_px)
@@ -258,7 +305,9 @@ def _set(tables, row: int, col: int, value: float) -> None:
 @pytest.mark.parametrize("value,what", [(np.nan, "non-finite"), (-3.0, "negative"), (2.5, "non-integer")])
 def test_visium_bad_count_values(small, tmp_path, counts, value, what):
     cat = _bad_visium(small, tmp_path, lambda t: _set(t, 7, 11, value), counts=counts)
-    file_name, field = ("filtered_feature_bc_matrix.h5", "matrix/data") if counts == "h5" else ("matrix.mtx.gz", "counts")
+    file_name, field = (
+        ("filtered_feature_bc_matrix.h5", "matrix/data") if counts == "h5" else ("matrix.mtx.gz", "counts")
+    )
     err = _expect_error(cat, file_name, field, what, small.counts.columns[11])
     assert small.barcodes[small.counts.index[7]] in str(err)
 
@@ -266,11 +315,13 @@ def test_visium_bad_count_values(small, tmp_path, counts, value, what):
 def test_visium_duplicate_barcodes(small, tmp_path):
     def dup_matrix(t):
         t.counts.index = [t.counts.index[0]] + list(t.counts.index[1:-1]) + [t.counts.index[0]]
+
     cat = _bad_visium(small, tmp_path / "m", dup_matrix)
     _expect_error(cat, "filtered_feature_bc_matrix.h5", "barcodes", "duplicate barcode")
 
     def dup_positions(t):
         t.positions = pd.concat([t.positions, t.positions.iloc[[3]]], ignore_index=True)
+
     cat = _bad_visium(small, tmp_path / "p", dup_positions, positions="parquet")
     _expect_error(cat, "tissue_positions.parquet", "barcode", "duplicate barcode", small.barcodes[small.spots.index[3]])
 
@@ -280,6 +331,7 @@ def test_visium_barcodes_without_positions(small, tmp_path):
 
     def drop(t):
         t.positions = t.positions[t.positions["barcode"] != lost]
+
     cat = _bad_visium(small, tmp_path, drop, positions="list")
     _expect_error(cat, "filtered_feature_bc_matrix.h5", "barcodes", "tissue_positions_list.csv", lost)
 
@@ -288,8 +340,11 @@ def test_visium_missing_files(small, tmp_path):
     cat = _bad_visium(small, tmp_path / "a", lambda t: None, spots="outs/spatial/no_such_positions.csv")
     _expect_error(cat, "no_such_positions.csv", "spots", "does not exist")
     (tmp_path / "a/outs/empty_spatial").mkdir()
-    cat = write_catalog(tmp_path / "a/cat2.yaml", "visium",
-                        [_visium_entry(small.image, "outs/filtered_feature_bc_matrix.h5", "outs/empty_spatial")])
+    cat = write_catalog(
+        tmp_path / "a/cat2.yaml",
+        "visium",
+        [_visium_entry(small.image, "outs/filtered_feature_bc_matrix.h5", "outs/empty_spatial")],
+    )
     _expect_error(cat, "empty_spatial", "spots", "tissue_positions.csv")
     cat = _bad_visium(small, tmp_path / "b", lambda t: None, image="images/C5_missing.jpg")
     _expect_error(cat, "C5_missing.jpg", "image", "does not exist")
@@ -313,6 +368,7 @@ def test_visium_bad_options_and_positions_columns(small, tmp_path):
 def test_visium_nan_pixel_coordinates(small, tmp_path):
     def nan_px(t):
         t.positions.loc[2, "pxl_col_in_fullres"] = np.nan
+
     cat = _bad_visium(small, tmp_path, nan_px)
     _expect_error(cat, "tissue_positions.csv", "pxl_col_in_fullres", "not finite")
 
@@ -320,8 +376,12 @@ def test_visium_nan_pixel_coordinates(small, tmp_path):
 # ----------------------------------------------------------------------------- HEST
 def test_hest_matches_her2st(hest_sample, section):
     root, paths, tr, um = hest_sample
-    cat = write_catalog(root / "cat.yaml", "hest", [{"id": "C5", "patient": "C", "image": "wsis/SPA_C5.tif",
-                                                     "counts": "st/SPA_C5.h5ad"}], platform="legacy_st")
+    cat = write_catalog(
+        root / "cat.yaml",
+        "hest",
+        [{"id": "C5", "patient": "C", "image": "wsis/SPA_C5.tif", "counts": "st/SPA_C5.h5ad"}],
+        platform="legacy_st",
+    )
     slide = _read(cat)
     ids = assert_matches_reference(slide, section, transform=tr)  # 3 off-tissue obs dropped
     assert slide.um_per_px == um and slide.um_per_px_source == "metadata"
@@ -341,7 +401,7 @@ def test_hest_matches_her2st(hest_sample, section):
             x, y = int(slide.pixel_x[k]), int(slide.pixel_y[k])
             tif = np.asarray(osr.read_region((x - 8, y - 8), 0, (16, 16)).convert("RGB"), dtype=float)
             jx, jy = x + int(tr.offset_x), y + int(tr.offset_y)
-            assert np.abs(tif - half[jy - 8:jy + 8, jx - 8:jx + 8]).mean() < 8.0
+            assert np.abs(tif - half[jy - 8 : jy + 8, jx - 8 : jx + 8]).mean() < 8.0
 
 
 def _hest_case(small: Section, img, tmp_path: Path, adata=None, meta: dict | None = None, **entry):
@@ -355,7 +415,9 @@ def _hest_case(small: Section, img, tmp_path: Path, adata=None, meta: dict | Non
 
 
 def test_hest_pixel_size_keys(small, hest_img, tmp_path):
-    cat, tr, um = _hest_case(small, hest_img, tmp_path / "a", meta={"pixel_size_um_estimated": None, "pixel_size_um_embedded": 0.25})
+    cat, tr, um = _hest_case(
+        small, hest_img, tmp_path / "a", meta={"pixel_size_um_estimated": None, "pixel_size_um_embedded": 0.25}
+    )
     assert (_read(cat).um_per_px, _read(cat).um_per_px_source) == (0.25, "metadata")
     cat.reader_options["pixel_size_keys"] = ["pixel_size_um_embedded", "pixel_size_um_estimated"]
     json_path = tmp_path / "a/metadata/SPA_C5.json"
@@ -386,6 +448,7 @@ def test_hest_bad_counts(small, hest_img, tmp_path, value, what):
 
     def put(X):
         X[10, 20] = value
+
     cat, *_ = _hest_case(small, hest_img, tmp_path / "bad", adata=_hest_bad_x(small, tr, put))
     _expect_error(cat, "SPA_C5.h5ad", "X", what, small.counts.columns[20])
 
@@ -416,8 +479,9 @@ def _anndata_case(sec: Section, tmp_path: Path, adata, options: dict | None = No
     tmp_path.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(tmp_path / "C5.h5ad")
     e = {"id": "C5", "patient": "C", "image": str(image or sec.image), "counts": "C5.h5ad", **entry}
-    return write_catalog(tmp_path / "cat.yaml", "anndata", [e], platform="legacy_st",
-                         reader_options=options or {"layer": "counts"})
+    return write_catalog(
+        tmp_path / "cat.yaml", "anndata", [e], platform="legacy_st", reader_options=options or {"layer": "counts"}
+    )
 
 
 def test_anndata_matches_her2st(section, tmp_path):
@@ -451,7 +515,9 @@ def test_anndata_bad_input(small, tmp_path):
     raw = a.layers["counts"].toarray().astype(float)
     raw[3, 4] = np.nan
     a.layers["counts"] = sp.csr_matrix(raw)
-    _expect_error(_anndata_case(small, tmp_path / "nan", a), "C5.h5ad", "layers['counts']", "non-finite", small.counts.columns[4])
+    _expect_error(
+        _anndata_case(small, tmp_path / "nan", a), "C5.h5ad", "layers['counts']", "non-finite", small.counts.columns[4]
+    )
     a = generic_anndata(small)
     raw = a.layers["counts"].toarray()
     raw[0, 2] = -1
@@ -463,10 +529,18 @@ def test_anndata_bad_input(small, tmp_path):
     a = generic_anndata(small)
     a.obs_names = [a.obs_names[1]] + list(a.obs_names[1:])
     _expect_error(_anndata_case(small, tmp_path / "dups", a), "C5.h5ad", "obs_names", "duplicate spot id")
-    _expect_error(_anndata_case(small, tmp_path / "img", generic_anndata(small), image=tmp_path / "none.jpg"),
-                  "none.jpg", "image", "does not exist")
-    _expect_error(_anndata_case(small, tmp_path / "layer", generic_anndata(small), options={"layer": "raw"}),
-                  "C5.h5ad", "layers['raw']", "no such layer")
+    _expect_error(
+        _anndata_case(small, tmp_path / "img", generic_anndata(small), image=tmp_path / "none.jpg"),
+        "none.jpg",
+        "image",
+        "does not exist",
+    )
+    _expect_error(
+        _anndata_case(small, tmp_path / "layer", generic_anndata(small), options={"layer": "raw"}),
+        "C5.h5ad",
+        "layers['raw']",
+        "no such layer",
+    )
     a = generic_anndata(small)
     a.obsm["spatial"][5, 1] = np.nan
     _expect_error(_anndata_case(small, tmp_path / "xy", a), "C5.h5ad", "obsm['spatial']", "not finite")

@@ -49,8 +49,12 @@ def moto_server(auth_free_requests: str = "inf"):
     ``auth_free_requests``: requests served before moto starts checking credentials."""
     port = _free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=auth_free_requests)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -68,8 +72,14 @@ def moto_server(auth_free_requests: str = "inf"):
 
 
 def _s3_env(endpoint: str, key: str = "testing", secret: str = "testing") -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 def _objects(bucket: str, prefix: str = "") -> list[str]:
@@ -116,11 +126,29 @@ def test_s3_store_ray_embed_sql_compare(s3_store, tmp_path):
     from stimage_embed.store import Store
 
     runner = CliRunner()
-    res = runner.invoke(app, ["embed", "--engine", "ray", "--store", s3_store, "--backbone", BACKBONE, "--workers", "2",
-                              "--stain-template", TEMPLATE, "--precision", "float32"])
+    res = runner.invoke(
+        app,
+        [
+            "embed",
+            "--engine",
+            "ray",
+            "--store",
+            s3_store,
+            "--backbone",
+            BACKBONE,
+            "--workers",
+            "2",
+            "--stain-template",
+            TEMPLATE,
+            "--precision",
+            "float32",
+        ],
+    )
     assert res.exit_code == 0, res.output
     st = Store(s3_store)
-    counts = st.sql(f"SELECT slide_id, COUNT(*) AS n, COUNT(DISTINCT spot_id) AS k FROM {TABLE} GROUP BY slide_id ORDER BY slide_id")
+    counts = st.sql(
+        f"SELECT slide_id, COUNT(*) AS n, COUNT(DISTINCT spot_id) AS k FROM {TABLE} GROUP BY slide_id ORDER BY slide_id"
+    )
     spots = st.sql("SELECT slide_id, COUNT(*) AS n FROM spots GROUP BY slide_id ORDER BY slide_id")
     assert counts["slide_id"].to_list() == SLIDES
     assert counts["n"].to_list() == counts["k"].to_list() == spots["n"].to_list()
@@ -145,22 +173,46 @@ def test_s3_store_ray_embed_sql_compare(s3_store, tmp_path):
     assert np.all(np.abs(a - b) <= ulp), f"max diff {np.abs(a - b).max()} beyond one float16 step"
 
     # compare, train and predict read the same s3 store; model folders go to --models-dir
-    res = runner.invoke(app, ["compare", "--store", s3_store, "--backbones", BACKBONE, "--heads", "ridge", "--genes", "var:20"])
+    res = runner.invoke(
+        app, ["compare", "--store", s3_store, "--backbones", BACKBONE, "--heads", "ridge", "--genes", "var:20"]
+    )
     assert res.exit_code == 0, res.output
     lb = st.sql("SELECT folds, genes, pcc_mean FROM leaderboard WHERE head = 'ridge' AND control = 'none'")
     assert lb.height == 1 and lb["folds"][0] == 2 and lb["genes"][0] >= 20, lb  # var:20 per fold
-    res = runner.invoke(app, ["train", "--store", s3_store, "--backbone", BACKBONE, "--head", "ridge", "--genes", "var:20",
-                              "--train", "C4"])
+    res = runner.invoke(
+        app,
+        ["train", "--store", s3_store, "--backbone", BACKBONE, "--head", "ridge", "--genes", "var:20", "--train", "C4"],
+    )
     assert res.exit_code == 2 and "--models-dir" in res.output  # no silent local default for a remote store
     models = tmp_path / "models"
-    res = runner.invoke(app, ["train", "--store", s3_store, "--backbone", BACKBONE, "--head", "ridge", "--genes", "var:20",
-                              "--train", "C4", "--models-dir", str(models)])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--store",
+            s3_store,
+            "--backbone",
+            BACKBONE,
+            "--head",
+            "ridge",
+            "--genes",
+            "var:20",
+            "--train",
+            "C4",
+            "--models-dir",
+            str(models),
+        ],
+    )
     assert res.exit_code == 0, res.output
     run_id = res.output.split()[1]
     assert (models / run_id / "run.json").is_file()
-    res = runner.invoke(app, ["predict", "--store", s3_store, "--model", run_id, "--slide", "C5", "--models-dir", str(models)])
+    res = runner.invoke(
+        app, ["predict", "--store", s3_store, "--model", run_id, "--slide", "C5", "--models-dir", str(models)]
+    )
     assert res.exit_code == 0, res.output
-    pred = st.sql(f"SELECT COUNT(DISTINCT spot_id) AS spots, COUNT(DISTINCT gene) AS genes FROM predictions WHERE run_id = '{run_id}'")
+    pred = st.sql(
+        f"SELECT COUNT(DISTINCT spot_id) AS spots, COUNT(DISTINCT gene) AS genes FROM predictions WHERE run_id = '{run_id}'"
+    )
     assert pred["spots"][0] == spots.filter(spots["slide_id"] == "C5")["n"][0] and pred["genes"][0] == 20
 
 
@@ -172,15 +224,31 @@ def test_killed_ray_worker_one_row_per_key(s3_store, tmp_path):
     st = Store(s3_store)
     marker = tmp_path / "killed"
     cfg = RayConfig(workers=2, extra_env={KILL_ONCE_ENV: f"{marker}@2"})  # a worker dies at its 2nd batch
-    rep = embed_ray(st, [BACKBONE], slides=["C5"], overwrite=True, stain_template=TEMPLATE, precision="float32",
-                    flush_rows=64, progress=False, config=cfg)
+    rep = embed_ray(
+        st,
+        [BACKBONE],
+        slides=["C5"],
+        overwrite=True,
+        stain_template=TEMPLATE,
+        precision="float32",
+        flush_rows=64,
+        progress=False,
+        config=cfg,
+    )
     assert marker.exists(), "no Ray worker was killed"
     n_spots = st.sql("SELECT COUNT(*) AS n FROM spots WHERE slide_id = 'C5'")["n"][0]
     assert rep.vectors[BACKBONE] == n_spots
     keys = st.sql(f"SELECT spot_id, COUNT(*) AS n FROM {TABLE} WHERE slide_id = 'C5' GROUP BY ALL")
     assert keys.height == n_spots and keys["n"].max() == 1
-    rep = embed_ray(st, [BACKBONE], slides=["C5"], stain_template=TEMPLATE, precision="float32", progress=False,
-                    config=RayConfig(workers=1))  # a re-run: nothing left to embed
+    rep = embed_ray(
+        st,
+        [BACKBONE],
+        slides=["C5"],
+        stain_template=TEMPLATE,
+        precision="float32",
+        progress=False,
+        config=RayConfig(workers=1),
+    )  # a re-run: nothing left to embed
     assert rep.vectors == {}
     assert st.sql(f"SELECT COUNT(*) AS n FROM {TABLE} WHERE slide_id = 'C5'")["n"][0] == n_spots
 
@@ -207,15 +275,30 @@ def test_bad_object_store_clear_errors(s3, tmp_path):
     assert "no-such-bucket" not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
     # refused credentials: a moto server that checks them (after the 3 set-up requests below)
     with moto_server(auth_free_requests="3") as endpoint:
-        admin = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                             aws_access_key_id="setup", aws_secret_access_key="setup")
+        admin = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
         admin.create_user(UserName="u")
         key = admin.create_access_key(UserName="u")["AccessKey"]
-        admin.put_user_policy(UserName="u", PolicyName="all", PolicyDocument=(
-            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'))
+        admin.put_user_policy(
+            UserName="u",
+            PolicyName="all",
+            PolicyDocument=(
+                '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'
+            ),
+        )
         good = _s3_env(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=good["AWS_ACCESS_KEY_ID"], aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"])
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
+        )
         client.create_bucket(Bucket="locked")
         msg = _cli_error(ingest + ["s3://locked/store"], _s3_env(endpoint, "AKIAWRONGWRONGWRONG1", "wrong"))
         assert "refused the credentials" in msg
@@ -245,4 +328,8 @@ def test_store_uri_parsing(monkeypatch, tmp_path):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    assert storage_options() == {"aws_endpoint": "http://127.0.0.1:9000", "allow_http": "true", "aws_region": "eu-west-1"}
+    assert storage_options() == {
+        "aws_endpoint": "http://127.0.0.1:9000",
+        "allow_http": "true",
+        "aws_region": "eu-west-1",
+    }

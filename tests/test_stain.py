@@ -146,7 +146,9 @@ def test_macenko_normalises_pale_mob_to_her2st_template(macenko_c5: MacenkoNorma
     # measured: before (0.993, 0.972), after (0.997, 0.9998)
     assert before.min() < 0.98
     assert np.all(after >= 0.995), after
-    assert np.degrees(np.arccos(np.clip(after, -1, 1))).sum() < 0.5 * np.degrees(np.arccos(np.clip(before, -1, 1))).sum()
+    assert (
+        np.degrees(np.arccos(np.clip(after, -1, 1))).sum() < 0.5 * np.degrees(np.arccos(np.clip(before, -1, 1))).sum()
+    )
     # on the same (source tissue) pixels, concentrations unmixed with the template's stains
     # reach the template's maximal concentrations (measured 2.464 vs 2.486, 1.129 vs 1.137)
     keep = np.all(rgb_to_od(mob1.reshape(-1, 3)) >= 0.15, axis=1)
@@ -168,7 +170,9 @@ def test_macenko_normalises_synthetically_restained_slide(macenko_c5: MacenkoNor
     assert np.all(after >= 0.995), after
 
 
-def test_fit_source_is_per_slide_and_serialisable(macenko_c5: MacenkoNormalizer, b4: np.ndarray, mob1: np.ndarray) -> None:
+def test_fit_source_is_per_slide_and_serialisable(
+    macenko_c5: MacenkoNormalizer, b4: np.ndarray, mob1: np.ndarray
+) -> None:
     target_before = macenko_c5.target_stain_matrix_.copy()
     a = macenko_c5.fit_source(b4)
     b = macenko_c5.fit_source(mob1)

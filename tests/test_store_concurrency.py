@@ -15,9 +15,9 @@ import threading
 
 import polars as pl
 import pytest
+from store_cases import BACKBONE, CHUNK, TABLE, copy_store, embed_args, finish, key_counts, mini_dataset, popen
 from typer.testing import CliRunner
 
-from store_cases import BACKBONE, CHUNK, TABLE, copy_store, embed_args, finish, key_counts, mini_dataset, popen
 from stimage_embed.cli import app
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.evaluation.compare import CompareConfig, compare
@@ -76,7 +76,9 @@ def test_a_busy_store_is_refused_in_one_line_and_wait_queues(tmp_path, mini):
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and f"store {st.path} is busy (held by pid {os.getpid()}, embed)" in lines[0], res.output
         # reads need no lock
-        res = runner.invoke(app, ["query", "SELECT COUNT(*) AS n FROM spots", "--store", str(st.path), "--format", "csv"])
+        res = runner.invoke(
+            app, ["query", "SELECT COUNT(*) AS n FROM spots", "--store", str(st.path), "--format", "csv"]
+        )
         assert res.exit_code == 0 and res.output.splitlines()[-1] == str(n_spots)
         # --wait queues behind the holder: released a moment later, the train gets the lock
         # and runs (failing on its own input, which proves it got past the lock)
@@ -99,7 +101,9 @@ def test_two_embeds_at_once_store_each_key_once(tmp_path, mini):
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     n_spots = st.sql("SELECT COUNT(*) AS n FROM spots WHERE slide_id = 'S1'")["n"][0]
     assert key_counts(st, TABLE, ("slide_id", "spot_id")) == (n_spots, n_spots)
-    written = sorted(json.loads(r[1].split("vectors written ")[1].split(";")[0].replace("'", '"')).get(BACKBONE, 0) for r in results)
+    written = sorted(
+        json.loads(r[1].split("vectors written ")[1].split(";")[0].replace("'", '"')).get(BACKBONE, 0) for r in results
+    )
     assert written == [0, n_spots]  # one pass embedded everything, the other found it done
 
 
@@ -109,11 +113,29 @@ def test_a_table_with_duplicate_keys_is_repaired_by_the_next_embed(tmp_path, min
 
     store, _ = mini
     st = copy_store(store, tmp_path / "s")
-    embed(st, [BACKBONE], slides=["S2"], stain="none", precision="float32", batch_size=CHUNK, num_workers=0, progress=False)
+    embed(
+        st,
+        [BACKBONE],
+        slides=["S2"],
+        stain="none",
+        precision="float32",
+        batch_size=CHUNK,
+        num_workers=0,
+        progress=False,
+    )
     ref = st.read(TABLE).sort_by([("spot_id", "ascending")])
     st.db.open_table(TABLE).add(ref.slice(0, CHUNK))  # what two racing writers left behind
     assert key_counts(st, TABLE, ("slide_id", "spot_id")) == (ref.num_rows + CHUNK, ref.num_rows)
-    embed(st, [BACKBONE], slides=["S2"], stain="none", precision="float32", batch_size=CHUNK, num_workers=0, progress=False)
+    embed(
+        st,
+        [BACKBONE],
+        slides=["S2"],
+        stain="none",
+        precision="float32",
+        batch_size=CHUNK,
+        num_workers=0,
+        progress=False,
+    )
     assert key_counts(st, TABLE, ("slide_id", "spot_id")) == (ref.num_rows, ref.num_rows)
     after = st.read(TABLE).sort_by([("spot_id", "ascending")])
     assert after.column("vector").equals(ref.column("vector"))  # re-embedded to the same vectors
@@ -203,7 +225,9 @@ def test_compare_never_purges_rows_written_by_predict(tmp_path, embedded_store):
     # rows of another writer with no runs row at all (e.g. image-only inference) are not compare's either
     foreign = pred.with_columns(pl.lit("f" * 20).alias("run_id"))
     other.append("predictions", foreign)
-    compare(other, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5", datasets=["her2st"]), progress=False)
+    compare(
+        other, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5", datasets=["her2st"]), progress=False
+    )
     got = other.sql("SELECT run_id, COUNT(*) AS n FROM predictions GROUP BY 1")
     counts = dict(zip(got["run_id"], got["n"]))
     assert counts[rid] == pred.height and counts["f" * 20] == pred.height

@@ -11,13 +11,23 @@ and the session's ``embedded_store`` where a macenko-normalised table is needed.
 
 from __future__ import annotations
 
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from store_cases import (
+    BACKBONE,
+    CHUNK,
+    TABLE,
+    cli,
+    copy_store,
+    embed_args,
+    key_counts,
+    killed,
+    mini_dataset,
+    table_rows,
+)
 
-from store_cases import BACKBONE, CHUNK, TABLE, cli, copy_store, embed_args, key_counts, killed, mini_dataset, table_rows
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.embeddings.provenance import existing_provenance
 from stimage_embed.errors import ProvenanceError
@@ -28,8 +38,12 @@ from stimage_embed.store import Store
 from stimage_embed.store import schema as S
 
 FAST = dict(stain="none", precision="float32", batch_size=CHUNK, num_workers=0, progress=False)
-KEYS = {"slides": ("slide_id",), "spots": ("slide_id", "spot_id"), "genes": ("slide_id", "gene_index"),
-        "expression": ("slide_id", "spot_id")}
+KEYS = {
+    "slides": ("slide_id",),
+    "spots": ("slide_id", "spot_id"),
+    "genes": ("slide_id", "gene_index"),
+    "expression": ("slide_id", "spot_id"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +175,9 @@ def test_reingesting_moved_spots_invalidates_and_reembeds_their_vectors(tmp_path
     assert report.vectors == {BACKBONE: len(old_ids)}
     ids, vec = _vectors(st, "S1")
     assert ids == old_ids and not np.array_equal(vec, old_vec)
-    h = st.sql(f"""SELECT DISTINCT e.geometry_hash = s.geometry_hash AS same FROM {TABLE} e JOIN slides s USING (slide_id)""")
+    h = st.sql(
+        f"""SELECT DISTINCT e.geometry_hash = s.geometry_hash AS same FROM {TABLE} e JOIN slides s USING (slide_id)"""
+    )
     assert h["same"].to_list() == [True]
     ids2, vec2 = _vectors(st, "S2")
     assert ids2 == s2[0] and np.array_equal(vec2, s2[1])
@@ -178,7 +194,9 @@ def test_the_default_stain_template_is_the_one_the_table_recorded(tmp_path, embe
     ingest(str(extra), st, progress=False)
     assert st.slide_ids()[0] == "A0" and recorded == {"B4"}
     embed(st, [BACKBONE], slides=["A0"], precision="float32", num_workers=0, progress=False)
-    pids = st.sql(f"SELECT slide_id, COUNT(DISTINCT provenance_id) AS p, any_value(provenance_id) AS pid FROM {TABLE} GROUP BY 1")
+    pids = st.sql(
+        f"SELECT slide_id, COUNT(DISTINCT provenance_id) AS p, any_value(provenance_id) AS pid FROM {TABLE} GROUP BY 1"
+    )
     assert set(pids["p"]) == {1} and pids["pid"].n_unique() == 1 and "A0" in pids["slide_id"].to_list()
 
 
@@ -223,11 +241,16 @@ def test_compare_killed_between_its_commits_is_cleaned_and_completed(tmp_path, m
     assert killed(cli(*args, check=False, fault="after:predictions@1"))
     assert st.pending("compare") and not st.has_table("runs")
     assert killed(cli(*args, check=False, fault="after:metrics@1"))
-    assert key_counts(st, "predictions", ("run_id", "slide_id", "spot_id", "gene"))[0] == st.read("predictions").num_rows
+    assert (
+        key_counts(st, "predictions", ("run_id", "slide_id", "spot_id", "gene"))[0] == st.read("predictions").num_rows
+    )
     cli(*args)
     assert st.pending("compare") == []
-    for name, order in (("runs", ("run_id",)), ("predictions", ("run_id", "slide_id", "spot_id", "gene")),
-                        ("metrics", ("run_id", "scope", "slide_id", "gene", "metric"))):
+    for name, order in (
+        ("runs", ("run_id",)),
+        ("predictions", ("run_id", "slide_id", "spot_id", "gene")),
+        ("metrics", ("run_id", "scope", "slide_id", "gene", "metric")),
+    ):
         drop = {"created_at", "fit_seconds"}
         got = [{k: v for k, v in r.items() if k not in drop} for r in table_rows(st, name, order)]
         want = [{k: v for k, v in r.items() if k not in drop} for r in table_rows(ref, name, order)]

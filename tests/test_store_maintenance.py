@@ -21,16 +21,18 @@ DIM = 8
 def _rows(slide: str, n: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
     vec = rng.standard_normal((n, DIM)).astype(np.float16)
-    return pa.table({
-        "slide_id": [slide] * n,
-        "spot_id": [f"{slide}_{i:04d}" for i in range(n)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel(), pa.float16()), DIM),
-        "tissue_fraction": pa.array(np.ones(n), pa.float32()),
-        "padded_fraction": pa.array(np.zeros(n), pa.float32()),
-        "tile_um": pa.array(np.full(n, 100.0), pa.float32()),
-        "um_per_px": pa.array(np.full(n, 0.5), pa.float32()),
-        "provenance_id": ["p"] * n,
-    })
+    return pa.table(
+        {
+            "slide_id": [slide] * n,
+            "spot_id": [f"{slide}_{i:04d}" for i in range(n)],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel(), pa.float16()), DIM),
+            "tissue_fraction": pa.array(np.ones(n), pa.float32()),
+            "padded_fraction": pa.array(np.zeros(n), pa.float32()),
+            "tile_um": pa.array(np.full(n, 100.0), pa.float32()),
+            "um_per_px": pa.array(np.full(n, 0.5), pa.float32()),
+            "provenance_id": ["p"] * n,
+        }
+    )
 
 
 @pytest.fixture()
@@ -39,8 +41,13 @@ def fragmented(tmp_path) -> Store:
     store = Store(tmp_path / "s")
     with store.writer("test"):
         for k in range(12):
-            store.append("embeddings_x", _rows(f"S{k % 4}", 25, k).set_column(
-                1, "spot_id", pa.array([f"S{k % 4}_{k:02d}_{i:02d}" for i in range(25)])), schema=S.embedding_schema(DIM))
+            store.append(
+                "embeddings_x",
+                _rows(f"S{k % 4}", 25, k).set_column(
+                    1, "spot_id", pa.array([f"S{k % 4}_{k:02d}_{i:02d}" for i in range(25)])
+                ),
+                schema=S.embedding_schema(DIM),
+            )
     return store
 
 
@@ -48,7 +55,9 @@ def _plain(store: Store, table: str, slides: list[str]) -> pa.Table:
     """The reference: a scan of every fragment without any index."""
     ds = open_dataset(store, table)
     t = ds.to_table(use_scalar_index=False)
-    return t.filter(pa.compute.is_in(t["slide_id"], pa.array(slides))).sort_by([("slide_id", "ascending"), ("spot_id", "ascending")])
+    return t.filter(pa.compute.is_in(t["slide_id"], pa.array(slides))).sort_by(
+        [("slide_id", "ascending"), ("spot_id", "ascending")]
+    )
 
 
 def test_upkeep_compacts_indexes_and_keeps_the_rows(fragmented: Store) -> None:
@@ -96,10 +105,17 @@ def test_slide_reader_reads_the_same_rows_and_sees_new_writes(fragmented: Store)
     reader = SlideReader(fragmented)
     order = [("slide_id", "ascending"), ("spot_id", "ascending")]
     for _ in range(2):  # the second read uses what the first one parsed
-        assert reader.read(table, ["S1", "S3"]).sort_by(order).equals(read_slides(fragmented, table, ["S1", "S3"]).sort_by(order))
+        assert (
+            reader.read(table, ["S1", "S3"])
+            .sort_by(order)
+            .equals(read_slides(fragmented, table, ["S1", "S3"]).sort_by(order))
+        )
     with fragmented.writer("test"):
-        fragmented.append(table, _rows("S1", 3, 5).set_column(1, "spot_id", pa.array(["new0", "new1", "new2"])),
-                          schema=S.embedding_schema(DIM))
+        fragmented.append(
+            table,
+            _rows("S1", 3, 5).set_column(1, "spot_id", pa.array(["new0", "new1", "new2"])),
+            schema=S.embedding_schema(DIM),
+        )
     assert reader.read(table, ["S1"]).num_rows == 75 + 3
     keys, X = load_embeddings(fragmented, "x", ["S1"], reader=reader)
     assert keys.height == 78 and keys["spot_id"].is_sorted() and X.shape == (78, DIM)

@@ -139,7 +139,10 @@ def test_square_fractions_match_bruteforce(square_mask: np.ndarray) -> None:
     cx = rng.integers(-10, 410, 200).astype(float)
     cy = rng.integers(-10, 410, 200).astype(float)
     got = spot_tissue_fraction(mask, ds, cx, cy, window_px=win, shape="square")
-    ref = [fullp[int(y) - win // 2 + 60 : int(y) + win // 2 + 60, int(x) - win // 2 + 60 : int(x) + win // 2 + 60].mean() for x, y in zip(cx, cy)]
+    ref = [
+        fullp[int(y) - win // 2 + 60 : int(y) + win // 2 + 60, int(x) - win // 2 + 60 : int(x) + win // 2 + 60].mean()
+        for x, y in zip(cx, cy)
+    ]
     np.testing.assert_allclose(got, ref, atol=1e-9)
     # sub-pixel centres: compare against a 4x supersampled count
     cxf, cyf = cx + rng.random(200), cy + rng.random(200)

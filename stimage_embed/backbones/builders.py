@@ -19,10 +19,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -126,7 +127,7 @@ def hf_vit_to_timm(state_dict: dict[str, torch.Tensor], flavour: str) -> dict[st
         k = key
         for prefix in _HF_PREFIXES:
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         if _HF_DROP.match(k):
             continue
         m = _HF_QKV.match(k)
@@ -184,8 +185,12 @@ def efficientnet_pytorch_to_timm(state_dict: dict[str, torch.Tensor], model: nn.
     flat = [(si, bi, blk) for si, stage in enumerate(model.blocks) for bi, blk in enumerate(stage)]
     ds_names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     ir_names = {
-        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-        "_project_conv": "conv_pwl", "_bn2": "bn3",
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
     }
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     out: dict[str, torch.Tensor] = {}
@@ -250,7 +255,11 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         cin, cout = in_chans, embed_dim // 8
         for _i in range(2):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
             cin, cout = cout, cout * 2
         layers.append(nn.Conv2d(cin, embed_dim, kernel_size=1))
         self.proj = nn.Sequential(*layers)

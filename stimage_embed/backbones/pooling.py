@@ -7,8 +7,8 @@ are loaded (e.g. drop layers the pooling never uses) and ``pool(model, x)`` maps
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
 def cls_mean_patch(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Virchow's embedding: CLS token ⊕ mean of the patch tokens (register tokens skipped)."""
     tokens = model.forward_features(x)
-    return torch.cat([tokens[:, 0], tokens[:, num_prefix_tokens(model):].mean(dim=1)], dim=-1)
+    return torch.cat([tokens[:, 0], tokens[:, num_prefix_tokens(model) :].mean(dim=1)], dim=-1)
 
 
 #: timm ResNet feature index of layer3 (0 = stem act, 1..4 = layer1..layer4).

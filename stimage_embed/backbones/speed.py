@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 
 _SPEC_TO_TORCH = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _ALIASES = {
-    "auto": "auto", "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-    "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "auto": "auto",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
 }
 
 
@@ -65,12 +71,16 @@ def probe_tiles(n: int, size: int, seed: int = 0) -> torch.Tensor:
         side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         crop = torch.from_numpy(np.ascontiguousarray(img[y : y + side, x : x + side])).permute(2, 0, 1)[None].float()
-        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        crop = torch.nn.functional.interpolate(
+            crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         tiles[i] = crop[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     return torch.from_numpy(tiles)
 
 
-def _time_forward(backbone: Backbone, x: torch.Tensor, dtype: torch.dtype | None, repeats: int) -> tuple[float, torch.Tensor]:
+def _time_forward(
+    backbone: Backbone, x: torch.Tensor, dtype: torch.dtype | None, repeats: int
+) -> tuple[float, torch.Tensor]:
     device_type = x.device.type
     ctx = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     times = []
@@ -121,8 +131,15 @@ def autocast_dtype(
         f"cosine min {cmin:.5f} {'>=' if close else '<'} {min_cosine}"
     )
     decision = PrecisionDecision(
-        dtype, reason, str(dev), int(x.shape[0]), round(t32, 4), round(t16, 4), round(t32 / t16, 3) if t16 > 0 else None,
-        round(cmin, 6), round(cmean, 6),
+        dtype,
+        reason,
+        str(dev),
+        int(x.shape[0]),
+        round(t32, 4),
+        round(t16, 4),
+        round(t32 / t16, 3) if t16 > 0 else None,
+        round(cmin, 6),
+        round(cmean, 6),
     )
     log.info("%s precision on cpu: %s (%s)", backbone.name, dtype, reason)
     return decision

@@ -86,13 +86,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError/RuntimeError/... for foreign files
-            raise WeightsUnavailableError(f"{p}: cannot read as a torch weights file ({type(exc).__name__}: {exc})") from exc
+            raise WeightsUnavailableError(
+                f"{p}: cannot read as a torch weights file ({type(exc).__name__}: {exc})"
+            ) from exc
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsUnavailableError(f"{p}: not a state dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
 def access_help(spec: BackboneSpec) -> str:
@@ -122,7 +124,9 @@ def _package_file(spec: BackboneSpec) -> Path:
         ) from exc
     getters = [getattr(mod, n) for n in dir(mod) if n.endswith("ModelFile")]
     if len(getters) != 1:
-        raise WeightsUnavailableError(f"backbone {spec.name!r}: package {spec.package!r} exposes no single *ModelFile class")
+        raise WeightsUnavailableError(
+            f"backbone {spec.name!r}: package {spec.package!r} exposes no single *ModelFile class"
+        )
     path = Path(getters[0].get_model_file_path())
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weight file of package {spec.package!r} is missing")
@@ -136,7 +140,9 @@ def _explicit(spec: BackboneSpec, explicit: str | Path) -> Path:
             for cand in (p / name, p / Path(name).name):
                 if cand.is_file():
                     return cand
-        raise WeightsUnavailableError(f"{p}: --weights folder holds none of {spec.weight_files} for backbone {spec.name!r}")
+        raise WeightsUnavailableError(
+            f"{p}: --weights folder holds none of {spec.weight_files} for backbone {spec.name!r}"
+        )
     if not p.is_file():
         raise WeightsUnavailableError(f"{p}: --weights file not found for backbone {spec.name!r}")
     return p
@@ -172,9 +178,7 @@ def _from_hub(spec: BackboneSpec) -> Path:
     assert spec.hub_id is not None
     for name in spec.weight_files:
         try:
-            return Path(
-                hf_hub_download(spec.hub_id, name, repo_type=spec.hub_repo_type, cache_dir=hf_cache_dir())
-            )
+            return Path(hf_hub_download(spec.hub_id, name, repo_type=spec.hub_repo_type, cache_dir=hf_cache_dir()))
         except RemoteEntryNotFoundError:  # the repo exists but has no such file: try the next name
             continue
         except GatedRepoError as exc:  # (a RepositoryNotFoundError subclass: must come first)
@@ -190,7 +194,8 @@ def _from_hub(spec: BackboneSpec) -> Path:
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:  # no network / hub error
             raise WeightsUnavailableError(
                 f"backbone {spec.name!r}: cannot download {name} from Hugging Face repo {spec.hub_id} "
-                f"({type(exc).__name__}: {exc}); without network set HF_HUB_OFFLINE=1 to fail fast; " + access_help(spec)
+                f"({type(exc).__name__}: {exc}); without network set HF_HUB_OFFLINE=1 to fail fast; "
+                + access_help(spec)
             ) from exc
     raise WeightsUnavailableError(
         f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} has none of {spec.weight_files}; " + access_help(spec)

@@ -89,7 +89,11 @@ class _Model:
     def __call__(self, tiles: torch.Tensor) -> np.ndarray:
         """Vectors of a batch of uint8 tiles (N, px, px, 3): float32 (N, dim), on the CPU."""
         x = self.bb.preprocess(tiles.to(self.dev, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.dev.type, dtype=getattr(torch, self.precision)) if self.precision != "float32" else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(self.dev.type, dtype=getattr(torch, self.precision))
+            if self.precision != "float32"
+            else contextlib.nullcontext()
+        )
         with ctx:
             return self.bb(x).float().cpu().numpy()
 
@@ -99,13 +103,25 @@ class _Writer:
     commit each: an append under the local store's writer lock, a keyed insert (a key
     already stored is skipped) on object storage (see the module doc)."""
 
-    def __init__(self, store: Store, models: dict, tables: dict[str, str], pids: dict[str, str], report: EmbedReport,
-                 jobs: dict[str, SlideJob], slide_tab: pl.DataFrame, spots: pl.DataFrame, flush_rows: int):
+    def __init__(
+        self,
+        store: Store,
+        models: dict,
+        tables: dict[str, str],
+        pids: dict[str, str],
+        report: EmbedReport,
+        jobs: dict[str, SlideJob],
+        slide_tab: pl.DataFrame,
+        spots: pl.DataFrame,
+        flush_rows: int,
+    ):
         self.store, self.models, self.tables, self.pids, self.report = store, models, tables, pids, report
         self.jobs, self.flush_rows = jobs, flush_rows
         self.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
         self.umpp = dict(zip(slide_tab["slide_id"], slide_tab["um_per_px"]))
-        self.ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
+        self.ghash = (
+            dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
+        )
         self.buffers: dict[str, list[pa.Table]] = {n: [] for n in models}
         self.buffered = {n: 0 for n in models}
 
@@ -116,20 +132,22 @@ class _Writer:
         dim = vec.shape[1]
         flat = pa.array(vec.astype(np.float16).ravel(), type=pa.float16())
         n = len(keys)
-        self.buffers[name].append(pa.table(
-            {
-                "slide_id": [sid] * n,
-                "spot_id": keys,
-                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-                "tissue_fraction": pa.array([self.tissue[(sid, k)] for k in keys], pa.float32()),
-                "padded_fraction": pa.array(padded, pa.float32()),
-                "tile_um": pa.array([self.jobs[sid].tile_um] * n, pa.float32()),
-                "um_per_px": pa.array([self.umpp[sid]] * n, pa.float32()),
-                "provenance_id": [self.pids[name]] * n,
-                "geometry_hash": [self.ghash.get(sid)] * n,
-            },
-            schema=S.embedding_schema(dim, optional=True),
-        ))
+        self.buffers[name].append(
+            pa.table(
+                {
+                    "slide_id": [sid] * n,
+                    "spot_id": keys,
+                    "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+                    "tissue_fraction": pa.array([self.tissue[(sid, k)] for k in keys], pa.float32()),
+                    "padded_fraction": pa.array(padded, pa.float32()),
+                    "tile_um": pa.array([self.jobs[sid].tile_um] * n, pa.float32()),
+                    "um_per_px": pa.array([self.umpp[sid]] * n, pa.float32()),
+                    "provenance_id": [self.pids[name]] * n,
+                    "geometry_hash": [self.ghash.get(sid)] * n,
+                },
+                schema=S.embedding_schema(dim, optional=True),
+            )
+        )
         self.buffered[name] += n
         if self.buffered[name] >= self.flush_rows:
             self.flush(name)
@@ -158,8 +176,12 @@ def _loader(stream: TileStream, chunks: list, compute, num_workers: int, dev: to
     """The computed or cut batches of ``chunks`` (see the module doc for the three layouts)."""
     if num_workers:
         return DataLoader(
-            stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
-            persistent_workers=False, prefetch_factor=4,
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=dev.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4,
             # spawn, not fork: forking after LanceDB started its async runtime can deadlock
             multiprocessing_context="spawn",
         )
@@ -170,7 +192,9 @@ def _loader(stream: TileStream, chunks: list, compute, num_workers: int, dev: to
     return prefetch(stream.batches(chunks), depth=8, pin_memory=True)
 
 
-def _consume(loader, models: dict, forward: dict, needs, writer: _Writer, n_tiles: int, progress: bool, closing: bool) -> None:
+def _consume(
+    loader, models: dict, forward: dict, needs, writer: _Writer, n_tiles: int, progress: bool, closing: bool
+) -> None:
     """Store the vectors of every batch of ``loader`` for each backbone still lacking them
     (computed in the batch's ``features`` by a compute thread, else here), then flush."""
     report = writer.report
@@ -181,7 +205,9 @@ def _consume(loader, models: dict, forward: dict, needs, writer: _Writer, n_tile
             for name, bb in models.items():
                 missing = needs(name, sid, ids)
                 if missing:
-                    feats = batch["features"][name] if "features" in batch else forward[name](batch["tiles"][bb.input_size])
+                    feats = (
+                        batch["features"][name] if "features" in batch else forward[name](batch["tiles"][bb.input_size])
+                    )
                     writer.add(name, sid, [ids[j] for j in missing], feats[missing], batch["padded"].numpy()[missing])
             report.tiles += len(ids)
             bar.update(len(ids))
@@ -202,12 +228,27 @@ def _context_tile_um(tile_um: float | None, context_um: float | None) -> float |
     return float(context_um)
 
 
-def _provenance_base(name: str, bb, tile_um: float | None, stain: str, template_id: str | None, stain_desc: dict,
-                     context_um: float | None) -> dict:
+def _provenance_base(
+    name: str,
+    bb,
+    tile_um: float | None,
+    stain: str,
+    template_id: str | None,
+    stain_desc: dict,
+    context_um: float | None,
+) -> dict:
     """A backbone's provenance record before the precision is chosen (``embed_plan.prepare_table``)."""
-    prov = {"backbone": name, "spec_hash": bb.spec.spec_hash(), "weights_sha256": bb.weights_sha256,
-            "transform": bb.transform_description(), "tile_um": tile_um if tile_um is not None else "spot_diameter",
-            "tile_px": bb.input_size, "stain_method": stain, "stain_template": template_id, "stain": stain_desc}
+    prov = {
+        "backbone": name,
+        "spec_hash": bb.spec.spec_hash(),
+        "weights_sha256": bb.weights_sha256,
+        "transform": bb.transform_description(),
+        "tile_um": tile_um if tile_um is not None else "spot_diameter",
+        "tile_px": bb.input_size,
+        "stain_method": stain,
+        "stain_template": template_id,
+        "stain": stain_desc,
+    }
     if context_um is not None:
         prov["context_um"] = float(context_um)
     return prov
@@ -221,8 +262,12 @@ def _missing(done_keys: dict[str, set], name: str, sid: str, ids) -> list[int]:
 def _bytes_added(store: Store, tables: dict[str, str], before: dict[str, dict[str, int]]) -> int:
     """Bytes written: the data files this run's commits added to ``tables`` since ``before``
     (``data_files`` per table; measured before the upkeep rewrites them)."""
-    return sum(size for name, table in tables.items() for path, size in data_files(store, table).items()
-               if path not in before[name])
+    return sum(
+        size
+        for name, table in tables.items()
+        for path, size in data_files(store, table).items()
+        if path not in before[name]
+    )
 
 
 @writes("embed")
@@ -265,15 +310,23 @@ def embed(
     tile_um = _context_tile_um(tile_um, context_um)
     dev = _device(device)
     slide_tab, spots = select_spots(store, slides, only_qc)
-    models = {name: create_model(name, weights=(weights or {}).get(name), device=str(dev), overrides=(backbone_overrides or {}).get(name)) for name in backbones}
-    template_id, stain_factory, stain_desc = stain_target(store, backbones, stain, stain_template, overwrite and not slides)
+    models = {
+        name: create_model(
+            name, weights=(weights or {}).get(name), device=str(dev), overrides=(backbone_overrides or {}).get(name)
+        )
+        for name in backbones
+    }
+    template_id, stain_factory, stain_desc = stain_target(
+        store, backbones, stain, stain_template, overwrite and not slides
+    )
     report = EmbedReport()
     tables, provs, done_keys = {}, {}, {}
     for name, bb in models.items():
         prov = _provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         tables[name] = P.vector_table_name(name, context_um)
         report.precision[name], provs[name], done_keys[name] = prepare_table(
-            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name])
+            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name]
+        )
 
     jobs, chunks = work_list(slide_tab, spots, tile_um, batch_size, done_keys)
     if not chunks:
@@ -290,8 +343,11 @@ def embed(
     def compute(batch: dict) -> dict:
         """In a compute thread: the vectors of every backbone that still needs this chunk."""
         with torch.inference_mode():
-            batch["features"] = {name: forward[name](batch["tiles"][bb.input_size]) for name, bb in models.items()
-                                 if needs(name, batch["slide_id"], batch["spot_ids"])}
+            batch["features"] = {
+                name: forward[name](batch["tiles"][bb.input_size])
+                for name, bb in models.items()
+                if needs(name, batch["slide_id"], batch["spot_ids"])
+            }
         del batch["tiles"]
         return batch
 

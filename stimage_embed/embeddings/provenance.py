@@ -26,8 +26,15 @@ log = logging.getLogger(__name__)
 
 #: fields that must agree for vectors to share a table
 IDENTITY_FIELDS = (
-    "backbone", "spec_hash", "weights_sha256", "transform", "tile_um", "tile_px", "stain_method",
-    "stain_template", "precision",
+    "backbone",
+    "spec_hash",
+    "weights_sha256",
+    "transform",
+    "tile_um",
+    "tile_px",
+    "stain_method",
+    "stain_template",
+    "precision",
 )
 
 
@@ -76,8 +83,12 @@ def existing_provenance(store: Store, table_name: str) -> list[dict[str, Any]]:
     used = _used_ids(store, table_name)
     if not used:
         return []
-    rows = pl.from_arrow(store.read("provenance", ["provenance_id", "json"], where=f"table_name = {_quote(table_name)}"))
-    rows = rows.filter(pl.col("provenance_id").is_in(sorted(used))).unique("provenance_id", keep="first", maintain_order=True)
+    rows = pl.from_arrow(
+        store.read("provenance", ["provenance_id", "json"], where=f"table_name = {_quote(table_name)}")
+    )
+    rows = rows.filter(pl.col("provenance_id").is_in(sorted(used))).unique(
+        "provenance_id", keep="first", maintain_order=True
+    )
     return [json.loads(j) for j in rows["json"].to_list()]
 
 
@@ -90,8 +101,12 @@ def recorded_stain_template(store: Store, table_names: list[str]) -> str | None:
             if prov.get("stain_method") not in (None, "none") and prov.get("stain_template"):
                 found.setdefault(prov["stain_template"], []).append(t)
     if len(found) > 1:
-        raise InputError(None, "--stain-template", f"the vector tables were normalised against different templates "
-                         f"({', '.join(f'{k}: {v}' for k, v in sorted(found.items()))}); name one with --stain-template")
+        raise InputError(
+            None,
+            "--stain-template",
+            f"the vector tables were normalised against different templates "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(found.items()))}); name one with --stain-template",
+        )
     return next(iter(found), None)
 
 
@@ -129,9 +144,14 @@ def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
     """Commit the provenance record (if not there yet) and return its id. Commit it before
     the vectors that carry its id: until some vector uses it, it is ignored."""
     pid = provenance_id(prov)
-    if store.has_table("provenance") and store.read(
-        "provenance", ["provenance_id"], where=f"table_name = {_quote(table_name)} AND provenance_id = {_quote(pid)}"
-    ).num_rows:
+    if (
+        store.has_table("provenance")
+        and store.read(
+            "provenance",
+            ["provenance_id"],
+            where=f"table_name = {_quote(table_name)} AND provenance_id = {_quote(pid)}",
+        ).num_rows
+    ):
         return pid
     row = {
         "provenance_id": pid,
@@ -169,12 +189,19 @@ def repair(store: Store, table_name: str, slides: pl.DataFrame) -> None:
     prune(store, table_name)
     if not store.has_table(table_name):
         return
-    cols = ["slide_id", "spot_id"] + (["geometry_hash"] if "geometry_hash" in store.dataset(table_name).schema.names else [])
+    cols = ["slide_id", "spot_id"] + (
+        ["geometry_hash"] if "geometry_hash" in store.dataset(table_name).schema.names else []
+    )
     rows = pl.from_arrow(store.read(table_name, cols, where=f"slide_id IN ({sql_list(slides['slide_id'])})"))
     dup = rows.filter(pl.struct("slide_id", "spot_id").is_duplicated())
     for sid, keys in dup.group_by("slide_id"):
         ids = sorted(set(keys["spot_id"]))
-        log.warning("%s: slide %s: %d key(s) stored more than once; deleting them to embed them once", table_name, sid[0], len(ids))
+        log.warning(
+            "%s: slide %s: %d key(s) stored more than once; deleting them to embed them once",
+            table_name,
+            sid[0],
+            len(ids),
+        )
         store.delete(table_name, f"slide_id = {_quote(sid[0])} AND spot_id IN ({sql_list(ids)})")
     if "geometry_hash" not in cols or "geometry_hash" not in slides.columns:
         return
@@ -185,9 +212,23 @@ def repair(store: Store, table_name: str, slides: pl.DataFrame) -> None:
         stale = mine.filter(pl.col("geometry_hash").is_not_null() & (pl.col("geometry_hash") != current)).height
         legacy = mine["geometry_hash"].null_count()
         if stale:
-            log.warning("%s: slide %s changed since its vectors were cut (geometry hash: image, spots or µm/px); "
-                        "deleting %d stale vector(s) to embed them again", table_name, sid, stale)
-            store.delete(table_name, f"slide_id = {_quote(sid)} AND geometry_hash IS NOT NULL AND geometry_hash != {_quote(current)}")
+            log.warning(
+                "%s: slide %s changed since its vectors were cut (geometry hash: image, spots or µm/px); "
+                "deleting %d stale vector(s) to embed them again",
+                table_name,
+                sid,
+                stale,
+            )
+            store.delete(
+                table_name,
+                f"slide_id = {_quote(sid)} AND geometry_hash IS NOT NULL AND geometry_hash != {_quote(current)}",
+            )
         if legacy:
-            log.info("%s: slide %s: %d vector(s) predate geometry hashes and cannot be checked against the slide; "
-                        "if it was re-ingested with moved spots, re-embed it with --overwrite --slide %s", table_name, sid, legacy, sid)
+            log.info(
+                "%s: slide %s: %d vector(s) predate geometry hashes and cannot be checked against the slide; "
+                "if it was re-ingested with moved spots, re-embed it with --overwrite --slide %s",
+                table_name,
+                sid,
+                legacy,
+                sid,
+            )

@@ -86,19 +86,29 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
     try:
         import ray
     except ImportError as exc:
-        raise InputError(None, "--engine", "the Ray engine needs the [distributed] extra "
-                         "(pip install 'stimage-embed[distributed]')") from exc
+        raise InputError(
+            None, "--engine", "the Ray engine needs the [distributed] extra (pip install 'stimage-embed[distributed]')"
+        ) from exc
     started = not ray.is_initialized()
     if started:
         env = {**forwarded_env(), **cfg.extra_env}
         with warnings.catch_warnings():  # Ray forks its daemons after LanceDB started: harmless here
             warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
             try:
-                ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None, include_dashboard=False,
-                         logging_level=logging.WARNING, log_to_driver=False)
+                ray.init(
+                    address=cfg.address,
+                    runtime_env={"env_vars": env} if env else None,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise InputError(None, "--address", f"cannot start or reach Ray at {cfg.address or 'a new local instance'}: "
-                                 f"{' '.join(str(exc).split())[:300]}") from exc
+                raise InputError(
+                    None,
+                    "--address",
+                    f"cannot start or reach Ray at {cfg.address or 'a new local instance'}: "
+                    f"{' '.join(str(exc).split())[:300]}",
+                ) from exc
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.print_on_execution_start = False
@@ -116,8 +126,12 @@ def _pool_size(ray, cfg: RayConfig) -> int:
     if cfg.gpus_per_worker > 0:
         gpus = int(res.get("GPU", 0) // cfg.gpus_per_worker)
         if gpus < 1:
-            raise InputError(None, "--gpus-per-worker", f"the Ray cluster has {res.get('GPU', 0)} GPU(s); "
-                             f"none can host a worker of {cfg.gpus_per_worker} GPU(s)")
+            raise InputError(
+                None,
+                "--gpus-per-worker",
+                f"the Ray cluster has {res.get('GPU', 0)} GPU(s); "
+                f"none can host a worker of {cfg.gpus_per_worker} GPU(s)",
+            )
         return gpus
     return max(1, int(res.get("CPU", 2) // 2))
 
@@ -131,36 +145,72 @@ def _pipeline(ray, plan: Plan, cfg: RayConfig, store: Store, batch_size: int, fl
     # set before the dataset is made, which takes a copy of the context
     ray.data.DataContext.get_current().target_max_block_size = int(1.5 * batch_size * sum(3 * s * s for s in sizes))
     ds = ray.data.from_items(plan.chunk_rows(), override_num_blocks=min(len(plan.chunks), MAX_INPUT_BLOCKS))
-    ds = ds.map_batches(RS.cut_tiles, batch_size=CHUNKS_PER_TASK, batch_format="numpy", num_cpus=cfg.cut_cpus,
-                        fn_kwargs={"sizes": sizes, "backbones": names, "stain_factory": plan.stain_factory})
+    ds = ds.map_batches(
+        RS.cut_tiles,
+        batch_size=CHUNKS_PER_TASK,
+        batch_format="numpy",
+        num_cpus=cfg.cut_cpus,
+        fn_kwargs={"sizes": sizes, "backbones": names, "stain_factory": plan.stain_factory},
+    )
     gpu = cfg.gpus_per_worker > 0
     workers = _pool_size(ray, cfg)
-    specs = [{"name": n, "weights": plan.weights.get(n), "overrides": plan.overrides.get(n),
-              "precision": plan.precision[n]} for n in names]
+    specs = [
+        {"name": n, "weights": plan.weights.get(n), "overrides": plan.overrides.get(n), "precision": plan.precision[n]}
+        for n in names
+    ]
     ds = ds.map_batches(
-        RS.ModelWorker, fn_constructor_kwargs={"specs": specs, "device": "cuda" if gpu else "cpu",
-                                               "threads": cfg.threads_per_worker},
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if gpu else None,
+        RS.ModelWorker,
+        fn_constructor_kwargs={"specs": specs, "device": "cuda" if gpu else "cpu", "threads": cfg.threads_per_worker},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker if gpu else None,
         runtime_env={"env_vars": dict(cfg.extra_env)} if cfg.extra_env else None,
     )
-    tables = {n: {"table": plan.tables[n], "uri": str(store.path / f"{plan.tables[n]}.lance"),
-                  "dim": plan.models[n].embed_dim, "provenance_id": plan.pids[n], "slides": plan.slide_meta}
-              for n in names}
+    tables = {
+        n: {
+            "table": plan.tables[n],
+            "uri": str(store.path / f"{plan.tables[n]}.lance"),
+            "dim": plan.models[n].embed_dim,
+            "provenance_id": plan.pids[n],
+            "slides": plan.slide_meta,
+        }
+        for n in names
+    }
     # writes are light I/O: no CPU reserved (a reserved share stalls them behind the cutting
     # on two cores), at most one in flight per model worker (and one more)
-    return ds.map_batches(RS.write_fragments, batch_size=flush_rows, batch_format="numpy", num_cpus=0,
-                          concurrency=workers + 1,
-                          fn_kwargs={"tables": tables, "storage_options": store.storage_options})
+    return ds.map_batches(
+        RS.write_fragments,
+        batch_size=flush_rows,
+        batch_format="numpy",
+        num_cpus=0,
+        concurrency=workers + 1,
+        fn_kwargs={"tables": tables, "storage_options": store.storage_options},
+    )
 
 
 @writes("embed")
-def embed_ray(store: Store, backbones: list[str], slides: list[str] | None = None, tile_um: float | None = None,
-              stain: str = "macenko", stain_template: str | None = None, batch_size: int = 32, precision: str = "auto",
-              weights: dict[str, str] | None = None, only_qc: bool = False, overwrite: bool = False,
-              flush_rows: int = 512, progress: bool = True, config: RayConfig | None = None,
-              backbone_overrides: dict[str, dict] | None = None, num_workers: int | None = None,
-              device: str = "auto", context_um: float | None = None) -> EmbedReport:
+def embed_ray(
+    store: Store,
+    backbones: list[str],
+    slides: list[str] | None = None,
+    tile_um: float | None = None,
+    stain: str = "macenko",
+    stain_template: str | None = None,
+    batch_size: int = 32,
+    precision: str = "auto",
+    weights: dict[str, str] | None = None,
+    only_qc: bool = False,
+    overwrite: bool = False,
+    flush_rows: int = 512,
+    progress: bool = True,
+    config: RayConfig | None = None,
+    backbone_overrides: dict[str, dict] | None = None,
+    num_workers: int | None = None,
+    device: str = "auto",
+    context_um: float | None = None,
+) -> EmbedReport:
     """The embedding pass on Ray (see the module doc); arguments as ``embed_pass.embed``.
     ``tile_um`` in µm (default: each slide's spot diameter); ``batch_size``: tiles per model
     call; ``flush_rows``: vectors per fragment write and commit; ``num_workers``: model
@@ -172,12 +222,29 @@ def embed_ray(store: Store, backbones: list[str], slides: list[str] | None = Non
         cfg = dataclasses.replace(cfg, workers=num_workers)
     device_used = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     if device not in ("auto", device_used) and not device.startswith(device_used):
-        raise InputError(None, "--device", f"the Ray engine runs the models on {device_used} "
-                         f"(--gpus-per-worker {cfg.gpus_per_worker}); got --device {device}")
+        raise InputError(
+            None,
+            "--device",
+            f"the Ray engine runs the models on {device_used} "
+            f"(--gpus-per-worker {cfg.gpus_per_worker}); got --device {device}",
+        )
     device = device_used
-    plan = plan_pass(store, backbones, slides=slides, tile_um=tile_um, stain=stain, stain_template=stain_template,
-                     precision=precision, weights=weights, only_qc=only_qc, overwrite=overwrite, batch_size=batch_size,
-                     device=device, overrides=backbone_overrides, context_um=context_um)
+    plan = plan_pass(
+        store,
+        backbones,
+        slides=slides,
+        tile_um=tile_um,
+        stain=stain,
+        stain_template=stain_template,
+        precision=precision,
+        weights=weights,
+        only_qc=only_qc,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        device=device,
+        overrides=backbone_overrides,
+        context_um=context_um,
+    )
     report = EmbedReport(precision=dict(plan.precision))
     tables = list(plan.tables.values())
     if not plan.chunks:
@@ -189,7 +256,9 @@ def embed_ray(store: Store, backbones: list[str], slides: list[str] | None = Non
     before = {t: data_files(store, t) for t in tables}
     n_tiles = sum(len(c.spot_ids) for c in plan.chunks)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_tiles * len(tables), unit="vec", desc="embed (ray) " + ",".join(plan.models), disable=not progress)
+    bar = tqdm(
+        total=n_tiles * len(tables), unit="vec", desc="embed (ray) " + ",".join(plan.models), disable=not progress
+    )
     with ray_session(cfg) as ray:
         ds = _pipeline(ray, plan, cfg, store, batch_size, flush_rows)
         try:
@@ -207,7 +276,9 @@ def embed_ray(store: Store, backbones: list[str], slides: list[str] | None = Non
     bar.close()
     report.tiles = n_tiles
     report.seconds = time.perf_counter() - t0
-    report.bytes_written = sum(size for t in tables for path, size in data_files(store, t).items() if path not in before[t])
+    report.bytes_written = sum(
+        size for t in tables for path, size in data_files(store, t).items() if path not in before[t]
+    )
     maintain(store, tables + ["provenance"])
     return report
 
@@ -215,4 +286,3 @@ def embed_ray(store: Store, backbones: list[str], slides: list[str] | None = Non
 def _backbone_of(plan: Plan, table: str) -> str:
     """The backbone whose vectors ``table`` holds."""
     return next(n for n, t in plan.tables.items() if t == table)
-

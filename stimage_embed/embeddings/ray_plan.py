@@ -51,20 +51,39 @@ class Plan:
         rows = []
         for c in self.chunks:
             job = self.jobs[c.slide_id]
-            row = {"slide_id": c.slide_id, "chunk": c.index, "spot_ids": list(c.spot_ids), "pixel_x": list(c.pixel_x),
-                   "pixel_y": list(c.pixel_y), "tissue_fraction": [float(self.tissue[(c.slide_id, s)]) for s in c.spot_ids],
-                   "image_path": job.image_path, "um_per_px": job.um_per_px, "tile_um": job.tile_um}
+            row = {
+                "slide_id": c.slide_id,
+                "chunk": c.index,
+                "spot_ids": list(c.spot_ids),
+                "pixel_x": list(c.pixel_x),
+                "pixel_y": list(c.pixel_y),
+                "tissue_fraction": [float(self.tissue[(c.slide_id, s)]) for s in c.spot_ids],
+                "image_path": job.image_path,
+                "um_per_px": job.um_per_px,
+                "tile_um": job.tile_um,
+            }
             for name in self.models:
                 row[need_column(name)] = [(c.slide_id, s) not in self.done[name] for s in c.spot_ids]
             rows.append(row)
         return rows
 
 
-def plan_pass(store: Store, backbones: list[str], slides: list[str] | None = None, tile_um: float | None = None,
-              stain: str = "macenko", stain_template: str | None = None, precision: str = "auto",
-              weights: dict[str, str] | None = None, only_qc: bool = False, overwrite: bool = False,
-              batch_size: int = 32, device: str = "cpu", overrides: dict[str, dict] | None = None,
-              context_um: float | None = None) -> Plan:
+def plan_pass(
+    store: Store,
+    backbones: list[str],
+    slides: list[str] | None = None,
+    tile_um: float | None = None,
+    stain: str = "macenko",
+    stain_template: str | None = None,
+    precision: str = "auto",
+    weights: dict[str, str] | None = None,
+    only_qc: bool = False,
+    overwrite: bool = False,
+    batch_size: int = 32,
+    device: str = "cpu",
+    overrides: dict[str, dict] | None = None,
+    context_um: float | None = None,
+) -> Plan:
     """Everything decided before the first tile, as the local pass decides it; commits the
     provenance records (and, with ``overwrite``, drops or deletes the old vectors).
     Units: ``tile_um`` / ``context_um`` in µm. ``device``: where the workers run the models
@@ -80,25 +99,48 @@ def plan_pass(store: Store, backbones: list[str], slides: list[str] | None = Non
         tile_um = float(context_um)
     slide_tab, spots = select_spots(store, slides, only_qc)
     plan = Plan(weights=dict(weights or {}), overrides=dict(overrides or {}))
-    plan.models = {n: create_model(n, weights=plan.weights.get(n), device="cpu", overrides=plan.overrides.get(n))
-                   for n in backbones}
-    template_id, plan.stain_factory, stain_desc = stain_target(store, backbones, stain, stain_template,
-                                                               overwrite and not slides)
+    plan.models = {
+        n: create_model(n, weights=plan.weights.get(n), device="cpu", overrides=plan.overrides.get(n))
+        for n in backbones
+    }
+    template_id, plan.stain_factory, stain_desc = stain_target(
+        store, backbones, stain, stain_template, overwrite and not slides
+    )
     provs = {}
     for name, bb in plan.models.items():
-        prov = {"backbone": name, "spec_hash": bb.spec.spec_hash(), "weights_sha256": bb.weights_sha256,
-                "transform": bb.transform_description(), "tile_um": tile_um if tile_um is not None else "spot_diameter",
-                "tile_px": bb.input_size, "stain_method": stain, "stain_template": template_id, "stain": stain_desc}
+        prov = {
+            "backbone": name,
+            "spec_hash": bb.spec.spec_hash(),
+            "weights_sha256": bb.weights_sha256,
+            "transform": bb.transform_description(),
+            "tile_um": tile_um if tile_um is not None else "spot_diameter",
+            "tile_px": bb.input_size,
+            "stain_method": stain,
+            "stain_template": template_id,
+            "stain": stain_desc,
+        }
         if context_um is not None:
             prov["context_um"] = float(context_um)
         plan.tables[name] = P.vector_table_name(name, context_um)
         plan.precision[name], provs[name], plan.done[name] = prepare_table(
-            store, name, bb, prov, precision, torch.device(device), slide_tab, overwrite, slides, table=plan.tables[name])
+            store,
+            name,
+            bb,
+            prov,
+            precision,
+            torch.device(device),
+            slide_tab,
+            overwrite,
+            slides,
+            table=plan.tables[name],
+        )
     plan.jobs, plan.chunks = work_list(slide_tab, spots, tile_um, batch_size, plan.done)
     if plan.chunks:  # as the local pass: a record only for a pass that writes vectors
         plan.pids = {name: P.record(store, plan.tables[name], provs[name]) for name in plan.models}
     plan.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
     ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
-    plan.slide_meta = {sid: {"tile_um": job.tile_um, "um_per_px": job.um_per_px, "geometry_hash": ghash.get(sid)}
-                       for sid, job in plan.jobs.items()}
+    plan.slide_meta = {
+        sid: {"tile_um": job.tile_um, "um_per_px": job.um_per_px, "geometry_hash": ghash.get(sid)}
+        for sid, job in plan.jobs.items()
+    }
     return plan

@@ -48,8 +48,9 @@ def vector_column(backbone: str) -> str:
     return f"vec_{backbone}"
 
 
-def cut_tiles(batch: dict[str, np.ndarray], sizes: tuple[int, ...], backbones: tuple[str, ...],
-              stain_factory=None) -> Iterator[dict[str, np.ndarray]]:
+def cut_tiles(
+    batch: dict[str, np.ndarray], sizes: tuple[int, ...], backbones: tuple[str, ...], stain_factory=None
+) -> Iterator[dict[str, np.ndarray]]:
     """Chunk rows -> tile rows (see the module doc), yielded chunk by chunk so the model
     workers start on the first chunk while the task cuts the next. Consecutive chunks of one
     slide share one decoded image and stain fit. Tiles: uint8 (N, px, px, 3) per input size."""
@@ -61,16 +62,26 @@ def cut_tiles(batch: dict[str, np.ndarray], sizes: tuple[int, ...], backbones: t
                 if image is not None:
                     image.close()
                     image = None
-                job = SlideJob(sid, str(batch["image_path"][i]), float(batch["um_per_px"][i]), float(batch["tile_um"][i]))
+                job = SlideJob(
+                    sid, str(batch["image_path"][i]), float(batch["um_per_px"][i]), float(batch["tile_um"][i])
+                )
                 image, readers = TileStream([], {sid: job}, sizes, stain_factory=stain_factory).open_slide(sid)
                 open_id = sid
             spots = [str(s) for s in batch["spot_ids"][i]]
-            chunk = Chunk(sid, int(batch["chunk"][i]), tuple(spots), tuple(map(float, batch["pixel_x"][i])),
-                          tuple(map(float, batch["pixel_y"][i])))
+            chunk = Chunk(
+                sid,
+                int(batch["chunk"][i]),
+                tuple(spots),
+                tuple(map(float, batch["pixel_x"][i])),
+                tuple(map(float, batch["pixel_y"][i])),
+            )
             cut = TileStream.cut(chunk, readers)
-            out = {"slide_id": np.array([sid] * len(spots), object), "spot_id": np.array(spots, object),
-                   "padded": cut["padded"].numpy(),
-                   "tissue_fraction": np.asarray(batch["tissue_fraction"][i], np.float32)}
+            out = {
+                "slide_id": np.array([sid] * len(spots), object),
+                "spot_id": np.array(spots, object),
+                "padded": cut["padded"].numpy(),
+                "tissue_fraction": np.asarray(batch["tissue_fraction"][i], np.float32),
+            }
             out.update({need_column(b): np.asarray(batch[need_column(b)][i], bool) for b in backbones})
             out.update({tile_column(s): cut["tiles"][s].numpy() for s in sizes})
             yield out
@@ -92,8 +103,12 @@ class ModelWorker:
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.models = {s["name"]: create_model(s["name"], weights=s.get("weights"), device=str(self.device),
-                                               overrides=s.get("overrides")) for s in specs}
+        self.models = {
+            s["name"]: create_model(
+                s["name"], weights=s.get("weights"), device=str(self.device), overrides=s.get("overrides")
+            )
+            for s in specs
+        }
         self.precision = {s["name"]: s["precision"] for s in specs}
         self.calls = 0
 
@@ -105,7 +120,11 @@ class ModelWorker:
         x = bb.preprocess(torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device))
         x = x.contiguous(memory_format=torch.channels_last)
         prec = self.precision[name]
-        ctx = torch.autocast(self.device.type, dtype=getattr(torch, prec)) if prec != "float32" else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(self.device.type, dtype=getattr(torch, prec))
+            if prec != "float32"
+            else contextlib.nullcontext()
+        )
         with torch.inference_mode(), ctx:
             return bb(x).float().cpu().numpy()
 
@@ -166,8 +185,9 @@ def vector_table(batch: dict[str, np.ndarray], name: str, dim: int, meta: dict[s
     )
 
 
-def write_fragments(batch: dict[str, np.ndarray], tables: dict[str, dict[str, Any]],
-                    storage_options: dict[str, str] | None) -> dict[str, np.ndarray]:
+def write_fragments(
+    batch: dict[str, np.ndarray], tables: dict[str, dict[str, Any]], storage_options: dict[str, str] | None
+) -> dict[str, np.ndarray]:
     """Write each backbone's needed rows of ``batch`` as Lance fragments of its table, with
     ``lance_ray.LanceFragmentWriter``; returns one row per fragment: ``table``, ``fragment``
     (pickled ``FragmentMetadata``), ``rows``. Nothing is committed here (the driver does)."""
@@ -184,6 +204,8 @@ def write_fragments(batch: dict[str, np.ndarray], tables: dict[str, dict[str, An
             out["table"].append(info["table"])
             out["fragment"].append(frag)
             out["rows"].append(pickle.loads(frag).physical_rows)
-    return {"table": np.array(out["table"], object), "fragment": np.array(out["fragment"], object),
-            "rows": np.array(out["rows"], np.int64)}
-
+    return {
+        "table": np.array(out["table"], object),
+        "fragment": np.array(out["fragment"], object),
+        "rows": np.array(out["rows"], np.int64),
+    }

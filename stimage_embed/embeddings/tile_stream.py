@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def _transformer(fitted) -> Callable[[np.ndarray], np.ndarray]:
     return fitted.transformer() if hasattr(fitted, "transformer") else fitted.transform
 
 
-def assign_chunks(chunks: list["Chunk"], worker: int, n_workers: int) -> list["Chunk"]:
+def assign_chunks(chunks: list[Chunk], worker: int, n_workers: int) -> list[Chunk]:
     """The chunks one worker handles. With at least two slides per worker, whole slides are
     dealt out (each slide decoded and stain-fitted by one worker only); otherwise chunks
     are dealt round-robin so a single large slide still uses every worker."""
@@ -147,7 +148,9 @@ def make_chunks(slide_id: str, spot_ids: np.ndarray, px: np.ndarray, py: np.ndar
     out = []
     for k, start in enumerate(range(0, len(order), chunk_size)):
         sel = order[start : start + chunk_size]
-        out.append(Chunk(slide_id, k, tuple(spot_ids[sel].astype(str)), tuple(px[sel].tolist()), tuple(py[sel].tolist())))
+        out.append(
+            Chunk(slide_id, k, tuple(spot_ids[sel].astype(str)), tuple(px[sel].tolist()), tuple(py[sel].tolist()))
+        )
     return out
 
 
@@ -191,7 +194,10 @@ class TileStream(IterableDataset):
         except BaseException:
             image.close()
             raise
-        readers = {s: TileReader(image, job.um_per_px, TileGeometry(job.tile_um, s, self.interpolation), normalize) for s in self.sizes}
+        readers = {
+            s: TileReader(image, job.um_per_px, TileGeometry(job.tile_um, s, self.interpolation), normalize)
+            for s in self.sizes
+        }
         return image, readers
 
     @staticmethod

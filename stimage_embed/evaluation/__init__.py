@@ -5,20 +5,6 @@ Works on numpy / scipy.sparse arrays and polars tables; the store and the ``comp
 command wire it to cached data.
 """
 
-from stimage_embed.predictions.genes import (
-    GeneSpec,
-    HVGStats,
-    available_panels,
-    detection_fraction,
-    hvg_seurat,
-    load_gene_list,
-    panel_path,
-    parse_gene_spec,
-    read_gene_list,
-    resolve_gene_list,
-    select_genes,
-    top_hvg,
-)
 from stimage_embed.evaluation.metrics import (
     REGRESSION_METRICS,
     ccc,
@@ -50,6 +36,20 @@ from stimage_embed.evaluation.spatial import (
     spot_raster_index,
 )
 from stimage_embed.evaluation.splits import Fold, SplitSpec, explicit_split, make_folds, parse_split, slide_table
+from stimage_embed.predictions.genes import (
+    GeneSpec,
+    HVGStats,
+    available_panels,
+    detection_fraction,
+    hvg_seurat,
+    load_gene_list,
+    panel_path,
+    parse_gene_spec,
+    read_gene_list,
+    resolve_gene_list,
+    select_genes,
+    top_hvg,
+)
 
 __all__ = [
     "REGRESSION_METRICS",

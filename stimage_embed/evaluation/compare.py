@@ -34,7 +34,13 @@ from stimage_embed.errors import InputError, StoreError
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
 from stimage_embed.evaluation.views import leaderboard
-from stimage_embed.predictions.arrays import SpotArrays, embedded_slides, load_spot_arrays, shuffled_within_slides, table_provenance
+from stimage_embed.predictions.arrays import (
+    SpotArrays,
+    embedded_slides,
+    load_spot_arrays,
+    shuffled_within_slides,
+    table_provenance,
+)
 from stimage_embed.predictions.fstimage import combine_backbones
 from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
 from stimage_embed.predictions.registry import HEADS, head_names, head_spec
@@ -92,14 +98,23 @@ def _drop_uncommitted(store: Store) -> None:
                 for name in ("predictions", "metrics"):
                     n = store.delete(name, f"run_id IN ({sql_list([rid])})")
                     if n:
-                        log.warning("removing %d row(s) of run %s from %s: its writer was interrupted before committing it", n, rid, name)
+                        log.warning(
+                            "removing %d row(s) of run %s from %s: its writer was interrupted before committing it",
+                            n,
+                            rid,
+                            name,
+                        )
             store.clear_pending("compare", rid)
 
 
 def _embedded_slides(store: Store, backbones: list[str]) -> set[str]:
     """Slides with counts (rows in ``expression``) and vectors in every backbone's table;
     image-only slides (``infer``) have no counts and are never in a fold."""
-    with_counts = set(store.sql("SELECT DISTINCT slide_id FROM expression")["slide_id"]) if store.has_table("expression") else set()
+    with_counts = (
+        set(store.sql("SELECT DISTINCT slide_id FROM expression")["slide_id"])
+        if store.has_table("expression")
+        else set()
+    )
     sets = [embedded_slides(store, b) for b in backbones]
     return set.intersection(with_counts, *sets) if sets else set()
 
@@ -109,10 +124,16 @@ def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
     have = _embedded_slides(store, cfg.backbones)
     skipped = sorted(set(slides["slide_id"]) - have)
     if skipped:
-        log.warning("slides without vectors for every backbone (%s) are left out of the folds: %s", ", ".join(cfg.backbones), skipped)
+        log.warning(
+            "slides without vectors for every backbone (%s) are left out of the folds: %s",
+            ", ".join(cfg.backbones),
+            skipped,
+        )
     slides = slides.filter(pl.col("slide_id").is_in(sorted(have)))
     if slides.height == 0:
-        raise StoreError(f"{store.path}: no slide has vectors for all of {cfg.backbones}; run `stimage-embed embed` first")
+        raise StoreError(
+            f"{store.path}: no slide has vectors for all of {cfg.backbones}; run `stimage-embed embed` first"
+        )
     datasets = cfg.datasets or sorted(slides["dataset"].unique().to_list())
     unknown = sorted(set(datasets) - set(slides["dataset"]))
     if unknown:
@@ -139,7 +160,9 @@ def _check_config(cfg: CompareConfig) -> list[str]:
         raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     if spanning and len(cfg.backbones) < 2:
-        raise InputError(None, "--heads", f"{', '.join(spanning)} average several backbones: give at least two --backbones")
+        raise InputError(
+            None, "--heads", f"{', '.join(spanning)} average several backbones: give at least two --backbones"
+        )
     bad = sorted(set(cfg.controls) - set(CONTROLS[1:]))
     if bad:
         raise InputError(None, "--control", f"unknown controls {bad}; choose from {', '.join(CONTROLS[1:])}")
@@ -207,18 +230,35 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     per_fold = len(cfg.backbones) * len(single) + len(spanning)
     bar = tqdm(total=len(folds) * len(controls) * per_fold, desc="compare", unit="run", disable=not progress)
     ses = _Session(
-        store, cfg, committed_runs(store),
+        store,
+        cfg,
+        committed_runs(store),
         pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"])),
-        pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])), provs, bar,
+        pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])),
+        provs,
+        bar,
     )
     tasks: list[_Task] = []
     # each fold's genes from its training counts, the folds side by side (reads and sparse sums)
-    fold_gene_lists = dict(threaded_map(lambda i: fold_genes(store, folds[i][1].train_slides, cfg.genes), range(len(folds)), workers))
+    fold_gene_lists = dict(
+        threaded_map(lambda i: fold_genes(store, folds[i][1].train_slides, cfg.genes), range(len(folds)), workers)
+    )
     for i, (ds, fold) in enumerate(folds):
         genes = fold_gene_lists[i]
-        bases = [{"dataset": ds, "split": cfg.split if cfg.train_slides is None else "explicit", "fold": fold.name,
-                  "train": sorted(fold.train_slides), "test": sorted(fold.test_slides), "genes": genes,
-                  "gene_spec": cfg.genes, "only_qc": cfg.only_qc, "control": control} for control in controls]
+        bases = [
+            {
+                "dataset": ds,
+                "split": cfg.split if cfg.train_slides is None else "explicit",
+                "fold": fold.name,
+                "train": sorted(fold.train_slides),
+                "test": sorted(fold.test_slides),
+                "genes": genes,
+                "gene_spec": cfg.genes,
+                "only_qc": cfg.only_qc,
+                "control": control,
+            }
+            for control in controls
+        ]
         tasks += [_Task(fold, bb, bases) for bb in cfg.backbones]
     # the largest folds first, so the last tasks to finish are short ones and no core idles long
     spots_per_slide = dict(ses.spots.group_by("slide_id").len().iter_rows())
@@ -243,7 +283,9 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
             runs = unwritten.pop(fold)
             for c, base in enumerate(task.bases):
                 for head in spanning:
-                    runs += _run_spanning(ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones})
+                    runs += _run_spanning(
+                        ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones}
+                    )
             if runs:  # one write batch per fold: its backbones' runs and the spanning heads'
                 _write_runs(ses, runs)
     bar.close()
@@ -253,8 +295,10 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
 
 def _fold_arrays(ses: _Session, task: _Task, genes: list[str]) -> tuple[SpotArrays, SpotArrays]:
     """(train, test) arrays of a task's backbone on its fold."""
-    return (load_spot_arrays(ses.store, task.backbone, task.fold.train_slides, genes, only_qc=ses.cfg.only_qc),
-            load_spot_arrays(ses.store, task.backbone, task.fold.test_slides, genes, only_qc=ses.cfg.only_qc))
+    return (
+        load_spot_arrays(ses.store, task.backbone, task.fold.train_slides, genes, only_qc=ses.cfg.only_qc),
+        load_spot_arrays(ses.store, task.backbone, task.fold.test_slides, genes, only_qc=ses.cfg.only_qc),
+    )
 
 
 def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
@@ -269,8 +313,16 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
         for head in heads:
             spec = head_spec(head)
             params = ses.cfg.head_params.get(head, {})
-            rid = run_hash({**base, "backbone": task.backbone, "provenance": pid, "head": head, "params": params,
-                            "effective_params": head_config(head, params)})
+            rid = run_hash(
+                {
+                    **base,
+                    "backbone": task.backbone,
+                    "provenance": pid,
+                    "head": head,
+                    "params": params,
+                    "effective_params": head_config(head, params),
+                }
+            )
             ids[head] = rid
             if rid in ses.done:
                 out.reused += 1
@@ -288,16 +340,32 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
             if getattr(model, "alpha_", None) is not None:
                 alphas[head] = model.alpha_
             pred = predict_head(head, model, test).with_columns(pl.lit(rid).alias("run_id"))
-            row = runs_row(run_id=rid, dataset=base["dataset"], backbone=task.backbone, members=[task.backbone], head=head,
-                           split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
-                           gene_spec=base["gene_spec"], genes=base["genes"], params=params, provenance_ids=[pid],
-                           n_train_spots=train.X.shape[0], fit_seconds=fit_s, control=base["control"])
+            row = runs_row(
+                run_id=rid,
+                dataset=base["dataset"],
+                backbone=task.backbone,
+                members=[task.backbone],
+                head=head,
+                split=base["split"],
+                fold=base["fold"],
+                train_slides=base["train"],
+                test_slides=base["test"],
+                gene_spec=base["gene_spec"],
+                genes=base["genes"],
+                params=params,
+                provenance_ids=[pid],
+                n_train_spots=train.X.shape[0],
+                fit_seconds=fit_s,
+                control=base["control"],
+            )
             out.computed.append((row, pred, score_run(pred, ses.spots, ses.slides, head)))
         out.ids.append(ids)
     return out
 
 
-def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str]) -> list[tuple[dict, pl.DataFrame, pl.DataFrame]]:
+def _run_spanning(
+    ses: _Session, base: dict, head: str, nb_runs: dict[str, str]
+) -> list[tuple[dict, pl.DataFrame, pl.DataFrame]]:
     """Run (or reuse) a head spanning backbones (FSTimage) from the fold's runs of the head
     it combines (``nb_runs``: backbone -> run id); returns the run to write (none if reused)."""
     rid = run_hash({**base, "head": head, "members": nb_runs, "missing": ses.cfg.missing})
@@ -315,11 +383,24 @@ def _run_spanning(ses: _Session, base: dict, head: str, nb_runs: dict[str, str])
         members.update({bb: allp.filter(pl.col("run_id") == r) for bb, r in nb_runs.items() if bb not in members})
     members = {bb: members[bb] for bb in nb_runs}  # the backbones' order
     pred = combine_backbones(members, missing=ses.cfg.missing).with_columns(pl.lit(rid).alias("run_id"))
-    row = runs_row(run_id=rid, dataset=base["dataset"], backbone=head, members=list(nb_runs), head=head,
-                   split=base["split"], fold=base["fold"], train_slides=base["train"], test_slides=base["test"],
-                   gene_spec=base["gene_spec"], genes=base["genes"], params={"missing": ses.cfg.missing},
-                   provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs], n_train_spots=0, fit_seconds=0.0,
-                   control=base["control"])
+    row = runs_row(
+        run_id=rid,
+        dataset=base["dataset"],
+        backbone=head,
+        members=list(nb_runs),
+        head=head,
+        split=base["split"],
+        fold=base["fold"],
+        train_slides=base["train"],
+        test_slides=base["test"],
+        gene_spec=base["gene_spec"],
+        genes=base["genes"],
+        params={"missing": ses.cfg.missing},
+        provenance_ids=[provenance_id(ses.provs[b]) for b in nb_runs],
+        n_train_spots=0,
+        fit_seconds=0.0,
+        control=base["control"],
+    )
     ses.bar.update()
     return [(row, pred, score_run(pred, ses.spots, ses.slides, head))]
 
@@ -348,11 +429,23 @@ def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame
                 for name in ("predictions", "metrics"):
                     store.delete(name, f"run_id IN ({sql_list(stale)})")
             store.append("predictions", pl.concat([pred for _, pred, _ in todo], how="vertical_relaxed"))
-            store.append("metrics", pl.concat([metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
-                pl.lit(row["run_id"]).alias("run_id"), pl.lit(row["dataset"]).alias("dataset"),
-                pl.lit(row["backbone"]).alias("backbone"), pl.lit(row["head"]).alias("head"),
-                pl.lit(row["fold"]).alias("fold"), pl.lit(row["control"]).alias("control"),
-            ) for row, _, metrics in todo], how="vertical_relaxed"))
+            store.append(
+                "metrics",
+                pl.concat(
+                    [
+                        metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+                            pl.lit(row["run_id"]).alias("run_id"),
+                            pl.lit(row["dataset"]).alias("dataset"),
+                            pl.lit(row["backbone"]).alias("backbone"),
+                            pl.lit(row["head"]).alias("head"),
+                            pl.lit(row["fold"]).alias("fold"),
+                            pl.lit(row["control"]).alias("control"),
+                        )
+                        for row, _, metrics in todo
+                    ],
+                    how="vertical_relaxed",
+                ),
+            )
             store.append("runs", pa.Table.from_pylist([row for row, _, _ in todo], schema=S.RUNS))
             for rid in ids:
                 store.clear_pending("compare", rid)

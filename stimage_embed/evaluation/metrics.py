@@ -147,7 +147,9 @@ def _long(genes: Sequence[str], values: Mapping[str, np.ndarray]) -> pl.DataFram
         {
             "gene": genes * len(names),
             "metric": [m for m in names for _ in genes],
-            "value": np.concatenate([np.asarray(values[m], dtype=np.float64) for m in names]) if names else np.array([]),
+            "value": np.concatenate([np.asarray(values[m], dtype=np.float64) for m in names])
+            if names
+            else np.array([]),
         },
         schema={"gene": pl.String, "metric": pl.String, "value": pl.Float64},
     )
@@ -267,7 +269,11 @@ def classification_metrics(
 
 
 def per_slide_classification_metrics(
-    y_true: ArrayLike, y_score: ArrayLike, genes: Sequence[str], slide_ids: Sequence[str] | np.ndarray, threshold: float = 0.5
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    genes: Sequence[str],
+    slide_ids: Sequence[str] | np.ndarray,
+    threshold: float = 0.5,
 ) -> pl.DataFrame:
     """:func:`classification_metrics` within each slide: ``slide_id, gene, metric, value``."""
     return _by_slide(classification_metrics, (y_true, y_score), slide_ids, genes=genes, threshold=threshold)

@@ -47,9 +47,15 @@ def compare_pair(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0
     d = a[ok] - b[ok]
     lo, hi = bootstrap_mean_ci(d, n_boot=n_boot, seed=seed)
     verdict = "tie" if not (lo > 0 or hi < 0) else ("a" if lo > 0 else "b")
-    return {"n_pairs": int(ok.sum()), "mean_a": float(a[ok].mean()) if ok.any() else float("nan"),
-            "mean_b": float(b[ok].mean()) if ok.any() else float("nan"),
-            "diff": float(d.mean()) if d.size else float("nan"), "ci_low": lo, "ci_high": hi, "verdict": verdict}
+    return {
+        "n_pairs": int(ok.sum()),
+        "mean_a": float(a[ok].mean()) if ok.any() else float("nan"),
+        "mean_b": float(b[ok].mean()) if ok.any() else float("nan"),
+        "diff": float(d.mean()) if d.size else float("nan"),
+        "ci_low": lo,
+        "ci_high": hi,
+        "verdict": verdict,
+    }
 
 
 def paired_comparisons(
@@ -75,12 +81,35 @@ def paired_comparisons(
         entries = {k: g.select(*PAIR_KEY, "value") for k, g in grp.group_by(["backbone", "head"], maintain_order=True)}
         means = {k: float(v["value"].mean()) for k, v in entries.items()}
         for x, y in itertools.combinations(sorted(entries, key=lambda k: -means[k]), 2):
-            j = entries[x].join(entries[y], on=list(PAIR_KEY), suffix="_b").sort(list(PAIR_KEY))  # a fixed order: reproducible CI
+            j = (
+                entries[x].join(entries[y], on=list(PAIR_KEY), suffix="_b").sort(list(PAIR_KEY))
+            )  # a fixed order: reproducible CI
             res = compare_pair(j["value"].to_numpy(), j["value_b"].to_numpy(), n_boot=n_boot, seed=seed)
-            rows.append({**dict(zip(GROUP, keys)), "a_backbone": x[0], "a_head": x[1], "b_backbone": y[0], "b_head": y[1], **res})
+            rows.append(
+                {
+                    **dict(zip(GROUP, keys)),
+                    "a_backbone": x[0],
+                    "a_head": x[1],
+                    "b_backbone": y[0],
+                    "b_head": y[1],
+                    **res,
+                }
+            )
     if not rows:
-        return pl.DataFrame(schema={**{k: pl.String for k in GROUP}, "a_backbone": pl.String, "a_head": pl.String,
-                                    "b_backbone": pl.String, "b_head": pl.String, "n_pairs": pl.Int64, "mean_a": pl.Float64,
-                                    "mean_b": pl.Float64, "diff": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-                                    "verdict": pl.String})
+        return pl.DataFrame(
+            schema={
+                **{k: pl.String for k in GROUP},
+                "a_backbone": pl.String,
+                "a_head": pl.String,
+                "b_backbone": pl.String,
+                "b_head": pl.String,
+                "n_pairs": pl.Int64,
+                "mean_a": pl.Float64,
+                "mean_b": pl.Float64,
+                "diff": pl.Float64,
+                "ci_low": pl.Float64,
+                "ci_high": pl.Float64,
+                "verdict": pl.String,
+            }
+        )
     return pl.DataFrame(rows)

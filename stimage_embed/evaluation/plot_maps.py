@@ -43,12 +43,22 @@ def spot_diameter(xy: np.ndarray) -> float:
     return 0.95 * float(np.median(nn)) if nn.size else 1.0
 
 
-def _draw_spots(ax: Axes, xy: np.ndarray, values: np.ndarray, diameter: float, cmap: str | ListedColormap,
-                norm: Normalize) -> EllipseCollection:
+def _draw_spots(
+    ax: Axes, xy: np.ndarray, values: np.ndarray, diameter: float, cmap: str | ListedColormap, norm: Normalize
+) -> EllipseCollection:
     """Spots as circles of ``diameter`` data units at ``xy`` (pixels), y axis inverted."""
     n = xy.shape[0]
-    coll = EllipseCollection(np.full(n, diameter), np.full(n, diameter), np.zeros(n), units="xy",
-                             offsets=xy, offset_transform=ax.transData, cmap=cmap, norm=norm, linewidths=0)
+    coll = EllipseCollection(
+        np.full(n, diameter),
+        np.full(n, diameter),
+        np.zeros(n),
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        norm=norm,
+        linewidths=0,
+    )
     coll.set_array(np.asarray(values, dtype=np.float64))
     ax.add_collection(coll, autolim=False)
     pad = diameter
@@ -73,8 +83,9 @@ def _robust_norm(v: np.ndarray) -> Normalize:
     return Normalize(float(lo), float(hi))
 
 
-def _map_figure(n: int, xy: np.ndarray, diameter: float, *, extra_right: float = 0.0,
-                top: float = 0.8) -> tuple[Figure, list[Axes], list[Axes]]:
+def _map_figure(
+    n: int, xy: np.ndarray, diameter: float, *, extra_right: float = 0.0, top: float = 0.8
+) -> tuple[Figure, list[Axes], list[Axes]]:
     """A row of ``n`` map panels sized to the slide's aspect ratio, each with a colour-bar
     axes on its right; fixed layout in inches (faster than constrained layout)."""
     w = float(np.ptp(xy[:, 0])) + 2 * diameter
@@ -180,9 +191,18 @@ def iou_maps(
         hi = np.asarray(hi, dtype=bool)
         if hi.any():
             k = int(hi.sum())
-            dots = EllipseCollection(np.full(k, diam * 0.3), np.full(k, diam * 0.3), np.zeros(k), units="xy",
-                                     offsets=xy[hi], offset_transform=ax.transData, facecolors="white",
-                                     edgecolors="black", linewidths=0.6, zorder=3)
+            dots = EllipseCollection(
+                np.full(k, diam * 0.3),
+                np.full(k, diam * 0.3),
+                np.zeros(k),
+                units="xy",
+                offsets=xy[hi],
+                offset_transform=ax.transData,
+                facecolors="white",
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
             ax.add_collection(dots, autolim=False)
         ax.set_title(f"{name}: smoothed fraction of high spots\n(white dot = high region, > {threshold:g})", fontsize=9)
         cb = fig.colorbar(coll, cax=caxes[i])
@@ -197,11 +217,15 @@ def iou_maps(
     counts = np.bincount(cls, minlength=4)
     axes[2].set_title("overlap of the high regions", fontsize=9)
     caxes[2].set_axis_off()
-    caxes[2].legend(handles=[Patch(color=c, label=f"{lab}: {n}") for (lab, c), n in zip(OVERLAP_CLASSES, counts)],
-                    fontsize=7, loc="center left", frameon=False, title="spots", title_fontsize=7)
+    caxes[2].legend(
+        handles=[Patch(color=c, label=f"{lab}: {n}") for (lab, c), n in zip(OVERLAP_CLASSES, counts)],
+        fontsize=7,
+        loc="center left",
+        frameon=False,
+        title="spots",
+        title_fontsize=7,
+    )
     for ax in axes[1:]:
         ax.set_ylabel("")
     _suptitle(fig, title)
     return save_figure(fig, path)
-
-

@@ -28,8 +28,18 @@ from stimage_embed.evaluation.plot_maps import OVERLAP_CLASSES, iou_maps, spatia
 from stimage_embed.predictions.registry import HEADS, head_names
 
 __all__ = [
-    "BASELINE_HEADS", "DPI", "HEAD_ORDER", "OVERLAP_CLASSES", "SPANNING", "backbone_colours", "calibration_plot",
-    "iou_maps", "order_heads", "pcc_boxplot", "spatial_maps", "spot_diameter",
+    "BASELINE_HEADS",
+    "DPI",
+    "HEAD_ORDER",
+    "OVERLAP_CLASSES",
+    "SPANNING",
+    "backbone_colours",
+    "calibration_plot",
+    "iou_maps",
+    "order_heads",
+    "pcc_boxplot",
+    "spatial_maps",
+    "spot_diameter",
 ]
 
 #: heads shown as references (grey background in the box plot), from the head registry
@@ -89,24 +99,42 @@ def pcc_boxplot(per_slide: pl.DataFrame, path: Path, *, metric_label: str = "Pea
         for gi, head in enumerate(heads):
             if head in BASELINE_HEADS:
                 ax.axvspan(gi - 0.5, gi + 0.5, color="#F0F0F0", zorder=0)
-            bbs = sorted(sub.filter(pl.col("head") == head)["backbone"].unique().to_list(),
-                         key=lambda b: (b in SPANNING, b))
+            bbs = sorted(
+                sub.filter(pl.col("head") == head)["backbone"].unique().to_list(), key=lambda b: (b in SPANNING, b)
+            )
             width = 0.8 / len(bbs)
-            vals = {bb: sub.filter((pl.col("head") == head) & (pl.col("backbone") == bb))["value"].drop_nulls().to_numpy()
-                    for bb in bbs}
+            vals = {
+                bb: sub.filter((pl.col("head") == head) & (pl.col("backbone") == bb))["value"].drop_nulls().to_numpy()
+                for bb in bbs
+            }
             if all(v.size == 0 for v in vals.values()):
-                ax.text(gi, 0.02, "r undefined\n(constant prediction)", ha="center", va="bottom", fontsize=7,
-                        color="#555555")
+                ax.text(
+                    gi,
+                    0.02,
+                    "r undefined\n(constant prediction)",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="#555555",
+                )
             for bi, bb in enumerate(bbs):
                 x = gi - 0.4 + width * (bi + 0.5)
                 v = vals[bb]
                 if v.size == 0:
                     if any(u.size for u in vals.values()):
-                        ax.text(x, 0.02, "r undefined", ha="center", va="bottom", fontsize=7, color="#555555",
-                                rotation=90)
+                        ax.text(
+                            x, 0.02, "r undefined", ha="center", va="bottom", fontsize=7, color="#555555", rotation=90
+                        )
                     continue
-                bp = ax.boxplot(v, positions=[x], widths=width * 0.8, patch_artist=True, showfliers=False,
-                                medianprops={"color": "black", "linewidth": 1.2}, manage_ticks=False)
+                bp = ax.boxplot(
+                    v,
+                    positions=[x],
+                    widths=width * 0.8,
+                    patch_artist=True,
+                    showfliers=False,
+                    medianprops={"color": "black", "linewidth": 1.2},
+                    manage_ticks=False,
+                )
                 for box in bp["boxes"]:
                     box.set_facecolor(colours[bb])
                     box.set_alpha(0.75)
@@ -122,16 +150,26 @@ def pcc_boxplot(per_slide: pl.DataFrame, path: Path, *, metric_label: str = "Pea
         ax.set_xlim(-0.5, len(heads) - 0.5)
         ax.set_xlabel("head")
         ax.set_ylabel(f"per-slide {metric_label}\n(log1p-normalised expression)")
-        ax.set_title(f"{ds}: per-slide {metric_label} per gene (one point = one gene on one test slide)"
-                     if ds else f"per-slide {metric_label} per gene (one point = one gene on one test slide)",
-                     fontsize=10)
+        ax.set_title(
+            f"{ds}: per-slide {metric_label} per gene (one point = one gene on one test slide)"
+            if ds
+            else f"per-slide {metric_label} per gene (one point = one gene on one test slide)",
+            fontsize=10,
+        )
         ax.grid(axis="y", color="#DDDDDD", linewidth=0.6)
         ax.set_axisbelow(True)
     handles = [Patch(facecolor=c, alpha=0.75, label=b) for b, c in colours.items()]
     if df.filter(pl.col("head") == "ridge")["value"].drop_nulls().len():
         handles.append(Line2D([], [], color="#555555", linestyle=":", label="ridge median"))
-    axes[0].legend(handles=handles, title="backbone", fontsize=8, title_fontsize=8, loc="upper left",
-                   bbox_to_anchor=(1.01, 1.0), frameon=False)
+    axes[0].legend(
+        handles=handles,
+        title="backbone",
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
     return save_figure(fig, path)
 
 
@@ -156,8 +194,9 @@ def calibration_plot(coverage: pl.DataFrame, path: Path, uncertainty_error: pl.D
     axes = fig.subplots(1, 2 if has_err else 1, squeeze=False)[0]
     models = coverage.select("backbone", "head").unique().sort("head", "backbone").rows()
     if has_err:
-        models = sorted(set(models) | set(uncertainty_error.select("backbone", "head").unique().rows()),
-                        key=lambda m: (m[1], m[0]))
+        models = sorted(
+            set(models) | set(uncertainty_error.select("backbone", "head").unique().rows()), key=lambda m: (m[1], m[0])
+        )
     colours = backbone_colours([b for b, _ in models])
     ax = axes[0]
     ax.plot([0, 1], [0, 1], color="#888888", linestyle="--", linewidth=1, label="perfect calibration")
@@ -169,8 +208,17 @@ def calibration_plot(coverage: pl.DataFrame, path: Path, uncertainty_error: pl.D
         dodge = 0.012 * (mi - (len(models) - 1) / 2)  # keep error bars of models apart
         x, y, e = sub["nominal"].to_numpy() + dodge, sub["empirical"].to_numpy(), sub["sd"].fill_null(0).to_numpy()
         lo = min(lo, float(np.nanmin(y - e)) - 0.05)
-        ax.errorbar(x, y, yerr=e, color=colours[bb], marker=_HEAD_MARKERS.get(head, "o"), capsize=3,
-                    linewidth=1.3, markersize=6, label=f"{bb} / {head}")
+        ax.errorbar(
+            x,
+            y,
+            yerr=e,
+            color=colours[bb],
+            marker=_HEAD_MARKERS.get(head, "o"),
+            capsize=3,
+            linewidth=1.3,
+            markersize=6,
+            label=f"{bb} / {head}",
+        )
     lo = max(0.0, lo)
     ax.set_xlim(lo, 1.0)
     ax.set_ylim(lo, 1.0)
@@ -189,14 +237,27 @@ def calibration_plot(coverage: pl.DataFrame, path: Path, uncertainty_error: pl.D
                 continue
             x, y = sub["sd"].to_numpy(), sub["abs_error"].to_numpy()
             allv.append(np.concatenate([x, y]))
-            ax.plot(x, y, color=colours[bb], marker=_HEAD_MARKERS.get(head, "o"), markersize=5, linewidth=1.2,
-                    label=f"{bb} / {head}")
+            ax.plot(
+                x,
+                y,
+                color=colours[bb],
+                marker=_HEAD_MARKERS.get(head, "o"),
+                markersize=5,
+                linewidth=1.2,
+                label=f"{bb} / {head}",
+            )
         v = np.concatenate(allv)
         v = v[np.isfinite(v) & (v > 0)]
         if v.size:
             ref = np.array([v.min(), v.max()])
-            ax.plot(ref, np.sqrt(2 / np.pi) * ref, color="#888888", linestyle="--", linewidth=1,
-                    label="calibrated (Gaussian): MAE = 0.80 sd")
+            ax.plot(
+                ref,
+                np.sqrt(2 / np.pi) * ref,
+                color="#888888",
+                linestyle="--",
+                linewidth=1,
+                label="calibrated (Gaussian): MAE = 0.80 sd",
+            )
             if v.max() / v.min() > 20:
                 ax.set_xscale("log")
                 ax.set_yscale("log")

@@ -54,9 +54,24 @@ from stimage_embed.evaluation.report_tables import (
 )
 
 __all__ = [
-    "BASELINE_HEADS", "CLASSIFIER_HEADS", "IOU_SIGMA", "IOU_THRESHOLD", "MEMBER_KIND", "REQUIRED_COLUMNS",
-    "best_models", "coverage_table", "gene_scores", "markdown_table", "model_scores", "per_slide_pearson",
-    "safe_name", "slide_long", "top_genes", "uncertainty_error_table", "validate_inputs", "write_report",
+    "BASELINE_HEADS",
+    "CLASSIFIER_HEADS",
+    "IOU_SIGMA",
+    "IOU_THRESHOLD",
+    "MEMBER_KIND",
+    "REQUIRED_COLUMNS",
+    "best_models",
+    "coverage_table",
+    "gene_scores",
+    "markdown_table",
+    "model_scores",
+    "per_slide_pearson",
+    "safe_name",
+    "slide_long",
+    "top_genes",
+    "uncertainty_error_table",
+    "validate_inputs",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,10 +79,14 @@ log = logging.getLogger(__name__)
 #: optional prediction columns used when present (null-filled otherwise)
 OPTIONAL_PREDICTION_COLUMNS = ("epistemic", "aleatoric")
 
-_INTRO = ["# stimage-embed comparison report", "",
-          "Predicted vs measured spatial gene expression from H&E embeddings. Expression is "
-          "compared on the log1p-normalised scale `log1p(count / library size x 1e4)`; "
-          "`mean` and `ridge` are baselines.", ""]
+_INTRO = [
+    "# stimage-embed comparison report",
+    "",
+    "Predicted vs measured spatial gene expression from H&E embeddings. Expression is "
+    "compared on the log1p-normalised scale `log1p(count / library size x 1e4)`; "
+    "`mean` and `ridge` are baselines.",
+    "",
+]
 
 
 def _config_rows(r: pl.DataFrame) -> list[tuple[str, str]]:
@@ -77,7 +96,8 @@ def _config_rows(r: pl.DataFrame) -> list[tuple[str, str]]:
     if "split" in r.columns:
         rows.append(("split", short_list(sorted(str(s) for s in r["split"].drop_nulls().unique().to_list()))))
     folds = (
-        r.select("dataset", "fold", "test_slides").unique(subset=["dataset", "fold"], keep="first")
+        r.select("dataset", "fold", "test_slides")
+        .unique(subset=["dataset", "fold"], keep="first")
         .sort("dataset", "fold")
     )
     multi = r["dataset"].n_unique() > 1
@@ -107,17 +127,27 @@ def _config_section(runs: pl.DataFrame) -> str:
 
 
 def _leaderboard_section(leaderboard: pl.DataFrame) -> list[str]:
-    return ["## Leaderboard", "", "As computed by `compare` (baselines included); floats rounded to 3 decimals.", "",
-            markdown_table(leaderboard), ""]
+    return [
+        "## Leaderboard",
+        "",
+        "As computed by `compare` (baselines included); floats rounded to 3 decimals.",
+        "",
+        markdown_table(leaderboard),
+        "",
+    ]
 
 
 def _top_genes_section(metrics: pl.DataFrame, runs: pl.DataFrame, k: int) -> str:
     tg = top_genes(metrics, k, runs)
     ms = model_scores(metrics, runs)
-    lines = ["## Most predictable genes", "",
-             f"Top {k} genes of every model by mean per-slide Pearson r over its test slides "
-             "(value in brackets). Baselines included; `n/a` = Pearson undefined on every "
-             "slide (e.g. a constant prediction).", ""]
+    lines = [
+        "## Most predictable genes",
+        "",
+        f"Top {k} genes of every model by mean per-slide Pearson r over its test slides "
+        "(value in brackets). Baselines included; `n/a` = Pearson undefined on every "
+        "slide (e.g. a constant prediction).",
+        "",
+    ]
     cols = ["dataset", "backbone", "head", "mean per-slide r (all genes)"] + [f"#{i}" for i in range(1, k + 1)]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     order = {h: i for i, h in enumerate(plots.order_heads(ms["head"].unique().to_list()))}
@@ -135,14 +165,25 @@ def _boxplot_section(out_dir: Path, metrics: pl.DataFrame) -> list[str]:
     if psp.height == 0:
         return md + ["_No per-slide Pearson values in the metrics._", ""]
     plots.pcc_boxplot(psp, out_dir / "pcc_boxplot.png")
-    return md + ["![Per-slide Pearson r per backbone and head](pcc_boxplot.png)", "",
-                 "*How to read: each box is one model (colour = backbone, group = head) and holds one point per "
-                 "(test slide, gene) Pearson r between predicted and measured expression; higher is better, the "
-                 "grey groups are the baselines, the dotted line the ridge median and the solid line r = 0.*", ""]
+    return md + [
+        "![Per-slide Pearson r per backbone and head](pcc_boxplot.png)",
+        "",
+        "*How to read: each box is one model (colour = backbone, group = head) and holds one point per "
+        "(test slide, gene) Pearson r between predicted and measured expression; higher is better, the "
+        "grey groups are the baselines, the dotted line the ridge median and the solid line r = 0.*",
+        "",
+    ]
 
 
-def _check_arguments(metrics: pl.DataFrame, predictions: pl.DataFrame, runs: pl.DataFrame, spots: pl.DataFrame,
-                     leaderboard: pl.DataFrame, top_k_genes: int, max_slides: int | None) -> None:
+def _check_arguments(
+    metrics: pl.DataFrame,
+    predictions: pl.DataFrame,
+    runs: pl.DataFrame,
+    spots: pl.DataFrame,
+    leaderboard: pl.DataFrame,
+    top_k_genes: int,
+    max_slides: int | None,
+) -> None:
     validate_inputs(metrics=metrics, predictions=predictions, runs=runs, spots=spots)
     if not isinstance(leaderboard, pl.DataFrame):
         raise InputError("leaderboard", None, f"expected a polars DataFrame, got {type(leaderboard).__name__}")
@@ -184,10 +225,15 @@ def write_report(
     runs = runs.with_columns(pl.col("dataset").cast(pl.String).fill_null(""))
     best = best_models(metrics, runs=runs)
     top = top_genes(metrics, top_k_genes, runs)
-    md = [*_INTRO, _config_section(runs), *_leaderboard_section(leaderboard),
-          _top_genes_section(metrics, runs, top_k_genes), *_boxplot_section(out_dir, metrics),
-          *maps_section(out_dir, metrics, predictions, runs, spots, best, top, max_slides),
-          *calibration_section(out_dir, metrics, predictions, runs)]
+    md = [
+        *_INTRO,
+        _config_section(runs),
+        *_leaderboard_section(leaderboard),
+        _top_genes_section(metrics, runs, top_k_genes),
+        *_boxplot_section(out_dir, metrics),
+        *maps_section(out_dir, metrics, predictions, runs, spots, best, top, max_slides),
+        *calibration_section(out_dir, metrics, predictions, runs),
+    ]
     path = out_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     log.info("wrote %s", path)

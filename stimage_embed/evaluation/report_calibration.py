@@ -16,24 +16,34 @@ from stimage_embed.evaluation.report_tables import (
     uncertainty_error_table,
 )
 
-_HOW_TO_READ = ("*How to read: left, the fraction of measured counts inside each model's central 50% and 90% "
-                "predictive intervals against the nominal level (on the dashed diagonal = calibrated, below = "
-                "over-confident, above = under-confident)")
-_HOW_TO_READ_ERROR = ("; right, spots binned by predicted sd against their mean absolute error in raw counts "
-                      "(a rising curve near the dashed line = the uncertainty tracks the error).*")
+_HOW_TO_READ = (
+    "*How to read: left, the fraction of measured counts inside each model's central 50% and 90% "
+    "predictive intervals against the nominal level (on the dashed diagonal = calibrated, below = "
+    "over-confident, above = under-confident)"
+)
+_HOW_TO_READ_ERROR = (
+    "; right, spots binned by predicted sd against their mean absolute error in raw counts "
+    "(a rising curve near the dashed line = the uncertainty tracks the error).*"
+)
 
 
 def _dataset_calibration(out_dir: Path, name: str, cov: pl.DataFrame, ue: pl.DataFrame) -> list[str]:
     """Figure ``name`` and table of one dataset (``cov``, ``ue`` without ``dataset``)."""
     plots.calibration_plot(cov, out_dir / name, ue if ue.height else None)
-    table = cov.rename({"nominal": "nominal coverage", "empirical": "empirical coverage (mean)",
-                        "sd": "sd over genes"})
-    return [f"![Calibration of predictive intervals]({name})", "",
-            _HOW_TO_READ + (_HOW_TO_READ_ERROR if ue.height else ".*"), "", markdown_table(table), ""]
+    table = cov.rename({"nominal": "nominal coverage", "empirical": "empirical coverage (mean)", "sd": "sd over genes"})
+    return [
+        f"![Calibration of predictive intervals]({name})",
+        "",
+        _HOW_TO_READ + (_HOW_TO_READ_ERROR if ue.height else ".*"),
+        "",
+        markdown_table(table),
+        "",
+    ]
 
 
-def calibration_section(out_dir: Path, metrics: pl.DataFrame, predictions: pl.DataFrame,
-                        runs: pl.DataFrame) -> list[str]:
+def calibration_section(
+    out_dir: Path, metrics: pl.DataFrame, predictions: pl.DataFrame, runs: pl.DataFrame
+) -> list[str]:
     """Markdown of the calibration section; writes ``calibration.png`` (one dataset) or
     ``calibration_<dataset>.png`` (several) into ``out_dir`` when any model has
     ``coverage_50``/``coverage_90`` metrics."""

@@ -19,14 +19,32 @@ from stimage_embed.store.store import Store, sql_list
 
 def _paired_section(store: Store, run_ids: list[str]) -> list[str]:
     paired = paired_comparisons(store, run_ids=run_ids)
-    md = ["## Paired comparisons", "",
-          "Every pair of models on the same (fold, test slide, gene) pairs: `diff` = mean per-slide Pearson r of "
-          "`a` minus `b`, with a 95 % bootstrap CI over those pairs (2000 resamples). A CI that covers 0 is a "
-          "**tie**, not a win.", ""]
+    md = [
+        "## Paired comparisons",
+        "",
+        "Every pair of models on the same (fold, test slide, gene) pairs: `diff` = mean per-slide Pearson r of "
+        "`a` minus `b`, with a 95 % bootstrap CI over those pairs (2000 resamples). A CI that covers 0 is a "
+        "**tie**, not a win.",
+        "",
+    ]
     if paired.height == 0:
         return md + ["_No pairs to compare._", ""]
-    table = paired.select("dataset", "split", "gene_spec", "a_backbone", "a_head", "b_backbone", "b_head", "n_pairs",
-                          "mean_a", "mean_b", "diff", "ci_low", "ci_high", "verdict")
+    table = paired.select(
+        "dataset",
+        "split",
+        "gene_spec",
+        "a_backbone",
+        "a_head",
+        "b_backbone",
+        "b_head",
+        "n_pairs",
+        "mean_a",
+        "mean_b",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "verdict",
+    )
     return md + [markdown_table(table), ""]
 
 
@@ -34,19 +52,28 @@ def _control_section(leaderboard: pl.DataFrame) -> list[str]:
     if "control" not in leaderboard.columns or leaderboard.filter(pl.col("control") != "none").height == 0:
         return []
     keys = ["dataset", "split", "gene_spec", "backbone", "head"]
-    real = leaderboard.filter(pl.col("control") == "none").select(*keys, pl.col("pcc_mean").alias("pcc_mean_real"),
-                                                                  pl.col("auc_mean").alias("auc_mean_real"))
-    ctrl = leaderboard.filter(pl.col("control") == "shuffled").select(*keys, pl.col("pcc_mean").alias("pcc_mean_shuffled"),
-                                                                      pl.col("auc_mean").alias("auc_mean_shuffled"))
+    real = leaderboard.filter(pl.col("control") == "none").select(
+        *keys, pl.col("pcc_mean").alias("pcc_mean_real"), pl.col("auc_mean").alias("auc_mean_real")
+    )
+    ctrl = leaderboard.filter(pl.col("control") == "shuffled").select(
+        *keys, pl.col("pcc_mean").alias("pcc_mean_shuffled"), pl.col("auc_mean").alias("auc_mean_shuffled")
+    )
     table = real.join(ctrl, on=keys, how="inner")
-    return ["## Leak control", "",
-            "Each model trained and scored again on vectors permuted among the spots of each slide (train and test). "
-            "A model that predicts from the image alone scores about 0 (AUC about 0.5) there.", "",
-            markdown_table(table), ""]
+    return [
+        "## Leak control",
+        "",
+        "Each model trained and scored again on vectors permuted among the spots of each slide (train and test). "
+        "A model that predicts from the image alone scores about 0 (AUC about 0.5) there.",
+        "",
+        markdown_table(table),
+        "",
+    ]
 
 
 def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int = 3, max_slides: int | None = 6) -> Path:
-    real = store.sql(f"SELECT run_id FROM runs WHERE run_id IN ({sql_list(result.run_ids)}) AND coalesce(control, 'none') = 'none'")
+    real = store.sql(
+        f"SELECT run_id FROM runs WHERE run_id IN ({sql_list(result.run_ids)}) AND coalesce(control, 'none') = 'none'"
+    )
     ids = sql_list(real["run_id"].to_list())
     metrics = pl.from_arrow(store.read("metrics", where=f"run_id IN ({ids})"))
     runs = pl.from_arrow(store.read("runs", where=f"run_id IN ({ids})"))
@@ -54,7 +81,9 @@ def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int =
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_report(out_dir, metrics, predictions, runs, spots, result.leaderboard, top_k_genes=top_k_genes, max_slides=max_slides)
+    path = write_report(
+        out_dir, metrics, predictions, runs, spots, result.leaderboard, top_k_genes=top_k_genes, max_slides=max_slides
+    )
     extra = _paired_section(store, real["run_id"].to_list()) + _control_section(result.leaderboard)
     with path.open("a", encoding="utf-8") as fh:
         fh.write("\n" + "\n".join(extra))

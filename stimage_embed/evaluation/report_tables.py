@@ -35,8 +35,17 @@ CLASSIFIER_HEADS = head_names(output="classifier")
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "metrics": ("run_id", "dataset", "backbone", "head", "fold", "scope", "slide_id", "gene", "metric", "value"),
-    "predictions": ("run_id", "slide_id", "spot_id", "gene", "mean", "mean_log1p", "variance", "observed",
-                    "library_size"),
+    "predictions": (
+        "run_id",
+        "slide_id",
+        "spot_id",
+        "gene",
+        "mean",
+        "mean_log1p",
+        "variance",
+        "observed",
+        "library_size",
+    ),
     "runs": ("run_id", "dataset", "backbone", "head", "fold", "test_slides", "genes"),
     "spots": ("slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"),
 }
@@ -116,9 +125,12 @@ def _one_comparison(df: pl.DataFrame) -> pl.DataFrame:
     if many.height:
         ds = many["dataset"][0]
         seen = combos.filter(pl.col("dataset") == ds).select(*VIEW_KEYS).rows()
-        raise InputError("runs", "split/gene_spec/control",
-                         f"dataset {ds!r} mixes (split, gene spec, control) combinations {seen} (None: not set, or a run missing "
-                         "from runs); the report compares runs of one of each per dataset")
+        raise InputError(
+            "runs",
+            "split/gene_spec/control",
+            f"dataset {ds!r} mixes (split, gene spec, control) combinations {seen} (None: not set, or a run missing "
+            "from runs); the report compares runs of one of each per dataset",
+        )
     return df.drop(*VIEW_KEYS)
 
 
@@ -127,14 +139,17 @@ def metric_view(view: str, metrics: pl.DataFrame, runs: pl.DataFrame | None = No
     ``runs`` when given; runs missing there read as NULL), without the view keys."""
     validate_inputs(metrics=metrics)
     m = _with_view_keys(clean_metrics(metrics))
-    m = m.select("run_id", "dataset", "control", "backbone", "head", "fold", "scope", "slide_id", "gene", "metric",
-                 "value")
+    m = m.select(
+        "run_id", "dataset", "control", "backbone", "head", "fold", "scope", "slide_id", "gene", "metric", "value"
+    )
     r = m.select("run_id").unique()
     if runs is not None:
         keys = _with_view_keys(runs).select("run_id", "split", "gene_spec").unique("run_id", keep="first")
         r = r.join(keys, on="run_id", how="left")
     else:
-        r = r.with_columns(pl.lit(None, dtype=pl.String).alias("split"), pl.lit(None, dtype=pl.String).alias("gene_spec"))
+        r = r.with_columns(
+            pl.lit(None, dtype=pl.String).alias("split"), pl.lit(None, dtype=pl.String).alias("gene_spec")
+        )
     return _one_comparison(run_view(view, metrics=m, runs=r))
 
 
@@ -156,8 +171,14 @@ def gene_scores(metrics: pl.DataFrame, runs: pl.DataFrame | None = None) -> pl.D
     n_slides`` (``mean_pearson`` null if undefined on every slide)."""
     return (
         metric_view("gene_scores", metrics, runs)
-        .select("dataset", "backbone", "head", "gene", pl.col("pcc_mean").alias("mean_pearson"),
-                pl.col("slides").alias("n_slides"))
+        .select(
+            "dataset",
+            "backbone",
+            "head",
+            "gene",
+            pl.col("pcc_mean").alias("mean_pearson"),
+            pl.col("slides").alias("n_slides"),
+        )
         .sort("dataset", "backbone", "head", "gene")
     )
 
@@ -182,15 +203,24 @@ def model_scores(metrics: pl.DataFrame, runs: pl.DataFrame | None = None) -> pl.
     n_defined, n_values``."""
     return (
         metric_view("model_scores", metrics, runs)
-        .select("dataset", "backbone", "head", pl.col("pcc_mean").alias("mean_pearson"),
-                pl.col("pcc_median").alias("median_pearson"), pl.col("pcc_defined").alias("n_defined"),
-                pl.col("pcc_values").alias("n_values"))
+        .select(
+            "dataset",
+            "backbone",
+            "head",
+            pl.col("pcc_mean").alias("mean_pearson"),
+            pl.col("pcc_median").alias("median_pearson"),
+            pl.col("pcc_defined").alias("n_defined"),
+            pl.col("pcc_values").alias("n_values"),
+        )
         .sort("dataset", "backbone", "head")
     )
 
 
-def best_models(metrics: pl.DataFrame, exclude_heads: Iterable[str] = BASELINE_HEADS + CLASSIFIER_HEADS,
-                runs: pl.DataFrame | None = None) -> pl.DataFrame:
+def best_models(
+    metrics: pl.DataFrame,
+    exclude_heads: Iterable[str] = BASELINE_HEADS + CLASSIFIER_HEADS,
+    runs: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """The best model of each dataset by mean per-slide Pearson, baselines and classifiers
     excluded: ``dataset, backbone, head, mean_pearson`` (one row per dataset that has a
     candidate with a defined Pearson; ties broken by backbone, then head name)."""
@@ -219,14 +249,22 @@ def coverage_table(metrics: pl.DataFrame, runs: pl.DataFrame | None = None) -> p
     )
 
 
-def uncertainty_error_table(predictions: pl.DataFrame, runs: pl.DataFrame,
-                            models: Sequence[tuple[str, str, str]]) -> pl.DataFrame:
+def uncertainty_error_table(
+    predictions: pl.DataFrame, runs: pl.DataFrame, models: Sequence[tuple[str, str, str]]
+) -> pl.DataFrame:
     """Per model ``(dataset, backbone, head)``, deciles of predicted sd (``sqrt(variance)``,
     raw counts) with mean sd and mean absolute error ``|observed - mean|`` (raw counts;
     view ``uncertainty_error``): ``dataset, backbone, head, bin (0-9), sd, abs_error, n``.
     Rows without a finite variance or an observed count are skipped."""
-    schema = {"dataset": pl.String, "backbone": pl.String, "head": pl.String, "bin": pl.Int64,
-              "sd": pl.Float64, "abs_error": pl.Float64, "n": pl.Int64}
+    schema = {
+        "dataset": pl.String,
+        "backbone": pl.String,
+        "head": pl.String,
+        "bin": pl.Int64,
+        "sd": pl.Float64,
+        "abs_error": pl.Float64,
+        "n": pl.Int64,
+    }
     if not models or predictions.height == 0:
         return pl.DataFrame(schema=schema)
     keys = pl.DataFrame(list(models), schema=["dataset", "backbone", "head"], orient="row")
@@ -235,8 +273,15 @@ def uncertainty_error_table(predictions: pl.DataFrame, runs: pl.DataFrame,
     ue = _one_comparison(run_view("uncertainty_error", predictions=p, runs=r))
     return (
         ue.join(keys, on=["dataset", "backbone", "head"], how="semi")
-        .select("dataset", "backbone", "head", (pl.col("decile") - 1).cast(pl.Int64).alias("bin"),
-                pl.col("sd_mean").alias("sd"), pl.col("abs_error_mean").alias("abs_error"), pl.col("n"))
+        .select(
+            "dataset",
+            "backbone",
+            "head",
+            (pl.col("decile") - 1).cast(pl.Int64).alias("bin"),
+            pl.col("sd_mean").alias("sd"),
+            pl.col("abs_error_mean").alias("abs_error"),
+            pl.col("n"),
+        )
         .sort("dataset", "backbone", "head", "bin")
     )
 

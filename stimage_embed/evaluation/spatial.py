@@ -223,7 +223,9 @@ def grid_layout(array_row: np.ndarray, array_col: np.ndarray, platform: str | No
     return "square"
 
 
-def spot_raster_index(array_row: np.ndarray, array_col: np.ndarray, layout: str = "square") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def spot_raster_index(
+    array_row: np.ndarray, array_col: np.ndarray, layout: str = "square"
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Raster cell of each spot and the raster shape.
 
     ``square`` (legacy ST): ``(row - min, col - min)``. ``hex`` (Visium doubled columns):
@@ -242,7 +244,15 @@ def spot_raster_index(array_row: np.ndarray, array_col: np.ndarray, layout: str 
     return r, c, (int(r.max()) + 1, int(c.max()) + 1)
 
 
-def _smooth_highs(v: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], mask_f: np.ndarray, den: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+def _smooth_highs(
+    v: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    shape: tuple[int, int],
+    mask_f: np.ndarray,
+    den: np.ndarray,
+    sigma: float,
+) -> tuple[np.ndarray, np.ndarray]:
     g = v.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (v - v.mean(axis=0)) / v.std(axis=0)

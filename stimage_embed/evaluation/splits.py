@@ -110,7 +110,9 @@ def slide_table(table: pl.DataFrame, datasets: Sequence[str] | None = None) -> p
     has_ds = "dataset" in table.columns
     if datasets is not None:
         if not has_ds:
-            raise InputError(None, "dataset", "a dataset subset was asked for but the slide table has no 'dataset' column")
+            raise InputError(
+                None, "dataset", "a dataset subset was asked for but the slide table has no 'dataset' column"
+            )
         wanted = [str(d) for d in datasets]
         unknown = sorted(set(wanted) - set(table["dataset"].unique().to_list()))
         if unknown:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import polars as pl
 
@@ -16,4 +16,6 @@ def leaderboard(store, run_ids: Sequence[str] | None = None) -> pl.DataFrame:
     if run_ids is not None:
         ids = ", ".join("'" + r + "'" for r in run_ids) or "''"
         sql = sql.replace(SCORES, SCORES + f" WHERE run_id IN ({ids})")
-    return store.sql(f"SELECT * FROM ({sql}) ORDER BY dataset, split, gene_spec, control, pcc_mean DESC NULLS LAST, head")
+    return store.sql(
+        f"SELECT * FROM ({sql}) ORDER BY dataset, split, gene_spec, control, pcc_mean DESC NULLS LAST, head"
+    )

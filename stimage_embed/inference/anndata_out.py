@@ -48,7 +48,9 @@ def build_anndata(
         index=pd.Index(pred.spot_ids.astype(str), name="spot_id"),
     )
     var = pd.DataFrame(index=pd.Index(pred.genes, name="gene"))
-    adata = ad.AnnData(X=np.asarray(X, np.float32), obs=obs, var=var, layers={k: np.asarray(v, np.float32) for k, v in values.items()})
+    adata = ad.AnnData(
+        X=np.asarray(X, np.float32), obs=obs, var=var, layers={k: np.asarray(v, np.float32) for k, v in values.items()}
+    )
     adata.obsm["spatial"] = np.column_stack([grid.x, grid.y]).astype(np.float64)
     adata.uns["spatial"] = {
         slide_id: {
@@ -60,8 +62,13 @@ def build_anndata(
             "metadata": {"source_image_path": str(info.get("image_path", "")), "um_per_px": float(grid.um_per_px)},
         }
     }
-    adata.uns["stimage_embed"] = {**{k: v for k, v in info.items() if v is not None}, "X": x_name,
-                                  "tile_um": grid.tile_um, "pitch_um": grid.pitch_um, "um_per_px": grid.um_per_px}
+    adata.uns["stimage_embed"] = {
+        **{k: v for k, v in info.items() if v is not None},
+        "X": x_name,
+        "tile_um": grid.tile_um,
+        "pitch_um": grid.pitch_um,
+        "um_per_px": grid.um_per_px,
+    }
     return adata
 
 

@@ -122,20 +122,28 @@ def tissue_grid(
         if not (v > 0 and math.isfinite(v)):
             raise InputError(source, name, f"must be positive and finite, got {v}")
     if not 0.0 <= min_tissue <= 1.0 or not 0.0 <= tissue_threshold <= 1.0:
-        raise InputError(source, "--tissue-threshold", f"fractions must be in [0, 1], got {min_tissue}, {tissue_threshold}")
+        raise InputError(
+            source, "--tissue-threshold", f"fractions must be in [0, 1], got {min_tissue}, {tissue_threshold}"
+        )
     if not np.asarray(mask).any():
-        raise InputError(source, "image", "no tissue detected on the slide thumbnail (blank image, or not H&E?); nothing to predict")
+        raise InputError(
+            source, "image", "no tissue detected on the slide thumbnail (blank image, or not H&E?); nothing to predict"
+        )
     tile_px, pitch_px = tile_um / um_per_px, pitch_um / um_per_px
     xs, ys = grid_axis(width, tile_px, pitch_px), grid_axis(height, tile_px, pitch_px)
     if xs.size == 0 or ys.size == 0:
-        raise InputError(source, "image", f"the {width}x{height} px image is smaller than one {tile_um:g} µm tile ({tile_px:.0f} px)")
+        raise InputError(
+            source, "image", f"the {width}x{height} px image is smaller than one {tile_um:g} µm tile ({tile_px:.0f} px)"
+        )
     rows, cols = np.meshgrid(np.arange(ys.size), np.arange(xs.size), indexing="ij")
     rows, cols = rows.ravel(), cols.ravel()
     cx, cy = xs[cols], ys[rows]
     if region is not None:
         x0, y0, x1, y1 = (float(v) for v in region)
         if not (x1 > x0 and y1 > y0):
-            raise InputError(source, "--region", f"expected x0,y0,x1,y1 with x1 > x0 and y1 > y0 (level-0 px), got {region}")
+            raise InputError(
+                source, "--region", f"expected x0,y0,x1,y1 with x1 > x0 and y1 > y0 (level-0 px), got {region}"
+            )
         inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
         rows, cols, cx, cy = rows[inside], cols[inside], cx[inside], cy[inside]
     # screen: the tile's square window must hold some tissue (exact, integral image)
@@ -144,17 +152,36 @@ def tissue_grid(
     frac = np.zeros(cand.size, np.float64)
     for start in range(0, cand.size, BLOCK):
         sel = cand[start : start + BLOCK]
-        frac[start : start + BLOCK] = spot_tissue_fraction(mask, downsample, cx[sel], cy[sel], radius_px=tile_px / 2, shape="disk")
+        frac[start : start + BLOCK] = spot_tissue_fraction(
+            mask, downsample, cx[sel], cy[sel], radius_px=tile_px / 2, shape="disk"
+        )
     keep = frac >= min_tissue if min_tissue > 0 else frac > 0
     idx, frac = cand[keep], frac[keep]
     if idx.size == 0:
         where = " in --region" if region is not None else ""
-        raise InputError(source, "image", f"no {tile_um:g} µm tile{where} holds >= {min_tissue:.0%} tissue; nothing to predict")
-    log.info("grid: %d x %d positions of %.0f µm at %.0f µm pitch, %d over tissue%s, %d pass QC",
-             ys.size, xs.size, tile_um, pitch_um, idx.size, " in the region" if region is not None else "",
-             int((frac >= tissue_threshold).sum()))
+        raise InputError(
+            source, "image", f"no {tile_um:g} µm tile{where} holds >= {min_tissue:.0%} tissue; nothing to predict"
+        )
+    log.info(
+        "grid: %d x %d positions of %.0f µm at %.0f µm pitch, %d over tissue%s, %d pass QC",
+        ys.size,
+        xs.size,
+        tile_um,
+        pitch_um,
+        idx.size,
+        " in the region" if region is not None else "",
+        int((frac >= tissue_threshold).sum()),
+    )
     return TileGrid(
-        row=rows[idx].astype(np.int32), col=cols[idx].astype(np.int32), x=cx[idx], y=cy[idx],
-        tissue_fraction=frac.astype(np.float32), passes_qc=qc_flags(frac, tissue_threshold),
-        tile_um=float(tile_um), pitch_um=pitch_um, um_per_px=float(um_per_px), n_rows=int(ys.size), n_cols=int(xs.size),
+        row=rows[idx].astype(np.int32),
+        col=cols[idx].astype(np.int32),
+        x=cx[idx],
+        y=cy[idx],
+        tissue_fraction=frac.astype(np.float32),
+        passes_qc=qc_flags(frac, tissue_threshold),
+        tile_um=float(tile_um),
+        pitch_um=pitch_um,
+        um_per_px=float(um_per_px),
+        n_rows=int(ys.size),
+        n_cols=int(xs.size),
     )

@@ -49,12 +49,22 @@ def top_genes(values: np.ndarray, genes: list[str], k: int, rows: np.ndarray | N
 def view_box(grid: TileGrid, width: int, height: int, margin_um: float = 500.0) -> tuple[float, float, float, float]:
     """Level-0 px box ``(x0, y0, x1, y1)`` around the grid's tiles plus ``margin_um``, inside the image."""
     half, m = grid.tile_px / 2, margin_um / grid.um_per_px
-    return (max(0.0, grid.x.min() - half - m), max(0.0, grid.y.min() - half - m),
-            min(float(width), grid.x.max() + half + m), min(float(height), grid.y.max() + half + m))
+    return (
+        max(0.0, grid.x.min() - half - m),
+        max(0.0, grid.y.min() - half - m),
+        min(float(width), grid.x.max() + half + m),
+        min(float(height), grid.y.max() + half + m),
+    )
 
 
 def heatmap_figure(
-    thumbnail: np.ndarray, width: int, height: int, grid: TileGrid, values: np.ndarray, title: str, label: str,
+    thumbnail: np.ndarray,
+    width: int,
+    height: int,
+    grid: TileGrid,
+    values: np.ndarray,
+    title: str,
+    label: str,
 ) -> Figure:
     """Figure of per-tile ``values`` over the ``thumbnail`` of a ``width`` x ``height`` px image,
     zoomed on the tissue (the tiles' bounding box plus 0.5 mm)."""
@@ -70,11 +80,19 @@ def heatmap_figure(
     y0 = (grid.tile_px / 2 - grid.pitch_px / 2) / dsy
     extent = (x0, x0 + grid.n_cols * grid.pitch_px / dsx, y0 + grid.n_rows * grid.pitch_px / dsy, y0)
     finite = values[np.isfinite(values)]
-    lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
+    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1e-6
-    im = ax.imshow(np.ma.masked_invalid(raster), extent=extent, origin="upper", cmap="viridis", vmin=lo, vmax=hi,
-                   alpha=0.8, interpolation="nearest")
+    im = ax.imshow(
+        np.ma.masked_invalid(raster),
+        extent=extent,
+        origin="upper",
+        cmap="viridis",
+        vmin=lo,
+        vmax=hi,
+        alpha=0.8,
+        interpolation="nearest",
+    )
     ax.set_xlim(bx0 / dsx, bx1 / dsx)
     ax.set_ylim(by1 / dsy, by0 / dsy)
     ax.set_axis_off()
@@ -82,23 +100,43 @@ def heatmap_figure(
     cbar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01)
     cbar.set_label(label)
     bar_um = scale_bar_um((bx1 - bx0) * grid.um_per_px)
-    bar = AnchoredSizeBar(ax.transData, bar_um / grid.um_per_px / dsx, _um_label(bar_um), "lower right", pad=0.4,
-                          color="black", frameon=True, size_vertical=max(1.0, (by1 - by0) / dsy / 200), sep=4)
+    bar = AnchoredSizeBar(
+        ax.transData,
+        bar_um / grid.um_per_px / dsx,
+        _um_label(bar_um),
+        "lower right",
+        pad=0.4,
+        color="black",
+        frameon=True,
+        size_vertical=max(1.0, (by1 - by0) / dsy / 200),
+        sep=4,
+    )
     bar.patch.set_alpha(0.7)
     ax.add_artist(bar)
     return fig
 
 
 def write_heatmaps(
-    folder: Path, thumbnail: np.ndarray, width: int, height: int, grid: TileGrid, values: np.ndarray,
-    genes_all: list[str], genes: list[str], slide_id: str, model_label: str, label: str,
+    folder: Path,
+    thumbnail: np.ndarray,
+    width: int,
+    height: int,
+    grid: TileGrid,
+    values: np.ndarray,
+    genes_all: list[str],
+    genes: list[str],
+    slide_id: str,
+    model_label: str,
+    label: str,
 ) -> dict[str, Path]:
     """One ``<folder>/<gene>.png`` per gene of ``genes``; returns gene -> path."""
     folder.mkdir(parents=True, exist_ok=True)
     col = {g: j for j, g in enumerate(genes_all)}
     out = {}
     for gene in genes:
-        fig = heatmap_figure(thumbnail, width, height, grid, values[:, col[gene]], f"{gene} — {slide_id} ({model_label})", label)
+        fig = heatmap_figure(
+            thumbnail, width, height, grid, values[:, col[gene]], f"{gene} — {slide_id} ({model_label})", label
+        )
         path = folder / f"{safe_name(gene)}.png"
         fig.savefig(path)
         out[gene] = path

@@ -83,10 +83,17 @@ class InferResult:
 
 
 def _tile_keys(slide_id: str, patient: str, grid: TileGrid) -> pl.DataFrame:
-    return pl.DataFrame({
-        "slide_id": [slide_id] * len(grid), "spot_id": grid.spot_ids.astype(str), "patient": [patient] * len(grid),
-        "array_row": grid.row, "array_col": grid.col, "pixel_x": grid.x, "pixel_y": grid.y,
-    })
+    return pl.DataFrame(
+        {
+            "slide_id": [slide_id] * len(grid),
+            "spot_id": grid.spot_ids.astype(str),
+            "patient": [patient] * len(grid),
+            "array_row": grid.row,
+            "array_col": grid.col,
+            "pixel_x": grid.x,
+            "pixel_y": grid.y,
+        }
+    )
 
 
 def _check_model_and_genes(store: Store, model: str, genes: list[str] | None) -> SavedModel:
@@ -94,13 +101,26 @@ def _check_model_and_genes(store: Store, model: str, genes: list[str] | None) ->
     sm = load_saved_model(store, model)
     unknown = sorted(set(genes or []) - set(sm.genes))
     if unknown:
-        raise InputError(None, "--genes", f"not predicted by model {sm.run_id}: {unknown}; its genes: {', '.join(sm.genes)}")
+        raise InputError(
+            None, "--genes", f"not predicted by model {sm.run_id}: {unknown}; its genes: {', '.join(sm.genes)}"
+        )
     return sm
 
 
-def _embed_and_predict(store: Store, sm: SavedModel, recipe: EmbeddingRecipe, sid: str, img: ImageInfo,
-                       grid: TileGrid, tissue_area_fraction: float, *, tissue_threshold: float, dataset: str,
-                       weights: str | None, embed_options: dict) -> tuple[EmbedReport, TilePredictions, pl.DataFrame | None]:
+def _embed_and_predict(
+    store: Store,
+    sm: SavedModel,
+    recipe: EmbeddingRecipe,
+    sid: str,
+    img: ImageInfo,
+    grid: TileGrid,
+    tissue_area_fraction: float,
+    *,
+    tissue_threshold: float,
+    dataset: str,
+    weights: str | None,
+    embed_options: dict,
+) -> tuple[EmbedReport, TilePredictions, pl.DataFrame | None]:
     """Under the store's writer lock: register the slide, embed its tiles, predict them and
     write the pseudo-bulk (``None`` for a classifier head). ``embed_options``: batch_size,
     num_workers, device, progress of the embedding pass."""
@@ -108,14 +128,24 @@ def _embed_and_predict(store: Store, sm: SavedModel, recipe: EmbeddingRecipe, si
         check_slide_id(store, sid, img.path)  # again: another writer may have taken the id meanwhile
         register_slide(store, sid, img, grid, tissue_threshold, tissue_area_fraction, dataset=dataset)
         report = embed(
-            store, [sm.backbone], slides=[sid], tile_um=recipe.embed_tile_um, stain=recipe.stain,
-            stain_template=recipe.stain_template, precision=recipe.precision,
-            weights={sm.backbone: weights} if weights else None, **embed_options,
+            store,
+            [sm.backbone],
+            slides=[sid],
+            tile_um=recipe.embed_tile_um,
+            stain=recipe.stain,
+            stain_template=recipe.stain_template,
+            precision=recipe.precision,
+            weights={sm.backbone: weights} if weights else None,
+            **embed_options,
         )
         if report.tiles:
             log.info("%s", report.line())
         pred = predict_slide_tiles(store, sm, sid, _tile_keys(sid, sid, grid))
-        pb = pseudobulk(sm.run_id, sid, sm.genes, pred.values["mean_log1p"], grid.passes_qc) if "mean_log1p" in pred.values else None
+        pb = (
+            pseudobulk(sm.run_id, sid, sm.genes, pred.values["mean_log1p"], grid.passes_qc)
+            if "mean_log1p" in pred.values
+            else None
+        )
         if pb is not None:
             write_pseudobulk_table(store, pb)
         else:
@@ -123,12 +153,27 @@ def _embed_and_predict(store: Store, sm: SavedModel, recipe: EmbeddingRecipe, si
     return report, pred, pb
 
 
-def _write_outputs(out: Path, sid: str, sm: SavedModel, recipe: EmbeddingRecipe, img: ImageInfo, grid: TileGrid,
-                   pred: TilePredictions, pb: pl.DataFrame | None, genes: list[str] | None,
-                   n_top_genes: int) -> tuple[Path, Path | None, dict[str, Path]]:
+def _write_outputs(
+    out: Path,
+    sid: str,
+    sm: SavedModel,
+    recipe: EmbeddingRecipe,
+    img: ImageInfo,
+    grid: TileGrid,
+    pred: TilePredictions,
+    pb: pl.DataFrame | None,
+    genes: list[str] | None,
+    n_top_genes: int,
+) -> tuple[Path, Path | None, dict[str, Path]]:
     """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``."""
-    info = {"run_id": sm.run_id, "backbone": sm.backbone, "head": sm.head_name, "provenance_id": recipe.provenance_id,
-            "image_path": str(img.path), "um_per_px_source": img.um_per_px_source}
+    info = {
+        "run_id": sm.run_id,
+        "backbone": sm.backbone,
+        "head": sm.head_name,
+        "provenance_id": recipe.provenance_id,
+        "image_path": str(img.path),
+        "um_per_px_source": img.um_per_px_source,
+    }
     adata = build_anndata(sid, grid, pred, img.thumbnail, img.downsample, info)
     h5ad = write_anndata(adata, out / f"{sid}.h5ad")
     csv = write_pseudobulk_csv(pb, out / f"{sid}_pseudobulk.csv") if pb is not None else None
@@ -137,8 +182,19 @@ def _write_outputs(out: Path, sid: str, sm: SavedModel, recipe: EmbeddingRecipe,
     values = pred.values.get("mean_log1p", pred.values.get("prob_high"))
     draw = list(dict.fromkeys(list(genes or []) + top_genes(values, sm.genes, n_top_genes, grid.passes_qc)))
     label = "predicted log1p(CP10k)" if x_name == "mean_log1p" else "P(high expression)"
-    maps = write_heatmaps(out / sid, img.thumbnail, img.width, img.height, grid, values, sm.genes, draw, sid,
-                          f"{sm.head_name}/{sm.backbone}, model {sm.run_id[:10]}", label)
+    maps = write_heatmaps(
+        out / sid,
+        img.thumbnail,
+        img.width,
+        img.height,
+        grid,
+        values,
+        sm.genes,
+        draw,
+        sid,
+        f"{sm.head_name}/{sm.backbone}, model {sm.run_id[:10]}",
+        label,
+    )
     return h5ad, csv, maps
 
 
@@ -191,19 +247,50 @@ def infer(
     sid = slide_id or img.path.stem
     check_slide_id(store, sid, img.path)
     mask = tissue_mask(img.thumbnail, source=str(img.path))
-    grid = tissue_grid(mask, img.downsample, img.width, img.height, img.um_per_px, recipe.tile_um, pitch_um,
-                       min_tissue=min_tissue, tissue_threshold=tissue_threshold, region=region, source=str(img.path))
+    grid = tissue_grid(
+        mask,
+        img.downsample,
+        img.width,
+        img.height,
+        img.um_per_px,
+        recipe.tile_um,
+        pitch_um,
+        min_tissue=min_tissue,
+        tissue_threshold=tissue_threshold,
+        region=region,
+        source=str(img.path),
+    )
 
     # --- everything checked: write, under the store's writer lock ----------------------
     report, pred, pb = _embed_and_predict(
-        store, sm, recipe, sid, img, grid, float(mask.mean()), tissue_threshold=tissue_threshold, dataset=dataset,
+        store,
+        sm,
+        recipe,
+        sid,
+        img,
+        grid,
+        float(mask.mean()),
+        tissue_threshold=tissue_threshold,
+        dataset=dataset,
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
     h5ad, csv, maps = _write_outputs(out, sid, sm, recipe, img, grid, pred, pb, genes, n_top_genes)
     return InferResult(
-        slide_id=sid, run_id=sm.run_id, backbone=sm.backbone, head=sm.head_name, n_tiles=len(grid),
-        n_pass_qc=int(grid.passes_qc.sum()), tile_um=grid.tile_um, pitch_um=grid.pitch_um, um_per_px=img.um_per_px,
-        um_per_px_source=img.um_per_px_source, backend=img.backend, tiles_embedded=report.tiles,
-        prediction_rows=pred.rows_written, anndata=h5ad, pseudobulk_csv=csv, heatmaps=maps,
+        slide_id=sid,
+        run_id=sm.run_id,
+        backbone=sm.backbone,
+        head=sm.head_name,
+        n_tiles=len(grid),
+        n_pass_qc=int(grid.passes_qc.sum()),
+        tile_um=grid.tile_um,
+        pitch_um=grid.pitch_um,
+        um_per_px=img.um_per_px,
+        um_per_px_source=img.um_per_px_source,
+        backend=img.backend,
+        tiles_embedded=report.tiles,
+        prediction_rows=pred.rows_written,
+        anndata=h5ad,
+        pseudobulk_csv=csv,
+        heatmaps=maps,
     )

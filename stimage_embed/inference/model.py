@@ -21,7 +21,7 @@ import polars as pl
 
 from heads import load_head
 from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, existing_provenance, provenance_id
-from stimage_embed.errors import InputError, ProvenanceError, StoreError, StimageError
+from stimage_embed.errors import InputError, ProvenanceError, StimageError, StoreError
 from stimage_embed.predictions.train_predict import models_dir, vector_identity
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
@@ -63,8 +63,16 @@ def load_saved_model(store: Store, model: str) -> SavedModel:
         path = models_dir(store) / model
     meta_file = path / "run.json"
     if not meta_file.is_file():
-        known = sorted(p.name for p in models_dir(store).glob("*") if (p / "run.json").is_file()) if models_dir(store).is_dir() else []
-        hint = f"models in this store: {', '.join(known[:5])}{' ...' if len(known) > 5 else ''}" if known else "this store has no saved models; see `stimage-embed train`"
+        known = (
+            sorted(p.name for p in models_dir(store).glob("*") if (p / "run.json").is_file())
+            if models_dir(store).is_dir()
+            else []
+        )
+        hint = (
+            f"models in this store: {', '.join(known[:5])}{' ...' if len(known) > 5 else ''}"
+            if known
+            else "this store has no saved models; see `stimage-embed train`"
+        )
         raise InputError(None, "--model", f"unknown model {model!r}: no {meta_file} ({hint})")
     try:
         meta = json.loads(meta_file.read_text())
@@ -98,12 +106,16 @@ class EmbeddingRecipe:
 
 def _training_record(store: Store, sm: SavedModel) -> dict[str, Any]:
     if "+" in sm.backbone:
-        raise ProvenanceError(f"{sm.path}: the model was trained on composite vectors ({sm.backbone}); infer embeds one "
-                              "backbone's tiles per pass and cannot rebuild them yet: train on a single vector table")
+        raise ProvenanceError(
+            f"{sm.path}: the model was trained on composite vectors ({sm.backbone}); infer embeds one "
+            "backbone's tiles per pass and cannot rebuild them yet: train on a single vector table"
+        )
     table = S.embedding_table_name(sm.backbone)
     want = sm.identity
     if not want:
-        raise ProvenanceError(f"{sm.path}: the saved head records no provenance of its training vectors; cannot reproduce them")
+        raise ProvenanceError(
+            f"{sm.path}: the saved head records no provenance of its training vectors; cannot reproduce them"
+        )
     for rec in existing_provenance(store, table):
         if vector_identity(rec) == want:
             return rec
@@ -173,7 +185,9 @@ def _check_stain_target(store: Store, rec: dict[str, Any]) -> None:
     try:
         target = template_normalizer(method, image_path, stored_stain_estimates(row).get(template))
     except StimageError as exc:
-        raise ProvenanceError(f"the model's stain template slide {template!r} cannot be read to refit its stain target: {exc}") from exc
+        raise ProvenanceError(
+            f"the model's stain template slide {template!r} cannot be read to refit its stain target: {exc}"
+        ) from exc
     want = (rec.get("stain") or {}).get("target_hash")
     if want is not None and target.target_hash != want:
         raise ProvenanceError(
@@ -182,7 +196,9 @@ def _check_stain_target(store: Store, rec: dict[str, Any]) -> None:
         )
 
 
-def embedding_recipe(store: Store, sm: SavedModel, weights: str | None = None, check_stain: bool = True) -> EmbeddingRecipe:
+def embedding_recipe(
+    store: Store, sm: SavedModel, weights: str | None = None, check_stain: bool = True
+) -> EmbeddingRecipe:
     """Check that the model's training-vector provenance can be reproduced; return how.
 
     Raises :class:`ProvenanceError` (or ``WeightsUnavailableError``) naming what is missing:
@@ -197,9 +213,14 @@ def embedding_recipe(store: Store, sm: SavedModel, weights: str | None = None, c
     if check_stain:
         _check_stain_target(store, rec)
     return EmbeddingRecipe(
-        backbone=sm.backbone, tile_um=tile_um, embed_tile_um=embed_tile_um, stain=rec.get("stain_method") or "none",
-        stain_template=rec.get("stain_template"), precision=rec.get("precision") or "float32",
-        provenance_id=provenance_id(rec), record=rec,
+        backbone=sm.backbone,
+        tile_um=tile_um,
+        embed_tile_um=embed_tile_um,
+        stain=rec.get("stain_method") or "none",
+        stain_template=rec.get("stain_template"),
+        precision=rec.get("precision") or "float32",
+        provenance_id=provenance_id(rec),
+        record=rec,
     )
 
 

@@ -53,14 +53,18 @@ class TilePredictions:
 def check_vector_provenance(store: Store, sm: SavedModel, slide_id: str) -> None:
     """The slide's vectors must carry the model's training provenance."""
     table = S.embedding_table_name(sm.backbone)
-    pids = set(store.read(table, ["provenance_id"], where=f"slide_id IN ({sql_list([slide_id])})")["provenance_id"].to_pylist())
+    pids = set(
+        store.read(table, ["provenance_id"], where=f"slide_id IN ({sql_list([slide_id])})")["provenance_id"].to_pylist()
+    )
     records = {provenance_id(p): p for p in existing_provenance(store, table)}
     for pid in pids:
         rec = records.get(pid)
         try:
             check_provenance(sm.head, vector_identity(rec or {}))
         except ProvenanceMismatch as exc:
-            raise ProvenanceError(f"{sm.path}: the vectors of slide {slide_id!r} differ from the model's training vectors: {exc}") from exc
+            raise ProvenanceError(
+                f"{sm.path}: the vectors of slide {slide_id!r} differ from the model's training vectors: {exc}"
+            ) from exc
 
 
 def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.DataFrame) -> TilePredictions:
@@ -82,7 +86,9 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
         chunk = max(n, 1)
         um = store.read("slides", ["um_per_px"], where=f"slide_id IN ({sql_list([slide_id])})")["um_per_px"].to_pylist()
         keys = keys.with_columns(pl.lit(float(um[0]) if um else None, dtype=pl.Float64).alias("um_per_px"))
-    scanner = store.dataset(table).to_batches(columns=["slide_id", "spot_id", "vector"], filter=f"slide_id IN ({sql_list([slide_id])})", batch_size=chunk)
+    scanner = store.dataset(table).to_batches(
+        columns=["slide_id", "spot_id", "vector"], filter=f"slide_id IN ({sql_list([slide_id])})", batch_size=chunk
+    )
     for batch in scanner:
         if batch.num_rows == 0:
             continue
@@ -109,5 +115,7 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
         seen[rows] = True
     if not seen.all():
         missing = keys["spot_id"].filter(pl.Series(~seen)).to_list()
-        raise StoreError(f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, e.g. {missing[:3]}")
+        raise StoreError(
+            f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, e.g. {missing[:3]}"
+        )
     return out

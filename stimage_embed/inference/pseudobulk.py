@@ -20,7 +20,9 @@ from stimage_embed.store.store import Store, sql_list
 log = logging.getLogger(__name__)
 
 
-def pseudobulk(run_id: str, slide_id: str, genes: list[str], mean_log1p: np.ndarray, passes_qc: np.ndarray) -> pl.DataFrame:
+def pseudobulk(
+    run_id: str, slide_id: str, genes: list[str], mean_log1p: np.ndarray, passes_qc: np.ndarray
+) -> pl.DataFrame:
     """Per-gene pseudo-bulk of ``mean_log1p`` (tiles x genes, predicted log1p(CP10k)).
 
     Averages the tiles passing QC; if none does, all tiles (with a warning)."""
@@ -45,8 +47,12 @@ def pseudobulk(run_id: str, slide_id: str, genes: list[str], mean_log1p: np.ndar
 def write_pseudobulk_table(store: Store, table: pl.DataFrame) -> None:
     """Make ``table`` the only rows of its (run, slide) in ``pseudobulk`` (one commit)."""
     run_id, slide_id = table["run_id"][0], table["slide_id"][0]
-    store.replace_where("pseudobulk", table, ("run_id", "slide_id", "gene"),
-                        f"run_id = {sql_list([run_id])} AND slide_id = {sql_list([slide_id])}")
+    store.replace_where(
+        "pseudobulk",
+        table,
+        ("run_id", "slide_id", "gene"),
+        f"run_id = {sql_list([run_id])} AND slide_id = {sql_list([slide_id])}",
+    )
 
 
 def write_pseudobulk_csv(table: pl.DataFrame, path: Path) -> Path:

@@ -74,8 +74,11 @@ def probe_image(path: str | Path, um_per_px: float | None = None) -> Path:
         if path.suffix.lower() in RASTER_SUFFIXES:
             raster_size(path)  # InputError for a file that is not a JPEG/PNG
         if um_per_px is None:
-            raise InputError(path, "--um-per-px", "µm per pixel is unknown (a JPEG/PNG or plain raster carries none); "
-                             "give it with --um-per-px")
+            raise InputError(
+                path,
+                "--um-per-px",
+                "µm per pixel is unknown (a JPEG/PNG or plain raster carries none); give it with --um-per-px",
+            )
     return path
 
 
@@ -90,13 +93,21 @@ def read_image(path: str | Path, um_per_px: float | None = None, thumbnail_side:
     with SlideImage.open(path) as img:
         meta = img.um_per_px_from_metadata()
         if um_per_px is None and meta is None:
-            raise InputError(path, "--um-per-px", f"µm per pixel is unknown (a {img.backend} slide without openslide.mpp-x "
-                             "metadata); give it with --um-per-px")
+            raise InputError(
+                path,
+                "--um-per-px",
+                f"µm per pixel is unknown (a {img.backend} slide without openslide.mpp-x "
+                "metadata); give it with --um-per-px",
+            )
         if um_per_px is not None and meta is not None and abs(um_per_px / meta - 1) > MPP_TOLERANCE:
-            log.warning("%s: --um-per-px %.4g differs from the file's metadata %.4g; using --um-per-px", path, um_per_px, meta)
+            log.warning(
+                "%s: --um-per-px %.4g differs from the file's metadata %.4g; using --um-per-px", path, um_per_px, meta
+            )
         value, source = (float(um_per_px), "argument") if um_per_px is not None else (float(meta), "metadata")
         thumb, ds = img.thumbnail(thumbnail_side)
-        return ImageInfo(path, img.width, img.height, value, source, img.backend, np.ascontiguousarray(thumb), float(ds))
+        return ImageInfo(
+            path, img.width, img.height, value, source, img.backend, np.ascontiguousarray(thumb), float(ds)
+        )
 
 
 def spots_table(slide_id: str, grid: TileGrid, width: int, height: int) -> pa.Table:
@@ -122,7 +133,12 @@ def spots_table(slide_id: str, grid: TileGrid, width: int, height: int) -> pa.Ta
 
 
 def slides_table(
-    slide_id: str, image: ImageInfo, grid: TileGrid, tissue_threshold: float, mask_fraction: float, dataset: str = IMAGE_ONLY,
+    slide_id: str,
+    image: ImageInfo,
+    grid: TileGrid,
+    tissue_threshold: float,
+    mask_fraction: float,
+    dataset: str = IMAGE_ONLY,
     patient: str | None = None,
 ) -> pa.Table:
     """The ``slides`` row of an image-only slide."""
@@ -164,15 +180,20 @@ def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
     """Refuse an id that belongs to a slide with counts; True if an image-only slide with
     this id exists already (it will be replaced)."""
     if not slide_id or any(c in slide_id for c in "'\"/\\") or slide_id.strip() != slide_id:
-        raise InputError(image_path, "--slide-id", f"invalid slide id {slide_id!r} (no quotes, slashes or surrounding spaces)")
+        raise InputError(
+            image_path, "--slide-id", f"invalid slide id {slide_id!r} (no quotes, slashes or surrounding spaces)"
+        )
     if not store.has_table("slides"):
         return False
-    row = pl.from_arrow(store.read("slides", ["slide_id", "dataset", "platform"], where=f"slide_id IN ({sql_list([slide_id])})"))
+    row = pl.from_arrow(
+        store.read("slides", ["slide_id", "dataset", "platform"], where=f"slide_id IN ({sql_list([slide_id])})")
+    )
     if row.height == 0:
         return False
     if row["platform"][0] != IMAGE_ONLY:
         raise InputError(
-            image_path, "--slide-id",
+            image_path,
+            "--slide-id",
             f"slide {slide_id!r} already exists in the store with counts (dataset {row['dataset'][0]!r}); choose another --slide-id",
         )
     return True
@@ -186,8 +207,16 @@ def forget_slide_outputs(store: Store, slide_id: str) -> None:
             store.delete(name, where)
 
 
-def register_slide(store: Store, slide_id: str, image: ImageInfo, grid: TileGrid, tissue_threshold: float,
-                   mask_fraction: float, dataset: str = IMAGE_ONLY, patient: str | None = None) -> bool:
+def register_slide(
+    store: Store,
+    slide_id: str,
+    image: ImageInfo,
+    grid: TileGrid,
+    tissue_threshold: float,
+    mask_fraction: float,
+    dataset: str = IMAGE_ONLY,
+    patient: str | None = None,
+) -> bool:
     """Write (or replace) the image-only slide's ``spots`` and ``slides`` rows; call it under
     the store's writer lock. As ``ingest``, the ``slides`` row is the commit marker: an old
     one is removed first and the new one written last. Returns True when a previous
@@ -199,10 +228,15 @@ def register_slide(store: Store, slide_id: str, image: ImageInfo, grid: TileGrid
     existed = check_slide_id(store, slide_id, image.path)
     keep = False
     if existed:
-        old = store.read("slides", ["geometry_hash"], where=f"slide_id IN ({sql_list([slide_id])})")["geometry_hash"].to_pylist()
+        old = store.read("slides", ["geometry_hash"], where=f"slide_id IN ({sql_list([slide_id])})")[
+            "geometry_hash"
+        ].to_pylist()
         keep = bool(old) and old[0] == slides["geometry_hash"][0].as_py()
         if not keep:
-            log.info("slide %s: image or grid changed since the last infer; dropping its cached vectors and predictions", slide_id)
+            log.info(
+                "slide %s: image or grid changed since the last infer; dropping its cached vectors and predictions",
+                slide_id,
+            )
             forget_slide_outputs(store, slide_id)
         store.delete("slides", f"slide_id IN ({sql_list([slide_id])})")
     try:

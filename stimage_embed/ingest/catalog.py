@@ -120,8 +120,9 @@ def load_catalog(name_or_path: str | Path, data_root_override: str | Path | None
         if not path.is_file():
             known = ", ".join(available_catalogs()) or "none"
             raise CatalogError(
-                None, None, f"unknown catalog {str(name_or_path)!r}; known catalogs: {known}; "
-                "or pass a path to a YAML file"
+                None,
+                None,
+                f"unknown catalog {str(name_or_path)!r}; known catalogs: {known}; or pass a path to a YAML file",
             )
     try:
         raw = yaml.safe_load(path.read_text())
@@ -142,7 +143,9 @@ def load_catalog(name_or_path: str | Path, data_root_override: str | Path | None
     from stimage_embed.ingest.readers import READERS  # local import: readers import catalog
 
     if cat.reader not in READERS:
-        raise CatalogError(path, "reader", f"unknown reader {cat.reader!r}; known readers: {', '.join(sorted(READERS))}")
+        raise CatalogError(
+            path, "reader", f"unknown reader {cat.reader!r}; known readers: {', '.join(sorted(READERS))}"
+        )
     ids = [s.id for s in cat.slides]
     dups = sorted({i for i in ids if ids.count(i) > 1})
     if dups:

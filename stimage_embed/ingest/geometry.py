@@ -27,7 +27,9 @@ class LatticeFit:
         return float(array_step_um / np.sqrt(self.px_per_step_x * self.px_per_step_y))
 
 
-def fit_lattice(array_col: np.ndarray, array_row: np.ndarray, pixel_x: np.ndarray, pixel_y: np.ndarray) -> LatticeFit | None:
+def fit_lattice(
+    array_col: np.ndarray, array_row: np.ndarray, pixel_x: np.ndarray, pixel_y: np.ndarray
+) -> LatticeFit | None:
     """Affine fit pixel ~ A @ (col, row, 1). ``None`` if the spots don't span 2-D."""
     design = np.column_stack([array_col, array_row, np.ones(len(array_col))]).astype(float)
     if len(array_col) < 3 or np.linalg.matrix_rank(design) < 3:

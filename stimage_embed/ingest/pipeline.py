@@ -72,8 +72,14 @@ def file_sha256(path: Path, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def geometry_hash(image_path: Path, spot_ids: np.ndarray, pixel_x: np.ndarray, pixel_y: np.ndarray,
-                  um_per_px: float, spot_diameter_um: float) -> str:
+def geometry_hash(
+    image_path: Path,
+    spot_ids: np.ndarray,
+    pixel_x: np.ndarray,
+    pixel_y: np.ndarray,
+    um_per_px: float,
+    spot_diameter_um: float,
+) -> str:
     """Hash of everything a slide's tiles are cut from: the image file's bytes, the spot ids
     with their centres (level-0 px), µm/px and the spot diameter (default tile width)."""
     order = np.argsort(np.asarray(spot_ids).astype(str), kind="stable")
@@ -118,13 +124,20 @@ class _SlideQC:
 def _checked_counts(catalog: DatasetCatalog, data: SlideData) -> sp.csr_matrix:
     """The slide's (spot x gene) raw counts as CSR, after checking it is not empty and fits int32."""
     if data.n_spots == 0:
-        raise InputError(data.source_files.get("spots", catalog.source), "spots",
-                         f"slide {data.slide_id!r} has no spots under tissue with counts (empty slide)")
+        raise InputError(
+            data.source_files.get("spots", catalog.source),
+            "spots",
+            f"slide {data.slide_id!r} has no spots under tissue with counts (empty slide)",
+        )
     if data.n_genes == 0:
-        raise InputError(data.source_files.get("counts", catalog.source), "genes", f"slide {data.slide_id!r} has no genes")
+        raise InputError(
+            data.source_files.get("counts", catalog.source), "genes", f"slide {data.slide_id!r} has no genes"
+        )
     counts = data.counts.tocsr()
     if counts.nnz and counts.data.max() > INT32_MAX:
-        raise InputError(data.source_files.get("counts"), "counts", f"count {counts.data.max()} exceeds the int32 range of the store")
+        raise InputError(
+            data.source_files.get("counts"), "counts", f"count {counts.data.max()} exceeds the int32 range of the store"
+        )
     return counts
 
 
@@ -142,8 +155,15 @@ def _check_in_image(data: SlideData, spots_file: object, width: int, height: int
         )
     if not in_image.all():
         bad = data.spot_ids[~in_image]
-        log.warning("%s: pixel_x/pixel_y: %d spot(s) of slide %s lie outside the %dx%d image and fail QC: %s",
-                    spots_file, len(bad), data.slide_id, width, height, list(bad[:5]))
+        log.warning(
+            "%s: pixel_x/pixel_y: %d spot(s) of slide %s lie outside the %dx%d image and fail QC: %s",
+            spots_file,
+            len(bad),
+            data.slide_id,
+            width,
+            height,
+            list(bad[:5]),
+        )
     return in_image
 
 
@@ -156,7 +176,13 @@ def _slide_qc(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float)
         fit = fit_lattice(data.array_col, data.array_row, data.pixel_x, data.pixel_y)
         step_um = catalog.array_step_um or catalog.spot_pitch_um
         um_per_px, um_source = resolve_um_per_px(
-            data.um_per_px, data.um_per_px_source, image.um_per_px_from_metadata(), fit, step_um, catalog.source, data.slide_id
+            data.um_per_px,
+            data.um_per_px_source,
+            image.um_per_px_from_metadata(),
+            fit,
+            step_um,
+            catalog.source,
+            data.slide_id,
         )
         in_image = _check_in_image(data, spots_file, width, height)
         thumb, downsample = image.thumbnail(THUMBNAIL_MAX_SIDE)
@@ -167,9 +193,20 @@ def _slide_qc(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float)
     tissue = np.where(in_image, tissue, 0.0)
     window_px = catalog.spot_diameter_um / um_per_px
     padded = _padded_fractions(data.pixel_x, data.pixel_y, window_px, width, height)
-    return _SlideQC(width=width, height=height, fit=fit, step_um=step_um, um_per_px=um_per_px, um_source=um_source,
-                    in_image=in_image, tissue=tissue, padded=padded, passes=in_image & (tissue >= tissue_threshold),
-                    tissue_area_fraction=float(mask.mean()), stain_estimate=stain_estimate)
+    return _SlideQC(
+        width=width,
+        height=height,
+        fit=fit,
+        step_um=step_um,
+        um_per_px=um_per_px,
+        um_source=um_source,
+        in_image=in_image,
+        tissue=tissue,
+        padded=padded,
+        passes=in_image & (tissue >= tissue_threshold),
+        tissue_area_fraction=float(mask.mean()),
+        stain_estimate=stain_estimate,
+    )
 
 
 def _spot_tables(data: SlideData, counts: sp.csr_matrix, total: np.ndarray, qc: _SlideQC) -> dict[str, pa.Table]:
@@ -220,8 +257,9 @@ def _spot_tables(data: SlideData, counts: sp.csr_matrix, total: np.ndarray, qc: 
     return {"spots": spots, "genes": genes, "expression": expression}
 
 
-def _slide_summary(catalog: DatasetCatalog, data: SlideData, qc: _SlideQC, total_counts: int,
-                   tissue_threshold: float) -> dict:
+def _slide_summary(
+    catalog: DatasetCatalog, data: SlideData, qc: _SlideQC, total_counts: int, tissue_threshold: float
+) -> dict:
     """The slide's ``slides`` row (schema :data:`stimage_embed.store.schema.SLIDES`)."""
     fit = qc.fit
     return {
@@ -253,8 +291,9 @@ def _slide_summary(catalog: DatasetCatalog, data: SlideData, qc: _SlideQC, total
         "source_files": json.dumps(data.source_files, sort_keys=True),
         "package_version": __version__,
         "ingested_at": dt.datetime.now(dt.timezone.utc),
-        "geometry_hash": geometry_hash(data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px,
-                                       catalog.spot_diameter_um),
+        "geometry_hash": geometry_hash(
+            data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px, catalog.spot_diameter_um
+        ),
         "stain_estimate": qc.stain_estimate,
     }
 
@@ -277,16 +316,24 @@ def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str]) -> None:
     store) cannot be compared and keeps its vectors."""
     if not store.has_table("slides") or "geometry_hash" not in store.dataset("slides").schema.names:
         return
-    old = pl.from_arrow(store.read("slides", ["slide_id", "geometry_hash"], where=f"slide_id IN ({sql_list(new_hashes)})"))
-    changed = {s: new_hashes[s] for s, h in zip(old["slide_id"], old["geometry_hash"]) if h is not None and h != new_hashes[s]}
+    old = pl.from_arrow(
+        store.read("slides", ["slide_id", "geometry_hash"], where=f"slide_id IN ({sql_list(new_hashes)})")
+    )
+    changed = {
+        s: new_hashes[s] for s, h in zip(old["slide_id"], old["geometry_hash"]) if h is not None and h != new_hashes[s]
+    }
     for table in (t for t in store.table_names() if t.startswith("embeddings_")):
         stamped = "geometry_hash" in store.dataset(table).schema.names
         for sid, new in changed.items():
             keep = f" AND (geometry_hash IS NULL OR geometry_hash != {sql_list([new])})" if stamped else ""
             n = store.delete(table, f"slide_id = {sql_list([sid])}{keep}")
             if n:
-                log.warning("%s: slide %s moved (its geometry hash changed): %d vector(s) deleted, `embed` cuts them again",
-                            table, sid, n)
+                log.warning(
+                    "%s: slide %s moved (its geometry hash changed): %d vector(s) deleted, `embed` cuts them again",
+                    table,
+                    sid,
+                    n,
+                )
 
 
 def ingest(
@@ -312,7 +359,9 @@ def ingest(
     with store.writer("ingest"):
         if store.has_table("slides"):
             existing = pl.from_arrow(store.read("slides", ["slide_id", "dataset"]))
-            clash = existing.filter(pl.col("slide_id").is_in([e.id for e in entries]) & (pl.col("dataset") != catalog.name))
+            clash = existing.filter(
+                pl.col("slide_id").is_in([e.id for e in entries]) & (pl.col("dataset") != catalog.name)
+            )
             if clash.height:
                 raise StoreError(
                     f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} already belong to dataset(s) "
@@ -332,4 +381,6 @@ def ingest(
             store.replace_slides(name, table, ids)
         # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
         maintain(store, ["genes", "expression", "spots", "slides"])
-    return pl.DataFrame([p.summary for p in prepared]).drop("source_files", "catalog_path", "package_version", "stain_estimate")
+    return pl.DataFrame([p.summary for p in prepared]).drop(
+        "source_files", "catalog_path", "package_version", "stain_estimate"
+    )

@@ -6,8 +6,8 @@ optionally restricted to spots passing tissue QC, in (slide_id, spot_id) order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -53,8 +53,14 @@ def shuffled_within_slides(arrays: SpotArrays, seed: int = 0) -> SpotArrays:
     for s in np.unique(slides):
         rows = np.flatnonzero(slides == s)
         order[rows] = rng.permutation(rows)
-    return SpotArrays(keys=arrays.keys, X=arrays.X[order], counts=arrays.counts, library_size=arrays.library_size,
-                      genes=arrays.genes, provenance=arrays.provenance)
+    return SpotArrays(
+        keys=arrays.keys,
+        X=arrays.X[order],
+        counts=arrays.counts,
+        library_size=arrays.library_size,
+        genes=arrays.genes,
+        provenance=arrays.provenance,
+    )
 
 
 #: joins the vector tables of a composite "backbone": ``a+b`` is the concatenation, per
@@ -67,8 +73,12 @@ def vector_parts(backbone: str) -> list[str]:
     """The vector tables' backbone names of ``backbone`` (one, or the parts of ``a+b``)."""
     parts = [p.strip() for p in backbone.split(COMPOSITE_SEPARATOR)]
     if any(not p for p in parts) or len(set(parts)) != len(parts):
-        raise InputError(None, "--backbone", f"{backbone!r}: a composite names distinct vector tables joined by "
-                         f"{COMPOSITE_SEPARATOR!r}, e.g. efficientnet_lite0+efficientnet_lite0__ctx300um")
+        raise InputError(
+            None,
+            "--backbone",
+            f"{backbone!r}: a composite names distinct vector tables joined by "
+            f"{COMPOSITE_SEPARATOR!r}, e.g. efficientnet_lite0+efficientnet_lite0__ctx300um",
+        )
     return parts
 
 
@@ -80,7 +90,9 @@ def table_provenance(store: Store, backbone: str) -> dict:
     for part in parts:
         found = existing_provenance(store, S.embedding_table_name(part))
         if not found:
-            raise StoreError(f"{store.path}: no vectors for backbone {part!r}; run `stimage-embed embed --backbone {part}`")
+            raise StoreError(
+                f"{store.path}: no vectors for backbone {part!r}; run `stimage-embed embed --backbone {part}`"
+            )
         provs.append(found[0])
     if len(provs) == 1:
         return provs[0]
@@ -90,7 +102,10 @@ def table_provenance(store: Store, backbone: str) -> dict:
 
 def embedded_slides(store: Store, backbone: str) -> set[str]:
     """Slides with vectors of ``backbone`` (of every part of a composite)."""
-    sets = [set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(p)}")["slide_id"]) for p in vector_parts(backbone)]
+    sets = [
+        set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(p)}")["slide_id"])
+        for p in vector_parts(backbone)
+    ]
     return set.intersection(*sets)
 
 
@@ -122,7 +137,10 @@ def load_embeddings(
     if np.any(order[1:] < order[:-1]):  # rows are stored by slide and spot: usually in order already
         t = t.take(order)
     slide_col = t["slide_id"].to_pylist() if "slide_id" in cols else slides * t.num_rows
-    keys = pl.DataFrame({"slide_id": slide_col, "spot_id": t["spot_id"].to_pylist()}, schema={"slide_id": pl.String, "spot_id": pl.String})
+    keys = pl.DataFrame(
+        {"slide_id": slide_col, "spot_id": t["spot_id"].to_pylist()},
+        schema={"slide_id": pl.String, "spot_id": pl.String},
+    )
     vec = t["vector"].combine_chunks()
     X16 = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, vec.type.list_size)
     X = X16.astype(np.float32)  # exact; numpy, not torch: a multi-threaded torch cast stalls on a busy machine
@@ -136,13 +154,20 @@ def load_spot_arrays(
     ekeys, X = load_embeddings(store, backbone, slide_ids)
     ckeys, gl, counts, lib = store.expression_matrix(slide_ids, genes)
     spots = pl.from_arrow(
-        store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y", "passes_qc"],
-                   where=f"slide_id IN ({sql_list(slide_ids)})")
+        store.read(
+            "spots",
+            ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y", "passes_qc"],
+            where=f"slide_id IN ({sql_list(slide_ids)})",
+        )
     )
     slides = pl.from_arrow(store.read("slides", ["slide_id", "patient", "um_per_px"]))
     ekeys = ekeys.with_columns(pl.Series("_e", np.arange(ekeys.height)))
     ckeys = ckeys.with_columns(pl.Series("_c", np.arange(ckeys.height)), pl.Series("_lib", lib))
-    j = ekeys.join(ckeys, on=["slide_id", "spot_id"], how="inner").join(spots, on=["slide_id", "spot_id"]).join(slides, on="slide_id")
+    j = (
+        ekeys.join(ckeys, on=["slide_id", "spot_id"], how="inner")
+        .join(spots, on=["slide_id", "spot_id"])
+        .join(slides, on="slide_id")
+    )
     if only_qc:
         j = j.filter(pl.col("passes_qc"))
     j = j.sort("slide_id", "spot_id")

@@ -13,23 +13,34 @@ from stimage_embed.predictions.runner import long_predictions, nb_quantile_colum
 
 
 def _wide(df: pl.DataFrame, column: str, genes: list[str]) -> pl.DataFrame:
-    return df.pivot(on="gene", index=["slide_id", "spot_id"], values=column).sort("slide_id", "spot_id").select("slide_id", "spot_id", *genes)
+    return (
+        df.pivot(on="gene", index=["slide_id", "spot_id"], values=column)
+        .sort("slide_id", "spot_id")
+        .select("slide_id", "spot_id", *genes)
+    )
 
 
-def _truth(per_backbone: dict[str, pl.DataFrame], keys: pl.DataFrame, genes: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _truth(
+    per_backbone: dict[str, pl.DataFrame], keys: pl.DataFrame, genes: list[str]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The measured counts and library sizes of ``keys`` from the members' rows, or
     ``(None, None)`` when some spot has none (an image-only slide)."""
-    truth = (
-        pl.concat([df.select("slide_id", "spot_id", "observed", "library_size").unique(["slide_id", "spot_id"]) for df in per_backbone.values()])
-        .unique(["slide_id", "spot_id"])
-    )
+    truth = pl.concat(
+        [
+            df.select("slide_id", "spot_id", "observed", "library_size").unique(["slide_id", "spot_id"])
+            for df in per_backbone.values()
+        ]
+    ).unique(["slide_id", "spot_id"])
     lib = keys.join(truth, on=["slide_id", "spot_id"], how="left", maintain_order="left")["library_size"]
     if lib.null_count():
         return None, None
     obs = keys.join(
-        pl.concat([df.select("slide_id", "spot_id", "gene", "observed") for df in per_backbone.values()]).unique(["slide_id", "spot_id", "gene"])
+        pl.concat([df.select("slide_id", "spot_id", "gene", "observed") for df in per_backbone.values()])
+        .unique(["slide_id", "spot_id", "gene"])
         .pivot(on="gene", index=["slide_id", "spot_id"], values="observed"),
-        on=["slide_id", "spot_id"], how="left", maintain_order="left",
+        on=["slide_id", "spot_id"],
+        how="left",
+        maintain_order="left",
     )
     return obs.select(genes).to_numpy().astype(np.int64), lib.to_numpy().astype(np.float64)
 
@@ -49,7 +60,9 @@ def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "err
     for bb, df in per_backbone.items():
         g = df["gene"].unique(maintain_order=True).to_list()
         if genes is not None and sorted(g) != sorted(genes):
-            raise InputError(None, "fstimage", f"backbone {bb!r} was predicted on other genes than {list(per_backbone)[0]!r}")
+            raise InputError(
+                None, "fstimage", f"backbone {bb!r} was predicted on other genes than {list(per_backbone)[0]!r}"
+            )
         genes = genes or g
         m, v, r = (_wide(df, c, genes) for c in ("mean", "variance", "mean_log1p"))
         keys = m.select("slide_id", "spot_id").to_numpy()
@@ -62,10 +75,17 @@ def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "err
         raise InputError(None, "--missing", str(exc)) from exc
     keys = pl.DataFrame({"slide_id": comb.keys[:, 0].astype(str), "spot_id": comb.keys[:, 1].astype(str)})
     counts, lib = _truth(per_backbone, keys, genes)
-    arrays = SpotArrays(keys=keys, X=np.zeros((len(keys), 0), np.float32), counts=counts, library_size=lib,
-                        genes=genes, provenance={})
+    arrays = SpotArrays(
+        keys=keys, X=np.zeros((len(keys), 0), np.float32), counts=counts, library_size=lib, genes=genes, provenance={}
+    )
     alea = comb.aleatoric if comb.aleatoric is not None else np.zeros_like(comb.mean)
     var = comb.spread + alea
-    cols = {"mean": comb.mean, "mean_log1p": rate_to_log1p(rate.mean), "variance": var, "epistemic": comb.spread,
-            "aleatoric": alea, **nb_quantile_columns(comb.mean, var)}
+    cols = {
+        "mean": comb.mean,
+        "mean_log1p": rate_to_log1p(rate.mean),
+        "variance": var,
+        "epistemic": comb.spread,
+        "aleatoric": alea,
+        **nb_quantile_columns(comb.mean, var),
+    }
     return long_predictions(arrays, genes, cols)

@@ -163,7 +163,9 @@ def load_gene_list(spec: GeneSpec) -> tuple[list[str], Path]:
     raise InputError(None, "genes", f"{spec} is not a gene list spec")
 
 
-def resolve_gene_list(wanted: Sequence[str], available: Sequence[str], *, source: str | Path | None = None) -> list[str]:
+def resolve_gene_list(
+    wanted: Sequence[str], available: Sequence[str], *, source: str | Path | None = None
+) -> list[str]:
     """The genes of ``wanted`` present in ``available``, in ``wanted`` order.
 
     Logs a WARNING naming every missing gene; raises :class:`InputError` if none is present.
@@ -176,7 +178,13 @@ def resolve_gene_list(wanted: Sequence[str], available: Sequence[str], *, source
     if missing:
         upper = {a.upper(): a for a in available}
         hints = [f"{g} (did you mean {upper[g.upper()]}?)" if g.upper() in upper else g for g in missing]
-        log.warning("%s: %d of %d genes not in the data, skipped: %s", source or "gene list", len(missing), len(wanted), ", ".join(hints))
+        log.warning(
+            "%s: %d of %d genes not in the data, skipped: %s",
+            source or "gene list",
+            len(missing),
+            len(wanted),
+            ", ".join(hints),
+        )
     return present
 
 
@@ -335,7 +343,9 @@ def select_genes(
         wanted, path = load_gene_list(spec)
         present = resolve_gene_list(wanted, genes, source=path)
         idx = [genes.index(g) for g in present]
-        never = [g for g, d in zip(present, np.asarray((x[train][:, idx] > 0).sum(axis=0)).ravel(), strict=True) if d == 0]
+        never = [
+            g for g, d in zip(present, np.asarray((x[train][:, idx] > 0).sum(axis=0)).ravel(), strict=True) if d == 0
+        ]
         if never:
             log.warning("%s: genes never detected in the training spots: %s", path, ", ".join(never))
         return present
@@ -343,14 +353,23 @@ def select_genes(
         raise InputError(None, "genes", f"unsupported gene spec {spec}")
 
     xt = x[train]
-    lib = np.asarray(xt.sum(axis=1)).ravel() if library_size is None else np.asarray(library_size, dtype=np.float64)[train]
+    lib = (
+        np.asarray(xt.sum(axis=1)).ravel()
+        if library_size is None
+        else np.asarray(library_size, dtype=np.float64)[train]
+    )
     keep = np.flatnonzero(detection_fraction(xt) >= min_fraction)
     if keep.size == 0:
         raise InputError(None, "genes", f"no gene is detected in >= {min_fraction:.0%} of the training spots")
     k = spec.k
     if k > keep.size:
-        log.warning("%s: only %d genes are detected in >= %.0f%% of the training spots; using all %d", spec, keep.size,
-                    100 * min_fraction, keep.size)
+        log.warning(
+            "%s: only %d genes are detected in >= %.0f%% of the training spots; using all %d",
+            spec,
+            keep.size,
+            100 * min_fraction,
+            keep.size,
+        )
         k = keep.size
     if spec.kind == "seurat":
         stats = hvg_seurat(xt[:, keep], library_size=lib, target_sum=target_sum, n_bins=n_bins)
@@ -366,4 +385,6 @@ def fold_genes(store, train_slides: Sequence[str], spec: str) -> list[str]:
     """The genes of a fold (or a ``train`` run), selected by ``spec`` from the counts of its
     TRAINING slides only (``store``: a :class:`~stimage_embed.store.Store`)."""
     keys, genes, counts, lib = store.expression_matrix(list(train_slides))
-    return select_genes(parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), list(train_slides), library_size=lib)
+    return select_genes(
+        parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), list(train_slides), library_size=lib
+    )

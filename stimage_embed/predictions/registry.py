@@ -18,9 +18,10 @@ Output kinds (what :func:`stimage_embed.predictions.runner.predict_head` writes)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from stimage_embed.errors import InputError
 
@@ -61,7 +62,9 @@ class HeadSpec:
     def make(self, params: Mapping[str, Any] | None = None) -> Any:
         """A fresh, unfitted head with ``defaults`` updated by ``params``."""
         if self.build is None:
-            raise InputError(None, "--head", f"{self.name} is built by `compare` from other runs, not fitted on vectors")
+            raise InputError(
+                None, "--head", f"{self.name} is built by `compare` from other runs, not fitted on vectors"
+            )
         module, _, attr = self.build.partition(":")
         return getattr(importlib.import_module(module), attr)(**{**self.defaults, **(params or {})})
 
@@ -74,21 +77,67 @@ def seed_ensemble(n_members: int = 5, **params: Any) -> Any:
 
 
 #: every head, in display order (baselines first)
-HEADS: Mapping[str, HeadSpec] = MappingProxyType({spec.name: spec for spec in (
-    HeadSpec("mean", "training mean of log1p(CP10k) per gene (baseline)", "log1p", "heads:MeanBaseline",
-             baseline=True, marker="x"),
-    HeadSpec("ridge", "ridge on PCA of the vectors, alpha by CV grouped by slide (baseline)", "log1p", "heads:RidgeBaseline",
-             baseline=True, marker="v"),
-    HeadSpec("nb", "linear negative-binomial GLM, L2 by CV grouped by slide", "nb", "heads:NBRegressor", marker="o"),
-    HeadSpec("ensemble", "5 bootstrapped NB GLMs: epistemic + aleatoric uncertainty", "nb_ensemble", f"{__name__}:seed_ensemble",
-             defaults={"bootstrap": True}, marker="s", takes_alpha_from="nb", spread="between seeds"),
-    HeadSpec("context", "NB GLM on the spot's vector and its lattice neighbours' vectors (same slide)", "nb",
-             "heads.context:ContextNBRegressor", marker="P", uses_coords=True),
-    HeadSpec("highlow", "elastic-net logistic classifiers of high/low expression (STimage)", "classifier",
-             "heads:HighLowClassifier", defaults={"n_jobs": -1}, marker="^"),
-    HeadSpec("fstimage", "FSTimage: the nb predictions of several backbones averaged", "combined",
-             spans_backbones=True, combines="nb", marker="D", spread="between backbones"),
-)})
+HEADS: Mapping[str, HeadSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            HeadSpec(
+                "mean",
+                "training mean of log1p(CP10k) per gene (baseline)",
+                "log1p",
+                "heads:MeanBaseline",
+                baseline=True,
+                marker="x",
+            ),
+            HeadSpec(
+                "ridge",
+                "ridge on PCA of the vectors, alpha by CV grouped by slide (baseline)",
+                "log1p",
+                "heads:RidgeBaseline",
+                baseline=True,
+                marker="v",
+            ),
+            HeadSpec(
+                "nb", "linear negative-binomial GLM, L2 by CV grouped by slide", "nb", "heads:NBRegressor", marker="o"
+            ),
+            HeadSpec(
+                "ensemble",
+                "5 bootstrapped NB GLMs: epistemic + aleatoric uncertainty",
+                "nb_ensemble",
+                f"{__name__}:seed_ensemble",
+                defaults={"bootstrap": True},
+                marker="s",
+                takes_alpha_from="nb",
+                spread="between seeds",
+            ),
+            HeadSpec(
+                "context",
+                "NB GLM on the spot's vector and its lattice neighbours' vectors (same slide)",
+                "nb",
+                "heads.context:ContextNBRegressor",
+                marker="P",
+                uses_coords=True,
+            ),
+            HeadSpec(
+                "highlow",
+                "elastic-net logistic classifiers of high/low expression (STimage)",
+                "classifier",
+                "heads:HighLowClassifier",
+                defaults={"n_jobs": -1},
+                marker="^",
+            ),
+            HeadSpec(
+                "fstimage",
+                "FSTimage: the nb predictions of several backbones averaged",
+                "combined",
+                spans_backbones=True,
+                combines="nb",
+                marker="D",
+                spread="between backbones",
+            ),
+        )
+    }
+)
 
 
 def head_spec(name: str) -> HeadSpec:
@@ -99,10 +148,13 @@ def head_spec(name: str) -> HeadSpec:
     return spec
 
 
-def head_names(*, spans_backbones: bool | None = None, baseline: bool | None = None, output: str | None = None) -> tuple[str, ...]:
+def head_names(
+    *, spans_backbones: bool | None = None, baseline: bool | None = None, output: str | None = None
+) -> tuple[str, ...]:
     """Registered head names in display order, optionally filtered."""
     return tuple(
-        s.name for s in HEADS.values()
+        s.name
+        for s in HEADS.values()
         if (spans_backbones is None or s.spans_backbones == spans_backbones)
         and (baseline is None or s.baseline == baseline)
         and (output is None or s.output == output)

@@ -24,7 +24,8 @@ otherwise); ``observed`` and ``library_size`` are the truth, kept for scoring.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -88,8 +89,14 @@ def _predict_nb(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -
 
 def _predict_nb_ensemble(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
     unc = head.predict_uncertainty(X, library_size=lib, **extra)
-    return dict(mean=unc.mean, variance=unc.total, epistemic=unc.epistemic, aleatoric=unc.aleatoric,
-                mean_log1p=rate_to_log1p(head.predict_rate(X, **extra)), **nb_quantile_columns(unc.mean, unc.total))
+    return dict(
+        mean=unc.mean,
+        variance=unc.total,
+        epistemic=unc.epistemic,
+        aleatoric=unc.aleatoric,
+        mean_log1p=rate_to_log1p(head.predict_rate(X, **extra)),
+        **nb_quantile_columns(unc.mean, unc.total),
+    )
 
 
 def _predict_classifier(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
@@ -103,7 +110,10 @@ def _predict_log1p(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict
 
 #: output kind -> (head, X, library size or None, spatial inputs) -> value columns
 PREDICTORS: dict[str, Callable[[Any, np.ndarray, np.ndarray | None, dict], dict]] = {
-    "nb": _predict_nb, "nb_ensemble": _predict_nb_ensemble, "classifier": _predict_classifier, "log1p": _predict_log1p,
+    "nb": _predict_nb,
+    "nb_ensemble": _predict_nb_ensemble,
+    "classifier": _predict_classifier,
+    "log1p": _predict_log1p,
 }
 
 

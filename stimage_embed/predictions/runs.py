@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -45,18 +46,44 @@ def datasets_of(store: Store, slides: Sequence[str]) -> str:
 
 
 def runs_row(
-    *, run_id: str, dataset: str, backbone: str, members: Sequence[str], head: str, split: str, fold: str,
-    train_slides: Sequence[str], test_slides: Sequence[str], gene_spec: str | None, genes: Sequence[str],
-    params: dict[str, Any] | None, provenance_ids: Sequence[str], n_train_spots: int | None,
-    fit_seconds: float | None, model_dir: str = "", control: str = "none",
+    *,
+    run_id: str,
+    dataset: str,
+    backbone: str,
+    members: Sequence[str],
+    head: str,
+    split: str,
+    fold: str,
+    train_slides: Sequence[str],
+    test_slides: Sequence[str],
+    gene_spec: str | None,
+    genes: Sequence[str],
+    params: dict[str, Any] | None,
+    provenance_ids: Sequence[str],
+    n_train_spots: int | None,
+    fit_seconds: float | None,
+    model_dir: str = "",
+    control: str = "none",
 ) -> dict[str, Any]:
     """One ``runs`` row (schema :data:`stimage_embed.store.schema.RUNS`)."""
     return {
-        "run_id": run_id, "dataset": dataset, "backbone": backbone, "members": list(members), "head": head,
-        "control": control, "split": split, "fold": fold, "train_slides": sorted(train_slides),
-        "test_slides": list(test_slides), "gene_spec": gene_spec, "genes": list(genes),
-        "head_params": json.dumps(params or {}, sort_keys=True), "provenance_ids": list(provenance_ids),
-        "n_train_spots": n_train_spots, "fit_seconds": fit_seconds, "model_dir": model_dir,
+        "run_id": run_id,
+        "dataset": dataset,
+        "backbone": backbone,
+        "members": list(members),
+        "head": head,
+        "control": control,
+        "split": split,
+        "fold": fold,
+        "train_slides": sorted(train_slides),
+        "test_slides": list(test_slides),
+        "gene_spec": gene_spec,
+        "genes": list(genes),
+        "head_params": json.dumps(params or {}, sort_keys=True),
+        "provenance_ids": list(provenance_ids),
+        "n_train_spots": n_train_spots,
+        "fit_seconds": fit_seconds,
+        "model_dir": model_dir,
         "created_at": dt.datetime.now(dt.timezone.utc),
     }
 

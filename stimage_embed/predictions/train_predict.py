@@ -42,14 +42,23 @@ def models_dir(store: Store) -> Path:
 
 
 def train(
-    store: Store, backbone: str, head: str, genes: str, train_slides: list[str], params: dict | None = None,
+    store: Store,
+    backbone: str,
+    head: str,
+    genes: str,
+    train_slides: list[str],
+    params: dict | None = None,
     only_qc: bool = True,
 ) -> tuple[str, Path]:
     """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir)."""
     fitted = head_names(spans_backbones=False)
     if head not in fitted:
-        raise InputError(None, "--head", f"train fits one backbone's head: {', '.join(fitted)} "
-                         "(heads spanning backbones are built by `compare` from runs of several backbones)")
+        raise InputError(
+            None,
+            "--head",
+            f"train fits one backbone's head: {', '.join(fitted)} "
+            "(heads spanning backbones are built by `compare` from runs of several backbones)",
+        )
     known = set(store.slide_ids())
     unknown = sorted(set(train_slides) - known)
     if unknown or not train_slides:
@@ -57,24 +66,68 @@ def train(
     prov = table_provenance(store, backbone)
     gene_list = fold_genes(store, train_slides, genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
-    rid = run_hash({"backbone": backbone, "provenance": provenance_id(prov), "head": head, "params": params or {},
-                 "train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"})
+    rid = run_hash(
+        {
+            "backbone": backbone,
+            "provenance": provenance_id(prov),
+            "head": head,
+            "params": params or {},
+            "train": sorted(train_slides),
+            "genes": gene_list,
+            "only_qc": only_qc,
+            "kind": "train",
+        }
+    )
     t0 = time.perf_counter()
     model = fit_head(head, make_head(head, params), arrays)
     fit_s = time.perf_counter() - t0
     out = models_dir(store) / rid
     save_head(model, out, provenance=vector_identity(prov))
-    (out / "run.json").write_text(json.dumps(
-        {"run_id": rid, "backbone": backbone, "head": head, "genes": gene_list, "gene_spec": genes,
-         "train_slides": sorted(train_slides), "params": params or {}, "n_train_spots": int(arrays.X.shape[0]),
-         "fit_seconds": fit_s}, indent=2))
-    row = runs_row(run_id=rid, dataset=datasets_of(store, train_slides), backbone=backbone, members=[backbone], head=head,
-                   split="train", fold="train", train_slides=train_slides, test_slides=[], gene_spec=genes,
-                   genes=gene_list, params=params, provenance_ids=[provenance_id(prov)],
-                   n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s, model_dir=str(out))
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "run_id": rid,
+                "backbone": backbone,
+                "head": head,
+                "genes": gene_list,
+                "gene_spec": genes,
+                "train_slides": sorted(train_slides),
+                "params": params or {},
+                "n_train_spots": int(arrays.X.shape[0]),
+                "fit_seconds": fit_s,
+            },
+            indent=2,
+        )
+    )
+    row = runs_row(
+        run_id=rid,
+        dataset=datasets_of(store, train_slides),
+        backbone=backbone,
+        members=[backbone],
+        head=head,
+        split="train",
+        fold="train",
+        train_slides=train_slides,
+        test_slides=[],
+        gene_spec=genes,
+        genes=gene_list,
+        params=params,
+        provenance_ids=[provenance_id(prov)],
+        n_train_spots=int(arrays.X.shape[0]),
+        fit_seconds=fit_s,
+        model_dir=str(out),
+    )
     with store.writer("train"):
         commit_run_row(store, row)
-    log.info("trained %s on %s (%d spots, %d genes) in %.1f s -> %s", head, backbone, arrays.X.shape[0], len(gene_list), fit_s, out)
+    log.info(
+        "trained %s on %s (%d spots, %d genes) in %.1f s -> %s",
+        head,
+        backbone,
+        arrays.X.shape[0],
+        len(gene_list),
+        fit_s,
+        out,
+    )
     return rid, out
 
 
@@ -106,15 +159,21 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     try:
         head = load_head(path)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise InputError(path, "model", f"cannot load the saved head (missing or truncated file?): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise InputError(
+            path,
+            "model",
+            f"cannot load the saved head (missing or truncated file?): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        ) from exc
     with store.writer("predict"):
         prov = table_provenance(store, meta["backbone"])
         current = vector_identity(prov)
         try:
             check_provenance(head, current)
         except ProvenanceMismatch as exc:
-            raise ProvenanceError(f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}") from exc
+            raise ProvenanceError(
+                f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}"
+            ) from exc
         unknown = sorted(set(slides) - set(store.slide_ids()))
         if unknown or not slides:
             raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
@@ -122,12 +181,31 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
         pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(rid).alias("run_id"))
         # make the predictions attributable to a committed run (a model trained elsewhere)
         train_slides = [str(x) for x in meta.get("train_slides", [])]
-        commit_run_row(store, runs_row(
-            run_id=rid, dataset=datasets_of(store, train_slides), backbone=meta["backbone"], members=[meta["backbone"]],
-            head=meta["head"], split="train", fold="train", train_slides=train_slides, test_slides=[],
-            gene_spec=meta.get("gene_spec"), genes=meta["genes"], params=meta.get("params"),
-            provenance_ids=[provenance_id(prov)], n_train_spots=meta.get("n_train_spots"),
-            fit_seconds=meta.get("fit_seconds"), model_dir=str(path)))
-        store.replace_where("predictions", pred, ("run_id", "slide_id", "spot_id", "gene"),
-                            f"run_id = '{rid}' AND slide_id IN ({sql_list(slides)})")
+        commit_run_row(
+            store,
+            runs_row(
+                run_id=rid,
+                dataset=datasets_of(store, train_slides),
+                backbone=meta["backbone"],
+                members=[meta["backbone"]],
+                head=meta["head"],
+                split="train",
+                fold="train",
+                train_slides=train_slides,
+                test_slides=[],
+                gene_spec=meta.get("gene_spec"),
+                genes=meta["genes"],
+                params=meta.get("params"),
+                provenance_ids=[provenance_id(prov)],
+                n_train_spots=meta.get("n_train_spots"),
+                fit_seconds=meta.get("fit_seconds"),
+                model_dir=str(path),
+            ),
+        )
+        store.replace_where(
+            "predictions",
+            pred,
+            ("run_id", "slide_id", "spot_id", "gene"),
+            f"run_id = '{rid}' AND slide_id IN ({sql_list(slides)})",
+        )
     return pred

@@ -90,7 +90,11 @@ class StoreLock:
                         announced = True
                     time.sleep(min(POLL_SECONDS, left))
             os.ftruncate(fd, 0)
-            info = {"pid": os.getpid(), "verb": verb, "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            info = {
+                "pid": os.getpid(),
+                "verb": verb,
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
             os.pwrite(fd, json.dumps(info).encode(), 0)
         except BaseException:
             os.close(fd)

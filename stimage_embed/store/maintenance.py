@@ -26,9 +26,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import lance
 import numpy as np
@@ -64,9 +64,11 @@ class TableUpkeep:
     seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"{self.table}: fragments {self.fragments_before} -> {self.fragments_after}, "
-                f"slide_id index {self.indexed or 'up to date'}, {self.versions_removed} old versions removed "
-                f"({self.bytes_removed / 1e6:.1f} MB), {self.seconds:.2f} s")
+        return (
+            f"{self.table}: fragments {self.fragments_before} -> {self.fragments_after}, "
+            f"slide_id index {self.indexed or 'up to date'}, {self.versions_removed} old versions removed "
+            f"({self.bytes_removed / 1e6:.1f} MB), {self.seconds:.2f} s"
+        )
 
 
 @dataclass
@@ -91,18 +93,30 @@ def open_dataset(store: Store, table: str, session: lance.Session | None = None)
     (optional; without it every open reads them from disk)."""
     path = table_path(store, table)
     if not store._committed(table):
-        raise StoreError(f"{store.path}: no table {table!r}; tables: {', '.join(store.table_names()) or 'none (run ingest first)'}")
+        raise StoreError(
+            f"{store.path}: no table {table!r}; tables: {', '.join(store.table_names()) or 'none (run ingest first)'}"
+        )
     opts = {"storage_options": store.storage_options} if store.remote else {}
-    return lance.dataset(str(path), session=session, **opts) if session is not None else lance.dataset(str(path), **opts)
+    return (
+        lance.dataset(str(path), session=session, **opts) if session is not None else lance.dataset(str(path), **opts)
+    )
 
 
-def read_slides(store: Store, table: str, slide_ids: Sequence[str], columns: Sequence[str] | None = None,
-                session: lance.Session | None = None) -> pa.Table:
+def read_slides(
+    store: Store,
+    table: str,
+    slide_ids: Sequence[str],
+    columns: Sequence[str] | None = None,
+    session: lance.Session | None = None,
+) -> pa.Table:
     """Rows of ``slide_ids`` in ``table`` (all columns, or ``columns``), via the scalar index
     on ``slide_id`` when there is one (see the module doc). Row order: as stored."""
     ds = open_dataset(store, table, session)
-    return ds.to_table(columns=list(columns) if columns else None,
-                       filter=f"{SLIDE_COLUMN} IN ({sql_list(slide_ids)})", use_scalar_index=True)
+    return ds.to_table(
+        columns=list(columns) if columns else None,
+        filter=f"{SLIDE_COLUMN} IN ({sql_list(slide_ids)})",
+        use_scalar_index=True,
+    )
 
 
 class SlideReader:
@@ -152,7 +166,9 @@ def _slide_index(ds: lance.LanceDataset) -> str | None:
     return None
 
 
-def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETAIN, index_type: str = SLIDE_INDEX_TYPE) -> TableUpkeep:
+def maintain_table(
+    store: Store, table: str, retain: dt.timedelta = DEFAULT_RETAIN, index_type: str = SLIDE_INDEX_TYPE
+) -> TableUpkeep:
     """Index, compact and prune one table (see the module doc). Idempotent: a table already
     in shape costs a few ms."""
     t0 = time.perf_counter()
@@ -174,8 +190,11 @@ def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETA
             up.indexed = "updated"
         ds = open_dataset(store, table)
         if up.fragments_before > 1 or up.deleted_rows_before:
-            ds.optimize.compact_files(target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT, materialize_deletions=True,
-                                      materialize_deletions_threshold=0.0)
+            ds.optimize.compact_files(
+                target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT,
+                materialize_deletions=True,
+                materialize_deletions_threshold=0.0,
+            )
             ds = open_dataset(store, table)
         if name is not None and ds.stats.index_stats(name)["num_unindexed_rows"]:
             ds.optimize.optimize_indices(index_names=[name])
@@ -188,13 +207,17 @@ def maintain_table(store: Store, table: str, retain: dt.timedelta = DEFAULT_RETA
     return up
 
 
-def maintain(store: Store, tables: Sequence[str] | None = None, retain: dt.timedelta = DEFAULT_RETAIN,
-             index_type: str = SLIDE_INDEX_TYPE) -> UpkeepReport:
+def maintain(
+    store: Store,
+    tables: Sequence[str] | None = None,
+    retain: dt.timedelta = DEFAULT_RETAIN,
+    index_type: str = SLIDE_INDEX_TYPE,
+) -> UpkeepReport:
     """:func:`maintain_table` for each of ``tables`` that exists (default: every table)."""
     report = UpkeepReport()
     with store.writer("maintain"):
         names = store.table_names()
-        for table in (names if tables is None else [t for t in dict.fromkeys(tables) if t in names]):
+        for table in names if tables is None else [t for t in dict.fromkeys(tables) if t in names]:
             report.tables.append(maintain_table(store, table, retain, index_type))
     return report
 

@@ -141,11 +141,12 @@ BACKBONE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 def embedding_table_name(backbone: str) -> str:
     if not BACKBONE_NAME.fullmatch(backbone or ""):
-        raise InputError(None, "backbone", f"invalid backbone name {backbone!r} (letters, digits and '_' only; "
-                         "see `stimage-embed backbones`)")
+        raise InputError(
+            None,
+            "backbone",
+            f"invalid backbone name {backbone!r} (letters, digits and '_' only; see `stimage-embed backbones`)",
+        )
     return f"embeddings_{backbone}"
-
-
 
 
 #: One row per trained head on one fold (the unit the evaluation caches on).
@@ -210,7 +211,9 @@ METRICS = pa.schema(
         pa.field("scope", pa.string()),  # slide | pooled
         pa.field("slide_id", pa.string()),  # '' when pooled over the fold's test slides
         pa.field("gene", pa.string()),
-        pa.field("metric", pa.string()),  # pearson | spearman | mse | mae | ccc | moran_i | moran_bv | iou | auc | f1 | coverage_50 | coverage_90
+        pa.field(
+            "metric", pa.string()
+        ),  # pearson | spearman | mse | mae | ccc | moran_i | moran_bv | iou | auc | f1 | coverage_50 | coverage_90
         pa.field("value", pa.float64()),
     ]
 )
@@ -230,6 +233,13 @@ PSEUDOBULK = pa.schema(
 )
 
 CORE_TABLES = {
-    "slides": SLIDES, "spots": SPOTS, "genes": GENES, "expression": EXPRESSION, "provenance": PROVENANCE,
-    "runs": RUNS, "predictions": PREDICTIONS, "metrics": METRICS, "pseudobulk": PSEUDOBULK,
+    "slides": SLIDES,
+    "spots": SPOTS,
+    "genes": GENES,
+    "expression": EXPRESSION,
+    "provenance": PROVENANCE,
+    "runs": RUNS,
+    "predictions": PREDICTIONS,
+    "metrics": METRICS,
+    "pseudobulk": PSEUDOBULK,
 }

@@ -98,7 +98,7 @@ SANDBOX_SETTINGS = (
 )
 
 
-def run_sql(store: "Store", query: str, file_access: bool = True) -> pl.DataFrame:
+def run_sql(store: Store, query: str, file_access: bool = True) -> pl.DataFrame:
     """Run ``query`` with every store table (and the views) in scope; return polars.
 
     ``file_access=False`` (user SQL): the store's tables are registered first, then DuckDB's

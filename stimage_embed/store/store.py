@@ -24,8 +24,8 @@ import functools
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import lancedb
 import numpy as np
@@ -114,8 +114,12 @@ class Store:
         if explicit:
             return Path(explicit).expanduser().resolve()
         if self.remote:
-            raise InputError(None, "--models-dir", f"the store {self.uri} is on object storage: give a local folder for "
-                             f"model folders with --models-dir (or ${MODELS_DIR_ENV})")
+            raise InputError(
+                None,
+                "--models-dir",
+                f"the store {self.uri} is on object storage: give a local folder for "
+                f"model folders with --models-dir (or ${MODELS_DIR_ENV})",
+            )
         return self.path / "models"
 
     @property
@@ -150,7 +154,9 @@ class Store:
 
     def table(self, name: str):
         if not self.has_table(name):
-            raise StoreError(f"{self.path}: no table {name!r}; tables: {', '.join(self.table_names()) or 'none (run ingest first)'}")
+            raise StoreError(
+                f"{self.path}: no table {name!r}; tables: {', '.join(self.table_names()) or 'none (run ingest first)'}"
+            )
         return self.db.open_table(name)
 
     def dataset(self, name: str):
@@ -159,7 +165,7 @@ class Store:
 
     # -- the writer lock ----------------------------------------------------------
     @contextlib.contextmanager
-    def writer(self, verb: str, wait: float | None = None, repair: bool = True) -> Iterator["Store"]:
+    def writer(self, verb: str, wait: float | None = None, repair: bool = True) -> Iterator[Store]:
         """Hold the store's writer lock for a whole command (re-entrant). The outermost
         acquisition first repairs what a killed writer left (:meth:`recover`), unless
         ``repair=False`` (the write batches of a command that repaired the store at its start)."""
@@ -201,15 +207,21 @@ class Store:
                 if not self._committed(name):
                     log.warning("%s: removing table %r, whose creation was interrupted (no commit)", self.path, name)
                     self.location.remove_tree(f"{name}.lance")
-            known = set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
+            known = (
+                set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
+            )
             for name in SLIDE_CHILD_TABLES:
                 if not self.has_table(name):
                     continue
                 ids = set(pc.unique(self.read(name, ["slide_id"])["slide_id"]).to_pylist())
                 orphans = sorted(ids - known)
                 if orphans:
-                    log.warning("%s: %s: removing rows of slide(s) %s left by an interrupted ingest (no slides row)",
-                                self.path, name, orphans)
+                    log.warning(
+                        "%s: %s: removing rows of slide(s) %s left by an interrupted ingest (no slides row)",
+                        self.path,
+                        name,
+                        orphans,
+                    )
                     self.delete(name, f"slide_id IN ({sql_list(orphans)})")
 
     # -- intents: markers of multi-commit writes in flight --------------------------
@@ -239,13 +251,21 @@ class Store:
         return sorted(self.read("slides", ["slide_id"])["slide_id"].to_pylist())
 
     # -- writing (each method is one commit, under the lock) --------------------
-    def replace_slides(self, name: str, data: pa.Table, slide_ids: Sequence[str], schema: pa.Schema | None = None) -> None:
+    def replace_slides(
+        self, name: str, data: pa.Table, slide_ids: Sequence[str], schema: pa.Schema | None = None
+    ) -> None:
         """Make ``data`` the only rows of ``slide_ids`` in table ``name`` (one commit)."""
-        self.replace_where(name, data, TABLE_KEYS.get(name, ("slide_id", "spot_id")),
-                           f"slide_id IN ({sql_list(slide_ids)})", schema=schema)
+        self.replace_where(
+            name,
+            data,
+            TABLE_KEYS.get(name, ("slide_id", "spot_id")),
+            f"slide_id IN ({sql_list(slide_ids)})",
+            schema=schema,
+        )
 
-    def replace_where(self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], scope: str,
-                      schema: pa.Schema | None = None) -> None:
+    def replace_where(
+        self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], scope: str, schema: pa.Schema | None = None
+    ) -> None:
         """Make ``data`` the only rows matching the Lance filter ``scope`` in table ``name``,
         in ONE commit: a ``merge_insert`` on ``keys`` that updates matching keys, inserts new
         ones and deletes the scope's other rows. One row per key whatever happened before."""
@@ -265,7 +285,9 @@ class Store:
                 .execute(data)
             )
 
-    def insert_new(self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], schema: pa.Schema | None = None) -> int:
+    def insert_new(
+        self, name: str, data: pa.Table | pl.DataFrame, keys: Sequence[str], schema: pa.Schema | None = None
+    ) -> int:
         """Insert the rows whose ``keys`` are not in table ``name`` yet (one commit; rows whose
         key exists are skipped), so a table keyed this way never holds a key twice.
         Returns the number of rows inserted."""
@@ -308,8 +330,12 @@ class Store:
         uri = str(self.path / f"{name}.lance")
         with self._commit(name):
             version = self.table(name).version
-            lance.LanceDataset.commit(uri, lance.LanceOperation.Append(list(fragments)), read_version=version,
-                                      storage_options=self.storage_options)
+            lance.LanceDataset.commit(
+                uri,
+                lance.LanceOperation.Append(list(fragments)),
+                read_version=version,
+                storage_options=self.storage_options,
+            )
 
     def delete(self, name: str, where: str) -> int:
         """Delete the rows of ``name`` matching the Lance filter ``where`` (one commit, none if
@@ -369,7 +395,9 @@ class Store:
         union over slides, sorted); genes absent from a slide are 0 for its spots;
         ``library_size`` = total raw counts per spot over ALL genes of the slide.
         """
-        gtab = pl.from_arrow(self.read("genes", ["slide_id", "gene_index", "gene"], where=f"slide_id IN ({sql_list(slide_ids)})"))
+        gtab = pl.from_arrow(
+            self.read("genes", ["slide_id", "gene_index", "gene"], where=f"slide_id IN ({sql_list(slide_ids)})")
+        )
         if genes is None:
             genes = sorted(set(gtab["gene"].to_list()))
         col_of = {g: i for i, g in enumerate(genes)}
@@ -395,6 +423,8 @@ class Store:
             # CSR straight from each spot's (gene, count) list, no COO sort (duplicates sum as before)
             indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(sub)))]).astype(np.int64)
             blocks.append(sp.csr_matrix((cv[keep], cols[keep], indptr), shape=(len(sub), len(genes))))
-            keys_parts.append(pl.DataFrame({"slide_id": sub["slide_id"].to_pylist(), "spot_id": sub["spot_id"].to_pylist()}))
+            keys_parts.append(
+                pl.DataFrame({"slide_id": sub["slide_id"].to_pylist(), "spot_id": sub["spot_id"].to_pylist()})
+            )
         keys = pl.concat(keys_parts)
         return keys, list(genes), sp.vstack(blocks).tocsr(), np.concatenate(libs)

@@ -67,8 +67,14 @@ def storage_options() -> dict[str, str]:
 
 #: environment variables a remote Ray worker needs to reach the same object store
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ALLOW_HTTP",
 )
 
 
@@ -181,29 +187,47 @@ class StoreLocation:
             import botocore.config
             import botocore.exceptions as bx
         except ImportError as exc:
-            raise StoreError(f"{self.uri}: object-store stores need the [distributed] extra "
-                             "(pip install 'stimage-embed[distributed]')") from exc
+            raise StoreError(
+                f"{self.uri}: object-store stores need the [distributed] extra "
+                "(pip install 'stimage-embed[distributed]')"
+            ) from exc
         # botocore says at INFO where it found the credentials, on every command: not news
         logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         where = f"endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3"
-        cfg = botocore.config.Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                                     retries={"total_max_attempts": 2, "mode": "standard"})
+        cfg = botocore.config.Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"total_max_attempts": 2, "mode": "standard"},
+        )
         try:
             client = boto3.client("s3", endpoint_url=endpoint, config=cfg)
             client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except bx.NoCredentialsError as exc:
-            raise StoreError(f"{self.uri}: no object-store credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from exc
+            raise StoreError(
+                f"{self.uri}: no object-store credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            ) from exc
         except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError) as exc:
             raise StoreError(f"{self.uri}: cannot reach the object store at {where}: {_one_line(exc)}") from exc
         except bx.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchBucket", "404"):
-                raise StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist at {where}; create it first") from exc
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken",
-                        "ExpiredToken", "AuthorizationHeaderMalformed"):
-                raise StoreError(f"{self.uri}: the object store at {where} refused the credentials "
-                                 f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): {code}") from exc
+                raise StoreError(
+                    f"{self.uri}: bucket {self.bucket!r} does not exist at {where}; create it first"
+                ) from exc
+            if code in (
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403",
+                "InvalidToken",
+                "ExpiredToken",
+                "AuthorizationHeaderMalformed",
+            ):
+                raise StoreError(
+                    f"{self.uri}: the object store at {where} refused the credentials "
+                    f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): {code}"
+                ) from exc
             raise StoreError(f"{self.uri}: the object store at {where} answered {code}: {_one_line(exc)}") from exc
         except bx.BotoCoreError as exc:
             raise StoreError(f"{self.uri}: cannot use the object store at {where}: {_one_line(exc)}") from exc

@@ -48,7 +48,9 @@ RESAMPLING = {
 RASTER_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
-def _resample_window(patch: np.ndarray, box: tuple[float, float, float, float], out_px: int, interpolation: str) -> np.ndarray:
+def _resample_window(
+    patch: np.ndarray, box: tuple[float, float, float, float], out_px: int, interpolation: str
+) -> np.ndarray:
     """Resample the float ``box`` (x0, y0, x1, y1, in ``patch`` pixels) to out_px x out_px."""
     resample = RESAMPLING[interpolation]
     img = Image.fromarray(patch)
@@ -82,7 +84,9 @@ def _raster_header(path: Path) -> tuple[int, int, int | None]:
         while True:
             marker = fh.read(2)
             if len(marker) < 2 or marker[0] != 0xFF:
-                raise InputError(path, "image", "corrupt JPEG: " + ("no scan data found" if size else "no frame header found"))
+                raise InputError(
+                    path, "image", "corrupt JPEG: " + ("no scan data found" if size else "no frame header found")
+                )
             code = marker[1]
             if code == 0xFF:  # fill byte
                 fh.seek(-1, 1)
@@ -113,8 +117,12 @@ def _check_jpeg_complete(path: Path, sos: int) -> None:
         fh.seek(start)
         tail = fh.read()
     if tail.rfind(b"\xff\xd9") < 0:
-        raise InputError(path, "image", f"premature end of JPEG data: no end-of-image marker after the scan data "
-                         f"({size:,} bytes); the file is truncated or corrupt")
+        raise InputError(
+            path,
+            "image",
+            f"premature end of JPEG data: no end-of-image marker after the scan data "
+            f"({size:,} bytes); the file is truncated or corrupt",
+        )
 
 
 def _check_plausible(path: Path, kind: str, n_px: int, channels: int, max_pixels: int, max_bytes: int | None) -> None:
@@ -122,16 +130,26 @@ def _check_plausible(path: Path, kind: str, n_px: int, channels: int, max_pixels
     if n_px <= 0:
         raise InputError(path, "image", f"header claims an empty image ({n_px} pixels)")
     if n_px > max_pixels:
-        raise InputError(path, "image", f"{n_px:,} pixels exceeds max_pixels={max_pixels:,}; convert to a pyramidal TIFF")
+        raise InputError(
+            path, "image", f"{n_px:,} pixels exceeds max_pixels={max_pixels:,}; convert to a pyramidal TIFF"
+        )
     size = path.stat().st_size
     if n_px > size * MAX_PX_PER_BYTE[kind]:
-        raise InputError(path, "image", f"header claims {n_px:,} pixels but the file has only {size:,} bytes "
-                         f"(at most {MAX_PX_PER_BYTE[kind]} px per byte is possible); refusing a forged or corrupt header")
+        raise InputError(
+            path,
+            "image",
+            f"header claims {n_px:,} pixels but the file has only {size:,} bytes "
+            f"(at most {MAX_PX_PER_BYTE[kind]} px per byte is possible); refusing a forged or corrupt header",
+        )
     budget = default_max_bytes() if max_bytes is None else max_bytes
     need = n_px * channels
     if need > budget:
-        raise InputError(path, "image", f"decoding needs {need / 1e9:.2f} GB, over the memory budget of {budget / 1e9:.2f} GB "
-                         "(max_bytes, default half the available memory); convert it to a pyramidal TIFF, read region by region")
+        raise InputError(
+            path,
+            "image",
+            f"decoding needs {need / 1e9:.2f} GB, over the memory budget of {budget / 1e9:.2f} GB "
+            "(max_bytes, default half the available memory); convert it to a pyramidal TIFF, read region by region",
+        )
 
 
 def default_max_bytes() -> int:
@@ -177,7 +195,7 @@ class SlideImage:
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> "SlideImage":
+    def open(cls, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> SlideImage:
         """Open ``path``; raises :class:`InputError` (field ``image``) if missing, corrupt,
         truncated or implausibly large (``max_bytes``: memory budget of a full raster decode)."""
         path = Path(path)
@@ -202,7 +220,7 @@ class SlideImage:
         return cls._open_raster(path, max_pixels, max_bytes)
 
     @classmethod
-    def _open_raster(cls, path: Path, max_pixels: int, max_bytes: int | None = None) -> "SlideImage":
+    def _open_raster(cls, path: Path, max_pixels: int, max_bytes: int | None = None) -> SlideImage:
         import imagecodecs
         import tifffile
 
@@ -249,7 +267,7 @@ class SlideImage:
         self._slide = None
         self._array = None
 
-    def __enter__(self) -> "SlideImage":
+    def __enter__(self) -> SlideImage:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -283,7 +301,11 @@ class SlideImage:
         x0, y0 = cx - size / 2.0, cy - size / 2.0
         pad = padded_fraction(x0, y0, size, self.width, self.height)
         if pad >= 1.0:
-            raise InputError(self.path, "pixel_x/pixel_y", f"window centred at ({cx:.1f}, {cy:.1f}) lies entirely outside the {self.width}x{self.height} image")
+            raise InputError(
+                self.path,
+                "pixel_x/pixel_y",
+                f"window centred at ({cx:.1f}, {cy:.1f}) lies entirely outside the {self.width}x{self.height} image",
+            )
         level = self.best_level(size / out_px)
         ds = self.level_downsamples[level]
         # integer region at that level with a 2-px margin for the interpolation kernel
@@ -301,7 +323,9 @@ class SlideImage:
             out = np.full((h, w, 3), PAD_VALUE, np.uint8)
             cx0, cy0, cx1, cy1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
             if cx1 > cx0 and cy1 > cy0:
-                region = self._slide.read_region((int(round(cx0 * ds)), int(round(cy0 * ds))), level, (cx1 - cx0, cy1 - cy0))
+                region = self._slide.read_region(
+                    (int(round(cx0 * ds)), int(round(cy0 * ds))), level, (cx1 - cx0, cy1 - cy0)
+                )
                 rgba = np.asarray(region)
                 alpha = rgba[..., 3:4].astype(np.float32) / 255.0
                 rgb = rgba[..., :3].astype(np.float32) * alpha + PAD_VALUE * (1.0 - alpha)

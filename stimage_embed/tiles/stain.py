@@ -33,15 +33,35 @@ import numpy as np
 
 from stimage_embed.errors import InputError
 from stimage_embed.tiles.stain_base import (
-    MIN_TISSUE_PIXELS, FittedNormalizer, check_tile, od_lut, rgb_to_od, sha256_json, tissue_od_pixels,
+    MIN_TISSUE_PIXELS,
+    FittedNormalizer,
+    check_tile,
+    od_lut,
+    rgb_to_od,
+    sha256_json,
+    tissue_od_pixels,
 )
 from stimage_embed.tiles.stain_macenko import ChannelTableTransform, MacenkoNormalizer, macenko_stain_matrix
 from stimage_embed.tiles.stain_reinhard import ReinhardNormalizer, lab_to_rgb, rgb_to_lab
 
 __all__ = [
-    "MIN_TISSUE_PIXELS", "METHODS", "ChannelTableTransform", "FittedNormalizer", "IdentityNormalizer", "MacenkoNormalizer",
-    "Normalizer", "ReinhardNormalizer", "lab_to_rgb", "macenko_stain_matrix", "make_normalizer", "normalizer_from_dict",
-    "normalizer_from_estimate", "od_lut", "rgb_to_lab", "rgb_to_od", "tissue_od_pixels",
+    "MIN_TISSUE_PIXELS",
+    "METHODS",
+    "ChannelTableTransform",
+    "FittedNormalizer",
+    "IdentityNormalizer",
+    "MacenkoNormalizer",
+    "Normalizer",
+    "ReinhardNormalizer",
+    "lab_to_rgb",
+    "macenko_stain_matrix",
+    "make_normalizer",
+    "normalizer_from_dict",
+    "normalizer_from_estimate",
+    "od_lut",
+    "rgb_to_lab",
+    "rgb_to_od",
+    "tissue_od_pixels",
 ]
 
 
@@ -53,11 +73,15 @@ class IdentityNormalizer:
 
     method = "none"
 
-    def fit_target(self, template_rgb: np.ndarray | None = None, mask: np.ndarray | None = None, source: str | None = None) -> "IdentityNormalizer":
+    def fit_target(
+        self, template_rgb: np.ndarray | None = None, mask: np.ndarray | None = None, source: str | None = None
+    ) -> IdentityNormalizer:
         """No-op; returns self."""
         return self
 
-    def fit_source(self, slide_rgb: np.ndarray | None = None, mask: np.ndarray | None = None, source: str | None = None) -> "IdentityNormalizer":
+    def fit_source(
+        self, slide_rgb: np.ndarray | None = None, mask: np.ndarray | None = None, source: str | None = None
+    ) -> IdentityNormalizer:
         """No-op; returns a new instance."""
         return IdentityNormalizer()
 
@@ -75,7 +99,7 @@ class IdentityNormalizer:
         return {"method": self.method, "target_hash": self.target_hash}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IdentityNormalizer":
+    def from_dict(cls, d: dict[str, Any]) -> IdentityNormalizer:
         """Inverse of :meth:`to_dict`."""
         return cls()
 

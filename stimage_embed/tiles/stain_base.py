@@ -89,7 +89,6 @@ def _rounded(a: np.ndarray) -> list:
     return np.round(np.asarray(a, dtype=np.float64), _HASH_DECIMALS).tolist()
 
 
-
 class FittedNormalizer:
     """Shared persistence of the fitted normalisers: ``FIELDS`` maps each fitted quantity
     to its shape; the target is stored as ``target_<field>_`` and the per-slide source as
@@ -117,12 +116,16 @@ class FittedNormalizer:
             d["target_hash"] = self.target_hash
         return d
 
-    def estimate_dict(self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> dict[str, Any]:
+    def estimate_dict(
+        self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> dict[str, Any]:
         """The per-image estimate (what :meth:`fit_source` / :meth:`fit_target` store) as a
         JSON-serialisable dict: ``{"method", "params", <field>: list}``. Ingest stores it per
         slide, so the embedding pass need not recompute it (:meth:`with_source_estimate`)."""
         values = self._estimate_fields(rgb, mask, source)
-        return {"method": self.method, "params": self._params()} | {f: np.asarray(v).tolist() for f, v in zip(self.FIELDS, values)}
+        return {"method": self.method, "params": self._params()} | {
+            f: np.asarray(v).tolist() for f, v in zip(self.FIELDS, values)
+        }
 
     def _usable_estimate(self, estimate: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
         """The fields of ``estimate`` if it was made by this method with these parameters."""

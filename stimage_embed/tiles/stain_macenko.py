@@ -19,9 +19,7 @@ from stimage_embed.tiles.stain_base import FittedNormalizer, check_tile, od_lut,
 log = logging.getLogger(__name__)
 
 
-def macenko_stain_matrix(
-    od: np.ndarray, alpha: float = 1.0, percentile: float = 99.0
-) -> tuple[np.ndarray, np.ndarray]:
+def macenko_stain_matrix(od: np.ndarray, alpha: float = 1.0, percentile: float = 99.0) -> tuple[np.ndarray, np.ndarray]:
     """Macenko stain matrix and maximal concentrations from tissue OD pixels ``(n, 3)``.
 
     Projects OD onto the plane of the two leading eigenvectors of its covariance (both
@@ -81,7 +79,6 @@ class ChannelTableTransform:
         return out
 
 
-
 class MacenkoNormalizer(FittedNormalizer):
     """Macenko stain normaliser (Macenko et al., ISBI 2009).
 
@@ -106,9 +103,16 @@ class MacenkoNormalizer(FittedNormalizer):
         self.percentile = percentile
 
     def _params(self) -> dict[str, float]:
-        return {"Io": float(self.Io), "alpha": float(self.alpha), "beta": float(self.beta), "percentile": float(self.percentile)}
+        return {
+            "Io": float(self.Io),
+            "alpha": float(self.alpha),
+            "beta": float(self.beta),
+            "percentile": float(self.percentile),
+        }
 
-    def estimate(self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(
+        self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(stain_matrix (2, 3), max_concentrations (2,))`` of an RGB uint8 image's tissue pixels."""
         od = tissue_od_pixels(rgb, self.Io, self.beta, mask, source)
         log.debug("macenko fit on %s: %d tissue pixels", source, len(od))
@@ -124,12 +128,16 @@ class MacenkoNormalizer(FittedNormalizer):
         """Unit stain vectors in OD space as rows ``[H, E]``, shape (2, 3)."""
         return self.estimate(rgb, mask, source)[0]
 
-    def fit_target(self, template_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> "MacenkoNormalizer":
+    def fit_target(
+        self, template_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> MacenkoNormalizer:
         """Estimate the template's stain matrix and maximal concentrations; returns self."""
         self.target_stain_matrix_, self.target_max_concentrations_ = self.estimate(template_rgb, mask, source)
         return self
 
-    def fit_source(self, slide_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> "MacenkoNormalizer":
+    def fit_source(
+        self, slide_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> MacenkoNormalizer:
         """A **new** normaliser with this target and the source parameters of one slide
         (estimated on its thumbnail); ``self`` is not modified."""
         self._require_target()
@@ -163,7 +171,10 @@ class MacenkoNormalizer(FittedNormalizer):
         look-ups and two products per pixel instead of a log, two matrix products and an exp;
         equal to that to ~1e-15 relative, so the truncated uint8 output agrees (tested against
         the formula on real tiles and millions of random colours)."""
-        mix = (np.linalg.pinv(self.source_stain_matrix_) * (self.target_max_concentrations_ / self.source_max_concentrations_)) @ self.target_stain_matrix_
+        mix = (
+            np.linalg.pinv(self.source_stain_matrix_)
+            * (self.target_max_concentrations_ / self.source_max_concentrations_)
+        ) @ self.target_stain_matrix_
         tables = np.exp(-od_lut(self.Io)[None, :, None] * mix[:, None, :])
         tables[0] *= float(self.Io)
         return tables

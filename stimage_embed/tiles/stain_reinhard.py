@@ -16,9 +16,7 @@ from stimage_embed.errors import InputError
 from stimage_embed.tiles.stain_base import MIN_TISSUE_PIXELS, FittedNormalizer, check_mask, check_tile, od_lut
 from stimage_embed.tiles.tissue import as_rgb_uint8
 
-_RGB2XYZ = np.array(
-    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
-)
+_RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
 _XYZ2RGB = np.linalg.inv(_RGB2XYZ)
 _D65 = np.array([0.95047, 1.0, 1.08883])
 
@@ -57,7 +55,6 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(srgb * 255.0), 0, 255).astype(np.uint8)
 
 
-
 class ReinhardNormalizer(FittedNormalizer):
     """Reinhard colour transfer in CIELAB: per-channel ``(x - mu_s) / sd_s * sd_t + mu_t``.
 
@@ -77,7 +74,9 @@ class ReinhardNormalizer(FittedNormalizer):
     def _params(self) -> dict[str, float]:
         return {"Io": float(self.Io), "beta": float(self.beta)}
 
-    def lab_stats(self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def lab_stats(
+        self, rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(means (3,), stds (3,))`` of L*, a*, b* over the image's tissue pixels."""
         rgb = as_rgb_uint8(rgb, "rgb", source)
         flat = rgb.reshape(-1, 3)
@@ -87,7 +86,9 @@ class ReinhardNormalizer(FittedNormalizer):
             keep &= m
         if int(keep.sum()) < MIN_TISSUE_PIXELS:
             raise InputError(
-                source, "rgb", f"only {int(keep.sum())} tissue pixels; need >= {MIN_TISSUE_PIXELS} -- blank or empty image?"
+                source,
+                "rgb",
+                f"only {int(keep.sum())} tissue pixels; need >= {MIN_TISSUE_PIXELS} -- blank or empty image?",
             )
         lab = rgb_to_lab(flat[keep])
         means, stds = lab.mean(axis=0), lab.std(axis=0)
@@ -98,12 +99,16 @@ class ReinhardNormalizer(FittedNormalizer):
     def _estimate_fields(self, rgb: np.ndarray, mask: np.ndarray | None, source: str | None) -> tuple[np.ndarray, ...]:
         return self.lab_stats(rgb, mask, source)
 
-    def fit_target(self, template_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> "ReinhardNormalizer":
+    def fit_target(
+        self, template_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> ReinhardNormalizer:
         """Estimate the template's LAB means and stds; returns self."""
         self.target_means_, self.target_stds_ = self.lab_stats(template_rgb, mask, source)
         return self
 
-    def fit_source(self, slide_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None) -> "ReinhardNormalizer":
+    def fit_source(
+        self, slide_rgb: np.ndarray, mask: np.ndarray | None = None, source: str | None = None
+    ) -> ReinhardNormalizer:
         """A **new** normaliser with this target and one slide's LAB statistics."""
         self._require_target()
         out = copy.deepcopy(self)

@@ -8,8 +8,8 @@ diameter (55 µm Visium, 100 µm legacy ST); HEST uses 112 µm.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -12,7 +12,8 @@ naming the file and field. Spots without counts are reported in ``skipped_spots`
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from stimage_embed.ingest.catalog import DatasetCatalog, SlideEntry
@@ -28,7 +29,7 @@ READERS: dict[str, str] = {
 }
 
 
-def get_reader(name: str) -> "Callable[[DatasetCatalog, SlideEntry], SlideData]":
+def get_reader(name: str) -> Callable[[DatasetCatalog, SlideEntry], SlideData]:
     from stimage_embed.errors import CatalogError
 
     if name not in READERS:

@@ -115,8 +115,13 @@ def validate_unique(values: Sequence[str] | np.ndarray, file: str | Path | None,
         raise InputError(file, field, f"{int(dup.sum())} duplicate {what}(s): {examples}{more}")
 
 
-def validate_coords(x: np.ndarray, y: np.ndarray, file: str | Path | None, field: str = "pixel_x/pixel_y",
-                    ids: Sequence[str] | np.ndarray | None = None) -> None:
+def validate_coords(
+    x: np.ndarray,
+    y: np.ndarray,
+    file: str | Path | None,
+    field: str = "pixel_x/pixel_y",
+    ids: Sequence[str] | np.ndarray | None = None,
+) -> None:
     """Raise if spot centres (full-resolution pixels) are not finite or x/y lengths differ."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -129,8 +134,9 @@ def validate_coords(x: np.ndarray, y: np.ndarray, file: str | Path | None, field
         raise InputError(file, field, f"{int(bad.sum())} spot centre(s) are not finite, e.g. {ex}")
 
 
-def require_file(path: Path | None, field: str, catalog_file: str | Path | None, reader: str,
-                 directory_ok: bool = False) -> Path:
+def require_file(
+    path: Path | None, field: str, catalog_file: str | Path | None, reader: str, directory_ok: bool = False
+) -> Path:
     """Return ``path`` if it exists; else raise naming the missing file (or the catalog
     field when the catalog does not name one). ``directory_ok`` accepts a folder too."""
     if path is None:
@@ -160,8 +166,9 @@ def resolve_duplicate_genes(
     ``counts`` is spots x genes raw counts (CSR). Returns (genes, gene_ids, counts).
     """
     if policy not in DUPLICATE_GENE_POLICIES:
-        raise InputError(None, "reader_options.duplicate_genes",
-                         f"unknown policy {policy!r}; use one of {DUPLICATE_GENE_POLICIES}")
+        raise InputError(
+            None, "reader_options.duplicate_genes", f"unknown policy {policy!r}; use one of {DUPLICATE_GENE_POLICIES}"
+        )
     genes = np.asarray(genes).astype(str)
     uniq, first, inverse, n = np.unique(genes, return_index=True, return_inverse=True, return_counts=True)
     if (n == 1).all():
@@ -171,17 +178,23 @@ def resolve_duplicate_genes(
     n_dup = int((n > 1).sum())
     if policy == "make_unique":
         new = np.asarray(make_index_unique(pd.Index(genes)), dtype=str)
-        log.warning("%s: %s: %d gene symbol(s) occur more than once (e.g. %s); made unique as "
-                    "'<symbol>-1', '<symbol>-2' (reader_options.duplicate_genes=make_unique)",
-                    file, field, n_dup, uniq[n > 1][:N_EXAMPLES].tolist())
+        log.warning(
+            "%s: %s: %d gene symbol(s) occur more than once (e.g. %s); made unique as "
+            "'<symbol>-1', '<symbol>-2' (reader_options.duplicate_genes=make_unique)",
+            file,
+            field,
+            n_dup,
+            uniq[n > 1][:N_EXAMPLES].tolist(),
+        )
         return new, gene_ids, counts
     # sum: column j of the result = sum of source columns whose symbol is the j-th first occurrence
     order = np.argsort(first)  # unique symbols in order of first occurrence
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     target = rank[inverse.ravel()]
-    merge = sp.csr_matrix((np.ones(len(genes), dtype=counts.dtype), (np.arange(len(genes)), target)),
-                          shape=(len(genes), len(uniq)))
+    merge = sp.csr_matrix(
+        (np.ones(len(genes), dtype=counts.dtype), (np.arange(len(genes)), target)), shape=(len(genes), len(uniq))
+    )
     summed = (counts @ merge).tocsr()
     summed.sum_duplicates()
     new_genes = uniq[order]
@@ -192,12 +205,20 @@ def resolve_duplicate_genes(
         for j in np.flatnonzero(n[order] > 1):  # only the merged symbols
             new_ids[j] = ";".join(ids[target == j])
         new_ids = new_ids.astype(str)
-    log.warning("%s: %s: %d gene symbol(s) occur more than once (e.g. %s); their counts were summed "
-                "(reader_options.duplicate_genes=sum)", file, field, n_dup, uniq[n > 1][:N_EXAMPLES].tolist())
+    log.warning(
+        "%s: %s: %d gene symbol(s) occur more than once (e.g. %s); their counts were summed "
+        "(reader_options.duplicate_genes=sum)",
+        file,
+        field,
+        n_dup,
+        uniq[n > 1][:N_EXAMPLES].tolist(),
+    )
     return new_genes, new_ids, summed
 
 
-def option_choice(options: dict, key: str, default: str, allowed: Sequence[str], catalog_file: str | Path | None) -> str:
+def option_choice(
+    options: dict, key: str, default: str, allowed: Sequence[str], catalog_file: str | Path | None
+) -> str:
     """``options[key]`` (default ``default``), checked against ``allowed``; the error names
     the catalog file and ``reader_options.<key>``."""
     value = options.get(key, default)

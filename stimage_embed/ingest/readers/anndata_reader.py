@@ -74,8 +74,13 @@ class SpotTable:
     gene_ids: np.ndarray | None
 
 
-def read_h5ad_spots(path: Path, layer: str | None = None, spatial_key: str = "spatial",
-                    gene_symbols: str | None = None, duplicate_genes: str = "error") -> SpotTable:
+def read_h5ad_spots(
+    path: Path,
+    layer: str | None = None,
+    spatial_key: str = "spatial",
+    gene_symbols: str | None = None,
+    duplicate_genes: str = "error",
+) -> SpotTable:
     """Read and validate the spots, counts and genes of an h5ad (see module doc)."""
     try:
         adata = ad.read_h5ad(path)
@@ -108,8 +113,10 @@ def read_h5ad_spots(path: Path, layer: str | None = None, spatial_key: str = "sp
         validate_counts(x, path, field, row_names=spot_ids, col_names=genes)
     except InputError as exc:
         if layer is None and "non-integer" in exc.reason:
-            hint = (f"; X looks normalised: set reader_options.layer to the raw-count layer "
-                    f"(layers: {list(adata.layers.keys())})")
+            hint = (
+                f"; X looks normalised: set reader_options.layer to the raw-count layer "
+                f"(layers: {list(adata.layers.keys())})"
+            )
             raise InputError(path, field, exc.reason + hint) from exc
         raise
     validate_unique(spot_ids, path, "obs_names", "spot id")
@@ -141,8 +148,16 @@ def read_h5ad_spots(path: Path, layer: str | None = None, spatial_key: str = "sp
         if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
             raise InputError(path, "obs[array_row/array_col]", "array coordinates must be finite")
         rows, cols = rows.astype(np.int64), cols.astype(np.int64)
-    return SpotTable(spot_ids[keep], xy[keep, 0].copy(), xy[keep, 1].copy(), rows, cols, counts[np.flatnonzero(keep)],
-                     genes, gene_ids)
+    return SpotTable(
+        spot_ids[keep],
+        xy[keep, 0].copy(),
+        xy[keep, 1].copy(),
+        rows,
+        cols,
+        counts[np.flatnonzero(keep)],
+        genes,
+        gene_ids,
+    )
 
 
 def derive_array_coords(pixel_x: np.ndarray, pixel_y: np.ndarray, step_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -150,15 +165,26 @@ def derive_array_coords(pixel_x: np.ndarray, pixel_y: np.ndarray, step_px: float
     return np.rint(pixel_y / step_px).astype(np.int64), np.rint(pixel_x / step_px).astype(np.int64)
 
 
-def build_slide(catalog: DatasetCatalog, entry: SlideEntry, table: SpotTable, image: Path, h5ad: Path,
-                um_per_px: float | None, um_source: str | None, sources: dict[str, str]) -> SlideData:
+def build_slide(
+    catalog: DatasetCatalog,
+    entry: SlideEntry,
+    table: SpotTable,
+    image: Path,
+    h5ad: Path,
+    um_per_px: float | None,
+    um_source: str | None,
+    sources: dict[str, str],
+) -> SlideData:
     """SlideData from a :class:`SpotTable`; derives array coordinates when missing."""
     rows, cols = table.array_row, table.array_col
     if rows is None or cols is None:
         if um_per_px is None:
-            raise InputError(catalog.source, f"slides[{entry.id}].um_per_px",
-                             f"{h5ad.name} has no obs['array_row'/'array_col'], so array coordinates are derived "
-                             "from pixel centres; that needs µm per pixel: set um_per_px")
+            raise InputError(
+                catalog.source,
+                f"slides[{entry.id}].um_per_px",
+                f"{h5ad.name} has no obs['array_row'/'array_col'], so array coordinates are derived "
+                "from pixel centres; that needs µm per pixel: set um_per_px",
+            )
         step_px = (catalog.array_step_um or catalog.spot_pitch_um) / um_per_px
         rows, cols = derive_array_coords(table.pixel_x, table.pixel_y, step_px)
         log.info("%s: array coordinates derived from pixel centres with a step of %.1f px", h5ad, step_px)
@@ -204,5 +230,13 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     h5ad = require_file(catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "anndata")
     table = read_h5ad_spots(h5ad, **options)
     um = entry.um_per_px or catalog.um_per_px
-    return build_slide(catalog, entry, table, image, h5ad, um, "catalog",
-                       {"image": str(image), "counts": str(h5ad), "spots": str(h5ad)})
+    return build_slide(
+        catalog,
+        entry,
+        table,
+        image,
+        h5ad,
+        um,
+        "catalog",
+        {"image": str(image), "counts": str(h5ad), "spots": str(h5ad)},
+    )

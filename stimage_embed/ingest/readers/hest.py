@@ -60,7 +60,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def pixel_size_from_metadata(meta: dict[str, Any], path: Path, keys: tuple[str, ...] = PIXEL_SIZE_KEYS) -> tuple[float, str] | None:
+def pixel_size_from_metadata(
+    meta: dict[str, Any], path: Path, keys: tuple[str, ...] = PIXEL_SIZE_KEYS
+) -> tuple[float, str] | None:
     """(µm per level-0 pixel, key used) from the first key that holds a positive number."""
     for key in keys:
         value = meta.get(key)
@@ -80,7 +82,9 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     options = read_options(catalog)
     keys = catalog.reader_options.get("pixel_size_keys", list(PIXEL_SIZE_KEYS))
     if not isinstance(keys, (list, tuple)) or not all(k in PIXEL_SIZE_KEYS for k in keys):
-        raise InputError(catalog.source, "reader_options.pixel_size_keys", f"must be a list drawn from {PIXEL_SIZE_KEYS}")
+        raise InputError(
+            catalog.source, "reader_options.pixel_size_keys", f"must be a list drawn from {PIXEL_SIZE_KEYS}"
+        )
     where = f"slides[{entry.id}]"
     image = require_file(catalog.resolve(entry.image), f"{where}.image", catalog.source, "hest")
     h5ad = require_file(catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "hest")
@@ -89,14 +93,24 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     else:
         meta_path = h5ad.parent.parent / "metadata" / f"{h5ad.stem}.json"
         if not meta_path.is_file():
-            raise InputError(meta_path, f"{where}.metadata", "HEST metadata JSON not found at the default location; "
-                             "set metadata in the catalog entry")
+            raise InputError(
+                meta_path,
+                f"{where}.metadata",
+                "HEST metadata JSON not found at the default location; set metadata in the catalog entry",
+            )
     meta = read_metadata(meta_path)
     tech = str(meta.get("st_technology", "")).strip().lower()
     if tech in TECHNOLOGY_PLATFORMS and catalog.platform not in TECHNOLOGY_PLATFORMS[tech]:
-        log.warning("%s: st_technology %r but the catalog says platform %r", meta_path, meta["st_technology"], catalog.platform)
-    log.debug("%s: st_technology=%s inter_spot_dist=%s µm spot_diameter=%s µm", meta_path, meta.get("st_technology"),
-              meta.get("inter_spot_dist"), meta.get("spot_diameter"))
+        log.warning(
+            "%s: st_technology %r but the catalog says platform %r", meta_path, meta["st_technology"], catalog.platform
+        )
+    log.debug(
+        "%s: st_technology=%s inter_spot_dist=%s µm spot_diameter=%s µm",
+        meta_path,
+        meta.get("st_technology"),
+        meta.get("inter_spot_dist"),
+        meta.get("spot_diameter"),
+    )
 
     table = read_h5ad_spots(h5ad, **options)
     um, source = entry.um_per_px or catalog.um_per_px, "catalog"
@@ -107,5 +121,13 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
             log.debug("%s: µm/px %.4f from %s", meta_path, um, found[1])
         else:
             log.warning("%s: no usable %s; µm/px left to the pipeline", meta_path, " / ".join(keys))
-    return build_slide(catalog, entry, table, image, h5ad, um, source,
-                       {"image": str(image), "counts": str(h5ad), "spots": str(h5ad), "metadata": str(meta_path)})
+    return build_slide(
+        catalog,
+        entry,
+        table,
+        image,
+        h5ad,
+        um,
+        source,
+        {"image": str(image), "counts": str(h5ad), "spots": str(h5ad), "metadata": str(meta_path)},
+    )

@@ -45,7 +45,7 @@ def read_counts_table(path: Path) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix
 
     try:
         df = pd.read_csv(path, sep="\t", index_col=0, na_values=["NA", ""], keep_default_na=True)
-        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as fh:  # pandas mangles duplicate names
+        with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as fh:  # pandas mangles duplicate names
             header = fh.readline()
     except (EOFError, zlib.error) as exc:  # gzip: "Compressed file ended before the end-of-stream marker"
         raise InputError(path, "counts", f"truncated or corrupt compressed file: {exc}") from exc
@@ -131,22 +131,31 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     layout = catalog.reader_options.get("layout", "her2st")
     if layout not in LAYOUTS:
         raise InputError(catalog.source, "reader_options.layout", f"unknown layout {layout!r}; use one of {LAYOUTS}")
+
     def need(rel: str | None, field: str) -> Path:
         return require_file(catalog.resolve(rel), f"slides[{entry.id}].{field}", catalog.source, "legacy_st")
 
-    image, counts_path, spots_path = need(entry.image, "image"), need(entry.counts, "counts"), need(entry.spots, "spots")
+    image, counts_path, spots_path = (
+        need(entry.image, "image"),
+        need(entry.counts, "counts"),
+        need(entry.spots, "spots"),
+    )
 
     count_ids, genes, counts = read_counts_table(counts_path)
     gene_ids = None
     if layout == "stutility":
         gm = catalog.reader_options.get("gene_map")
-        gene_map = require_file(catalog.resolve(gm) if gm else None, "reader_options.gene_map", catalog.source, "legacy_st")
+        gene_map = require_file(
+            catalog.resolve(gm) if gm else None, "reader_options.gene_map", catalog.source, "legacy_st"
+        )
         genes, gene_ids = _map_genes(genes, gene_map)
     validate_unique(genes, counts_path, "gene columns", "gene name")
 
     spots = read_spot_table(spots_path)
     spots = spots.filter(pl.col("selected") == 1)
-    key = spots.select((pl.col("x").cast(pl.Int64).cast(pl.Utf8) + "x" + pl.col("y").cast(pl.Int64).cast(pl.Utf8)).alias("k"))["k"]
+    key = spots.select(
+        (pl.col("x").cast(pl.Int64).cast(pl.Utf8) + "x" + pl.col("y").cast(pl.Int64).cast(pl.Utf8)).alias("k")
+    )["k"]
     spot_ids = key.to_numpy().astype(str)
     validate_unique(spot_ids, spots_path, "x,y", "spot id")
     px = spots["pixel_x"].cast(pl.Float64).to_numpy()
@@ -158,7 +167,9 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     have = rows >= 0
     skipped = {s: f"selected in {spots_path.name} but no counts row in {counts_path.name}" for s in spot_ids[~have]}
     if skipped:
-        log.warning("%s: %d selected spot(s) without counts skipped: %s", counts_path, len(skipped), sorted(map(str, skipped)))
+        log.warning(
+            "%s: %d selected spot(s) without counts skipped: %s", counts_path, len(skipped), sorted(map(str, skipped))
+        )
     return SlideData(
         slide_id=entry.id,
         patient=entry.patient,

@@ -96,8 +96,12 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     with f:
         if "matrix" not in f:
             groups = ", ".join(sorted(f.keys())) or "none"
-            raise InputError(path, "matrix", f"no 'matrix' group (top-level groups: {groups}); expected the 10x "
-                             "HDF5 v3 layout of Space Ranger / Cell Ranger >= 3")
+            raise InputError(
+                path,
+                "matrix",
+                f"no 'matrix' group (top-level groups: {groups}); expected the 10x "
+                "HDF5 v3 layout of Space Ranger / Cell Ranger >= 3",
+            )
 
         def get(key: str) -> np.ndarray:
             if key not in f["matrix"]:
@@ -114,8 +118,11 @@ def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     if len(names) != n_feat or len(ids) != n_feat or len(types) != n_feat:
         raise InputError(path, "matrix/features", f"{len(names)} feature names for a matrix of {n_feat} features")
     if len(barcodes) != n_bc or len(indptr) != n_bc + 1:
-        raise InputError(path, "matrix/barcodes", f"{len(barcodes)} barcodes / {len(indptr)} indptr entries for a "
-                         f"matrix of {n_bc} barcodes")
+        raise InputError(
+            path,
+            "matrix/barcodes",
+            f"{len(barcodes)} barcodes / {len(indptr)} indptr entries for a matrix of {n_bc} barcodes",
+        )
     if len(data) != len(indices) or indptr[-1] != len(data):
         raise InputError(path, "matrix/data", "data, indices and indptr lengths disagree")
     try:
@@ -161,8 +168,12 @@ def read_10x_mtx(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     ids, names = feats[0].to_numpy().astype(str), feats[1].to_numpy().astype(str)
     types = feats[2].to_numpy().astype(str) if feats.shape[1] >= 3 else np.full(len(names), GENE_EXPRESSION)
     if m.shape != (len(names), len(barcodes)):
-        raise InputError(mtx, "counts", f"matrix is {m.shape[0]} x {m.shape[1]} but {feat_file.name} lists "
-                         f"{len(names)} features and {bc_file.name} {len(barcodes)} barcodes")
+        raise InputError(
+            mtx,
+            "counts",
+            f"matrix is {m.shape[0]} x {m.shape[1]} but {feat_file.name} lists "
+            f"{len(names)} features and {bc_file.name} {len(barcodes)} barcodes",
+        )
     return barcodes, names, ids, types, sp.csr_matrix(m.T)
 
 
@@ -180,13 +191,22 @@ def read_counts(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, sp.csr_
         count_file = path
     gex = types == GENE_EXPRESSION
     if not gex.any():
-        raise InputError(path, "features/feature_type", f"no '{GENE_EXPRESSION}' features (types: {sorted(set(types.tolist()))})")
+        raise InputError(
+            path, "features/feature_type", f"no '{GENE_EXPRESSION}' features (types: {sorted(set(types.tolist()))})"
+        )
     if not gex.all():
-        log.info("%s: keeping %d '%s' features, dropping %d of types %s", path, gex.sum(), GENE_EXPRESSION,
-                 (~gex).sum(), sorted(set(types[~gex].tolist())))
+        log.info(
+            "%s: keeping %d '%s' features, dropping %d of types %s",
+            path,
+            gex.sum(),
+            GENE_EXPRESSION,
+            (~gex).sum(),
+            sorted(set(types[~gex].tolist())),
+        )
         counts = counts[:, np.flatnonzero(gex)]
-    validate_counts(counts, count_file, "counts" if path.is_dir() else "matrix/data",
-                    row_names=barcodes, col_names=names[gex])
+    validate_counts(
+        counts, count_file, "counts" if path.is_dir() else "matrix/data", row_names=barcodes, col_names=names[gex]
+    )
     validate_unique(barcodes, path, "barcodes", "barcode")
     counts = counts.astype(np.int64)
     counts.eliminate_zeros()
@@ -202,7 +222,9 @@ def find_positions_file(spots: Path) -> Path:
         for name in POSITION_FILES:
             if (spots / name).is_file():
                 return spots / name
-        raise InputError(spots, "spots", f"no positions file in the spatial folder (looked for {', '.join(POSITION_FILES)})")
+        raise InputError(
+            spots, "spots", f"no positions file in the spatial folder (looked for {', '.join(POSITION_FILES)})"
+        )
     raise InputError(spots, "spots", "positions file or spatial folder does not exist")
 
 
@@ -223,16 +245,26 @@ def read_positions(path: Path) -> pl.DataFrame:
             else:
                 df = pl.read_csv(path, has_header=False, infer_schema_length=0)
                 if df.width != len(POSITION_COLUMNS):
-                    raise InputError(path, "columns", f"headerless positions file must have {len(POSITION_COLUMNS)} "
-                                     f"columns {POSITION_COLUMNS}, found {df.width}")
+                    raise InputError(
+                        path,
+                        "columns",
+                        f"headerless positions file must have {len(POSITION_COLUMNS)} "
+                        f"columns {POSITION_COLUMNS}, found {df.width}",
+                    )
                 df.columns = list(POSITION_COLUMNS)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
         raise InputError(path, "spots", f"cannot parse positions file: {exc}") from exc
     missing = [c for c in POSITION_COLUMNS if c not in df.columns]
     if missing:
         raise InputError(path, ",".join(missing), f"positions file lacks column(s) {missing}; has {df.columns}")
-    casts = {"barcode": pl.Utf8, "in_tissue": pl.Int64, "array_row": pl.Int64, "array_col": pl.Int64,
-             "pxl_row_in_fullres": pl.Float64, "pxl_col_in_fullres": pl.Float64}
+    casts = {
+        "barcode": pl.Utf8,
+        "in_tissue": pl.Int64,
+        "array_row": pl.Int64,
+        "array_col": pl.Int64,
+        "pxl_row_in_fullres": pl.Float64,
+        "pxl_col_in_fullres": pl.Float64,
+    }
     out = {}
     for col, dtype in casts.items():
         try:
@@ -253,7 +285,10 @@ def um_per_px_from_scalefactors(path: Path, spot_diameter_um: float = SPOT_DIAME
         raise InputError(path, "metadata", f"not a readable JSON file: {exc}") from exc
     if not isinstance(sf, dict):
         raise InputError(path, "metadata", "scalefactors must be a JSON object")
-    for key, value in (("microns_per_pixel", sf.get("microns_per_pixel")), ("spot_diameter_fullres", sf.get("spot_diameter_fullres"))):
+    for key, value in (
+        ("microns_per_pixel", sf.get("microns_per_pixel")),
+        ("spot_diameter_fullres", sf.get("spot_diameter_fullres")),
+    ):
         if value is None:
             continue
         try:
@@ -275,11 +310,15 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     where = f"slides[{entry.id}]"
 
     image = require_file(catalog.resolve(entry.image), f"{where}.image", catalog.source, "visium")
-    counts_path = require_file(catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "visium", directory_ok=True)
+    counts_path = require_file(
+        catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "visium", directory_ok=True
+    )
     spots_arg = catalog.resolve(entry.spots) if entry.spots else counts_path.parent / "spatial"
     pos_path = find_positions_file(spots_arg)
     if entry.metadata:
-        sf_path: Path | None = require_file(catalog.resolve(entry.metadata), f"{where}.metadata", catalog.source, "visium")
+        sf_path: Path | None = require_file(
+            catalog.resolve(entry.metadata), f"{where}.metadata", catalog.source, "visium"
+        )
     else:
         guess = pos_path.parent / SCALEFACTORS_FILE
         sf_path = guess if guess.is_file() else None
@@ -291,14 +330,21 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     row = pd.Index(pos["barcode"].to_numpy()).get_indexer(barcodes)
     if (row < 0).any():
         missing = barcodes[row < 0]
-        raise InputError(counts_path, "barcodes", f"{len(missing)} barcode(s) of the count matrix have no row in the "
-                         f"positions file {pos_path}: {missing[:N_EXAMPLES].tolist()}; is it the positions file of "
-                         "another sample?")
+        raise InputError(
+            counts_path,
+            "barcodes",
+            f"{len(missing)} barcode(s) of the count matrix have no row in the "
+            f"positions file {pos_path}: {missing[:N_EXAMPLES].tolist()}; is it the positions file of "
+            "another sample?",
+        )
     in_tissue = pos["in_tissue"].to_numpy()
     keep = np.flatnonzero(in_tissue[row] == 1)
     if len(keep) < len(barcodes):
-        log.info("%s: %d barcode(s) with counts are not under tissue (in_tissue=0) and are dropped",
-                 counts_path, len(barcodes) - len(keep))
+        log.info(
+            "%s: %d barcode(s) with counts are not under tissue (in_tissue=0) and are dropped",
+            counts_path,
+            len(barcodes) - len(keep),
+        )
     rows = row[keep]
     px = pos["pxl_col_in_fullres"].to_numpy()[rows]
     py = pos["pxl_row_in_fullres"].to_numpy()[rows]
@@ -309,8 +355,12 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     no_counts = pos["barcode"].to_numpy()[(in_tissue == 1) & ~has_counts]
     skipped = {b: f"in_tissue=1 in {pos_path.name} but no counts in {counts_path.name}" for b in no_counts}
     if skipped:
-        log.warning("%s: %d in-tissue barcode(s) without counts skipped: %s", counts_path, len(skipped),
-                    no_counts[:N_EXAMPLES].tolist())
+        log.warning(
+            "%s: %d in-tissue barcode(s) without counts skipped: %s",
+            counts_path,
+            len(skipped),
+            no_counts[:N_EXAMPLES].tolist(),
+        )
 
     um, source = entry.um_per_px or catalog.um_per_px, "catalog"
     if um is None and sf_path is not None:
