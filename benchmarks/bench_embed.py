@@ -405,7 +405,8 @@ def main() -> None:
         f"ingest (untimed) {t['ingest']:.1f} s"
     )
     print(
-        f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
+        f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; at end {load1[0]:.2f} "
+        f"{load1[1]:.2f} {load1[2]:.2f}"
     )
     print()
     b_names = " / ".join(
@@ -429,7 +430,8 @@ def main() -> None:
         )
     )
     print(
-        f"\nA/B (target >= 0.9; B = the faster bare-forward layout of the same run): median {np.median(ratios):.3f}, range {min(ratios):.3f} - {max(ratios):.3f} over {len(ratios)} repeat(s)"
+        "\nA/B (target >= 0.9; B = the faster bare-forward layout of the same run): median "
+        f"{np.median(ratios):.3f}, range {min(ratios):.3f} - {max(ratios):.3f} over {len(ratios)} repeat(s)"
     )
     print(
         f"A/B by CPU seconds per tile (B's per tile / A's per tile; insensitive to other load, blind to idle waits): "

@@ -17,8 +17,8 @@ its own), and fitted as ``time ~ size ** k`` (least squares on log-log; target k
 
 Head fits run with ``--threads`` torch/BLAS threads (default 1: on a shared 2-core machine a
 spinning 2-thread pool is many times slower and its times mostly measure the other load).
-Wall and CPU seconds are both fitted. Peak memory: ``ru_maxrss`` of each process, and its growth over the process's RSS right
-before the timed work (imports and the source data excluded).
+Wall and CPU seconds are both fitted. Peak memory: ``ru_maxrss`` of each process, and its growth over
+the process's RSS right before the timed work (imports and the source data excluded).
 
     python benchmarks/bench_growth.py [--store STORE] [--sizes 1,2,4,8,16] [--base-spots 2400]
         [--heads nb,ridge] [--skip-writes]

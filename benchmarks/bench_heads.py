@@ -273,7 +273,8 @@ def main() -> None:
             ("all", sum(r[1] for r in rows), tot["n"], "", "", f"{tot['load']:.2f}", f"{tot['fit']:.2f}", "", "", "")
         )
         print(
-            f"\nOurs: NBRegressor on cached {args.backbone} vectors, top-{args.genes} HVG per dataset, one fit per dataset"
+            f"\nOurs: NBRegressor on cached {args.backbone} vectors, top-{args.genes} HVG per "
+            "dataset, one fit per dataset"
         )
         print(
             table(
@@ -321,7 +322,8 @@ def main() -> None:
         embed_once = st["decode"] + st["read"] + st["forward"]  # what our one-off embedding pass costs, same path
         stimage_100 = epoch1 + (STIMAGE_MAX_EPOCHS - 1) * cached
         print(
-            f"\nRatios (STimage / ours); STimage's default is up to {STIMAGE_MAX_EPOCHS} epochs (example.ini; Keras early "
+            f"\nRatios (STimage / ours); STimage's default is up to {STIMAGE_MAX_EPOCHS} epochs "
+            "(example.ini; Keras early "
             f"stopping may end sooner), so the real ratio is ~ the per-epoch ratio x its epoch count"
         )
         print(
@@ -362,7 +364,8 @@ def main() -> None:
             )
         )
         print(
-            "(one-off embed pass estimated as decode + tile read + forward on the same path; it is shared by every head fitted later)"
+            "(one-off embed pass estimated as decode + tile read + forward on the same path; it is "
+            "shared by every head fitted later)"
         )
 
         # --- scaling ---------------------------------------------------------------------
@@ -401,7 +404,8 @@ def main() -> None:
             )
         cap = f"max_epochs={args.scale_max_epochs}" if args.scale_max_epochs else "default max_epochs"
         print(
-            f"\nNBRegressor fit time vs number of spots ({k} gene slots, {cap}, default patience, full batch; 4x/16x counts "
+            f"\nNBRegressor fit time vs number of spots ({k} gene slots, {cap}, default patience, "
+            "full batch; 4x/16x counts "
             f"drawn from the 1x fit)"
         )
         print(

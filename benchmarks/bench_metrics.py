@@ -107,13 +107,16 @@ def from_runs(store: Store, backbone: str) -> tuple[list[Block], list[pl.DataFra
         genes = p["gene"].unique(maintain_order=True).to_list()
         for s in sorted(p["slide_id"].unique().to_list()):
             q = p.filter(pl.col("slide_id") == s)
-            wide = lambda c: (
-                q.pivot(on="gene", index="spot_id", values=c)
-                .sort("spot_id")
-                .select(genes)
-                .to_numpy()
-                .astype(np.float64)
-            )
+
+            def wide(c, q=q, genes=genes):
+                return (
+                    q.pivot(on="gene", index="spot_id", values=c)
+                    .sort("spot_id")
+                    .select(genes)
+                    .to_numpy()
+                    .astype(np.float64)
+                )
+
             keys = (
                 q.filter(pl.col("gene") == genes[0]).sort("spot_id").join(spots, on=["slide_id", "spot_id"], how="left")
             )
@@ -290,7 +293,8 @@ def main() -> None:
         )
     )
     print(
-        f"weights identical to libpysal DistanceBand (max abs diff of W): {worst['w']:.1e}; genes NaN in one only: {worst['nan']}"
+        f"weights identical to libpysal DistanceBand (max abs diff of W): {worst['w']:.1e}; genes NaN "
+        f"in one only: {worst['nan']}"
     )
     print()
     print(

@@ -242,7 +242,7 @@ def main() -> None:
     print(table(rows, ("slides", "reader", "fragments", "raw ms", "raw x h5", "arrays ms", "arrays x h5")))
     print("target: <= 1.2 x h5, not growing with the number of slides")
     print()
-    for n, fb, fa, med, t_up, up in results:
+    for n, _fb, _fa, _med, t_up, up in results:
         print(f"upkeep of the {n}-slide table: {t_up:.2f} s ({up.line()})")
     print()
     print(
