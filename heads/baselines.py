@@ -209,7 +209,6 @@ class RidgeBaseline(PointOutputs, BaseEstimator):
     # ------------------------------------------------------------------ predict
     def _predict_target(self, X: np.ndarray) -> np.ndarray:
         """Prediction on the target scale (numpy maths on the stored arrays)."""
-        check_is_fitted(self, "coef_")
         Xs = (np.asarray(X, dtype=np.float64) - self.scaler_mean_) / self.scaler_scale_
         Z = (Xs - self.pca_mean_) @ self.pca_components_.T
         return Z @ self.coef_.T + self.intercept_
@@ -218,6 +217,7 @@ class RidgeBaseline(PointOutputs, BaseEstimator):
         """``log1p(counts / library_size * target_sum)`` scale (default ``self.target_sum``);
         for ``target="log1p_norm"`` this is the ridge output itself (the predicted mean of
         the log)."""
+        check_is_fitted(self, "coef_")
         ts = self.target_sum if target_sum is None else float(target_sum)
         pred = self._predict_target(check_X(X, self.n_features_in_))
         if self.target == "log1p_norm":
@@ -228,6 +228,7 @@ class RidgeBaseline(PointOutputs, BaseEstimator):
         self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
     ) -> np.ndarray:
         """Expected RAW counts at ``library_size`` (default ``ref_library_size_``), >= 0."""
+        check_is_fitted(self, "coef_")
         pred = self._predict_target(check_X(X, self.n_features_in_))
         if self.target == "log1p_norm":
             if self.back_transform == "smearing":
