@@ -24,7 +24,9 @@ Model
   L2 strength from ``alphas`` by CV grouped by slide: each fold holds out whole training
   slides, every (fold, alpha) model is fitted at once as one batched tensor, and the
   alpha with the lowest held-out NB NLL wins; then one model is refitted on all the fit
-  rows with it. The features are first projected on their ``n_components`` leading principal
+  rows with it. With fewer than 3 training slides the folds are spots within slides
+  instead (:mod:`heads.nb_alpha`, ``cv_rule_``); a choice at an end of the path warns.
+  The features are first projected on their ``n_components`` leading principal
   components (``None``: all of them, exact: the L2 optimum lies in the row space of the
   standardised training features, which the SVD parametrises).
   ``bootstrap=True`` refits on a Poisson(1) bootstrap of the rows (``random_state``) —
@@ -38,6 +40,11 @@ Model
 
 Randomness (bootstrap, init, split, batch order, dropout) comes from ``random_state``
 through local generators, so a fixed seed gives identical results on CPU.
+
+Outputs: the predictive :class:`heads.distributions.NegativeBinomial` (mean ``mu``,
+dispersion ``theta``, ``Var = mu + mu**2 / theta``) and everything derived from it
+(:class:`heads.outputs.NBOutputs`: ``predict_distribution``, ``predict_rate``,
+``predict``, ``predict_log1p_norm``, ``predict_dist``, ``predict_outputs``).
 """
 
 from __future__ import annotations
