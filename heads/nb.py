@@ -201,7 +201,7 @@ class NBRegressor(NBOutputs, BaseEstimator):
             return self.solver
         return "lbfgs" if int(self.hidden) == 0 and self.parametrisation == "mean_dispersion" else "adam"
 
-    def _make_module(self) -> NBNet:
+    def make_module(self) -> NBNet:
         """A fresh (uninitialised) network for the fitted sizes (used by fit and load)."""
         return NBNet(self.n_features_in_, self.n_genes_, int(self.hidden), self.dropout, self.parametrisation)
 
@@ -348,7 +348,7 @@ class NBRegressor(NBOutputs, BaseEstimator):
         cpu_gen = torch.Generator().manual_seed(seed)
         dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
-        module = self._make_module()
+        module = self.make_module()
         y_norm = (
             y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
         )

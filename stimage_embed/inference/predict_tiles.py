@@ -115,6 +115,7 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
     if not seen.all():
         missing = keys["spot_id"].filter(pl.Series(~seen)).to_list()
         raise StoreError(
-            f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, e.g. {missing[:3]}"
+            f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, "
+            f"e.g. {missing[:3]}"
         )
     return out
