@@ -16,8 +16,10 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from heads.inputs import check_counts, check_groups, check_library_size, check_X, counts_at_library
+from heads.outputs import PointOutputs
 from heads.pca import principal_axes
 from heads.scale import TARGET_SUM, log1p_normalise
 
@@ -54,7 +56,7 @@ class _Projection:
         return (np.asarray(X, np.float64) - self.mean_) @ self.components_.T
 
 
-class RidgeBaseline(BaseEstimator):
+class RidgeBaseline(PointOutputs, BaseEstimator):
     """HEST's linear probe — ``StandardScaler -> PCA(n_components) -> Ridge`` — with the
     ridge ``alpha`` chosen by cross-validation grouped by slide (HEST's fixed alpha
     under-regularises). Scaler and PCA are fitted on the training rows only (within each CV
@@ -147,10 +149,17 @@ class RidgeBaseline(BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, library_size: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> RidgeBaseline:
         """``X`` (n, dim) embeddings, ``y`` (n, g) RAW counts, ``groups`` slide per spot,
-        ``library_size`` total raw counts per spot over ALL genes (default ``y.sum(1)``)."""
+        ``library_size`` total raw counts per spot over ALL genes (default ``y.sum(1)``);
+        ``coords`` not used."""
         if self.target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
         if self.back_transform not in BACK_TRANSFORMS:
@@ -204,18 +213,22 @@ class RidgeBaseline(BaseEstimator):
         Z = (Xs - self.pca_mean_) @ self.pca_components_.T
         return Z @ self.coef_.T + self.intercept_
 
-    def predict_log1p_norm(self, X: np.ndarray, target_sum: float | None = None) -> np.ndarray:
+    def predict_log1p_norm(self, X: np.ndarray, *, target_sum: float | None = None, groups=None, coords=None):
         """``log1p(counts / library_size * target_sum)`` scale (default ``self.target_sum``);
         for ``target="log1p_norm"`` this is the ridge output itself (the predicted mean of
         the log)."""
+        check_is_fitted(self, "coef_")
         ts = self.target_sum if target_sum is None else float(target_sum)
         pred = self._predict_target(check_X(X, self.n_features_in_))
         if self.target == "log1p_norm":
             return pred if ts == self.target_sum else np.log1p(np.expm1(pred) * (ts / self.target_sum))
         return np.log1p(np.maximum(pred, 0.0) / self.ref_library_size_ * ts)
 
-    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> np.ndarray:
+    def predict(
+        self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
+    ) -> np.ndarray:
         """Expected RAW counts at ``library_size`` (default ``ref_library_size_``), >= 0."""
+        check_is_fitted(self, "coef_")
         pred = self._predict_target(check_X(X, self.n_features_in_))
         if self.target == "log1p_norm":
             if self.back_transform == "smearing":
@@ -228,7 +241,7 @@ class RidgeBaseline(BaseEstimator):
         return counts_at_library(at_ref, library_size, self.ref_library_size_)
 
 
-class MeanBaseline(BaseEstimator):
+class MeanBaseline(PointOutputs, BaseEstimator):
     """Predicts each gene's training mean for every spot, on each scale separately so it
     is the best constant on that scale: ``predict`` gives the mean of library-normalised
     counts (``mean(counts / library_size) * ref_library_size_``) at the requested library
@@ -241,8 +254,15 @@ class MeanBaseline(BaseEstimator):
         self.target_sum = target_sum
 
     def fit(
-        self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, library_size: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> MeanBaseline:
+        """Per-gene means of RAW counts ``y`` over the spots (``X`` only gives their number)."""
         X = check_X(X)
         y = check_counts(y, X.shape[0])
         lib = check_library_size(library_size, y, X.shape[0])
@@ -254,12 +274,16 @@ class MeanBaseline(BaseEstimator):
         self.n_genes_ = y.shape[1]
         return self
 
-    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> np.ndarray:
+    def predict(
+        self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
+    ) -> np.ndarray:
         """``mean_`` for every spot (RAW counts) at ``library_size`` (default ref)."""
+        check_is_fitted(self, "mean_")
         n = check_X(X, self.n_features_in_).shape[0]
         return counts_at_library(np.tile(self.mean_, (n, 1)), library_size, self.ref_library_size_)
 
-    def predict_log1p_norm(self, X: np.ndarray) -> np.ndarray:
+    def predict_log1p_norm(self, X: np.ndarray, *, groups=None, coords=None) -> np.ndarray:
         """``log1p_mean_`` (training mean on the log1p-normalised scale) for every spot."""
+        check_is_fitted(self, "mean_")
         n = check_X(X, self.n_features_in_).shape[0]
         return np.tile(self.log1p_mean_, (n, 1))

@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from heads.elastic_net import fit_elastic_net_logistic
 from heads.inputs import check_groups, check_X
@@ -107,7 +108,17 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, Y: np.ndarray) -> HighLowClassifier:
+    def fit(
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+    ) -> HighLowClassifier:
+        """Fit on ``X`` (n_spots, dim) and BINARY labels ``Y`` (n_spots, n_genes) from
+        :func:`highlow_labels`; the keyword extras are accepted and not used."""
         X = check_X(X)
         Yb = np.asarray(Y)
         if Yb.ndim == 1:
@@ -178,6 +189,7 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Log-odds of "high" (n_spots, n_genes); +-inf for constant genes."""
+        check_is_fitted(self, "coef_")
         Xs = self._standardise(check_X(X, self.n_features_in_))
         z = Xs @ self.coef_.T + self.intercept_
         z[:, self.constant_genes_] = np.where(self.constant_values_ > 0, np.inf, -np.inf)
@@ -190,6 +202,10 @@ class HighLowClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Boolean (n_spots, n_genes): probability of "high" > 0.5."""
         return self.predict_proba(X) > 0.5
+
+    def predict_outputs(self, X: np.ndarray, *, library_size=None, groups=None, coords=None) -> dict[str, np.ndarray]:
+        """``{"prob_high": predict_proba(X)}`` (:mod:`heads.outputs`)."""
+        return dict(prob_high=self.predict_proba(X))
 
     def score(self, X: np.ndarray, Y: np.ndarray) -> float:
         """Mean accuracy over all (spot, gene) entries."""

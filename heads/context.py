@@ -53,12 +53,14 @@ import logging
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from heads.context_attention import AttentionNB
-from heads.inputs import check_groups, check_library_size, check_X
-from heads.nb import NBPrediction, NBRegressor
+from heads.distributions import NegativeBinomial
+from heads.inputs import check_groups, check_X
+from heads.nb import NBRegressor
 from heads.neighbours import find_neighbours, masked_neighbour_mean
-from heads.scale import TARGET_SUM
+from heads.outputs import NBOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def _check_coords(coords: np.ndarray | None, n: int) -> np.ndarray | None:
     return c
 
 
-class ContextNBRegressor(BaseEstimator):
+class ContextNBRegressor(NBOutputs, BaseEstimator):
     """NB regression on a spot's vector and its same-slide lattice neighbours' vectors
     (see the module doc).
 
@@ -107,7 +109,15 @@ class ContextNBRegressor(BaseEstimator):
     :class:`AttentionNB`), ``n_features_in_``, ``n_genes_``, ``ref_library_size_``,
     ``alpha_`` (the GLM's L2), ``weight_decay_`` and ``attention_`` (``"attention"``), ``neighbour_counts_``
     (histogram of real ring-1 neighbours per training spot).
+
+    Outputs: as every NB head (:class:`heads.outputs.NBOutputs`), each prediction method
+    taking the spots' ``groups`` (slides) and ``coords`` (µm) keyword-only; a spot's
+    prediction depends on the other spots passed with it (its neighbours), so callers
+    pass whole slides (:attr:`spatial_context`).
     """
+
+    #: predictions read the neighbours among the spots passed together: predict whole slides
+    spatial_context = True
 
     def __init__(
         self,
@@ -190,6 +200,7 @@ class ContextNBRegressor(BaseEstimator):
         self,
         X: np.ndarray,
         y: np.ndarray,
+        *,
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
         coords: np.ndarray | None = None,
@@ -237,73 +248,18 @@ class ContextNBRegressor(BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ predict
-    def _nb_at_ref(self, X: np.ndarray, groups, coords) -> tuple[np.ndarray, np.ndarray]:
+    def _distribution_at_ref(self, X: np.ndarray, groups=None, coords=None) -> NegativeBinomial:
+        """The predictive NB at the reference depth from the spots' and their neighbours' vectors."""
+        check_is_fitted(self, "model_")
         X = check_X(X, self.n_features_in_)
         n = X.shape[0]
         nbs = self._neighbours(coords, check_groups(groups, n), n)
         if self.aggregation == "mean":
-            return self.model_._nb_at_ref(self._mean_features(X, nbs))
+            return self.model_.predict_distribution(self._mean_features(X, nbs))
         if self.readout == "glm":
-            return self.model_._nb_at_ref(np.c_[X, self.attention_.attention_pool(X, nbs)])
-        return self.model_.nb_at_ref(X, nbs)
-
-    def predict_rate(
-        self, X: np.ndarray, groups: np.ndarray | None = None, coords: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Predicted rate (n, G): the NB mean at the reference depth divided by it, from the
-        image vectors of each spot and its same-slide neighbours alone."""
-        return np.exp(self._nb_at_ref(X, groups, coords)[0]) / self.ref_library_size_
-
-    def predict_log1p_norm(
-        self,
-        X: np.ndarray,
-        groups: np.ndarray | None = None,
-        coords: np.ndarray | None = None,
-        target_sum: float = TARGET_SUM,
-    ) -> np.ndarray:
-        """``log1p(rate * target_sum)`` (log1p(CP10k) for 1e4) of the predicted rate."""
-        return np.log1p(self.predict_rate(X, groups=groups, coords=coords) * target_sum)
-
-    def _mean_theta(self, X, library_size, groups, coords) -> tuple[np.ndarray, np.ndarray]:
-        log_mu_ref, theta = self._nb_at_ref(X, groups, coords)
-        n = log_mu_ref.shape[0]
-        scale = (
-            np.ones(n) if library_size is None else check_library_size(library_size, None, n) / self.ref_library_size_
-        )
-        return np.exp(log_mu_ref) * scale[:, None], theta
-
-    def predict(
-        self,
-        X: np.ndarray,
-        library_size: np.ndarray | float | None = None,
-        groups: np.ndarray | None = None,
-        coords: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """NB mean (RAW counts) per spot and gene at ``library_size`` (default the reference)."""
-        return self._mean_theta(X, library_size, groups, coords)[0]
-
-    def predict_dist(
-        self,
-        X: np.ndarray,
-        library_size: np.ndarray | float | None = None,
-        quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95),
-        n_samples: int = 0,
-        random_state: int | np.random.Generator | None = None,
-        groups: np.ndarray | None = None,
-        coords: np.ndarray | None = None,
-    ) -> NBPrediction:
-        """Full predictive NB per spot and gene (:class:`heads.nb.NBPrediction`); the depth
-        ``library_size`` is a technical covariate for interval coverage only."""
-        from heads.distributions import nb_quantiles, nb_sample
-
-        mu, theta = self._mean_theta(X, library_size, groups, coords)
-        r, p = theta, theta / (theta + mu)
-        levels = np.asarray(quantiles, dtype=np.float64)
-        q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
-        samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
-        return NBPrediction(
-            mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples
-        )
+            return self.model_.predict_distribution(np.c_[X, self.attention_.attention_pool(X, nbs)])
+        log_mu, theta = self.model_.nb_at_ref(X, nbs)
+        return NegativeBinomial(np.exp(log_mu), theta)
 
 
 __all__ = ["AGGREGATIONS", "CONTEXT_ALPHAS", "DEFAULT_RINGS", "ContextNBRegressor"]

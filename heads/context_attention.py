@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from heads.device import resolve_device
 from heads.distributions import nb_log_prob_log_mu
 from heads.inputs import check_counts, check_library_size
 from heads.nb_glm import initial_nb_params
@@ -118,9 +119,7 @@ class AttentionNB:
         self.hidden, self.lr, self.n_components, self.cv = int(hidden), float(lr), n_components, int(cv)
         self.max_epochs, self.patience = int(max_epochs), int(patience)
         self.seed = 0 if random_state is None else int(random_state)
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
+        self.device = resolve_device(device)
 
     # ------------------------------------------------------------------ features
     def _scores(self, X: np.ndarray) -> np.ndarray:
@@ -128,7 +127,10 @@ class AttentionNB:
 
     def _tensors(self, X: np.ndarray, nbs: list) -> tuple:
         index, mask, offset = stack_rings(nbs, X.shape[0])
-        t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)
+
+        def t(a, dt=torch.float32):
+            return torch.as_tensor(a, dtype=dt, device=self.device)
+
         return (t(self._scores(X)), t(index, torch.int64), t(mask, torch.bool), _AttentionNet.encode(t(offset)))
 
     # ------------------------------------------------------------------ training

@@ -1,25 +1,25 @@
-"""Negative-binomial (NB) maths: log-pmf (torch and numpy), parameter conversions, moments,
-quantiles and sampling. All counts are RAW integer counts.
+"""The negative-binomial (NB) distribution of every NB head, over RAW integer counts.
 
-Two parametrisations, one distribution
---------------------------------------
+One object, :class:`NegativeBinomial`, in the style of scvi-tools' ``NegativeBinomial``.
+
+Parametrisation (stated once)
+-----------------------------
 **mean / dispersion** ``(mu, theta)``: ``E[Y] = mu``, ``Var[Y] = mu + mu**2 / theta``;
-``theta`` (a.k.a. inverse dispersion, "size") > 0, ``theta -> inf`` is Poisson.
+``theta`` > 0 is the inverse dispersion ("size"), ``theta -> inf`` is Poisson.
 
-**(r, p), scipy's convention** — the one implemented here for STimage:
-``P(Y = y) = Gamma(y + r) / (Gamma(r) y!) * p**r * (1 - p)**y``, i.e. the number of
-failures before ``r`` successes with success probability ``p``. This is exactly
-``scipy.stats.nbinom(n=r, p=p)`` and ``numpy.random.Generator.negative_binomial(r, p)``,
-with ``mean = r (1 - p) / p`` and ``var = r (1 - p) / p**2``.
+The same distribution in **scipy's** ``(r, p)``: ``r = theta``, ``p = theta / (theta + mu)``;
+``P(Y = y) = Gamma(y + r) / (Gamma(r) y!) * p**r * (1 - p)**y`` (failures before ``r``
+successes), exactly ``scipy.stats.nbinom(n=r, p=p)`` and
+``numpy.random.Generator.negative_binomial(r, p)``.
 
-STimage (``stimage/_model.py``) outputs ``r = softplus(a)`` ("n") and ``p = sigmoid(b)``
-from a ``Dense(2)`` per gene and minimises the hand-written NLL
-``lgamma(r) + lgamma(y+1) - lgamma(r+y) - r log p - y log(1-p)``, then predicts
-``scipy.stats.nbinom.mean(r, p)``: the scipy convention above (NOT TensorFlow
-Probability's / torch's ``NegativeBinomial(total_count, probs)``, where ``probs`` is the
-success probability but the *successes* are counted, so ``probs_torch = 1 - p``).
+STimage (``stimage/_model.py``) outputs ``r = softplus(a)`` and ``p = sigmoid(b)`` and
+minimises ``lgamma(r) + lgamma(y+1) - lgamma(r+y) - r log p - y log(1-p)``: scipy's
+convention (NOT torch's ``NegativeBinomial(total_count, probs)``, whose ``probs`` is
+``1 - p``); :func:`nb_log_prob_stimage` is that loss.
 
-The two are linked by ``r = theta`` and ``p = theta / (theta + mu)``.
+Public surface: :class:`NegativeBinomial`, :class:`NBPrediction` (what ``predict_dist``
+returns) and the two torch training losses :func:`nb_log_prob_log_mu` (mean/dispersion)
+and :func:`nb_log_prob_stimage` (STimage's r/p).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy import special, stats
 
-# --------------------------------------------------------------------------- torch
+# --------------------------------------------------------------------------- torch losses
 
 
 def nb_log_prob_log_mu(y: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,6 @@ def nb_log_prob_log_mu(y: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.T
     )
 
 
-def nb_log_prob(y: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Log-pmf of NB(mean ``mu`` > 0, dispersion ``theta`` > 0) at raw counts ``y`` (torch)."""
-    return nb_log_prob_log_mu(y, torch.log(mu), torch.log(theta))
-
-
 def nb_log_prob_stimage(y: torch.Tensor, r: torch.Tensor, logit_p: torch.Tensor) -> torch.Tensor:
     """Log-pmf in STimage's (scipy's) convention: ``r`` successes, success prob
     ``p = sigmoid(logit_p)``, ``y`` failures: ``lgamma(y+r) - lgamma(r) - lgamma(y+1)
@@ -71,72 +66,112 @@ def nb_log_prob_stimage(y: torch.Tensor, r: torch.Tensor, logit_p: torch.Tensor)
     )
 
 
-# --------------------------------------------------------------------------- numpy
+# --------------------------------------------------------------------------- the distribution
 
 
-def nb_logpmf(y: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Numpy log-pmf of NB(mean ``mu`` > 0, dispersion ``theta`` > 0) at raw counts ``y``."""
-    y, mu, theta = (np.asarray(a, dtype=np.float64) for a in (y, mu, theta))
-    log_mu, log_theta = np.log(mu), np.log(theta)
-    return (
-        special.gammaln(y + theta)
-        - special.gammaln(theta)
-        - special.gammaln(y + 1.0)
-        - theta * np.logaddexp(0.0, log_mu - log_theta)
-        - y * np.logaddexp(0.0, log_theta - log_mu)
-    )
+@dataclass(frozen=True, eq=False)
+class NegativeBinomial:
+    """NB over RAW counts with mean ``mu`` and dispersion ``theta`` (``Var = mu + mu**2 / theta``).
 
-
-def nb_logpmf_rp(y: np.ndarray, r: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Numpy log-pmf in scipy's ``nbinom(n=r, p=p)`` convention (see module doc)."""
-    y, r, p = (np.asarray(a, dtype=np.float64) for a in (y, r, p))
-    return special.gammaln(y + r) - special.gammaln(r) - special.gammaln(y + 1.0) + r * np.log(p) + y * np.log1p(-p)
-
-
-# --------------------------------------------------------------------------- conversions
-
-
-def softplus(x: np.ndarray) -> np.ndarray:
-    """``log(1 + exp(x))``, overflow-free."""
-    return np.logaddexp(0.0, np.asarray(x, dtype=np.float64))
-
-
-def stimage_to_rp(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """STimage's raw outputs ``(a, b)`` -> ``(r, p) = (softplus(a), sigmoid(b))``."""
-    return softplus(a), special.expit(np.asarray(b, dtype=np.float64))
-
-
-def mean_disp_to_rp(mu: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, theta)`` -> scipy ``(r, p)``: ``r = theta``, ``p = theta / (theta + mu)``."""
-    mu, theta = np.asarray(mu, dtype=np.float64), np.asarray(theta, dtype=np.float64)
-    return np.broadcast_to(theta, np.broadcast_shapes(mu.shape, theta.shape)).copy(), theta / (theta + mu)
-
-
-def rp_to_mean_disp(r: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """scipy ``(r, p)`` -> ``(mu, theta) = (r (1-p) / p, r)``."""
-    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    return r * (1.0 - p) / p, np.broadcast_to(r, np.broadcast_shapes(r.shape, p.shape)).copy()
-
-
-def mean_var_to_rp(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Moments -> scipy ``(r, p)``: ``p = mean / var``, ``r = mean**2 / (var - mean)``.
-
-    Requires over-dispersion ``var > mean > 0`` (raises ``ValueError`` otherwise).
+    ``mu`` (counts, >= 0) and ``theta`` (> 0) broadcast to one shape (float64), e.g.
+    (n_spots, n_genes). Build from scipy's ``(r, p)`` with :meth:`from_rp`, from moments
+    with :meth:`from_moments`; re-express at another sequencing depth with :meth:`at_depth`.
     """
-    mean, var = np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)
-    if np.any(mean <= 0) or np.any(var <= mean):
-        raise ValueError("mean_var_to_rp: the NB needs var > mean > 0 for every entry")
-    return mean**2 / (var - mean), mean / var
 
+    mu: np.ndarray
+    theta: np.ndarray
 
-def rp_to_mean_var(r: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """scipy ``(r, p)`` -> ``(mean, var) = (r (1-p) / p, r (1-p) / p**2)``."""
-    r, p = np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    mean = r * (1.0 - p) / p
-    return mean, mean / p
+    def __post_init__(self) -> None:
+        mu, theta = np.broadcast_arrays(np.asarray(self.mu, np.float64), np.asarray(self.theta, np.float64))
+        object.__setattr__(self, "mu", np.array(mu))
+        object.__setattr__(self, "theta", np.array(theta))
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_rp(cls, r: np.ndarray, p: np.ndarray) -> NegativeBinomial:
+        """From scipy's ``nbinom(n=r, p=p)``: ``mu = r (1 - p) / p``, ``theta = r``."""
+        r, p = np.asarray(r, np.float64), np.asarray(p, np.float64)
+        return cls(r * (1.0 - p) / p, r)
 
-# --------------------------------------------------------------------------- moments etc.
+    @classmethod
+    def from_moments(cls, mean: np.ndarray, variance: np.ndarray) -> NegativeBinomial:
+        """The NB with this mean and variance (counts, counts^2): ``theta = mean**2 /
+        (variance - mean)``; where ``variance <= mean`` the excess is floored at
+        ``1e-9 * mean`` (a near-Poisson NB), so it never raises."""
+        mean, variance = np.asarray(mean, np.float64), np.asarray(variance, np.float64)
+        excess = np.maximum(variance - mean, 1e-9 * np.maximum(mean, 1e-12))
+        return cls(mean, np.maximum(mean, 1e-12) ** 2 / excess)
+
+    def at_depth(self, library_size: np.ndarray | float, reference: float) -> NegativeBinomial:
+        """The distribution at another library size: ``mu * library_size / reference`` with
+        ``theta`` unchanged (the log library offset of the NB GLM). ``library_size``: a
+        scalar or one value per row (first axis), raw counts."""
+        lib = np.asarray(library_size, np.float64) / float(reference)
+        scale = lib if lib.ndim == 0 else lib.reshape((-1,) + (1,) * (self.mu.ndim - 1))
+        return NegativeBinomial(self.mu * scale, self.theta)
+
+    # ------------------------------------------------------------------ parameters and moments
+    @property
+    def r(self) -> np.ndarray:
+        """scipy's ``n``: ``theta``."""
+        return self.theta
+
+    @property
+    def p(self) -> np.ndarray:
+        """scipy's success probability ``theta / (theta + mu)``."""
+        return self.theta / (self.theta + self.mu)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``mu`` (raw counts)."""
+        return self.mu
+
+    @property
+    def variance(self) -> np.ndarray:
+        """``mu + mu**2 / theta`` (raw counts^2)."""
+        return self.mu + self.mu**2 / self.theta
+
+    # ------------------------------------------------------------------ functions of the law
+    def log_prob(self, y: np.ndarray) -> np.ndarray:
+        """Log-pmf at raw counts ``y`` (broadcast against the parameters)."""
+        y = np.asarray(y, np.float64)
+        log_mu, log_theta = np.log(self.mu), np.log(self.theta)
+        return (
+            special.gammaln(y + self.theta)
+            - special.gammaln(self.theta)
+            - special.gammaln(y + 1.0)
+            - self.theta * np.logaddexp(0.0, log_mu - log_theta)
+            - y * np.logaddexp(0.0, log_theta - log_mu)
+        )
+
+    def ppf(self, q: Sequence[float]) -> np.ndarray:
+        """Quantiles (raw counts) at levels ``q``; shape ``(len(q),) + shape``.
+
+        The same numbers as ``scipy.stats.nbinom.ppf(q, r, p)`` (the smallest integer ``k``
+        with ``CDF(k) >= q``; they can differ only where a CDF value is within rounding of
+        ``q``), several times faster: one vectorised ``CDF(k) = I_p(r, k + 1)`` (regularised
+        incomplete beta, ``scipy.special.betainc``) at a Cornish-Fisher guess corrected by
+        unit steps of the pmf recurrence. Far tails, levels outside (0, 1) and non-finite
+        parameters go to scipy."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r, p = self.r, self.p
+        levels = np.asarray(q, dtype=np.float64).ravel()
+        out = np.empty((levels.size,) + r.shape)
+        for i, level in enumerate(levels):
+            out[i] = _nb_ppf(level, r.ravel(), p.ravel()).reshape(r.shape)
+        return out
+
+    def sample(self, n_samples: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
+        """``n_samples`` raw-count draws; shape ``(n_samples,) + shape``."""
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return gen.negative_binomial(self.r, self.p, size=(int(n_samples),) + self.mu.shape)
+
+    def expected_log1p(self, scale: np.ndarray | float = 1.0, max_count: int = 100_000) -> np.ndarray:
+        """``E[log1p(scale * Y)]`` elementwise: the prediction on the log1p-normalised scale
+        (``scale = target_sum / library_size``) that minimises squared error there;
+        ``log1p(scale * mu)`` is biased upwards (Jensen). Summed over the pmf until the
+        remaining tail mass is < 1e-10, or up to ``max_count`` (the rest counted there)."""
+        return _expected_log1p(self.mu, self.theta, scale, max_count=max_count)
 
 
 @dataclass(frozen=True)
@@ -156,54 +191,26 @@ class NBPrediction:
     quantiles: np.ndarray
     samples: np.ndarray | None
 
-
-def moment_matched_theta(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
-    """Dispersion ``theta`` of the NB with this mean and variance (raw counts):
-    ``mean**2 / (variance - mean)``; where ``variance <= mean`` the excess is floored at
-    ``1e-9 * mean``, i.e. a near-Poisson NB (unlike :func:`mean_var_to_rp`, never raises)."""
-    mean, variance = np.asarray(mean, dtype=np.float64), np.asarray(variance, dtype=np.float64)
-    excess = np.maximum(variance - mean, 1e-9 * np.maximum(mean, 1e-12))
-    return np.maximum(mean, 1e-12) ** 2 / excess
-
-
-def nb_quantiles_from_moments(mean: np.ndarray, variance: np.ndarray, q: Sequence[float]) -> np.ndarray:
-    """Quantiles (raw counts) at levels ``q`` of the NB moment-matched to ``mean``/``variance``
-    (see :func:`moment_matched_theta`); shape ``(len(q),) + mean.shape``."""
-    mu = np.asarray(mean, dtype=np.float64)
-    r, p = mean_disp_to_rp(mu, moment_matched_theta(mu, variance))
-    return nb_quantiles(r, p, q)
+    @classmethod
+    def of(
+        cls,
+        dist: NegativeBinomial,
+        quantiles: Sequence[float] = (),
+        n_samples: int = 0,
+        random_state: int | np.random.Generator | None = None,
+    ) -> NBPrediction:
+        """Summarise ``dist``: its moments, quantiles at ``quantiles`` and ``n_samples`` draws."""
+        levels = np.asarray(quantiles, dtype=np.float64)
+        q = dist.ppf(levels) if levels.size else np.zeros((0,) + dist.mu.shape)
+        samples = dist.sample(n_samples, random_state) if n_samples > 0 else None
+        return cls(dist.mean, dist.variance, dist.r, dist.p, levels, q, samples)
 
 
-def nb_mean(r: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Mean (raw counts) of scipy ``nbinom(r, p)``."""
-    return rp_to_mean_var(r, p)[0]
-
-
-def nb_variance(r: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Variance (raw counts^2) of scipy ``nbinom(r, p)``."""
-    return rp_to_mean_var(r, p)[1]
-
-
-def nb_quantiles(r: np.ndarray, p: np.ndarray, q: Sequence[float]) -> np.ndarray:
-    """Quantiles (raw counts) at levels ``q``; shape ``(len(q),) + broadcast(r, p).shape``.
-
-    The same numbers as ``scipy.stats.nbinom.ppf(q, r, p)`` (the smallest integer ``k`` with
-    ``CDF(k) >= q``; they can differ only where a CDF value is within rounding of ``q``), several
-    times faster: scipy inverts the CDF numerically (``nbdtrik``) per element; here one
-    vectorised ``CDF(k) = I_p(r, k + 1)`` (the regularised incomplete beta function,
-    ``scipy.special.betainc``) at a Cornish-Fisher guess is corrected by unit steps of the
-    pmf recurrence. Elements still unresolved after the steps (far tails), levels outside
-    (0, 1) and non-finite parameters go to scipy."""
-    r, p = np.broadcast_arrays(np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64))
-    levels = np.asarray(q, dtype=np.float64).ravel()
-    out = np.empty((levels.size,) + r.shape)
-    for i, level in enumerate(levels):
-        out[i] = _nb_ppf(level, r.ravel(), p.ravel()).reshape(r.shape)
-    return out
+# --------------------------------------------------------------------------- private numerics
 
 
 def _nb_ppf(level: float, r: np.ndarray, p: np.ndarray, steps: int = 32) -> np.ndarray:
-    """``scipy.stats.nbinom.ppf(level, r, p)`` for 1-d ``r``, ``p`` (see :func:`nb_quantiles`).
+    """``scipy.stats.nbinom.ppf(level, r, p)`` for 1-d ``r``, ``p`` (see :meth:`NegativeBinomial.ppf`).
 
     One ``CDF(k) = I_p(r, k + 1)`` and one pmf at the Cornish-Fisher guess ``k``, then unit
     steps by the pmf recurrence ``pmf(k + 1) = pmf(k) (k + r) (1 - p) / (k + 1)`` until
@@ -246,14 +253,7 @@ def _nb_ppf(level: float, r: np.ndarray, p: np.ndarray, steps: int = 32) -> np.n
     return k
 
 
-def nb_sample(r: np.ndarray, p: np.ndarray, n_samples: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
-    """Draw ``n_samples`` raw-count samples; shape ``(n_samples,) + broadcast(r, p).shape``."""
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    r, p = np.broadcast_arrays(np.asarray(r, dtype=np.float64), np.asarray(p, dtype=np.float64))
-    return gen.negative_binomial(r, p, size=(int(n_samples),) + r.shape)
-
-
-def nb_expected_log1p(
+def _expected_log1p(
     mu: np.ndarray, theta: np.ndarray, scale: np.ndarray | float, tail: float = 1e-10, max_count: int = 100_000
 ) -> np.ndarray:
     """``E[log1p(scale * Y)]`` for ``Y ~ NB(mean mu, dispersion theta)`` (mean/dispersion
@@ -288,3 +288,6 @@ def nb_expected_log1p(
     if active.size:
         total[active] += np.clip(1.0 - mass[active], 0.0, None) * np.log1p(scale[active] * y)
     return total.reshape(shape)
+
+
+__all__ = ["NBPrediction", "NegativeBinomial", "nb_log_prob_log_mu", "nb_log_prob_stimage"]

@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, clone
+from sklearn.utils.validation import check_is_fitted
 
+from heads.distributions import NegativeBinomial
 from heads.nb import NBRegressor
-from heads.scale import TARGET_SUM
+from heads.outputs import quantile_columns
+from heads.scale import TARGET_SUM, rate_to_log1p
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +46,12 @@ class SeedEnsemble(BaseEstimator):
     """``n_members`` clones of ``base_estimator`` with different ``random_state``.
 
     ``seeds``: explicit seeds (length ``n_members``); default ``0 .. n_members-1``.
-    ``fit`` passes its keyword arguments (``groups``, ``library_size``...) to every member.
-    A base estimator with a ``fit_members(X, y, seeds=..., **fit_params)`` method (the
-    linear :class:`NBRegressor`) fits all members at once, as one tensor with a member
-    dimension, sharing its CV choice of the L2 strength; with ``bootstrap=True`` the
-    members differ by their bootstrap resample of the rows.
+    ``fit`` passes its keyword extras (``groups``, ``library_size``, ``coords``) to every
+    member, and so do the prediction methods (``groups``, ``coords``). A base estimator with
+    a public ``fit_members(X, y, seeds, **extras)`` (:class:`NBRegressor`: the linear one fits
+    all members at once, as one tensor with a member dimension, sharing its CV choice of the
+    L2 strength; with ``bootstrap=True`` the members differ by their bootstrap resample of
+    the rows) fits them; any other is cloned per seed (``random_state``).
     Learned: ``members_`` (fitted clones), ``seeds_``, ``ref_library_size_`` (of the first
     member), ``n_features_in_``, ``n_genes_``.
     """
@@ -67,16 +71,30 @@ class SeedEnsemble(BaseEstimator):
             raise ValueError(f"seeds: must be distinct, got {seeds}")
         return seeds
 
-    def fit(self, X: np.ndarray, y: np.ndarray, **fit_params: Any) -> SeedEnsemble:
+    @property
+    def spatial_context(self) -> bool:
+        """Whether the members read neighbouring spots (then predict whole slides)."""
+        return bool(getattr(self.base_estimator, "spatial_context", False))
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+    ) -> SeedEnsemble:
+        """Fit the members on ``X``, RAW counts ``y`` and the keyword extras (see the class doc)."""
         if int(self.n_members) < 1:
             raise ValueError(f"n_members: must be >= 1, got {self.n_members}")
         base = NBRegressor() if self.base_estimator is None else self.base_estimator
         self.seeds_ = self._seeds()
-        batched = getattr(base, "fit_members", None)
-        if batched is not None and getattr(base, "_solver", lambda: "")() == "lbfgs":
-            self.members_ = clone(base).fit_members(X, y, seeds=self.seeds_, **fit_params)
+        extras = dict(groups=groups, library_size=library_size, coords=coords)
+        if hasattr(base, "fit_members"):
+            self.members_ = clone(base).fit_members(X, y, seeds=self.seeds_, **extras)
         else:
-            self.members_ = [clone(base).set_params(random_state=s).fit(X, y, **fit_params) for s in self.seeds_]
+            self.members_ = [clone(base).set_params(random_state=s).fit(X, y, **extras) for s in self.seeds_]
         self._set_learned_from_members()
         return self
 
@@ -86,30 +104,53 @@ class SeedEnsemble(BaseEstimator):
             if hasattr(first, attr):
                 setattr(self, attr, getattr(first, attr))
 
-    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> np.ndarray:
+    def predict(
+        self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
+    ) -> np.ndarray:
         """Mean of the member means (RAW counts at ``library_size``)."""
-        return np.mean([m.predict(X, library_size=library_size) for m in self.members_], axis=0)
+        return self.predict_uncertainty(X, library_size=library_size, groups=groups, coords=coords).mean
 
-    def predict_rate(self, X: np.ndarray) -> np.ndarray:
+    def predict_rate(self, X: np.ndarray, *, groups=None, coords=None) -> np.ndarray:
         """Mean of the member rates (expected fraction of a spot's counts), from the image
         vectors alone; members must provide ``predict_rate``."""
-        return np.mean([m.predict_rate(X) for m in self.members_], axis=0)
+        check_is_fitted(self, "members_")
+        return np.mean([m.predict_rate(X, groups=groups, coords=coords) for m in self.members_], axis=0)
 
-    def predict_log1p_norm(self, X: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
+    def predict_log1p_norm(self, X: np.ndarray, *, target_sum: float = TARGET_SUM, groups=None, coords=None):
         """``log1p(mean member rate * target_sum)`` (log1p(CP10k) for 1e4)."""
-        return np.log1p(self.predict_rate(X) * target_sum)
+        return np.log1p(self.predict_rate(X, groups=groups, coords=coords) * target_sum)
 
-    def predict_uncertainty(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> Uncertainty:
+    def predict_uncertainty(
+        self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
+    ) -> Uncertainty:
         """Epistemic / aleatoric / total variance (see :class:`Uncertainty`); members must
-        provide ``predict_dist(X, library_size=..., quantiles=())`` with ``.mean`` and
-        ``.variance``."""
-        dists = [m.predict_dist(X, library_size=library_size, quantiles=()) for m in self.members_]
+        provide ``predict_distribution(X, library_size=..., groups=..., coords=...)`` with
+        ``.mean`` and ``.variance``."""
+        check_is_fitted(self, "members_")
+        extras = dict(library_size=library_size, groups=groups, coords=coords)
+        dists = [m.predict_distribution(X, **extras) for m in self.members_]
         means = np.stack([d.mean for d in dists])
         variances = np.stack([d.variance for d in dists])
         epistemic = means.var(axis=0, ddof=0)
         aleatoric = variances.mean(axis=0)
         return Uncertainty(
             mean=means.mean(axis=0), epistemic=epistemic, aleatoric=aleatoric, total=epistemic + aleatoric
+        )
+
+    def predict_outputs(
+        self, X: np.ndarray, *, library_size: np.ndarray | float | None = None, groups=None, coords=None
+    ) -> dict[str, np.ndarray]:
+        """The value columns (:mod:`heads.outputs`): the mixture's mean and its total variance
+        split in ``epistemic`` + ``aleatoric``, quantiles of the NB with those moments, and
+        ``mean_log1p`` of the mean member rate."""
+        unc = self.predict_uncertainty(X, library_size=library_size, groups=groups, coords=coords)
+        return dict(
+            mean=unc.mean,
+            variance=unc.total,
+            epistemic=unc.epistemic,
+            aleatoric=unc.aleatoric,
+            mean_log1p=rate_to_log1p(self.predict_rate(X, groups=groups, coords=coords)),
+            **quantile_columns(NegativeBinomial.from_moments(unc.mean, unc.total)),
         )
 
 

@@ -24,7 +24,9 @@ Model
   L2 strength from ``alphas`` by CV grouped by slide: each fold holds out whole training
   slides, every (fold, alpha) model is fitted at once as one batched tensor, and the
   alpha with the lowest held-out NB NLL wins; then one model is refitted on all the fit
-  rows with it. The features are first projected on their ``n_components`` leading principal
+  rows with it. With fewer than 3 training slides the folds are spots within slides
+  instead (:mod:`heads.nb_alpha`, ``cv_rule_``); a choice at an end of the path warns.
+  The features are first projected on their ``n_components`` leading principal
   components (``None``: all of them, exact: the L2 optimum lies in the row space of the
   standardised training features, which the SVD parametrises).
   ``bootstrap=True`` refits on a Poisson(1) bootstrap of the rows (``random_state``) —
@@ -38,6 +40,11 @@ Model
 
 Randomness (bootstrap, init, split, batch order, dropout) comes from ``random_state``
 through local generators, so a fixed seed gives identical results on CPU.
+
+Outputs: the predictive :class:`heads.distributions.NegativeBinomial` (mean ``mu``,
+dispersion ``theta``, ``Var = mu + mu**2 / theta``) and everything derived from it
+(:class:`heads.outputs.NBOutputs`: ``predict_distribution``, ``predict_rate``,
+``predict``, ``predict_log1p_norm``, ``predict_dist``, ``predict_outputs``).
 """
 
 from __future__ import annotations
@@ -48,13 +55,16 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, clone
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
-from heads.distributions import NBPrediction, nb_logpmf, nb_quantiles, nb_sample
+from heads.device import resolve_device
+from heads.distributions import NBPrediction, NegativeBinomial
 from heads.inputs import check_counts, check_groups, check_library_size, check_X
-from heads.nb_glm import fit_nb_glm, principal_components, select_alpha, select_alpha_adaptive
+from heads.nb_alpha import choose_alpha
+from heads.nb_glm import fit_nb_glm, principal_components
 from heads.nb_network import AdamSchedule, NBNet, train_network
-from heads.scale import TARGET_SUM
-from heads.validation_split import grouped_cv_splits, validation_split
+from heads.outputs import NBOutputs
+from heads.validation_split import validation_split
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +72,7 @@ PARAMETRISATIONS = ("mean_dispersion", "stimage")
 SOLVERS = ("auto", "lbfgs", "adam")
 #: where the CV's L2 path starts when none is given (strength per gene, relative to the mean
 #: NLL per (spot, gene)); extended by factors of sqrt(10) past an end while the best alpha is
-#: there (:func:`heads.nb_glm.select_alpha_adaptive`). On the HER2ST and MOB leave-one-slide-out
+#: there (:func:`heads.nb_alpha.select_alpha_adaptive`). On the HER2ST and MOB leave-one-slide-out
 #: folds (700-1,200 training spots) the best alpha was 3-30 on every fold; the old fixed path
 #: 0.1-100 spent most of its CV time on 0.1 and 0.3, the slowest fits.
 DEFAULT_ALPHAS = (1.0, 3.0, 10.0, 30.0, 100.0)
@@ -78,7 +88,7 @@ def _checked_fit_inputs(X, y, groups, library_size) -> tuple[np.ndarray, np.ndar
     return X, y, check_library_size(library_size, y, n), check_groups(groups, n)
 
 
-class NBRegressor(BaseEstimator):
+class NBRegressor(NBOutputs, BaseEstimator):
     """Per-gene negative-binomial regression on spot embeddings (see module doc).
 
     Parameters
@@ -88,7 +98,9 @@ class NBRegressor(BaseEstimator):
     parametrisation : ``"mean_dispersion"`` or ``"stimage"`` (``adam`` only).
     solver : ``"auto"`` (``lbfgs`` for a linear mean/dispersion model, else ``adam``),
         ``"lbfgs"`` or ``"adam"``.
-    alpha : ``lbfgs``: L2 strength; ``None`` = chosen from ``alphas`` by grouped CV.
+    alpha : ``lbfgs``: L2 strength; ``None`` = chosen from ``alphas`` by CV grouped by slide,
+        or, with fewer than 3 training slides, by CV of spots within slides
+        (:mod:`heads.nb_alpha`); a choice at an end of the path warns (``AlphaAtPathEnd``).
     alphas : ``lbfgs``: the L2 path for the CV, used as given; ``None``: :data:`DEFAULT_ALPHAS`,
         extended past an end while the best alpha is at that end (down to 1e-3, up to 1e4).
     cv : ``lbfgs``: number of grouped CV folds (at most the number of groups).
@@ -110,7 +122,8 @@ class NBRegressor(BaseEstimator):
     ``seed_``. ``lbfgs``: ``coef_`` (dim, n_genes) on standardised features,
     ``intercept_`` (n_genes,) log mean at the reference depth, ``theta_`` (n_genes,),
     ``alpha_``, ``alphas_`` and ``cv_loss_`` (held-out mean NB NLL per alpha; empty when
-    ``alpha`` was given), ``cv_groups_`` (the groups held out in each CV fold),
+    ``alpha`` was given), ``cv_groups_`` (the groups held out in each CV fold), ``cv_rule_``
+    (the CV's fold rule, ``heads.nb_alpha.CV_RULES``; ``""`` when ``alpha`` was given),
     ``n_iter_``. ``adam``: ``module_`` (torch module), ``history_`` (``{"train": [...],
     "val": [...]}`` mean NLL per (spot, gene) per epoch), ``best_epoch_``, ``n_epochs_``,
     ``train_index_``/``val_index_``.
@@ -188,12 +201,7 @@ class NBRegressor(BaseEstimator):
             return self.solver
         return "lbfgs" if int(self.hidden) == 0 and self.parametrisation == "mean_dispersion" else "adam"
 
-    def _torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def _make_module(self) -> NBNet:
+    def make_module(self) -> NBNet:
         """A fresh (uninitialised) network for the fitted sizes (used by fit and load)."""
         return NBNet(self.n_features_in_, self.n_genes_, int(self.hidden), self.dropout, self.parametrisation)
 
@@ -210,21 +218,21 @@ class NBRegressor(BaseEstimator):
         self,
         X: np.ndarray,
         y: np.ndarray,
+        *,
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> NBRegressor:
         """Fit on embeddings ``X`` (n_spots, dim) and RAW counts ``y`` (n_spots, n_genes).
 
-        ``groups``: slide/patient label per spot; the L2 CV (``lbfgs``) and early stopping
+        ``groups``: slide/patient label per spot; the L2 CV (``lbfgs``, see
+        :mod:`heads.nb_alpha` for its rule with fewer than 3 slides) and early stopping
         (``adam``) then hold out whole groups. Without ``groups`` they fall back to random
         splits of spots (optimistic: neighbouring spots land on both sides).
         ``library_size``: total raw counts per spot over ALL genes (pass it!); default
-        ``y.sum(1)`` over the given genes only.
+        ``y.sum(1)`` over the given genes only. ``coords``: not used (a per-spot model).
         """
-        self._check_params()
-        if self._solver() == "lbfgs":
-            return self.fit_members(X, y, seeds=None, groups=groups, library_size=library_size)[0]
-        return self._fit_adam(X, y, groups, library_size)
+        return self.fit_members(X, y, seeds=None, groups=groups, library_size=library_size)[0]
 
     # ------------------------------------------------------------------ lbfgs
     def _seed(self, seed: int | None = None) -> int:
@@ -232,41 +240,34 @@ class NBRegressor(BaseEstimator):
             return int(seed)
         return int(np.random.default_rng().integers(2**31 - 1)) if self.random_state is None else int(self.random_state)
 
-    def _select_alpha(self, Z, y, offset, groups, seed, log_theta) -> None:
-        """Grouped CV over the L2 path (:func:`heads.nb_glm.select_alpha`); sets ``alphas_``,
-        ``cv_loss_``, ``cv_groups_`` and ``alpha_`` (the lowest held-out loss)."""
-        folds = grouped_cv_splits(Z.shape[0], groups, int(self.cv), seed)
-        if self.alphas is None:
-            cv = select_alpha_adaptive(
-                Z, y, offset, groups, DEFAULT_ALPHAS, folds, log_theta, int(self.max_iter), self._torch_device()
-            )
-        else:
-            cv = select_alpha(
-                Z, y, offset, groups, self.alphas, folds, log_theta, int(self.max_iter), self._torch_device()
-            )
-        self.alpha_, self.alphas_, self.cv_loss_, self.cv_groups_ = cv.alpha, cv.alphas, cv.cv_loss, cv.cv_groups
-        logger.debug(
-            "NBRegressor: alpha %.3g chosen by %d-fold CV, held-out NLL %s",
-            self.alpha_,
-            len(folds),
-            np.round(self.cv_loss_, 4),
-        )
+    def _select_alpha(self, Z, y, offset, groups, seed, log_theta) -> dict:
+        """The CV choice of ``alpha`` (:func:`heads.nb_alpha.choose_alpha`) as learned attributes."""
+        cv = choose_alpha(
+            Z, y, offset, groups, self.alphas, DEFAULT_ALPHAS, int(self.cv), seed, log_theta, int(self.max_iter),
+            resolve_device(self.device),
+        )  # fmt: skip
+        return dict(alpha_=cv.alpha, alphas_=cv.alphas, cv_loss_=cv.cv_loss, cv_groups_=cv.cv_groups, cv_rule_=cv.rule)
 
     def fit_members(
         self,
         X: np.ndarray,
         y: np.ndarray,
         seeds: list[int] | None = None,
+        *,
         groups: np.ndarray | None = None,
         library_size: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
     ) -> list[NBRegressor]:
-        """Fit one model per seed (``None``: this estimator alone) in ONE batched L-BFGS
-        fit, sharing the standardisation, the principal components and the CV choice of
-        ``alpha``; members differ by their bootstrap of the rows when ``bootstrap=True``.
+        """Fit one model per seed (``None``: this estimator alone). ``lbfgs``: in ONE batched
+        L-BFGS fit, sharing the standardisation, the principal components and the CV choice
+        of ``alpha``; members differ by their bootstrap of the rows when ``bootstrap=True``.
+        ``adam``: one clone per seed (``random_state``), fitted in turn.
         Returns fitted estimators (``self`` first when ``seeds`` is ``None``)."""
         self._check_params()
         if self._solver() != "lbfgs":
-            raise ValueError("fit_members: batched members need solver='lbfgs'")
+            if seeds is None:
+                return [self._fit_adam(X, y, groups, library_size)]
+            return [clone(self).set_params(random_state=int(s))._fit_adam(X, y, groups, library_size) for s in seeds]
         X, y, lib, groups = _checked_fit_inputs(X, y, groups, library_size)
         n = X.shape[0]
         seed = self._seed()
@@ -284,17 +285,17 @@ class NBRegressor(BaseEstimator):
             "solver_": "lbfgs",
             "n_components_": int(V.shape[1]),
         }
-        device = self._torch_device()
+        device = resolve_device(self.device)
         pilot_alpha = _PILOT_ALPHA if self.alpha is None else float(self.alpha)
         pilot = fit_nb_glm(
             Z, y, offset, np.ones((1, n)), np.array([pilot_alpha]), max_iter=int(self.max_iter), device=device
         )
         log_theta = pilot.log_theta[0]
         if self.alpha is None:
-            self._select_alpha(Z, y, offset, groups, seed, log_theta)
-            shared.update(alpha_=self.alpha_, alphas_=self.alphas_, cv_loss_=self.cv_loss_, cv_groups_=self.cv_groups_)
+            shared.update(self._select_alpha(Z, y, offset, groups, seed, log_theta))
         else:
-            shared.update(alpha_=float(self.alpha), alphas_=np.zeros(0), cv_loss_=np.zeros(0), cv_groups_=[])
+            none = dict(alphas_=np.zeros(0), cv_loss_=np.zeros(0), cv_groups_=[], cv_rule_="")
+            shared.update(alpha_=float(self.alpha), **none)
         members = [self] if seeds is None else [clone(self).set_params(random_state=int(s)) for s in seeds]
         member_seeds = [self._seed() if seeds is None else int(s) for s in (seeds or [None])]
         weights = np.ones((len(members), n))
@@ -343,11 +344,11 @@ class NBRegressor(BaseEstimator):
         self.n_genes_ = y.shape[1]
         self.ref_library_size_ = float(np.median(lib))
 
-        device = self._torch_device()
+        device = resolve_device(self.device)
         cpu_gen = torch.Generator().manual_seed(seed)
         dev_gen = cpu_gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
-        module = self._make_module()
+        module = self.make_module()
         y_norm = (
             y[train_idx] / lib[train_idx, None] * self.ref_library_size_ if self.use_library_offset else y[train_idx]
         )
@@ -376,64 +377,23 @@ class NBRegressor(BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ predict
-    def _nb_at_ref(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(log_mu_ref, theta)`` (n, g) float64 at the reference library size."""
+    def _distribution_at_ref(self, X: np.ndarray, groups=None, coords=None) -> NegativeBinomial:
+        """The predictive NB at the reference depth (see :class:`heads.outputs.NBOutputs`)."""
+        check_is_fitted(self, "ref_library_size_")
         X = check_X(X, self.n_features_in_)
         if getattr(self, "solver_", "adam") == "lbfgs":
             Xs = (X.astype(np.float64) - self.scaler_mean_) / self.scaler_scale_
-            log_mu = Xs @ self.coef_ + self.intercept_
-            return log_mu, np.broadcast_to(self.theta_, log_mu.shape).copy()
-        return self.module_.nb_at_ref(self._standardise(X), _PREDICT_CHUNK)
+            return NegativeBinomial(np.exp(Xs @ self.coef_ + self.intercept_), self.theta_)
+        log_mu, theta = self.module_.nb_at_ref(self._standardise(X), _PREDICT_CHUNK)
+        return NegativeBinomial(np.exp(log_mu), theta)
 
-    def predict_rate(self, X: np.ndarray) -> np.ndarray:
-        """Predicted rate per spot and gene: the NB mean at the reference depth divided by
-        it (expected fraction of a spot's counts), from the image vectors alone."""
-        return np.exp(self._nb_at_ref(X)[0]) / self.ref_library_size_
-
-    def _library(self, library_size: np.ndarray | float | None, n: int) -> np.ndarray:
-        if library_size is None:
-            return np.full(n, self.ref_library_size_)
-        return check_library_size(library_size, None, n)
-
-    def _mean_theta(self, X: np.ndarray, library_size: np.ndarray | float | None) -> tuple[np.ndarray, np.ndarray]:
-        log_mu_ref, theta = self._nb_at_ref(X)
-        lib = self._library(library_size, log_mu_ref.shape[0])
-        scale = lib / self.ref_library_size_ if self.use_library_offset else np.ones_like(lib)
-        return np.exp(log_mu_ref) * scale[:, None], theta
-
-    def predict(self, X: np.ndarray, library_size: np.ndarray | float | None = None) -> np.ndarray:
-        """NB mean (RAW counts) per spot and gene at ``library_size`` (scalar or per spot;
-        default ``ref_library_size_``)."""
-        return self._mean_theta(X, library_size)[0]
-
-    def predict_log1p_norm(self, X: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
-        """``log1p(rate * target_sum)``: the predicted rate on the log1p-normalised scale
-        (log1p(CP10k) for ``target_sum=1e4``), from the image vectors alone."""
-        return np.log1p(self.predict_rate(X) * target_sum)
-
-    def predict_dist(
-        self,
-        X: np.ndarray,
-        library_size: np.ndarray | float | None = None,
-        quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95),
-        n_samples: int = 0,
-        random_state: int | np.random.Generator | None = None,
-    ) -> NBPrediction:
-        """Full predictive NB per spot and gene (see :class:`NBPrediction`)."""
-        mu, theta = self._mean_theta(X, library_size)
-        r, p = theta, theta / (theta + mu)
-        levels = np.asarray(quantiles, dtype=np.float64)
-        q = nb_quantiles(r, p, levels) if levels.size else np.zeros((0,) + mu.shape)
-        samples = nb_sample(r, p, n_samples, random_state) if n_samples > 0 else None
-        return NBPrediction(
-            mean=mu, variance=mu + mu**2 / theta, r=r, p=p, quantile_levels=levels, quantiles=q, samples=samples
-        )
-
-    def score(self, X: np.ndarray, y: np.ndarray, library_size: np.ndarray | None = None) -> float:
+    def score(self, X: np.ndarray, y: np.ndarray, *, library_size: np.ndarray | None = None) -> float:
         """Mean NB log-likelihood per (spot, gene) of RAW counts ``y`` (higher is better);
         ``library_size`` default ``y.sum(1)``."""
-        X = check_X(X, self.n_features_in_)
+        X = check_X(X)
         y = check_counts(y, X.shape[0])
         lib = check_library_size(library_size, y, X.shape[0])
-        mu, theta = self._mean_theta(X, lib)
-        return float(np.mean(nb_logpmf(y, mu, theta)))
+        return float(np.mean(self.predict_distribution(X, library_size=lib).log_prob(y)))
+
+
+__all__ = ["DEFAULT_ALPHAS", "NBPrediction", "NBRegressor"]

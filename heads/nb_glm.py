@@ -118,8 +118,9 @@ def fit_nb_glm(
     Block coordinate descent, ``rounds`` times: the coefficients and intercepts by
     full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search; the gradient in
     closed form: ``d NLL / d eta = (theta + y) sigmoid(eta - log theta) - y``; scipy's
-    L-BFGS-B took ~0.1-0.3 s per iteration on 10^5 parameters) with the dispersions fixed, then the dispersions by Newton steps with the
-    means fixed (:func:`_update_log_theta`). Starts from ``coef = 0``, intercepts at the log
+    L-BFGS-B took ~0.1-0.3 s per iteration on 10^5 parameters) with the dispersions fixed,
+    then the dispersions by Newton steps with the means fixed (:func:`_update_log_theta`).
+    Starts from ``coef = 0``, intercepts at the log
     mean depth-normalised count, and dispersions ``log_theta`` (G,) or (M, G) if given
     (with ``rounds=1`` they then stay fixed: a CV over the L2 path given a pilot estimate)
     or method-of-moments ones.
@@ -276,115 +277,10 @@ def principal_components(Xs: np.ndarray, n_components: int | None) -> tuple[np.n
     return Xs @ V, V
 
 
-#: objective tolerance of the CV fits (the final fit uses 1e-6): on the HER2ST and MOB
-#: leave-one-slide-out folds it picked the same alpha as 1e-6 on every fold, in 40 % less time
-CV_TOL = 1e-4
-
-
-@dataclass
-class AlphaCV:
-    """The CV choice of the L2 strength: ``alpha`` (lowest held-out loss), the path
-    ``alphas``, ``cv_loss`` (held-out mean NB NLL per (spot, gene), per alpha) and the
-    groups held out in each fold (``cv_groups``)."""
-
-    alpha: float
-    alphas: np.ndarray
-    cv_loss: np.ndarray
-    cv_groups: list[list[str]]
-
-
-def select_alpha(
-    Z: np.ndarray,
-    Y: np.ndarray,
-    offset: np.ndarray,
-    groups: np.ndarray | None,
-    alphas: np.ndarray,
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    log_theta: np.ndarray,
-    max_iter: int,
-    device: torch.device | str = "cpu",
-    tol: float = CV_TOL,
-) -> AlphaCV:
-    """CV over the L2 path with the dispersions held at ``log_theta`` (G,) (a pilot fit's).
-
-    ``folds``: (train rows, held-out rows) pairs, e.g.
-    :func:`heads.validation_split.grouped_cv_splits`. Per fold, every alpha of the path is
-    fitted at once as one batch on the fold's training rows only (no work is spent on
-    zero-weight held-out rows), to the looser tolerance ``tol`` (the CV only ranks the
-    alphas; see :data:`CV_TOL`), and scored by the mean NB NLL of the held-out rows."""
-    alphas = np.asarray(alphas, dtype=np.float64).ravel()
-    if alphas.size == 0 or np.any(alphas < 0):
-        raise ValueError("alphas: need at least one alpha, all >= 0")
-    losses = []
-    for tr, te in folds:
-        fit = fit_nb_glm(
-            Z[tr],
-            Y[tr],
-            offset[tr],
-            np.ones((alphas.size, len(tr))),
-            alphas,
-            log_theta=log_theta,
-            rounds=1,
-            max_iter=max_iter,
-            tol=tol,
-            device=device,
-        )
-        losses.append(nb_nll_matrix(Z[te], Y[te], offset[te], fit).mean(axis=1))
-    loss = np.mean(losses, axis=0)
-    held_out = [sorted({str(g) for g in groups[te]}) if groups is not None else [] for _, te in folds]
-    return AlphaCV(float(alphas[int(np.argmin(loss))]), alphas, loss, held_out)
-
-
-def select_alpha_adaptive(
-    Z: np.ndarray,
-    Y: np.ndarray,
-    offset: np.ndarray,
-    groups: np.ndarray | None,
-    start: tuple[float, ...],
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    log_theta: np.ndarray,
-    max_iter: int,
-    device: torch.device | str = "cpu",
-    bounds: tuple[float, float] = (1e-3, 1e4),
-) -> AlphaCV:
-    """:func:`select_alpha` over the geometric path ``start`` (ratio ``start[1] / start[0]``),
-    extended by two more alphas past an end while the lowest held-out loss sits at that end
-    (never beyond ``bounds``). The best alpha falls with the number of training spots, so a
-    fixed path fits either small folds or large cohorts; and the smallest alphas, the
-    slowest to fit, are only fitted when the loss points there."""
-    alphas = np.asarray(start, dtype=np.float64)
-    if alphas.size < 2 or np.any(alphas <= 0) or np.any(np.diff(alphas) <= 0):
-        raise ValueError(f"start: need an increasing path of >= 2 positive alphas, got {start}")
-    ratio = alphas[1] / alphas[0]
-    cv = select_alpha(Z, Y, offset, groups, alphas, folds, log_theta, max_iter, device)
-    a, loss = cv.alphas, cv.cv_loss
-    while True:
-        best = int(np.argmin(loss))
-        if best == 0:
-            new = a[0] / ratio ** np.array([2.0, 1.0])
-        elif best == a.size - 1:
-            new = a[-1] * ratio ** np.array([1.0, 2.0])
-        else:
-            break
-        new = new[(new >= bounds[0] * (1 - 1e-9)) & (new <= bounds[1] * (1 + 1e-9))]
-        if new.size == 0:
-            break
-        more = select_alpha(Z, Y, offset, groups, new, folds, log_theta, max_iter, device)
-        a, loss = np.concatenate([a, more.alphas]), np.concatenate([loss, more.cv_loss])
-        order = np.argsort(a)
-        a, loss = a[order], loss[order]
-    return AlphaCV(float(a[int(np.argmin(loss))]), a, loss, cv.cv_groups)
-
-
 __all__ = [
-    "AlphaCV",
-    "CV_TOL",
     "GLMFit",
     "fit_nb_glm",
     "initial_nb_params",
     "nb_nll_matrix",
-    "nb_log_prob_log_mu",
     "principal_components",
-    "select_alpha",
-    "select_alpha_adaptive",
 ]

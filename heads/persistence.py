@@ -167,7 +167,7 @@ def _import(meta: dict, prefix: str, arrays: dict[str, np.ndarray]) -> BaseEstim
         else:
             setattr(head, attr, {k: _import(m, f"{prefix}{attr}.{k}.", arrays) for k, m in spec["items"].items()})
     for attr in meta["modules"]:
-        module = head._make_module()
+        module = head.make_module()
         prefix_mod = f"{prefix}{attr}."
         state = {
             k[len(prefix_mod) :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix_mod)

@@ -1,4 +1,4 @@
-"""NB maths of heads.distributions against scipy.stats.nbinom (independent reference)."""
+"""The NB distribution object of heads.distributions against scipy.stats.nbinom (independent reference)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import torch
 from scipy import stats
 
 from heads import distributions as D
+from heads.distributions import NegativeBinomial
+
+
+def _rp(mu, theta):
+    return theta, theta / (theta + mu)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +21,7 @@ def params() -> dict[str, np.ndarray]:
     n = 4000
     mu = np.exp(rng.uniform(np.log(1e-3), np.log(5e4), n))
     theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e4), n))
-    r, p = D.mean_disp_to_rp(mu, theta)
+    r, p = _rp(mu, theta)
     # counts around the mean, plus zeros and very large counts
     y = rng.negative_binomial(r, p).astype(np.float64)
     y[:200] = 0
@@ -26,9 +31,9 @@ def params() -> dict[str, np.ndarray]:
 
 def test_mean_dispersion_logpmf_matches_scipy(params):
     ref = stats.nbinom.logpmf(params["y"], params["theta"], params["theta"] / (params["theta"] + params["mu"]))
-    np.testing.assert_allclose(D.nb_logpmf(params["y"], params["mu"], params["theta"]), ref, rtol=1e-5)
+    nb = NegativeBinomial(params["mu"], params["theta"])
+    np.testing.assert_allclose(nb.log_prob(params["y"]), ref, rtol=1e-5)
     t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
-    np.testing.assert_allclose(D.nb_log_prob(t["y"], t["mu"], t["theta"]).numpy(), ref, rtol=1e-5)
     np.testing.assert_allclose(
         D.nb_log_prob_log_mu(t["y"], torch.log(t["mu"]), torch.log(t["theta"])).numpy(), ref, rtol=1e-5
     )
@@ -39,12 +44,13 @@ def test_stimage_logpmf_matches_scipy(params):
     n = params["y"].shape[0]
     a = rng.uniform(-4, 8, n)  # raw Dense outputs
     b = rng.uniform(-12, 12, n)
-    r, p = D.stimage_to_rp(a, b)
-    np.testing.assert_allclose(r, np.log1p(np.exp(a)), rtol=1e-12)
-    np.testing.assert_allclose(p, 1 / (1 + np.exp(-b)), rtol=1e-12)
+    r, p = np.log1p(np.exp(a)), 1 / (1 + np.exp(-b))  # STimage: softplus(a), sigmoid(b)
     y = params["y"]
     ref = stats.nbinom.logpmf(y, r, p)
-    np.testing.assert_allclose(D.nb_logpmf_rp(y, r, p), ref, rtol=1e-5)
+    nb = NegativeBinomial.from_rp(r, p)
+    np.testing.assert_allclose(nb.r, r, rtol=1e-12)
+    np.testing.assert_allclose(nb.p, p, rtol=1e-9)
+    np.testing.assert_allclose(nb.log_prob(y)[p < 1 - 1e-6], ref[p < 1 - 1e-6], rtol=1e-5)
     got = D.nb_log_prob_stimage(torch.as_tensor(y), torch.as_tensor(r), torch.as_tensor(b, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
@@ -60,37 +66,58 @@ def test_stimage_convention_is_scipy_not_torch_probs():
     assert not np.allclose(ours, torch.distributions.NegativeBinomial(total_count=r, probs=p).log_prob(y).numpy())
 
 
-def test_conversions_and_moments_match_scipy(params):
+def test_parameters_and_moments_match_scipy(params):
     mu, theta, r, p = params["mu"], params["theta"], params["r"], params["p"]
-    np.testing.assert_allclose(stats.nbinom.mean(r, p), mu, rtol=1e-9)
-    np.testing.assert_allclose(stats.nbinom.var(r, p), mu + mu**2 / theta, rtol=1e-9)
-    np.testing.assert_allclose(D.nb_mean(r, p), stats.nbinom.mean(r, p), rtol=1e-12)
-    np.testing.assert_allclose(D.nb_variance(r, p), stats.nbinom.var(r, p), rtol=1e-12)
-    mu2, theta2 = D.rp_to_mean_disp(r, p)
-    np.testing.assert_allclose(mu2, mu, rtol=1e-9)
-    np.testing.assert_allclose(theta2, theta, rtol=1e-12)
-    mean, var = D.rp_to_mean_var(r, p)
-    r3, p3 = D.mean_var_to_rp(mean, var)
-    np.testing.assert_allclose(r3[mu > 1e-2], r[mu > 1e-2], rtol=1e-6)
-    np.testing.assert_allclose(p3, p, rtol=1e-9)
-    with pytest.raises(ValueError, match="var > mean"):
-        D.mean_var_to_rp(np.array([2.0]), np.array([1.5]))
+    nb = NegativeBinomial(mu, theta)
+    np.testing.assert_allclose(nb.r, r, rtol=1e-12)
+    np.testing.assert_allclose(nb.p, p, rtol=1e-12)
+    np.testing.assert_allclose(nb.mean, stats.nbinom.mean(r, p), rtol=1e-9)
+    np.testing.assert_allclose(nb.variance, stats.nbinom.var(r, p), rtol=1e-9)
+    back = NegativeBinomial.from_rp(r, p)
+    np.testing.assert_allclose(back.mu, mu, rtol=1e-9)
+    np.testing.assert_allclose(back.theta, theta, rtol=1e-12)
+    mm = NegativeBinomial.from_moments(stats.nbinom.mean(r, p), stats.nbinom.var(r, p))
+    keep = mu > 1e-2  # where the excess variance is representable
+    np.testing.assert_allclose(mm.theta[keep], theta[keep], rtol=1e-6)
+    np.testing.assert_allclose(mm.p[keep], p[keep], rtol=1e-6)
+    under = NegativeBinomial.from_moments(np.array([2.0]), np.array([1.5]))  # under-dispersed: near-Poisson
+    assert under.theta[0] > 1e8 and np.isclose(under.variance[0], 2.0)
+
+
+def test_distribution_at_a_depth_scales_the_mean_and_keeps_the_dispersion():
+    nb = NegativeBinomial(np.array([[1.0, 4.0], [2.0, 0.5]]), np.array([3.0, 0.7]))
+    deep = nb.at_depth(np.array([2000.0, 500.0]), reference=1000.0)
+    np.testing.assert_allclose(deep.mu, [[2.0, 8.0], [1.0, 0.25]])
+    np.testing.assert_array_equal(deep.theta, nb.theta)
+    ref = stats.nbinom(deep.theta, deep.theta / (deep.theta + deep.mu))
+    np.testing.assert_allclose(deep.variance, ref.var(), rtol=1e-12)
+    np.testing.assert_allclose(nb.at_depth(3000.0, 1000.0).mu, 3 * nb.mu)
 
 
 def test_quantiles_and_samples():
     r = np.array([[0.5, 5.0], [50.0, 2.0]])
     p = np.array([[0.1, 0.5], [0.9, 0.01]])
+    nb = NegativeBinomial.from_rp(r, p)
     levels = (0.05, 0.5, 0.95)
-    q = D.nb_quantiles(r, p, levels)
+    q = nb.ppf(levels)
     assert q.shape == (3, 2, 2)
     for i, lv in enumerate(levels):
         np.testing.assert_array_equal(q[i], stats.nbinom.ppf(lv, r, p))
-    s = D.nb_sample(r, p, 20000, rng=0)
+    s = nb.sample(20000, rng=0)
     assert s.shape == (20000, 2, 2)
-    mean, var = D.rp_to_mean_var(r, p)
     # sample means within 5 standard errors of the NB mean
-    assert np.all(np.abs(s.mean(0) - mean) < 5 * np.sqrt(var / 20000))
-    np.testing.assert_array_equal(s, D.nb_sample(r, p, 20000, rng=0))
+    assert np.all(np.abs(s.mean(0) - stats.nbinom.mean(r, p)) < 5 * np.sqrt(stats.nbinom.var(r, p) / 20000))
+    np.testing.assert_array_equal(s, nb.sample(20000, rng=0))
+
+
+def test_public_surface_is_short():
+    assert sorted(D.__all__) == ["NBPrediction", "NegativeBinomial", "nb_log_prob_log_mu", "nb_log_prob_stimage"]
+    public = {
+        n
+        for n in vars(D)
+        if not n.startswith("_") and callable(getattr(D, n)) and getattr(D, n).__module__ == D.__name__
+    }
+    assert public == set(D.__all__)
 
 
 def test_fast_quantiles_equal_scipy_ppf_on_many_parameters():
@@ -100,28 +127,24 @@ def test_fast_quantiles_equal_scipy_ppf_on_many_parameters():
     rng = np.random.default_rng(3)
     mu = np.exp(rng.uniform(np.log(1e-3), np.log(1e4), 50_000))
     theta = np.exp(rng.uniform(np.log(1e-2), np.log(1e3), 50_000))
-    r, p = D.mean_disp_to_rp(mu, theta)
+    r, p = _rp(mu, theta)
     levels = (0.001, 0.05, 0.25, 0.5, 0.75, 0.95, 0.999)
     np.testing.assert_array_equal(
-        D.nb_quantiles(r, p, levels), stats.nbinom.ppf(np.array(levels)[:, None], r[None], p[None])
+        NegativeBinomial(mu, theta).ppf(levels), stats.nbinom.ppf(np.array(levels)[:, None], r[None], p[None])
     )
     r_edge = np.array([1.0, 2.0, np.nan, 0.0, 5.0, 3.0])
     p_edge = np.array([1.0, 0.5, 0.5, 0.5, 1e-12, 0.3])
     lv = np.array([0.0, 0.5, 1.0])
-    np.testing.assert_array_equal(
-        D.nb_quantiles(r_edge, p_edge, lv), stats.nbinom.ppf(lv[:, None], r_edge[None], p_edge[None])
-    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        edge = NegativeBinomial.from_rp(r_edge, p_edge)
+    np.testing.assert_array_equal(edge.ppf(lv), stats.nbinom.ppf(lv[:, None], r_edge[None], p_edge[None]))
 
 
 def test_expected_log1p_matches_a_scipy_sum():
-    from scipy import stats
-
-    from heads.distributions import nb_expected_log1p
-
     mu = np.array([[0.05, 1.0, 7.5], [30.0, 120.0, 2.0]])
     theta = np.array([0.3, 2.0, 15.0])
     scale = np.array([[10.0], [0.5]])
-    got = nb_expected_log1p(mu, theta, scale)
+    got = NegativeBinomial(mu, theta).expected_log1p(scale)
     y = np.arange(0, 5000)
     for i in range(2):
         for j in range(3):
@@ -133,10 +156,8 @@ def test_expected_log1p_matches_a_scipy_sum():
 
 
 def test_expected_log1p_survives_extreme_overdispersion():
-    from heads.distributions import nb_expected_log1p
-
     mu = np.array([[3.0, 1e3], [0.5, 2.0]])
     theta = np.array([[1e-30, 1e-12], [0.0, 5.0]])  # degenerate dispersions must not hang or warn
     with np.errstate(all="raise"):
-        got = nb_expected_log1p(mu, theta, 1.0, max_count=2000)
+        got = NegativeBinomial(mu, theta).expected_log1p(1.0, max_count=2000)
     assert np.isfinite(got).all() and (got >= 0).all()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from sklearn.base import BaseEstimator, clone
 
 from heads import NBRegressor, SeedEnsemble, combine_predictions
-from heads.nb import NBPrediction
 
 
 class FixedHead(BaseEstimator):
@@ -29,12 +30,9 @@ class FixedHead(BaseEstimator):
         grid = self.base * np.arange(1, 3 * n + 1, dtype=float).reshape(n, 3) / n
         return grid + self.random_state, (self.random_state + 1) * grid
 
-    def predict(self, X, library_size=None):
-        return self._outputs(X)[0]
-
-    def predict_dist(self, X, library_size=None, quantiles=()):
+    def predict_distribution(self, X, *, library_size=None, groups=None, coords=None):
         mean, var = self._outputs(X)
-        return NBPrediction(mean, var, var, var, np.array([]), np.zeros((0,) + mean.shape), None)
+        return SimpleNamespace(mean=mean, variance=var)
 
 
 def test_seed_ensemble_variance_terms_by_hand():

@@ -175,10 +175,10 @@ def test_unpenalised_glm_equals_scipy_maximum_likelihood():
     Xs = (X - X.mean(0)) / X.std(0)
     for g in range(2):
 
-        def nll(p):
+        def nll(p, yg=y[:, g]):
             t = np.exp(p[d + 1])
             m = np.exp(Xs @ p[:d] + p[d])
-            return -stats.nbinom.logpmf(y[:, g], t, t / (t + m)).sum()
+            return -stats.nbinom.logpmf(yg, t, t / (t + m)).sum()
 
         ref = optimize.minimize(nll, np.zeros(d + 2), method="L-BFGS-B").x
         np.testing.assert_allclose(model.coef_[:, g], ref[:d], atol=2e-3)
@@ -226,7 +226,7 @@ def test_default_l2_path_extends_past_an_end_minimum():
     np.testing.assert_array_equal(fixed.alphas_, m.alphas_)
     assert fixed.alpha_ == m.alpha_
     with pytest.raises(ValueError, match="increasing path"):
-        from heads.nb_glm import select_alpha_adaptive
+        from heads.nb_alpha import select_alpha_adaptive
 
         select_alpha_adaptive(np.zeros((4, 1)), np.zeros((4, 1)), np.zeros(4), None, (3.0, 1.0), [], np.zeros(1), 5)
 

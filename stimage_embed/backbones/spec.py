@@ -27,9 +27,6 @@ CheckpointFormat = Literal["timm", "hf_vit", "hf_dinov2"]
 #: left out of ``spec_hash`` (fixing a licence note must not invalidate cached vectors).
 DOC_FIELDS = frozenset({"description", "licence", "reference", "notes", "gated", "source"})
 
-#: Builders that fetch weights from the Hugging Face hub (and so need ``hub_id``).
-HUB_BUILDERS = frozenset({"timm_hub", "ctranspath", "conch"})
-
 
 class BackboneSpec(BaseModel):
     """One image encoder, declaratively: where its weights live, how to build it, how to feed it.

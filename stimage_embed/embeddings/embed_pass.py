@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from heads.device import resolve_device
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.embed_plan import prepare_table, select_spots, stain_target, work_list
@@ -72,12 +73,6 @@ class EmbedReport:
             f"embedded {self.tiles} tiles in {self.seconds:.1f} s ({self.tiles_per_s:.1f} tiles/s); "
             f"vectors written {self.vectors}; {self.bytes_written / 1e6:.2f} MB written; precision {self.precision}"
         )
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _Model:
@@ -308,7 +303,7 @@ def embed(
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     tile_um = _context_tile_um(tile_um, context_um)
-    dev = _device(device)
+    dev = resolve_device(device)
     slide_tab, spots = select_spots(store, slides, only_qc)
     models = {
         name: create_model(

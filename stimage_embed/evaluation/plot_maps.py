@@ -71,7 +71,25 @@ def _draw_spots(
     return coll
 
 
+def dynamic_range(values: np.ndarray) -> float:
+    """``max - min`` of the finite values (0 when none): a map's dynamic range in its unit."""
+    f = np.asarray(values, dtype=np.float64)
+    f = f[np.isfinite(f)]
+    return float(np.ptp(f)) if f.size else 0.0
+
+
+def annotate_range(ax: Axes, values: np.ndarray) -> None:
+    """Print the map's dynamic range on it (lower left), so a flat map drawn on its own
+    colour scale does not pass for a patterned one."""
+    ax.text(
+        0.02, 0.02, f"range {dynamic_range(values):.3g}", transform=ax.transAxes, fontsize=7, va="bottom",
+        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.7, "linewidth": 0},
+    )  # fmt: skip
+
+
 def _robust_norm(v: np.ndarray) -> Normalize:
+    """1st-99th percentile colour scale of the finite values of ``v`` (any shape)."""
+    v = np.asarray(v, dtype=np.float64).ravel()
     f = v[np.isfinite(v)]
     if f.size == 0:
         return Normalize(0.0, 1.0)
@@ -121,6 +139,7 @@ def spatial_maps(
     uncertainty: Mapping[str, np.ndarray],
     *,
     title: str,
+    shared_scale: bool = False,
 ) -> Path:
     """Measured vs predicted expression of one gene on one slide, plus uncertainty panels.
 
@@ -131,9 +150,12 @@ def spatial_maps(
     uncertainty : panel title -> (n_spots,) values (e.g. predictive sd in raw counts);
         may be empty.
     title : figure title (gene, slide, model, PCC).
+    shared_scale : draw measured and predicted on ONE colour scale (the robust scale of
+        both together), so their levels and spreads compare directly.
 
-    Each panel has its own robust colour scale (1st-99th percentile): compare patterns,
-    not absolute levels.
+    Without ``shared_scale`` each panel has its own robust colour scale (1st-99th
+    percentile): compare patterns, not absolute levels. Every panel prints its dynamic
+    range (max - min, in its unit) on it.
     """
     xy = np.asarray(xy, dtype=np.float64)
     panels: list[tuple[str, np.ndarray, str, str]] = [
@@ -144,8 +166,11 @@ def spatial_maps(
         panels.append((name, np.asarray(vals, dtype=np.float64), "magma", "sd (raw counts)"))
     diam = spot_diameter(xy)
     fig, axes, caxes = _map_figure(len(panels), xy, diam)
+    shared = _robust_norm(np.concatenate([panels[0][1], panels[1][1]])) if shared_scale else None
     for i, (ax, cax, (name, vals, cmap, unit)) in enumerate(zip(axes, caxes, panels)):
-        coll = _draw_spots(ax, xy, vals, diam, cmap, _robust_norm(vals))
+        norm = shared if shared is not None and i < 2 else _robust_norm(vals)
+        coll = _draw_spots(ax, xy, vals, diam, cmap, norm)
+        annotate_range(ax, vals)
         ax.set_title(name, fontsize=9)
         if i:
             ax.set_ylabel("")

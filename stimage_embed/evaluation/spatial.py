@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
+from heads import highlow_labels
 from stimage_embed.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -253,11 +254,11 @@ def _smooth_highs(
     den: np.ndarray,
     sigma: float,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene: the highs of ``v`` over the slide's spots (:func:`heads.highlow_labels`, the
+    classifier's rule), Gaussian-smoothed on the raster; and which genes are constant."""
     g = v.shape[1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (v - v.mean(axis=0)) / v.std(axis=0)
-    const = np.all(v == v[:1], axis=0)
-    high = (np.nan_to_num(z) > 0) & ~const[None, :]
+    high = highlow_labels(v)
+    const = np.ptp(v, axis=0) == 0
     raster = np.zeros((g, *shape), dtype=np.float64)
     raster[:, rows, cols] = high.T
     num = gaussian_filter(raster, sigma=(0.0, sigma, sigma), mode="constant", cval=0.0)

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
+from stimage_embed.evaluation.plot_maps import annotate_range
 from stimage_embed.inference.grid import TileGrid
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ def view_box(grid: TileGrid, width: int, height: int, margin_um: float = 500.0) 
     )
 
 
+def shared_scale_of(maps: list[np.ndarray]) -> tuple[float, float]:
+    """The 2nd-98th percentile of the finite values of all ``maps`` together ((0, 1) if none)."""
+    finite = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite)]
+    return tuple(np.percentile(finite, [2, 98]).tolist()) if finite.size else (0.0, 1.0)
+
+
 def heatmap_figure(
     thumbnail: np.ndarray,
     width: int,
@@ -65,9 +73,12 @@ def heatmap_figure(
     values: np.ndarray,
     title: str,
     label: str,
+    scale: tuple[float, float] | None = None,
 ) -> Figure:
     """Figure of per-tile ``values`` over the ``thumbnail`` of a ``width`` x ``height`` px image,
-    zoomed on the tissue (the tiles' bounding box plus 0.5 mm)."""
+    zoomed on the tissue (the tiles' bounding box plus 0.5 mm). Colours span ``scale``
+    ``(lo, hi)`` (default: the 2nd-98th percentile of ``values``); the map's dynamic range
+    is printed on it."""
     th, tw = thumbnail.shape[:2]
     dsx, dsy = width / tw, height / th
     bx0, by0, bx1, by1 = view_box(grid, width, height)
@@ -79,8 +90,7 @@ def heatmap_figure(
     x0 = (grid.tile_px / 2 - grid.pitch_px / 2) / dsx
     y0 = (grid.tile_px / 2 - grid.pitch_px / 2) / dsy
     extent = (x0, x0 + grid.n_cols * grid.pitch_px / dsx, y0 + grid.n_rows * grid.pitch_px / dsy, y0)
-    finite = values[np.isfinite(values)]
-    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0)
+    lo, hi = shared_scale_of([values]) if scale is None else scale
     if hi <= lo:
         hi = lo + 1e-6
     im = ax.imshow(
@@ -97,6 +107,7 @@ def heatmap_figure(
     ax.set_ylim(by1 / dsy, by0 / dsy)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
+    annotate_range(ax, values)
     cbar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01)
     cbar.set_label(label)
     bar_um = scale_bar_um((bx1 - bx0) * grid.um_per_px)
@@ -128,14 +139,17 @@ def write_heatmaps(
     slide_id: str,
     model_label: str,
     label: str,
+    shared_scale: bool = False,
 ) -> dict[str, Path]:
-    """One ``<folder>/<gene>.png`` per gene of ``genes``; returns gene -> path."""
+    """One ``<folder>/<gene>.png`` per gene of ``genes``; returns gene -> path.
+    ``shared_scale``: one colour scale for every gene's map (their levels then compare)."""
     folder.mkdir(parents=True, exist_ok=True)
     col = {g: j for j, g in enumerate(genes_all)}
+    scale = shared_scale_of([values[:, col[g]] for g in genes]) if shared_scale else None
     out = {}
     for gene in genes:
         fig = heatmap_figure(
-            thumbnail, width, height, grid, values[:, col[gene]], f"{gene} — {slide_id} ({model_label})", label
+            thumbnail, width, height, grid, values[:, col[gene]], f"{gene} — {slide_id} ({model_label})", label, scale
         )
         path = folder / f"{safe_name(gene)}.png"
         fig.savefig(path)

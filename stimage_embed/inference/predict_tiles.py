@@ -22,7 +22,6 @@ from stimage_embed.embeddings.provenance import existing_provenance, provenance_
 from stimage_embed.errors import ProvenanceError, StoreError
 from stimage_embed.inference.model import SavedModel
 from stimage_embed.predictions.arrays import SpotArrays
-from stimage_embed.predictions.registry import head_spec
 from stimage_embed.predictions.runner import VALUE_COLUMNS, predict_head
 from stimage_embed.predictions.train_predict import vector_identity
 from stimage_embed.store import schema as S
@@ -80,7 +79,7 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
     seen = np.zeros(n, bool)
     store.delete("predictions", f"run_id = {sql_list([sm.run_id])} AND slide_id = {sql_list([slide_id])}")
     chunk = max(64, ROWS_PER_CHUNK // max(g, 1))
-    if head_spec(sm.head_name).uses_coords:
+    if getattr(sm.head, "spatial_context", False):
         # a context head reads each tile's neighbours: the slide's vectors in one batch, and
         # the tile centres in µm (``SpotArrays.coords_um``)
         chunk = max(n, 1)
@@ -116,6 +115,7 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
     if not seen.all():
         missing = keys["spot_id"].filter(pl.Series(~seen)).to_list()
         raise StoreError(
-            f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, e.g. {missing[:3]}"
+            f"{store.path}: {len(missing)} tile(s) of slide {slide_id!r} have no {sm.backbone} vectors, "
+            f"e.g. {missing[:3]}"
         )
     return out

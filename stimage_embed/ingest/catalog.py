@@ -16,9 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stimage_embed.errors import CatalogError
 from stimage_embed.paths import catalogs_dir, data_root
 
-#: Default tile width (µm) per platform = the platform's spot diameter.
-PLATFORM_SPOT_DIAMETER_UM = {"legacy_st": 100.0, "visium": 55.0}
-
 
 class SlideEntry(BaseModel):
     """One slide of a dataset. Paths are relative to the dataset root unless absolute."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from heads import combine_predictions, log1p_to_rate, rate_to_log1p
+from heads import NegativeBinomial, combine_predictions, log1p_to_rate, rate_to_log1p
+from heads.outputs import quantile_columns
 from stimage_embed.errors import InputError
 from stimage_embed.predictions.arrays import SpotArrays
-from stimage_embed.predictions.runner import long_predictions, nb_quantile_columns
+from stimage_embed.predictions.runner import long_predictions
 
 
 def _wide(df: pl.DataFrame, column: str, genes: list[str]) -> pl.DataFrame:
@@ -86,6 +87,6 @@ def combine_backbones(per_backbone: dict[str, pl.DataFrame], missing: str = "err
         "variance": var,
         "epistemic": comb.spread,
         "aleatoric": alea,
-        **nb_quantile_columns(comb.mean, var),
+        **quantile_columns(NegativeBinomial.from_moments(comb.mean, var)),
     }
     return long_predictions(arrays, genes, cols)

@@ -2,15 +2,26 @@
 catalog is for backbones. ``compare``, ``train``, ``predict``, scoring, plots, the report
 and the CLI read what they need from here; adding a head is one entry in :data:`HEADS`.
 
-Output kinds (what :func:`stimage_embed.predictions.runner.predict_head` writes):
+Adding a head
+-------------
+1. Write the estimator in ``heads/`` (arrays only) following the head contract stated in
+   the ``heads`` package doc: ``fit(X, y, *, groups=None, library_size=None, coords=None)``
+   returning ``self``; ``predict_outputs(X, *, library_size=None, groups=None,
+   coords=None)`` returning named (n_spots, n_genes) arrays from
+   ``heads.OUTPUT_COLUMNS`` (the one output method the runner calls); scikit-learn's
+   ``NotFittedError`` before ``fit`` (``check_is_fitted``); ``spatial_context = True`` if a
+   spot's prediction reads other spots passed with it.
+2. Add one :class:`HeadSpec` to :data:`HEADS` below. Nothing else in ``stimage_embed``
+   branches on the head's name or kind for fitting or predicting.
 
-* ``nb``: a negative-binomial head with ``predict_rate`` (image-only metric-scale
-  prediction) and ``predict_dist`` (count-scale predictive NB, for coverage);
-* ``nb_ensemble``: several NB members with ``predict_rate`` and ``predict_uncertainty``
-  (epistemic / aleatoric split);
-* ``classifier``: ``predict_proba`` of "high" expression (labels from
-  :func:`heads.highlow_labels`);
-* ``log1p``: a point prediction on the log1p(CP10k) scale (``predict_log1p_norm``);
+Output kinds (``HeadSpec.output``: how scoring, plots and the report read the columns):
+
+* ``nb``: a negative-binomial head (``mean_log1p`` image-only; count-scale ``mean``,
+  ``variance`` and quantiles from its predictive NB, for coverage);
+* ``nb_ensemble``: several NB members (also ``epistemic`` / ``aleatoric``);
+* ``classifier``: ``prob_high``, the probability of "high" expression; it is fitted on
+  the labels of :func:`heads.highlow_labels` instead of counts;
+* ``log1p``: a point prediction on the log1p(CP10k) scale (``mean_log1p``, ``mean``);
 * ``combined``: built from other runs' predictions across backbones (FSTimage), never
   fitted on vectors.
 """
@@ -41,8 +52,7 @@ class HeadSpec:
     backbones' runs; marker: matplotlib marker in plots; takes_alpha_from: another head
     whose CV choice of ``alpha`` on the same fold it reuses (same data, same grouped folds:
     the same choice); combines: for a head spanning backbones, the per-backbone head whose
-    runs it combines; uses_coords: ``fit``/``predict`` also take each spot's slide
-    (``groups``) and centre in µm (``coords``); spread: what its epistemic variance is a
+    runs it combines; spread: what its epistemic variance is a
     spread between (report legends), ``None`` if it has none.
     """
 
@@ -56,7 +66,6 @@ class HeadSpec:
     marker: str = "o"
     takes_alpha_from: str | None = None
     combines: str | None = None
-    uses_coords: bool = False
     spread: str | None = None
 
     def make(self, params: Mapping[str, Any] | None = None) -> Any:
@@ -116,7 +125,6 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
                 "nb",
                 "heads.context:ContextNBRegressor",
                 marker="P",
-                uses_coords=True,
             ),
             HeadSpec(
                 "highlow",

@@ -1,9 +1,10 @@
 """Fit and predict any registered head on store arrays (the glue between
 :class:`~stimage_embed.predictions.arrays.SpotArrays` and ``heads``).
 
-Which head does what comes from :mod:`stimage_embed.predictions.registry`; here one fit
-rule per target (counts, or high/low labels for classifiers) and one predictor per
-output kind.
+Every head follows one contract (``heads`` package doc): ``fit(X, y, *, groups,
+library_size, coords)`` and ``predict_outputs(X, *, library_size, groups, coords)``, so
+this module has one fit rule per target (counts, or high/low labels for classifiers)
+and one prediction call for every head.
 
 Predictions come back long, one row per (slide, spot, gene). The metric-scale column
 ``mean_log1p`` (log1p(CP10k)) is a function of the image vectors ONLY:
@@ -24,22 +25,21 @@ otherwise); ``observed`` and ``library_size`` are the truth, kept for scoring.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from heads import highlow_labels, log1p_normalise, nb_quantiles_from_moments, rate_to_log1p
+from heads import OUTPUT_COLUMNS, QUANTILE_LEVELS, highlow_labels, log1p_normalise
 from stimage_embed.predictions.arrays import SpotArrays
 from stimage_embed.predictions.registry import head_spec
 
 log = logging.getLogger(__name__)
 
 #: levels of the count-scale predictive quantiles stored with NB predictions (q05 ... q95)
-QUANTILES = (0.05, 0.25, 0.75, 0.95)
+QUANTILES = QUANTILE_LEVELS
 #: every value column of a long prediction, in the ``predictions`` table's order
-VALUE_COLUMNS = ("mean", "mean_log1p", "variance", "epistemic", "aleatoric", "q05", "q25", "q75", "q95", "prob_high")
+VALUE_COLUMNS = OUTPUT_COLUMNS
 
 
 def make_head(name: str, params: dict[str, Any] | None = None) -> Any:
@@ -53,68 +53,17 @@ def head_config(name: str, params: dict[str, Any] | None = None) -> str:
     return repr(sorted(make_head(name, params).get_params(deep=True).items(), key=lambda kv: kv[0]))
 
 
-def _spatial_inputs(name: str, arrays: SpotArrays) -> dict[str, Any]:
-    """``groups`` and ``coords`` (µm) for heads that look at neighbouring spots."""
-    if not head_spec(name).uses_coords:
-        return {}
-    return {"groups": arrays.groups, "coords": arrays.coords_um}
-
-
 def fit_head(name: str, head: Any, arrays: SpotArrays) -> Any:
-    """Fit ``head`` on the arrays' spots (groups = slides, library sizes over all genes)."""
-    spec = head_spec(name)
+    """Fit ``head`` on the arrays' spots (groups = slides, library sizes over all genes,
+    spot centres in µm); a classifier on the high/low labels of :func:`heads.highlow_labels`."""
     groups = arrays.groups
-    if spec.output == "classifier":
-        labels = highlow_labels(log1p_normalise(arrays.counts, arrays.library_size), groups)
-        return head.fit(arrays.X, labels)
-    if len(np.unique(groups)) < 2:
+    target = arrays.counts
+    if head_spec(name).output == "classifier":
+        target = highlow_labels(log1p_normalise(arrays.counts, arrays.library_size), groups)
+    elif len(np.unique(groups)) < 2:
         log.warning("%s: a single training slide; early stopping / CV fall back to a random split of its spots", name)
         groups = None
-    extra = _spatial_inputs(name, arrays)
-    extra.pop("groups", None)
-    return head.fit(arrays.X, arrays.counts, groups=groups, library_size=arrays.library_size, **extra)
-
-
-def nb_quantile_columns(mean: np.ndarray, variance: np.ndarray) -> dict[str, np.ndarray]:
-    """``q05 ... q95`` (raw counts) of the NB moment-matched to ``mean``/``variance``."""
-    q = nb_quantiles_from_moments(mean, variance, QUANTILES)
-    return {f"q{int(round(level * 100)):02d}": q[i].astype(np.float32) for i, level in enumerate(QUANTILES)}
-
-
-def _predict_nb(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
-    dist = head.predict_dist(X, library_size=lib, quantiles=QUANTILES, **extra)
-    q = {f"q{int(round(level * 100)):02d}": dist.quantiles[i] for i, level in enumerate(dist.quantile_levels)}
-    return dict(mean=dist.mean, variance=dist.variance, mean_log1p=rate_to_log1p(head.predict_rate(X, **extra)), **q)
-
-
-def _predict_nb_ensemble(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
-    unc = head.predict_uncertainty(X, library_size=lib, **extra)
-    return dict(
-        mean=unc.mean,
-        variance=unc.total,
-        epistemic=unc.epistemic,
-        aleatoric=unc.aleatoric,
-        mean_log1p=rate_to_log1p(head.predict_rate(X, **extra)),
-        **nb_quantile_columns(unc.mean, unc.total),
-    )
-
-
-def _predict_classifier(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
-    return dict(prob_high=head.predict_proba(X, **extra))
-
-
-def _predict_log1p(head: Any, X: np.ndarray, lib: np.ndarray | None, extra: dict) -> dict:
-    # baselines: the metric-scale prediction is their native output (ridge fits the log scale)
-    return dict(mean=head.predict(X, library_size=lib, **extra), mean_log1p=head.predict_log1p_norm(X, **extra))
-
-
-#: output kind -> (head, X, library size or None, spatial inputs) -> value columns
-PREDICTORS: dict[str, Callable[[Any, np.ndarray, np.ndarray | None, dict], dict]] = {
-    "nb": _predict_nb,
-    "nb_ensemble": _predict_nb_ensemble,
-    "classifier": _predict_classifier,
-    "log1p": _predict_log1p,
-}
+    return head.fit(arrays.X, target, groups=groups, library_size=arrays.library_size, coords=arrays.coords_um)
 
 
 def long_predictions(arrays: SpotArrays, genes: list[str], cols: dict[str, np.ndarray | None]) -> pl.DataFrame:
@@ -142,9 +91,11 @@ def predict_head(name: str, head: Any, arrays: SpotArrays) -> pl.DataFrame:
     """Long predictions of a fitted head on the arrays' spots (see module docstring).
 
     ``arrays.counts``/``arrays.library_size`` may be ``None`` (a slide with no counts):
-    the predictions do not depend on them."""
+    the metric-scale predictions do not depend on them."""
     spec = head_spec(name)
-    if spec.output not in PREDICTORS:
+    if spec.build is None:
         raise ValueError(f"{name}: a {spec.output!r} head is not predicted from vectors")
-    cols = PREDICTORS[spec.output](head, arrays.X, arrays.library_size, _spatial_inputs(name, arrays))
+    cols = head.predict_outputs(
+        arrays.X, library_size=arrays.library_size, groups=arrays.groups, coords=arrays.coords_um
+    )
     return long_predictions(arrays, arrays.genes, cols)

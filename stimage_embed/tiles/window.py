@@ -28,10 +28,6 @@ class TileGeometry:
         """Window width in level-0 pixels."""
         return self.tile_um / um_per_px
 
-    def out_um_per_px(self) -> float:
-        """µm per pixel of the resampled tile."""
-        return self.tile_um / self.out_px
-
 
 class TileReader:
     """Cuts tiles of one slide; optionally applies a per-slide fitted stain normaliser.
