@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.embed_plan import prepare_table, select_spots, stain_target, work_list
+from stimage_embed.embeddings.embed_plan import check_options, prepare_table, select_spots, stain_target, work_list
 from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import SlideJob, TileStream
 from stimage_embed.errors import InputError, StoreError
@@ -114,7 +114,9 @@ class _Writer:
         slide_tab: pl.DataFrame,
         spots: pl.DataFrame,
         flush_rows: int,
+        replace: dict[str, str] | None = None,
     ):
+        self.replace = dict(replace or {})  # table -> scope of old vectors the first commit replaces
         self.store, self.models, self.tables, self.pids, self.report = store, models, tables, pids, report
         self.jobs, self.flush_rows = jobs, flush_rows
         self.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
@@ -157,7 +159,10 @@ class _Writer:
             return
         data = pa.concat_tables(self.buffers[name])
         schema = S.embedding_schema(self.models[name].embed_dim, optional=True)
-        if self.store.remote:
+        if self.tables[name] in self.replace:  # --overwrite: the old vectors go in the first new commit
+            scope = self.replace.pop(self.tables[name])
+            self.store.replace_where(self.tables[name], data, ("slide_id", "spot_id"), scope, schema=schema)
+        elif self.store.remote:
             self.store.insert_new(self.tables[name], data, ("slide_id", "spot_id"), schema=schema)
         else:  # the pass holds the exclusive lock and writes only keys missing when it read them
             self.store.append(self.tables[name], data, schema=schema)
@@ -305,6 +310,7 @@ def embed(
     """
     if not backbones:
         raise InputError(None, "--backbone", "name at least one backbone")
+    check_options(batch_size, num_workers, flush_rows, precision, device)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     tile_um = _context_tile_um(tile_um, context_um)
@@ -320,12 +326,12 @@ def embed(
         store, backbones, stain, stain_template, overwrite and not slides
     )
     report = EmbedReport()
-    tables, provs, done_keys = {}, {}, {}
+    tables, provs, done_keys, replace = {}, {}, {}, {}
     for name, bb in models.items():
         prov = _provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         tables[name] = P.vector_table_name(name, context_um)
         report.precision[name], provs[name], done_keys[name] = prepare_table(
-            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name]
+            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name], deferred=replace
         )
 
     jobs, chunks = work_list(slide_tab, spots, tile_um, batch_size, done_keys)
@@ -353,12 +359,14 @@ def embed(
 
     stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
     loader = _loader(stream, chunks, compute, num_workers, dev)
-    writer = _Writer(store, models, tables, pids, report, jobs, slide_tab, spots, flush_rows)
+    writer = _Writer(store, models, tables, pids, report, jobs, slide_tab, spots, flush_rows, replace)
     before = {name: data_files(store, tables[name]) for name in models}  # after any --overwrite drop or delete
     t0 = time.perf_counter()
     _consume(loader, models, forward, needs, writer, n_tiles, progress, closing=not num_workers)
     report.seconds = time.perf_counter() - t0
     report.bytes_written = _bytes_added(store, tables, before)
+    for table in tables.values():  # records of vectors an --overwrite replaced
+        P.prune(store, table)
     # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
     maintain(store, list(tables.values()) + ["provenance"])
     return report

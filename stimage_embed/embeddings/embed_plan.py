@@ -22,6 +22,34 @@ from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
+#: precisions the pass accepts (``backbones.speed.choose_precision``'s names and aliases)
+PRECISIONS = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_options(
+    batch_size: int, num_workers: int | None = None, flush_rows: int = 1, precision: str = "auto", device: str = "auto"
+) -> None:
+    """Refuse bad options of an embedding pass in one line, BEFORE anything is written
+    (``--overwrite`` must never delete vectors for a pass that cannot run)."""
+    for field_name, value, low in (("--batch-size", batch_size, 1), ("--flush-rows", flush_rows, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(None, field_name, f"must be an integer >= {low}, got {value!r}")
+    bad_workers = isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    if num_workers is not None and bad_workers:
+        raise InputError(None, "--workers", f"must be an integer >= 0 (0: threads), got {num_workers!r}")
+    if str(precision).lower() not in PRECISIONS:
+        raise InputError(None, "--precision", f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(None, "--device", f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device", f"{device!r}: no CUDA GPU is available here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(None, "--device", f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
+
 
 def existing_keys(store: Store, table: str) -> set[tuple[str, str]]:
     if not store.has_table(table):
@@ -82,15 +110,24 @@ def prepare_table(
     overwrite: bool,
     slides: list[str] | None,
     table: str | None = None,
+    deferred: dict[str, str] | None = None,
 ) -> tuple[str, dict, set]:
     """Ready one backbone's table for this pass: ``--overwrite`` (whole table, or only
     ``slides``' vectors), provenance checked and repaired. ``prov``: provenance without
-    the precision. Returns (precision, full provenance, keys already stored)."""
+    the precision. Returns (precision, full provenance, keys already stored).
+
+    ``deferred``: a dict to receive ``table -> Lance filter`` of the old vectors an
+    ``--overwrite`` replaces, instead of deleting them now: the pass deletes them in the
+    same commit as its first new vectors (``Store.replace_where``), so a pass that fails
+    before it wrote anything leaves the old vectors in place. Without it (the Ray plan),
+    they are deleted here, after every option was checked."""
     table = table or S.embedding_table_name(name)
-    if overwrite and not slides and store.has_table(table):
+    whole = overwrite and not slides and store.has_table(table)
+    if whole and (deferred is None or _stored_dim(store, table) != bb.embed_dim):
         store.drop_table(table)
         P.forget(store, table)
-    old = P.existing_provenance(store, table)
+        whole = False
+    old = [] if whole else P.existing_provenance(store, table)
     if precision == "auto" and old:
         precision = old[0].get("precision", "auto")  # resume with the table's precision
     precision, probe = choose_precision(bb, dev, precision)
@@ -100,6 +137,9 @@ def prepare_table(
         "package_version": __version__,
         "embed_dim": bb.embed_dim,
     }
+    if whole:  # every stored vector is replaced: keys, provenance and repairs of the old ones do not matter
+        deferred[table] = "slide_id IS NOT NULL"
+        return precision, prov, set()
     try:
         P.check_compatible(store, table, prov)
     except ProvenanceError as exc:
@@ -109,10 +149,22 @@ def prepare_table(
                 "the table's provenance; omit --slide to replace every slide's)"
             ) from exc
         raise
-    if overwrite and slides:  # replace only these slides' vectors
-        store.delete(table, f"slide_id IN ({sql_list(slide_tab['slide_id'])})")
     P.repair(store, table, slide_tab)
-    return precision, prov, existing_keys(store, table)
+    keys = existing_keys(store, table)
+    if overwrite and slides and store.has_table(table):  # replace only these slides' vectors
+        scope = f"slide_id IN ({sql_list(slide_tab['slide_id'])})"
+        if deferred is None:
+            store.delete(table, scope)
+        else:
+            deferred[table] = scope
+        keys = {k for k in keys if k[0] not in set(slide_tab["slide_id"])}
+    return precision, prov, keys
+
+
+def _stored_dim(store: Store, table: str) -> int | None:
+    """Width of the stored vectors of ``table`` (None if it has no fixed-size vector column)."""
+    field = store.dataset(table).schema.field("vector")
+    return getattr(field.type, "list_size", None)
 
 
 def work_list(

@@ -18,6 +18,7 @@ import torch
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.embed_plan import (
+    check_options,
     prepare_table,
     select_spots,
     stain_target,
@@ -90,6 +91,7 @@ def plan_pass(
     (``cuda``: precision from the spec, as the local pass on a GPU)."""
     if not backbones:
         raise InputError(None, "--backbone", "name at least one backbone")
+    check_options(batch_size, precision=precision, device=device)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     if context_um is not None:

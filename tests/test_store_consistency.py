@@ -1,0 +1,96 @@
+"""Results stay right when the store changes (issue 18): options checked before any write,
+``--overwrite`` replaces vectors in the commit of the first new ones, a failed re-ingest
+leaves the previous slide whole, run ids cover the content of their inputs (vectors and
+counts), one stain target per store, images changed on disk are noticed before cutting.
+
+Data: two tiny slides cut from HER2ST C5 (S1) and C4 (S2), 12 real spots each
+(tests/store_cases.py ``mini_dataset``).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+from store_cases import BACKBONE, CHUNK, TABLE, copy_store, mini_dataset, table_rows
+
+from stimage_embed.embeddings.embed_pass import embed
+from stimage_embed.errors import InputError
+from stimage_embed.ingest.pipeline import ingest
+from stimage_embed.store import Store
+
+FAST = dict(stain="none", precision="float32", batch_size=CHUNK, num_workers=0, progress=False)
+CORE = {
+    "slides": ("slide_id",),
+    "spots": ("slide_id", "spot_id"),
+    "genes": ("slide_id", "gene_index"),
+    "expression": ("slide_id", "spot_id"),
+}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory, real_data_root):
+    """(store with S1, S2 ingested and embedded without stain normalisation, catalog)."""
+    root = tmp_path_factory.mktemp("mini18")
+    catalog = mini_dataset(root / "data", real_data_root)
+    store = Store(root / "store")
+    ingest(str(catalog), store, progress=False)
+    embed(store, [BACKBONE], **FAST)
+    return store, catalog
+
+
+def _state(store: Store, tables=(TABLE,)) -> dict:
+    """Each table's Lance version and rows (exact-state comparisons)."""
+    keys = {**CORE, TABLE: ("slide_id", "spot_id")}
+    return {t: (store.dataset(t).version, table_rows(store, t, keys[t])) for t in tables}
+
+
+# --- item 5: options are checked before --overwrite deletes anything ---------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"batch_size": 0},
+        {"batch_size": -5, "slides": ["S1"]},
+        {"num_workers": -3, "slides": ["S1"]},
+        {"flush_rows": 0},
+        {"precision": "bogus"},
+        {"device": "bogus"},
+    ],
+)
+def test_bad_embed_options_are_refused_before_overwrite_deletes(tmp_path, mini, bad):
+    """Before: `--overwrite --batch-size 0` dropped the table; `--slide C5 --batch-size -5`
+    deleted C5's vectors and exited 0 ("all spots already embedded")."""
+    st = copy_store(mini[0], tmp_path / "s")
+    before = _state(st)
+    with pytest.raises(InputError):
+        embed(st, [BACKBONE], overwrite=True, **{**FAST, **bad})
+    assert _state(st) == before
+
+
+@pytest.mark.parametrize("slides", [None, ["S1"]])
+def test_overwrite_that_fails_before_its_first_commit_keeps_the_old_vectors(tmp_path, mini, monkeypatch, slides):
+    """The old vectors go in the same commit as the first new ones: a disk full at that
+    commit leaves the table as it was."""
+    st = copy_store(mini[0], tmp_path / "s")
+    before = _state(st)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "replace_where", full)
+    monkeypatch.setattr(st, "append", full)
+    with pytest.raises(OSError):
+        embed(st, [BACKBONE], overwrite=True, slides=slides, **FAST)
+    assert _state(st)[TABLE][1] == before[TABLE][1]
+    monkeypatch.undo()
+    report = embed(st, [BACKBONE], overwrite=True, slides=slides, **FAST)
+    n = sum(1 for r in before[TABLE][1] if slides is None or r["slide_id"] in slides)
+    assert report.vectors == {BACKBONE: n}
+    after = _state(st)[TABLE][1]
+    assert [(r["slide_id"], r["spot_id"]) for r in after] == [(r["slide_id"], r["spot_id"]) for r in before[TABLE][1]]
+    np.testing.assert_array_equal(
+        np.stack([r["vector"] for r in after]), np.stack([r["vector"] for r in before[TABLE][1]])
+    )
