@@ -94,3 +94,31 @@ def test_overwrite_that_fails_before_its_first_commit_keeps_the_old_vectors(tmp_
     np.testing.assert_array_equal(
         np.stack([r["vector"] for r in after]), np.stack([r["vector"] for r in before[TABLE][1]])
     )
+
+
+# --- item 6: a failed re-ingest leaves the previous version of the slide whole -------------------
+@pytest.mark.parametrize("failing", ["expression", "slides"])
+def test_reingest_failing_with_a_full_disk_keeps_the_previous_slide(tmp_path, mini, real_data_root, failing):
+    """Before: the `slides` row was deleted first; ENOSPC during the re-ingest of C2 left C2
+    absent from slides, spots and expression, and its vectors orphaned."""
+    st = copy_store(mini[0], tmp_path / "s")
+    names = (*CORE, TABLE)
+    before = _state(st, names)
+    moved = mini_dataset(tmp_path / "moved", real_data_root, slides={"S1": "C5"}, shift_px={"S1": 60.0})
+    replace = st.replace_slides
+
+    def disk_full(name, data, slide_ids, schema=None):
+        if name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(name, data, slide_ids, schema)
+
+    st.replace_slides = disk_full
+    with pytest.raises(OSError, match="No space"):
+        ingest(str(moved), st, progress=False)
+    st = Store(st.path)
+    after = _state(st, names)
+    assert {t: rows for t, (_, rows) in after.items()} == {t: rows for t, (_, rows) in before.items()}
+    assert st.pending("ingest") == []
+    # the next re-ingest goes through and invalidates S1's vectors (its spots moved)
+    ingest(str(moved), st, progress=False)
+    assert st.sql(f"SELECT COUNT(*) AS n FROM {TABLE} WHERE slide_id = 'S1'")["n"][0] == 0

@@ -49,6 +49,12 @@ SLIDES = pa.schema(
         # 2048-px thumbnail, made at ingest so the embedding pass does not recompute it.
         # NULL in older stores or with too little tissue (the pass then fits it itself).
         pa.field("stain_estimate", pa.string()),
+        # the image file's content hash at ingest (``ingest.fingerprint.image_fingerprint``):
+        # ``embed`` refuses to cut tiles from a file that changed since. NULL in older stores.
+        pa.field("image_hash", pa.string()),
+        # hash of the slide's counts (spot ids, genes, raw counts) at ingest: part of the
+        # identity of every run using them (``predictions.runs``). NULL in older stores.
+        pa.field("expression_hash", pa.string()),
     ]
 )
 

@@ -197,9 +197,12 @@ class Store:
         """Repair what a killed writer may have left (under the lock):
 
         * a table directory whose first commit never happened (unreadable) is removed;
-        * ``genes``/``expression``/``spots`` rows of a slide without a ``slides`` row (an
-          ingest killed between its commits; ``slides`` is its last commit) are deleted.
+        * tables an interrupted ingest changed are put back to their versions before it
+          (``store.intents``);
+        * ``genes``/``expression``/``spots`` rows of a slide without a ``slides`` row are deleted.
         """
+        from stimage_embed.store.intents import undo_abandoned
+
         with self._commit():
             if not self.location.is_dir():
                 return
@@ -207,6 +210,7 @@ class Store:
                 if not self._committed(name):
                     log.warning("%s: removing table %r, whose creation was interrupted (no commit)", self.path, name)
                     self.location.remove_tree(f"{name}.lance")
+            undo_abandoned(self, "ingest")
             known = (
                 set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
             )
