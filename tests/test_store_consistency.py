@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import shutil
 
+import imagecodecs
 import numpy as np
-import polars as pl
 import pytest
 from store_cases import BACKBONE, CHUNK, TABLE, copy_store, mini_dataset, table_rows
 
@@ -122,3 +122,23 @@ def test_reingest_failing_with_a_full_disk_keeps_the_previous_slide(tmp_path, mi
     # the next re-ingest goes through and invalidates S1's vectors (its spots moved)
     ingest(str(moved), st, progress=False)
     assert st.sql(f"SELECT COUNT(*) AS n FROM {TABLE} WHERE slide_id = 'S1'")["n"][0] == 0
+
+
+# --- item 4: an image changed on disk without a re-ingest is noticed before cutting ----------------
+def test_an_image_changed_on_disk_is_refused_until_reingested(tmp_path, mini):
+    """Before: `embed --overwrite --slide C5` cut new vectors from the changed file, stamped
+    them with the old geometry hash and used the old stain estimate and tissue QC."""
+    st = copy_store(mini[0], tmp_path / "s")
+    path = st.read("slides", ["image_path"], where="slide_id = 'S1'")["image_path"][0].as_py()
+    image = tmp_path / "S1.jpg"
+    shutil.copy(path, image)
+    st.db.open_table("slides").update(where="slide_id = 'S1'", values={"image_path": str(image)})
+    before = _state(st)
+    embed(st, [BACKBONE], slides=["S1"], overwrite=True, **FAST)  # the unchanged file: accepted
+    assert _state(st)[TABLE][1] == before[TABLE][1]
+    pixels = imagecodecs.imread(str(image))
+    image.write_bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(255 - pixels), level=90))  # same size, new content
+    before = _state(st)
+    with pytest.raises(InputError, match="changed on disk since it was ingested.*stimage-embed ingest mini --slide S1"):
+        embed(st, [BACKBONE], slides=["S1"], overwrite=True, **FAST)
+    assert _state(st) == before

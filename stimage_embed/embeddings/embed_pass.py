@@ -43,7 +43,14 @@ from tqdm.auto import tqdm
 
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.embed_plan import check_options, prepare_table, select_spots, stain_target, work_list
+from stimage_embed.embeddings.embed_plan import (
+    check_images,
+    check_options,
+    prepare_table,
+    select_spots,
+    stain_target,
+    work_list,
+)
 from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import SlideJob, TileStream
 from stimage_embed.errors import InputError, StoreError
@@ -339,6 +346,7 @@ def embed(
         log.info("all %d spots already embedded for %s", spots.height, ", ".join(models))
         maintain(store, list(tables.values()))  # e.g. after a killed run: its commits still need upkeep
         return report
+    check_images(slide_tab, {c.slide_id for c in chunks})  # before the first vector is written
     n_tiles = sum(len(c.spot_ids) for c in chunks)
     num_workers = _default_workers(n_tiles) if num_workers is None else num_workers
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}

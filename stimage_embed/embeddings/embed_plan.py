@@ -19,6 +19,7 @@ from stimage_embed.embeddings.tile_stream import (
     template_normalizer,
 )
 from stimage_embed.errors import InputError, ProvenanceError
+from stimage_embed.ingest.fingerprint import image_fingerprint
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
@@ -49,6 +50,30 @@ def check_options(
         raise InputError(None, "--device", f"{device!r}: no CUDA GPU is available here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(None, "--device", f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
+
+
+def check_images(slide_tab: pl.DataFrame, slide_ids=None) -> None:
+    """Refuse, in one line naming the file, to cut tiles from an image whose content changed
+    since ingest (``slides.image_hash``; its spots, tissue QC and stain estimate were made on
+    the old file): the slide must be ingested again. ``slide_ids``: only these slides (default
+    all of ``slide_tab``); slides of older stores (no hash) are not checked."""
+    if "image_hash" not in slide_tab.columns:
+        return
+    rows = slide_tab if slide_ids is None else slide_tab.filter(pl.col("slide_id").is_in(sorted(slide_ids)))
+    for sid, path, recorded, dataset in rows.select("slide_id", "image_path", "image_hash", "dataset").iter_rows():
+        if recorded is None:
+            continue
+        try:
+            now = image_fingerprint(path)
+        except OSError as exc:
+            raise InputError(path, "image", f"slide {sid!r}: cannot read its image ({exc.strerror or exc})") from exc
+        if now != recorded:
+            raise InputError(
+                path,
+                "image",
+                f"slide {sid!r}: the image changed on disk since it was ingested (content hash); "
+                f"re-ingest it first: stimage-embed ingest {dataset} --slide {sid}",
+            )
 
 
 def existing_keys(store: Store, table: str) -> set[tuple[str, str]]:
@@ -93,6 +118,7 @@ def stain_target(
     row = all_slides.filter(pl.col("slide_id") == template_id)
     if row.height == 0:
         raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
+    check_images(row)
     # per-slide stain estimates made at ingest (same thumbnail and tissue mask): not recomputed
     estimates = stored_stain_estimates(all_slides)
     target = template_normalizer(stain, row["image_path"][0], estimates.get(template_id))

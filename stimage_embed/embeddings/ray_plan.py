@@ -18,6 +18,7 @@ import torch
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.embed_plan import (
+    check_images,
     check_options,
     prepare_table,
     select_spots,
@@ -100,6 +101,7 @@ def plan_pass(
         P.context_width_label(context_um)  # a positive width, or a one-line error
         tile_um = float(context_um)
     slide_tab, spots = select_spots(store, slides, only_qc)
+    check_images(slide_tab)  # before --overwrite deletes anything
     plan = Plan(weights=dict(weights or {}), overrides=dict(overrides or {}))
     plan.models = {
         n: create_model(n, weights=plan.weights.get(n), device="cpu", overrides=plan.overrides.get(n))
