@@ -10,15 +10,19 @@ Data: two tiny slides cut from HER2ST C5 (S1) and C4 (S2), 12 real spots each
 from __future__ import annotations
 
 import errno
+import gzip
 import shutil
 
 import imagecodecs
 import numpy as np
+import polars as pl
 import pytest
 from store_cases import BACKBONE, CHUNK, TABLE, copy_store, mini_dataset, table_rows
 
 from stimage_embed.embeddings.embed_pass import embed
-from stimage_embed.errors import InputError
+from stimage_embed.embeddings.provenance import existing_provenance, identity
+from stimage_embed.errors import InputError, ProvenanceError, StoreError
+from stimage_embed.evaluation.compare import CompareConfig, compare
 from stimage_embed.ingest.pipeline import ingest
 from stimage_embed.store import Store
 
@@ -142,3 +146,107 @@ def test_an_image_changed_on_disk_is_refused_until_reingested(tmp_path, mini):
     with pytest.raises(InputError, match="changed on disk since it was ingested.*stimage-embed ingest mini --slide S1"):
         embed(st, [BACKBONE], slides=["S1"], overwrite=True, **FAST)
     assert _state(st) == before
+
+
+# --- item 1: a run id covers the content of its inputs ---------------------------------------------
+CMP = dict(backbones=[BACKBONE], heads=["mean", "nb"], genes="hvg:5")
+
+
+def _changed_image(root, real_data_root, slide: str, section: str):
+    """A catalog re-ingesting ``slide`` with its image's colours inverted (same size and spots)."""
+    cat = mini_dataset(root, real_data_root, slides={slide: section})
+    img = root / f"{slide}.jpg"
+    img.write_bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(255 - imagecodecs.imread(str(img))), level=90))
+    return cat
+
+
+def _changed_counts(root, real_data_root, slide: str, section: str):
+    """A catalog re-ingesting ``slide`` with one count of its first spot raised by 7."""
+    cat = mini_dataset(root, real_data_root, slides={slide: section})
+    path = root / f"{slide}.tsv.gz"
+    with gzip.open(path, "rt") as fh:
+        lines = fh.read().splitlines()
+    cells = lines[1].split("\t")
+    cells[1] = str(int(float(cells[1])) + 7)
+    lines[1] = "\t".join(cells)
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return cat
+
+
+def _fresh_leaderboard(store: Store, tmp_path) -> pl.DataFrame:
+    """The leaderboard recomputed from scratch on a copy of ``store`` (no runs kept)."""
+    fresh = copy_store(store, tmp_path)
+    for name in ("runs", "predictions", "metrics"):
+        fresh.drop_table(name)
+    return compare(fresh, CompareConfig(**CMP), progress=False).leaderboard
+
+
+def test_compare_recomputes_runs_whose_vectors_or_counts_changed(tmp_path, mini, real_data_root):
+    """Before: after C4 was re-ingested with a changed image and re-embedded, compare reported
+    "0 computed, 4 reused" with the old nb PCC (0.294 against a true 0.206)."""
+    st = copy_store(mini[0], tmp_path / "s")
+    first = compare(st, CompareConfig(**CMP), progress=False)
+    assert first.computed == 4 and compare(st, CompareConfig(**CMP), progress=False).reused == 4
+    # S2's image changes: re-ingest drops its vectors, embed cuts them again from the new image
+    ingest(str(_changed_image(tmp_path / "img", real_data_root, "S2", "C4")), st, progress=False)
+    embed(st, [BACKBONE], **FAST)
+    second = compare(st, CompareConfig(**CMP), progress=False)
+    assert (second.computed, second.reused) == (4, 0) and not set(second.run_ids) & set(first.run_ids)
+    cols = ["head", "pcc_mean"]
+    want = _fresh_leaderboard(st, tmp_path / "fresh1").select(cols).sort("head")
+    assert second.leaderboard.select(cols).sort("head").equals(want)
+    assert not second.leaderboard.select(cols).sort("head").equals(first.leaderboard.select(cols).sort("head"))
+    # the old runs stay, marked superseded, and the SQL leaderboard shows only the current ones
+    status = st.sql("SELECT run_id, superseded FROM runs_status")
+    assert sorted(status.filter(pl.col("superseded"))["run_id"]) == sorted(first.run_ids)
+    assert st.sql("SELECT head, pcc_mean FROM leaderboard ORDER BY head").equals(want)
+    # S1's counts change (its image and vectors do not): every run using S1 is new
+    ingest(str(_changed_counts(tmp_path / "counts", real_data_root, "S1", "C5")), st, progress=False)
+    assert embed(st, [BACKBONE], **FAST).vectors == {}
+    third = compare(st, CompareConfig(**CMP), progress=False)
+    assert (third.computed, third.reused) == (4, 0)
+    assert st.sql("SELECT head, pcc_mean FROM leaderboard ORDER BY head").equals(
+        _fresh_leaderboard(st, tmp_path / "fresh2").select(cols).sort("head")
+    )
+
+
+# --- items 2 and 3: one stain target per store ---------------------------------------------------------
+STAIN = dict(FAST, stain="macenko")
+
+
+def test_the_stain_target_is_recorded_once_and_does_not_move_when_slides_are_added(tmp_path, mini, real_data_root):
+    """Before: each new table took the first slide id as its template, so adding slide A0
+    made `embed -b efficientnet_lite1` normalise against A0 while lite0 was against S1."""
+    st = copy_store(mini[0], tmp_path / "s")
+    embed(st, [BACKBONE], overwrite=True, **STAIN)
+    assert st.read("stain_target").to_pylist()[0]["template_slide"] == "S1"
+    extra = mini_dataset(tmp_path / "extra", real_data_root, slides={"A0": "C3"}, name="extra")
+    ingest(str(extra), st, progress=False)
+    embed(st, ["efficientnet_lite1"], **STAIN)
+    tables = [TABLE, "embeddings_efficientnet_lite1"]
+    templates = {t: {p["stain_template"] for p in existing_provenance(st, t)} for t in tables}
+    targets = {t: {identity(p)["stain_target"] for p in existing_provenance(st, t)} for t in tables}
+    assert templates == {t: {"S1"} for t in tables}
+    assert len(targets[TABLE] | targets["embeddings_efficientnet_lite1"]) == 1
+    # choosing another template while a table keeps the old target is refused in one line
+    with pytest.raises(InputError, match="stain template is slide 'S1'.*--overwrite"):
+        embed(st, ["efficientnet_lite1"], overwrite=True, stain_template="A0", **STAIN)
+
+
+def test_reingesting_the_stain_template_makes_its_tables_stale(tmp_path, mini, real_data_root):
+    """Before: re-ingesting the template C4 with a changed image re-embedded C4 against the new
+    target while C5 kept vectors normalised to the old one, under one provenance id."""
+    st = copy_store(mini[0], tmp_path / "s")
+    embed(st, [BACKBONE], overwrite=True, **STAIN)
+    compare(st, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5"), progress=False)
+    ingest(str(_changed_image(tmp_path / "img", real_data_root, "S1", "C5")), st, progress=False)  # the template
+    with pytest.raises(ProvenanceError, match="stain target changed.*embed --overwrite --backbone"):
+        embed(st, [BACKBONE], **STAIN)
+    with pytest.raises(StoreError, match="older stain target.*embed --overwrite --backbone"):
+        compare(st, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5"), progress=False)
+    embed(st, [BACKBONE], overwrite=True, **STAIN)
+    [target] = {identity(p)["stain_target"] for p in existing_provenance(st, TABLE)}
+    assert st.sql(f"SELECT COUNT(DISTINCT provenance_id) AS n FROM {TABLE}")["n"][0] == 1
+    res = compare(st, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5"), progress=False)
+    assert res.computed == 2

@@ -51,6 +51,7 @@ from stimage_embed.embeddings.embed_plan import (
     stain_target,
     work_list,
 )
+from stimage_embed.embeddings.stain_target import record as stain_target_record
 from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import SlideJob, TileStream
 from stimage_embed.errors import InputError, StoreError
@@ -261,6 +262,8 @@ def _provenance_base(
         "stain_template": template_id,
         "stain": stain_desc,
     }
+    if stain_desc.get("target_hash"):
+        prov["stain_target"] = stain_desc["target_hash"]  # part of the identity (``provenance.identity``)
     if context_um is not None:
         prov["context_um"] = float(context_um)
     return prov
@@ -329,8 +332,9 @@ def embed(
         )
         for name in backbones
     }
-    template_id, stain_factory, stain_desc = stain_target(
-        store, backbones, stain, stain_template, overwrite and not slides
+    names = {P.vector_table_name(b, context_um) for b in backbones}
+    template_id, stain_factory, stain_desc, chosen_by = stain_target(
+        store, backbones, stain, stain_template, names if overwrite and not slides else set()
     )
     report = EmbedReport()
     tables, provs, done_keys, replace = {}, {}, {}, {}
@@ -349,6 +353,7 @@ def embed(
     check_images(slide_tab, {c.slide_id for c in chunks})  # before the first vector is written
     n_tiles = sum(len(c.spot_ids) for c in chunks)
     num_workers = _default_workers(n_tiles) if num_workers is None else num_workers
+    stain_target_record(store, template_id, chosen_by)  # the store's stain target, recorded once
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}
     forward = {name: _Model(bb, dev, report.precision[name]) for name, bb in models.items()}
 

@@ -10,6 +10,7 @@ import torch
 from stimage_embed import __version__
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
+from stimage_embed.embeddings.stain_target import resolve_template
 from stimage_embed.embeddings.tile_stream import (
     Chunk,
     SlideJob,
@@ -100,29 +101,24 @@ def select_spots(store: Store, slides: list[str] | None, only_qc: bool) -> tuple
 
 
 def stain_target(
-    store: Store, backbones: list[str], stain: str, stain_template: str | None, fresh: bool
-) -> tuple[str | None, SlideStainFit | None, dict]:
-    """(template slide, per-slide stain fit for the stream, stain description for provenance).
+    store: Store, backbones: list[str], stain: str, stain_template: str | None, replacing: set[str]
+) -> tuple[str | None, SlideStainFit | None, dict, str | None]:
+    """(template slide, per-slide stain fit for the stream, stain description for provenance,
+    how the template was chosen if the pass must record it: ``stain_target.record``).
 
-    Default template: the one the tables' vectors were normalised against (unless ``fresh``:
-    every table is replaced), else the first slide. Per-slide estimates come from ingest."""
+    The template is the store's one stain target (:mod:`stimage_embed.embeddings.stain_target`);
+    ``replacing``: the tables this pass rewrites whole. Per-slide estimates come from ingest."""
     if stain == "none":
-        return None, None, {"method": stain}
+        return None, None, {"method": stain}, None
+    template_id, chosen_by = resolve_template(store, stain_template, replacing)
     all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
-    recorded = (
-        None
-        if stain_template or fresh
-        else P.recorded_stain_template(store, [S.embedding_table_name(b) for b in backbones])
-    )
-    template_id = stain_template or recorded or all_slides["slide_id"][0]
     row = all_slides.filter(pl.col("slide_id") == template_id)
-    if row.height == 0:
-        raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
     check_images(row)
     # per-slide stain estimates made at ingest (same thumbnail and tissue mask): not recomputed
     estimates = stored_stain_estimates(all_slides)
     target = template_normalizer(stain, row["image_path"][0], estimates.get(template_id))
-    return template_id, SlideStainFit(target, template_slide=template_id, estimates=estimates), target.to_dict()
+    fit = SlideStainFit(target, template_slide=template_id, estimates=estimates)
+    return template_id, fit, target.to_dict(), chosen_by
 
 
 def prepare_table(

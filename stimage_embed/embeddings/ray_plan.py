@@ -26,6 +26,7 @@ from stimage_embed.embeddings.embed_plan import (
     work_list,
 )
 from stimage_embed.embeddings.ray_stages import need_column
+from stimage_embed.embeddings.stain_target import record as stain_target_record
 from stimage_embed.embeddings.tile_stream import Chunk, SlideJob, SlideStainFit
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store.store import Store
@@ -107,8 +108,9 @@ def plan_pass(
         n: create_model(n, weights=plan.weights.get(n), device="cpu", overrides=plan.overrides.get(n))
         for n in backbones
     }
-    template_id, plan.stain_factory, stain_desc = stain_target(
-        store, backbones, stain, stain_template, overwrite and not slides
+    names = {P.vector_table_name(b, context_um) for b in backbones}
+    template_id, plan.stain_factory, stain_desc, chosen_by = stain_target(
+        store, backbones, stain, stain_template, names if overwrite and not slides else set()
     )
     provs = {}
     for name, bb in plan.models.items():
@@ -123,6 +125,8 @@ def plan_pass(
             "stain_template": template_id,
             "stain": stain_desc,
         }
+        if stain_desc.get("target_hash"):
+            prov["stain_target"] = stain_desc["target_hash"]
         if context_um is not None:
             prov["context_um"] = float(context_um)
         plan.tables[name] = P.vector_table_name(name, context_um)
@@ -140,6 +144,7 @@ def plan_pass(
         )
     plan.jobs, plan.chunks = work_list(slide_tab, spots, tile_um, batch_size, plan.done)
     if plan.chunks:  # as the local pass: a record only for a pass that writes vectors
+        stain_target_record(store, template_id, chosen_by)
         plan.pids = {name: P.record(store, plan.tables[name], provs[name]) for name in plan.models}
     plan.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
     ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}
