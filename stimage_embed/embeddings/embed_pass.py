@@ -47,6 +47,7 @@ from stimage_embed.embeddings.embed_plan import (
     check_images,
     check_options,
     prepare_table,
+    provenance_base,
     select_spots,
     stain_target,
     work_list,
@@ -241,34 +242,6 @@ def _context_tile_um(tile_um: float | None, context_um: float | None) -> float |
     return float(context_um)
 
 
-def _provenance_base(
-    name: str,
-    bb,
-    tile_um: float | None,
-    stain: str,
-    template_id: str | None,
-    stain_desc: dict,
-    context_um: float | None,
-) -> dict:
-    """A backbone's provenance record before the precision is chosen (``embed_plan.prepare_table``)."""
-    prov = {
-        "backbone": name,
-        "spec_hash": bb.spec.spec_hash(),
-        "weights_sha256": bb.weights_sha256,
-        "transform": bb.transform_description(),
-        "tile_um": tile_um if tile_um is not None else "spot_diameter",
-        "tile_px": bb.input_size,
-        "stain_method": stain,
-        "stain_template": template_id,
-        "stain": stain_desc,
-    }
-    if stain_desc.get("target_hash"):
-        prov["stain_target"] = stain_desc["target_hash"]  # part of the identity (``provenance.identity``)
-    if context_um is not None:
-        prov["context_um"] = float(context_um)
-    return prov
-
-
 def _missing(done_keys: dict[str, set], name: str, sid: str, ids) -> list[int]:
     """Positions in ``ids`` (spot ids of slide ``sid``) of the keys backbone ``name`` still lacks."""
     return [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
@@ -312,15 +285,11 @@ def embed(
         its own table ``embeddings_<backbone>__ctx<W>um`` (:func:`provenance.vector_table_name`)
         with its own provenance (``tile_um = context_um``, ``context_um``).
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
-    num_workers: DataLoader worker processes; 0 = threads of this process: on CPU one per core
-        (max 4), each cutting, normalising and embedding its own chunks with single-threaded
-        torch ops; on a GPU one thread cuts tiles ahead of the model. Default 0 for < 256 tiles
-        or <= 4 cores (a worker process would compete with the model's threads), else cores - 1
-        (max 4).
+    num_workers: DataLoader worker processes; 0 = threads of this process (on CPU one per core,
+        max 4; on a GPU one thread cuts tiles ahead of the model). Default 0 for < 256 tiles or
+        <= 4 cores, else cores - 1 (max 4). Every option is checked before anything is written.
     """
-    if not backbones:
-        raise InputError(None, "--backbone", "name at least one backbone")
-    check_options(batch_size, num_workers, flush_rows, precision, device)  # before any write
+    check_options(batch_size, num_workers, flush_rows, precision, device, backbones)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     tile_um = _context_tile_um(tile_um, context_um)
@@ -337,10 +306,10 @@ def embed(
         store, backbones, stain, stain_template, names if overwrite and not slides else set()
     )
     report = EmbedReport()
-    tables, provs, done_keys, replace = {}, {}, {}, {}
+    tables = {name: P.vector_table_name(name, context_um) for name in models}
+    provs, done_keys, replace = {}, {}, {}
     for name, bb in models.items():
-        prov = _provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
-        tables[name] = P.vector_table_name(name, context_um)
+        prov = provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         report.precision[name], provs[name], done_keys[name] = prepare_table(
             store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name], deferred=replace
         )

@@ -29,10 +29,17 @@ PRECISIONS = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def check_options(
-    batch_size: int, num_workers: int | None = None, flush_rows: int = 1, precision: str = "auto", device: str = "auto"
+    batch_size: int,
+    num_workers: int | None = None,
+    flush_rows: int = 1,
+    precision: str = "auto",
+    device: str = "auto",
+    backbones: list[str] | None = None,
 ) -> None:
     """Refuse bad options of an embedding pass in one line, BEFORE anything is written
     (``--overwrite`` must never delete vectors for a pass that cannot run)."""
+    if backbones is not None and not backbones:
+        raise InputError(None, "--backbone", "name at least one backbone")
     for field_name, value, low in (("--batch-size", batch_size, 1), ("--flush-rows", flush_rows, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(None, field_name, f"must be an integer >= {low}, got {value!r}")
@@ -51,6 +58,35 @@ def check_options(
         raise InputError(None, "--device", f"{device!r}: no CUDA GPU is available here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(None, "--device", f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
+
+
+def provenance_base(
+    name: str,
+    bb,
+    tile_um: float | None,
+    stain: str,
+    template_id: str | None,
+    stain_desc: dict,
+    context_um: float | None,
+) -> dict:
+    """A backbone's provenance record before the precision is chosen (:func:`prepare_table`);
+    ``tile_um`` / ``context_um`` in µm; ``stain_desc``: the stain target's description."""
+    prov = {
+        "backbone": name,
+        "spec_hash": bb.spec.spec_hash(),
+        "weights_sha256": bb.weights_sha256,
+        "transform": bb.transform_description(),
+        "tile_um": tile_um if tile_um is not None else "spot_diameter",
+        "tile_px": bb.input_size,
+        "stain_method": stain,
+        "stain_template": template_id,
+        "stain": stain_desc,
+    }
+    if stain_desc.get("target_hash"):
+        prov["stain_target"] = stain_desc["target_hash"]  # part of the identity (``provenance.identity``)
+    if context_um is not None:
+        prov["context_um"] = float(context_um)
+    return prov
 
 
 def check_images(slide_tab: pl.DataFrame, slide_ids=None) -> None:

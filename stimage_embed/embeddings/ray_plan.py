@@ -21,6 +21,7 @@ from stimage_embed.embeddings.embed_plan import (
     check_images,
     check_options,
     prepare_table,
+    provenance_base,
     select_spots,
     stain_target,
     work_list,
@@ -91,9 +92,7 @@ def plan_pass(
     provenance records (and, with ``overwrite``, drops or deletes the old vectors).
     Units: ``tile_um`` / ``context_um`` in µm. ``device``: where the workers run the models
     (``cuda``: precision from the spec, as the local pass on a GPU)."""
-    if not backbones:
-        raise InputError(None, "--backbone", "name at least one backbone")
-    check_options(batch_size, precision=precision, device=device)  # before any write
+    check_options(batch_size, precision=precision, device=device, backbones=backbones)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     if context_um is not None:
@@ -114,21 +113,7 @@ def plan_pass(
     )
     provs = {}
     for name, bb in plan.models.items():
-        prov = {
-            "backbone": name,
-            "spec_hash": bb.spec.spec_hash(),
-            "weights_sha256": bb.weights_sha256,
-            "transform": bb.transform_description(),
-            "tile_um": tile_um if tile_um is not None else "spot_diameter",
-            "tile_px": bb.input_size,
-            "stain_method": stain,
-            "stain_template": template_id,
-            "stain": stain_desc,
-        }
-        if stain_desc.get("target_hash"):
-            prov["stain_target"] = stain_desc["target_hash"]
-        if context_um is not None:
-            prov["context_um"] = float(context_um)
+        prov = provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         plan.tables[name] = P.vector_table_name(name, context_um)
         plan.precision[name], provs[name], plan.done[name] = prepare_table(
             store,

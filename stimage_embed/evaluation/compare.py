@@ -32,8 +32,13 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from stimage_embed.embeddings.provenance import provenance_id
-from stimage_embed.embeddings.stain_target import check_same_target, check_table_target
-from stimage_embed.evaluation.compare_plan import check_config, fold_slides, folds_of, single_backbone_heads
+from stimage_embed.evaluation.compare_plan import (
+    check_config,
+    check_targets,
+    fold_slides,
+    folds_of,
+    single_backbone_heads,
+)
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold
 from stimage_embed.evaluation.views import leaderboard
@@ -152,12 +157,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     t0 = time.perf_counter()
     controls = check_config(cfg)
     provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
-    for bb in cfg.backbones:  # a composite a+b combines its parts' vectors; each normalised as the store now
-        check_same_target(store, [_table(p) for p in vector_parts(bb)])
-        for part in vector_parts(bb):
-            check_table_target(store, _table(part))
-    if any(head_spec(h).spans_backbones for h in cfg.heads):  # FSTimage averages the backbones
-        check_same_target(store, sorted({_table(p) for b in cfg.backbones for p in vector_parts(b)}))
+    check_targets(store, cfg)
     drop_abandoned(store)
     folds = folds_of(store, cfg)
     single = single_backbone_heads(cfg)

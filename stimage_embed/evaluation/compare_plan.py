@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from stimage_embed.embeddings.stain_target import check_same_target, check_table_target
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
-from stimage_embed.predictions.arrays import embedded_slides
+from stimage_embed.predictions.arrays import embedded_slides, vector_parts
 from stimage_embed.predictions.registry import HEADS, head_names, head_spec
+from stimage_embed.store.schema import embedding_table_name
 from stimage_embed.store.store import Store
 
 if TYPE_CHECKING:
@@ -98,3 +100,16 @@ def single_backbone_heads(cfg: CompareConfig) -> list[str]:
     order = {h: i for i, h in enumerate(head_names())}
     sources = {head_spec(h).takes_alpha_from for h in wanted}
     return sorted(wanted, key=lambda h: (head_spec(h).takes_alpha_from is not None, h not in sources, order[h]))
+
+
+def check_targets(store: Store, cfg: CompareConfig) -> None:
+    """Refuse vectors normalised against a stain target that is no longer the store's, and
+    runs combining vectors of different targets (a composite ``a+b``; FSTimage across the
+    backbones): one line naming the ``embed`` to run (:mod:`stimage_embed.embeddings.stain_target`)."""
+    tables = {b: [embedding_table_name(p) for p in vector_parts(b)] for b in cfg.backbones}
+    for parts in tables.values():
+        check_same_target(store, parts)
+        for t in parts:
+            check_table_target(store, t)
+    if any(head_spec(h).spans_backbones for h in cfg.heads):
+        check_same_target(store, sorted({t for parts in tables.values() for t in parts}))

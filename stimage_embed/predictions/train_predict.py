@@ -88,22 +88,9 @@ def train(
     fit_s = time.perf_counter() - t0
     out = models_dir(store) / rid
     save_head(model, out, provenance=vector_identity(prov))
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                "run_id": rid,
-                "backbone": backbone,
-                "head": head,
-                "genes": gene_list,
-                "gene_spec": genes,
-                "train_slides": sorted(train_slides),
-                "params": params or {},
-                "n_train_spots": int(arrays.X.shape[0]),
-                "fit_seconds": fit_s,
-            },
-            indent=2,
-        )
-    )
+    meta = dict(run_id=rid, backbone=backbone, head=head, genes=gene_list, gene_spec=genes, params=params or {})
+    meta |= dict(train_slides=sorted(train_slides), n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s)
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
     row = runs_row(
         run_id=rid,
         dataset=datasets_of(store, train_slides),
@@ -138,18 +125,8 @@ def train(
     return rid, out
 
 
-def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
-    """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
-
-    Under the store's writer lock; the model's ``runs`` row (split ``train``) is written if
-    the store lacks it (a model trained elsewhere), then the predictions replace the old
-    ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
-    leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
-    from safetensors import SafetensorError
-
-    path = Path(model)
-    if not path.is_dir():
-        path = models_dir(store) / model
+def _model_meta(path: Path) -> dict:
+    """A saved model's ``run.json``, checked (keys present, run id a hex hash)."""
     meta_file = path / "run.json"
     if not meta_file.is_file():
         raise InputError(meta_file, "model", "no saved model here (expected run.json); see `stimage-embed train`")
@@ -163,6 +140,23 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     rid = meta["run_id"]
     if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{8,64}", rid):
         raise InputError(meta_file, "run_id", f"not a run id (lower-case hex, 8-64 digits): {rid!r}")
+    return meta
+
+
+def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
+    """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
+
+    Under the store's writer lock; the model's ``runs`` row (split ``train``) is written if
+    the store lacks it (a model trained elsewhere), then the predictions replace the old
+    ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
+    leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
+    from safetensors import SafetensorError
+
+    path = Path(model)
+    if not path.is_dir():
+        path = models_dir(store) / model
+    meta = _model_meta(path)
+    rid = meta["run_id"]
     try:
         head = load_head(path)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:

@@ -27,7 +27,9 @@ import socket
 import time
 from collections.abc import Mapping
 
-from stimage_embed.store.store import PENDING_DIR, Store
+import pyarrow.compute as pc
+
+from stimage_embed.store.store import PENDING_DIR, SLIDE_CHILD_TABLES, Store, sql_list
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +137,29 @@ def undo_abandoned(store: Store, kind: str) -> None:
             log.warning("%s: undoing an interrupted %s of slide(s) %s", store.path, kind, body.get("slides"))
             restore_versions(store, versions)
         clear(store, kind, key)
+
+
+def recover(store: Store) -> None:
+    """Repair what a killed writer may have left (under the store's writer lock):
+
+    * a table directory whose first commit never happened (unreadable) is removed;
+    * tables an interrupted ingest changed are put back to their versions before it;
+    * ``genes``/``expression``/``spots`` rows of a slide without a ``slides`` row (left by
+      older versions, whose ingest removed the ``slides`` row first) are deleted.
+    """
+    if not store.location.is_dir():
+        return
+    for name in store.db.list_tables().tables:
+        if not store._committed(name):
+            log.warning("%s: removing table %r, whose creation was interrupted (no commit)", store.path, name)
+            store.location.remove_tree(f"{name}.lance")
+    undo_abandoned(store, "ingest")
+    known = set(store.read("slides", ["slide_id"])["slide_id"].to_pylist()) if store.has_table("slides") else set()
+    for name in SLIDE_CHILD_TABLES:
+        if not store.has_table(name):
+            continue
+        ids = set(pc.unique(store.read(name, ["slide_id"])["slide_id"]).to_pylist())
+        orphans = sorted(ids - known)
+        if orphans:
+            log.warning("%s: %s: removing rows of slide(s) %s without a slides row", store.path, name, orphans)
+            store.delete(name, f"slide_id IN ({sql_list(orphans)})")
