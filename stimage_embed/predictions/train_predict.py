@@ -168,8 +168,6 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
         ) from exc
     with store.writer("predict"):
         prov = table_provenance(store, meta["backbone"])
-        for part in vector_parts(meta["backbone"]):
-            check_table_target(store, S.embedding_table_name(part))
         current = vector_identity(prov)
         if "stain_target" not in (getattr(head, "provenance_", None) or {}):
             current.pop("stain_target")  # a model saved before the stain target was part of the identity
@@ -179,6 +177,8 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
             raise ProvenanceError(
                 f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}"
             ) from exc
+        for part in vector_parts(meta["backbone"]):  # normalised against the store's current stain target
+            check_table_target(store, S.embedding_table_name(part))
         unknown = sorted(set(slides) - set(store.slide_ids()))
         if unknown or not slides:
             raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")

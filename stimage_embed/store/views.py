@@ -18,7 +18,7 @@ from __future__ import annotations
 #: of older stores have no ``config_id``: their run id stands for it.
 RUNS_STATUS = """
     SELECT *, coalesce(config_id, run_id) AS config_key,
-           created_at < max(created_at) OVER (PARTITION BY coalesce(config_id, run_id)) AS superseded
+           coalesce(created_at < max(created_at) OVER (PARTITION BY coalesce(config_id, run_id)), false) AS superseded
     FROM runs
 """
 
