@@ -257,4 +257,6 @@ def test_reingesting_the_stain_template_makes_its_tables_stale(tmp_path, mini, r
     [target] = {identity(p)["stain_target"] for p in existing_provenance(st, TABLE)}
     assert st.sql(f"SELECT COUNT(DISTINCT provenance_id) AS n FROM {TABLE}")["n"][0] == 1
     res = compare(st, CompareConfig(backbones=[BACKBONE], heads=["mean"], genes="hvg:5"), progress=False)
-    assert res.computed == 2
+    assert res.computed == 2  # new runs, and the runs on the old target are superseded
+    status = st.sql("SELECT run_id, superseded FROM runs_status")
+    assert sorted(status.filter(~pl.col("superseded"))["run_id"]) == sorted(res.run_ids) and status.height == 4

@@ -86,6 +86,15 @@ def provenance_id(prov: dict[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
+def setup_id(prov: dict[str, Any]) -> str:
+    """Id of how vectors are made, without the stain target's fitted numbers (the id an older
+    record has): part of a run's configuration (``predictions.runs``), while the target
+    itself is part of the input versions, so a new target supersedes runs instead of
+    starting a new configuration."""
+    ident = {k: v for k, v in identity(prov).items() if k != "stain_target"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _used_ids(store: Store, table_name: str) -> set[str]:
     """Provenance ids carried by at least one vector row of ``table_name``."""
     if not store.has_table(table_name):

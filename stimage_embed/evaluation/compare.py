@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from stimage_embed.embeddings.provenance import provenance_id
+from stimage_embed.embeddings.provenance import provenance_id, setup_id
 from stimage_embed.evaluation.compare_plan import (
     check_config,
     check_targets,
@@ -252,7 +252,7 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
             config = {
                 **base,
                 "backbone": task.backbone,
-                "provenance": pid,
+                "provenance": setup_id(ses.provs[task.backbone]),
                 "head": head,
                 "params": params,
                 "effective_params": head_config(head, params),

@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from heads import ProvenanceMismatch, check_provenance, load_head, save_head
-from stimage_embed.embeddings.provenance import identity, provenance_id
+from stimage_embed.embeddings.provenance import identity, provenance_id, setup_id
 from stimage_embed.embeddings.stain_target import check_same_target, check_table_target
 from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance, vector_parts
@@ -74,7 +74,7 @@ def train(
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
     config = {
         "backbone": backbone,
-        "provenance": provenance_id(prov),
+        "provenance": setup_id(prov),
         "head": head,
         "params": params or {},
         "train": sorted(train_slides),
