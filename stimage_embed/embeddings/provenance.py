@@ -169,7 +169,7 @@ def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> Non
                 " The stain target changed (its template slide was re-ingested): every vector normalised "
                 "against the old one is stale; re-embed the table: "
                 f"stimage-embed embed --overwrite --backbone {prov['backbone']}"
-                if "stain_target" in diff
+                if set(diff) == {"stain_target"}
                 else " Use --overwrite to replace the table's vectors, or embed into another store."
             )
             raise ProvenanceError(
