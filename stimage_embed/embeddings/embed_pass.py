@@ -44,7 +44,16 @@ from tqdm.auto import tqdm
 from heads.device import resolve_device
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.embed_plan import prepare_table, select_spots, stain_target, work_list
+from stimage_embed.embeddings.embed_plan import (
+    check_images,
+    check_options,
+    prepare_table,
+    provenance_base,
+    select_spots,
+    stain_target,
+    work_list,
+)
+from stimage_embed.embeddings.stain_target import record as stain_target_record
 from stimage_embed.embeddings.stream_threads import compute_stream, prefetch
 from stimage_embed.embeddings.tile_stream import SlideJob, TileStream
 from stimage_embed.errors import InputError, StoreError
@@ -109,7 +118,9 @@ class _Writer:
         slide_tab: pl.DataFrame,
         spots: pl.DataFrame,
         flush_rows: int,
+        replace: dict[str, str] | None = None,
     ):
+        self.replace = dict(replace or {})  # table -> scope of old vectors the first commit replaces
         self.store, self.models, self.tables, self.pids, self.report = store, models, tables, pids, report
         self.jobs, self.flush_rows = jobs, flush_rows
         self.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
@@ -152,7 +163,10 @@ class _Writer:
             return
         data = pa.concat_tables(self.buffers[name])
         schema = S.embedding_schema(self.models[name].embed_dim, optional=True)
-        if self.store.remote:
+        if self.tables[name] in self.replace:  # --overwrite: the old vectors go in the first new commit
+            scope = self.replace.pop(self.tables[name])
+            self.store.replace_where(self.tables[name], data, ("slide_id", "spot_id"), scope, schema=schema)
+        elif self.store.remote:
             self.store.insert_new(self.tables[name], data, ("slide_id", "spot_id"), schema=schema)
         else:  # the pass holds the exclusive lock and writes only keys missing when it read them
             self.store.append(self.tables[name], data, schema=schema)
@@ -223,32 +237,6 @@ def _context_tile_um(tile_um: float | None, context_um: float | None) -> float |
     return float(context_um)
 
 
-def _provenance_base(
-    name: str,
-    bb,
-    tile_um: float | None,
-    stain: str,
-    template_id: str | None,
-    stain_desc: dict,
-    context_um: float | None,
-) -> dict:
-    """A backbone's provenance record before the precision is chosen (``embed_plan.prepare_table``)."""
-    prov = {
-        "backbone": name,
-        "spec_hash": bb.spec.spec_hash(),
-        "weights_sha256": bb.weights_sha256,
-        "transform": bb.transform_description(),
-        "tile_um": tile_um if tile_um is not None else "spot_diameter",
-        "tile_px": bb.input_size,
-        "stain_method": stain,
-        "stain_template": template_id,
-        "stain": stain_desc,
-    }
-    if context_um is not None:
-        prov["context_um"] = float(context_um)
-    return prov
-
-
 def _missing(done_keys: dict[str, set], name: str, sid: str, ids) -> list[int]:
     """Positions in ``ids`` (spot ids of slide ``sid``) of the keys backbone ``name`` still lacks."""
     return [j for j, s in enumerate(ids) if (sid, s) not in done_keys[name]]
@@ -292,14 +280,11 @@ def embed(
         its own table ``embeddings_<backbone>__ctx<W>um`` (:func:`provenance.vector_table_name`)
         with its own provenance (``tile_um = context_um``, ``context_um``).
     only_qc: embed only spots passing tissue QC (default: all spots; QC is a query-time filter).
-    num_workers: DataLoader worker processes; 0 = threads of this process: on CPU one per core
-        (max 4), each cutting, normalising and embedding its own chunks with single-threaded
-        torch ops; on a GPU one thread cuts tiles ahead of the model. Default 0 for < 256 tiles
-        or <= 4 cores (a worker process would compete with the model's threads), else cores - 1
-        (max 4).
+    num_workers: DataLoader worker processes; 0 = threads of this process (on CPU one per core,
+        max 4; on a GPU one thread cuts tiles ahead of the model). Default 0 for < 256 tiles or
+        <= 4 cores, else cores - 1 (max 4). Every option is checked before anything is written.
     """
-    if not backbones:
-        raise InputError(None, "--backbone", "name at least one backbone")
+    check_options(batch_size, num_workers, flush_rows, precision, device, backbones)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     tile_um = _context_tile_um(tile_um, context_um)
@@ -311,16 +296,17 @@ def embed(
         )
         for name in backbones
     }
-    template_id, stain_factory, stain_desc = stain_target(
-        store, backbones, stain, stain_template, overwrite and not slides
+    names = {P.vector_table_name(b, context_um) for b in backbones}
+    template_id, stain_factory, stain_desc, chosen_by = stain_target(
+        store, backbones, stain, stain_template, names if overwrite and not slides else set()
     )
     report = EmbedReport()
-    tables, provs, done_keys = {}, {}, {}
+    tables = {name: P.vector_table_name(name, context_um) for name in models}
+    provs, done_keys, replace = {}, {}, {}
     for name, bb in models.items():
-        prov = _provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
-        tables[name] = P.vector_table_name(name, context_um)
+        prov = provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         report.precision[name], provs[name], done_keys[name] = prepare_table(
-            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name]
+            store, name, bb, prov, precision, dev, slide_tab, overwrite, slides, table=tables[name], deferred=replace
         )
 
     jobs, chunks = work_list(slide_tab, spots, tile_um, batch_size, done_keys)
@@ -328,8 +314,10 @@ def embed(
         log.info("all %d spots already embedded for %s", spots.height, ", ".join(models))
         maintain(store, list(tables.values()))  # e.g. after a killed run: its commits still need upkeep
         return report
+    check_images(slide_tab, {c.slide_id for c in chunks})  # before the first vector is written
     n_tiles = sum(len(c.spot_ids) for c in chunks)
     num_workers = _default_workers(n_tiles) if num_workers is None else num_workers
+    stain_target_record(store, template_id, chosen_by)  # the store's stain target, recorded once
     pids = {name: P.record(store, tables[name], provs[name]) for name in models}
     forward = {name: _Model(bb, dev, report.precision[name]) for name, bb in models.items()}
 
@@ -348,12 +336,14 @@ def embed(
 
     stream = TileStream(chunks, jobs, tuple(bb.input_size for bb in models.values()), stain_factory=stain_factory)
     loader = _loader(stream, chunks, compute, num_workers, dev)
-    writer = _Writer(store, models, tables, pids, report, jobs, slide_tab, spots, flush_rows)
+    writer = _Writer(store, models, tables, pids, report, jobs, slide_tab, spots, flush_rows, replace)
     before = {name: data_files(store, tables[name]) for name in models}  # after any --overwrite drop or delete
     t0 = time.perf_counter()
     _consume(loader, models, forward, needs, writer, n_tiles, progress, closing=not num_workers)
     report.seconds = time.perf_counter() - t0
     report.bytes_written = _bytes_added(store, tables, before)
+    for table in tables.values():  # records of vectors an --overwrite replaced
+        P.prune(store, table)
     # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
     maintain(store, list(tables.values()) + ["provenance"])
     return report

@@ -10,6 +10,7 @@ import torch
 from stimage_embed import __version__
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
+from stimage_embed.embeddings.stain_target import resolve_template
 from stimage_embed.embeddings.tile_stream import (
     Chunk,
     SlideJob,
@@ -19,8 +20,97 @@ from stimage_embed.embeddings.tile_stream import (
     template_normalizer,
 )
 from stimage_embed.errors import InputError, ProvenanceError
+from stimage_embed.ingest.fingerprint import image_fingerprint
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
+
+#: precisions the pass accepts (``backbones.speed.choose_precision``'s names and aliases)
+PRECISIONS = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_options(
+    batch_size: int,
+    num_workers: int | None = None,
+    flush_rows: int = 1,
+    precision: str = "auto",
+    device: str = "auto",
+    backbones: list[str] | None = None,
+) -> None:
+    """Refuse bad options of an embedding pass in one line, BEFORE anything is written
+    (``--overwrite`` must never delete vectors for a pass that cannot run)."""
+    if backbones is not None and not backbones:
+        raise InputError(None, "--backbone", "name at least one backbone")
+    for field_name, value, low in (("--batch-size", batch_size, 1), ("--flush-rows", flush_rows, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(None, field_name, f"must be an integer >= {low}, got {value!r}")
+    bad_workers = isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    if num_workers is not None and bad_workers:
+        raise InputError(None, "--workers", f"must be an integer >= 0 (0: threads), got {num_workers!r}")
+    if str(precision).lower() not in PRECISIONS:
+        raise InputError(None, "--precision", f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(None, "--device", f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device", f"{device!r}: no CUDA GPU is available here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(None, "--device", f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
+
+
+def provenance_base(
+    name: str,
+    bb,
+    tile_um: float | None,
+    stain: str,
+    template_id: str | None,
+    stain_desc: dict,
+    context_um: float | None,
+) -> dict:
+    """A backbone's provenance record before the precision is chosen (:func:`prepare_table`);
+    ``tile_um`` / ``context_um`` in µm; ``stain_desc``: the stain target's description."""
+    prov = {
+        "backbone": name,
+        "spec_hash": bb.spec.spec_hash(),
+        "weights_sha256": bb.weights_sha256,
+        "transform": bb.transform_description(),
+        "tile_um": tile_um if tile_um is not None else "spot_diameter",
+        "tile_px": bb.input_size,
+        "stain_method": stain,
+        "stain_template": template_id,
+        "stain": stain_desc,
+    }
+    if stain_desc.get("target_hash"):
+        prov["stain_target"] = stain_desc["target_hash"]  # part of the identity (``provenance.identity``)
+    if context_um is not None:
+        prov["context_um"] = float(context_um)
+    return prov
+
+
+def check_images(slide_tab: pl.DataFrame, slide_ids=None) -> None:
+    """Refuse, in one line naming the file, to cut tiles from an image whose content changed
+    since ingest (``slides.image_hash``; its spots, tissue QC and stain estimate were made on
+    the old file): the slide must be ingested again. ``slide_ids``: only these slides (default
+    all of ``slide_tab``); slides of older stores (no hash) are not checked."""
+    if "image_hash" not in slide_tab.columns:
+        return
+    rows = slide_tab if slide_ids is None else slide_tab.filter(pl.col("slide_id").is_in(sorted(slide_ids)))
+    for sid, path, recorded, dataset in rows.select("slide_id", "image_path", "image_hash", "dataset").iter_rows():
+        if recorded is None:
+            continue
+        try:
+            now = image_fingerprint(path)
+        except OSError as exc:
+            raise InputError(path, "image", f"slide {sid!r}: cannot read its image ({exc.strerror or exc})") from exc
+        if now != recorded:
+            raise InputError(
+                path,
+                "image",
+                f"slide {sid!r}: the image changed on disk since it was ingested (content hash); "
+                f"re-ingest it first: stimage-embed ingest {dataset} --slide {sid}",
+            )
 
 
 def existing_keys(store: Store, table: str) -> set[tuple[str, str]]:
@@ -47,28 +137,24 @@ def select_spots(store: Store, slides: list[str] | None, only_qc: bool) -> tuple
 
 
 def stain_target(
-    store: Store, backbones: list[str], stain: str, stain_template: str | None, fresh: bool
-) -> tuple[str | None, SlideStainFit | None, dict]:
-    """(template slide, per-slide stain fit for the stream, stain description for provenance).
+    store: Store, backbones: list[str], stain: str, stain_template: str | None, replacing: set[str]
+) -> tuple[str | None, SlideStainFit | None, dict, str | None]:
+    """(template slide, per-slide stain fit for the stream, stain description for provenance,
+    how the template was chosen if the pass must record it: ``stain_target.record``).
 
-    Default template: the one the tables' vectors were normalised against (unless ``fresh``:
-    every table is replaced), else the first slide. Per-slide estimates come from ingest."""
+    The template is the store's one stain target (:mod:`stimage_embed.embeddings.stain_target`);
+    ``replacing``: the tables this pass rewrites whole. Per-slide estimates come from ingest."""
     if stain == "none":
-        return None, None, {"method": stain}
+        return None, None, {"method": stain}, None
+    template_id, chosen_by = resolve_template(store, stain_template, replacing)
     all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
-    recorded = (
-        None
-        if stain_template or fresh
-        else P.recorded_stain_template(store, [S.embedding_table_name(b) for b in backbones])
-    )
-    template_id = stain_template or recorded or all_slides["slide_id"][0]
     row = all_slides.filter(pl.col("slide_id") == template_id)
-    if row.height == 0:
-        raise InputError(None, "--stain-template", f"template slide {template_id!r} is not in the store")
+    check_images(row)
     # per-slide stain estimates made at ingest (same thumbnail and tissue mask): not recomputed
     estimates = stored_stain_estimates(all_slides)
     target = template_normalizer(stain, row["image_path"][0], estimates.get(template_id))
-    return template_id, SlideStainFit(target, template_slide=template_id, estimates=estimates), target.to_dict()
+    fit = SlideStainFit(target, template_slide=template_id, estimates=estimates)
+    return template_id, fit, target.to_dict(), chosen_by
 
 
 def prepare_table(
@@ -82,15 +168,24 @@ def prepare_table(
     overwrite: bool,
     slides: list[str] | None,
     table: str | None = None,
+    deferred: dict[str, str] | None = None,
 ) -> tuple[str, dict, set]:
     """Ready one backbone's table for this pass: ``--overwrite`` (whole table, or only
     ``slides``' vectors), provenance checked and repaired. ``prov``: provenance without
-    the precision. Returns (precision, full provenance, keys already stored)."""
+    the precision. Returns (precision, full provenance, keys already stored).
+
+    ``deferred``: a dict to receive ``table -> Lance filter`` of the old vectors an
+    ``--overwrite`` replaces, instead of deleting them now: the pass deletes them in the
+    same commit as its first new vectors (``Store.replace_where``), so a pass that fails
+    before it wrote anything leaves the old vectors in place. Without it (the Ray plan),
+    they are deleted here, after every option was checked."""
     table = table or S.embedding_table_name(name)
-    if overwrite and not slides and store.has_table(table):
+    whole = overwrite and not slides and store.has_table(table)
+    if whole and (deferred is None or _stored_dim(store, table) != bb.embed_dim):
         store.drop_table(table)
         P.forget(store, table)
-    old = P.existing_provenance(store, table)
+        whole = False
+    old = [] if whole else P.existing_provenance(store, table)
     if precision == "auto" and old:
         precision = old[0].get("precision", "auto")  # resume with the table's precision
     precision, probe = choose_precision(bb, dev, precision)
@@ -100,6 +195,9 @@ def prepare_table(
         "package_version": __version__,
         "embed_dim": bb.embed_dim,
     }
+    if whole:  # every stored vector is replaced: keys, provenance and repairs of the old ones do not matter
+        deferred[table] = "slide_id IS NOT NULL"
+        return precision, prov, set()
     try:
         P.check_compatible(store, table, prov)
     except ProvenanceError as exc:
@@ -109,10 +207,22 @@ def prepare_table(
                 "the table's provenance; omit --slide to replace every slide's)"
             ) from exc
         raise
-    if overwrite and slides:  # replace only these slides' vectors
-        store.delete(table, f"slide_id IN ({sql_list(slide_tab['slide_id'])})")
     P.repair(store, table, slide_tab)
-    return precision, prov, existing_keys(store, table)
+    keys = existing_keys(store, table)
+    if overwrite and slides and store.has_table(table):  # replace only these slides' vectors
+        scope = f"slide_id IN ({sql_list(slide_tab['slide_id'])})"
+        if deferred is None:
+            store.delete(table, scope)
+        else:
+            deferred[table] = scope
+        keys = {k for k in keys if k[0] not in set(slide_tab["slide_id"])}
+    return precision, prov, keys
+
+
+def _stored_dim(store: Store, table: str) -> int | None:
+    """Width of the stored vectors of ``table`` (None if it has no fixed-size vector column)."""
+    field = store.dataset(table).schema.field("vector")
+    return getattr(field.type, "list_size", None)
 
 
 def work_list(

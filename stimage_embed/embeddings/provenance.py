@@ -60,9 +60,39 @@ def vector_table_name(backbone: str, context_um: float | None = None) -> str:
     return base if context_um is None else base + CONTEXT_SUFFIX.format(width=context_width_label(context_um))
 
 
+def identity(prov: dict[str, Any]) -> dict[str, Any]:
+    """What decides whether two sets of vectors are interchangeable: the
+    :data:`IDENTITY_FIELDS` and ``stain_target``, the ``target_hash`` of the stain target the
+    vectors were normalised against (every record keeps it in ``stain``; None without stain
+    normalisation). Used by ``embed`` (appending), ``train``/``predict`` and ``compare``."""
+    stain = prov.get("stain")
+    if "stain_target" in prov:
+        target = prov["stain_target"]
+    elif isinstance(stain, list):  # a composite's provenance: one value per part
+        target = [(s or {}).get("target_hash") for s in stain]
+    else:
+        target = (stain or {}).get("target_hash")
+    return {**{k: prov.get(k) for k in IDENTITY_FIELDS}, "stain_target": target}
+
+
 def provenance_id(prov: dict[str, Any]) -> str:
-    canon = json.dumps({k: prov.get(k) for k in IDENTITY_FIELDS}, sort_keys=True, default=str)
+    """Id of a provenance record: hash of its identity. Records written before the stain
+    target was part of the identity (no top-level ``stain_target``) keep the id their vectors
+    carry; a table never mixes targets either way (:func:`check_compatible`)."""
+    ident = identity(prov)
+    if "stain_target" not in prov:
+        ident.pop("stain_target")
+    canon = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def setup_id(prov: dict[str, Any]) -> str:
+    """Id of how vectors are made, without the stain target's fitted numbers (the id an older
+    record has): part of a run's configuration (``predictions.runs``), while the target
+    itself is part of the input versions, so a new target supersedes runs instead of
+    starting a new configuration."""
+    ident = {k: v for k, v in identity(prov).items() if k != "stain_target"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _used_ids(store: Store, table_name: str) -> set[str]:
@@ -130,19 +160,29 @@ def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> Non
     """Refuse to append vectors whose provenance differs from the table's."""
     if not store.has_table(table_name):
         return
-    for old in existing_provenance(store, table_name):
-        diff = {k: (old.get(k), prov.get(k)) for k in IDENTITY_FIELDS if old.get(k) != prov.get(k)}
+    new = identity(prov)
+    for old in map(identity, existing_provenance(store, table_name)):
+        diff = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
         if diff:
             lines = "; ".join(f"{k}: table has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
+            hint = (
+                " The stain target changed (its template slide was re-ingested): every vector normalised "
+                "against the old one is stale; re-embed the table: "
+                f"stimage-embed embed --overwrite --backbone {prov['backbone']}"
+                if set(diff) == {"stain_target"}
+                else " Use --overwrite to replace the table's vectors, or embed into another store."
+            )
             raise ProvenanceError(
-                f"{store.path}/{table_name}: refusing to append vectors with a different provenance ({lines}). "
-                "Use --overwrite to replace the table's vectors, or embed into another store."
+                f"{store.path}/{table_name}: refusing to append vectors with a different provenance ({lines}).{hint}"
             )
 
 
 def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
     """Commit the provenance record (if not there yet) and return its id. Commit it before
     the vectors that carry its id: until some vector uses it, it is ignored."""
+    same = [p for p in existing_provenance(store, table_name) if identity(p) == identity(prov)]
+    if same:  # the table's own record (an older one may lack the top-level stain_target): its id
+        return provenance_id(same[0])
     pid = provenance_id(prov)
     if (
         store.has_table("provenance")

@@ -18,12 +18,16 @@ import torch
 from stimage_embed.backbones import create_model
 from stimage_embed.embeddings import provenance as P
 from stimage_embed.embeddings.embed_plan import (
+    check_images,
+    check_options,
     prepare_table,
+    provenance_base,
     select_spots,
     stain_target,
     work_list,
 )
 from stimage_embed.embeddings.ray_stages import need_column
+from stimage_embed.embeddings.stain_target import record as stain_target_record
 from stimage_embed.embeddings.tile_stream import Chunk, SlideJob, SlideStainFit
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store.store import Store
@@ -88,8 +92,7 @@ def plan_pass(
     provenance records (and, with ``overwrite``, drops or deletes the old vectors).
     Units: ``tile_um`` / ``context_um`` in µm. ``device``: where the workers run the models
     (``cuda``: precision from the spec, as the local pass on a GPU)."""
-    if not backbones:
-        raise InputError(None, "--backbone", "name at least one backbone")
+    check_options(batch_size, precision=precision, device=device, backbones=backbones)  # before any write
     if not store.has_table("spots"):
         raise StoreError(f"{store.path}: no spots; run `stimage-embed ingest` first")
     if context_um is not None:
@@ -98,29 +101,19 @@ def plan_pass(
         P.context_width_label(context_um)  # a positive width, or a one-line error
         tile_um = float(context_um)
     slide_tab, spots = select_spots(store, slides, only_qc)
+    check_images(slide_tab)  # before --overwrite deletes anything
     plan = Plan(weights=dict(weights or {}), overrides=dict(overrides or {}))
     plan.models = {
         n: create_model(n, weights=plan.weights.get(n), device="cpu", overrides=plan.overrides.get(n))
         for n in backbones
     }
-    template_id, plan.stain_factory, stain_desc = stain_target(
-        store, backbones, stain, stain_template, overwrite and not slides
+    names = {P.vector_table_name(b, context_um) for b in backbones}
+    template_id, plan.stain_factory, stain_desc, chosen_by = stain_target(
+        store, backbones, stain, stain_template, names if overwrite and not slides else set()
     )
     provs = {}
     for name, bb in plan.models.items():
-        prov = {
-            "backbone": name,
-            "spec_hash": bb.spec.spec_hash(),
-            "weights_sha256": bb.weights_sha256,
-            "transform": bb.transform_description(),
-            "tile_um": tile_um if tile_um is not None else "spot_diameter",
-            "tile_px": bb.input_size,
-            "stain_method": stain,
-            "stain_template": template_id,
-            "stain": stain_desc,
-        }
-        if context_um is not None:
-            prov["context_um"] = float(context_um)
+        prov = provenance_base(name, bb, tile_um, stain, template_id, stain_desc, context_um)
         plan.tables[name] = P.vector_table_name(name, context_um)
         plan.precision[name], provs[name], plan.done[name] = prepare_table(
             store,
@@ -136,6 +129,7 @@ def plan_pass(
         )
     plan.jobs, plan.chunks = work_list(slide_tab, spots, tile_um, batch_size, plan.done)
     if plan.chunks:  # as the local pass: a record only for a pass that writes vectors
+        stain_target_record(store, template_id, chosen_by)
         plan.pids = {name: P.record(store, plan.tables[name], provs[name]) for name in plan.models}
     plan.tissue = dict(zip(zip(spots["slide_id"], spots["spot_id"]), spots["tissue_fraction"]))
     ghash = dict(zip(slide_tab["slide_id"], slide_tab["geometry_hash"])) if "geometry_hash" in slide_tab.columns else {}

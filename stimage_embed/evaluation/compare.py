@@ -13,9 +13,12 @@ same fold with each slide's vectors permuted among its own spots (train and test
 image features no longer belong to their spots while everything else (slides, genes,
 counts, the per-slide distribution of vectors) is unchanged. A pipeline that predicts
 from the image alone scores about 0 there; a score well above 0 means something other
-than the image (e.g. a test spot's measured library size) reaches the prediction. A run is committed by its ``runs`` row,
-written after its predictions and metrics; rows of runs that never committed (a crash)
-are removed at the start of the next ``compare``.
+than the image (e.g. a test spot's measured library size) reaches the prediction.
+
+Run identity and life cycle (pending marks with owner and lease, the ``runs`` row written
+last, clean-up of abandoned runs, reuse only of current runs with rows) live in
+:mod:`stimage_embed.predictions.runs`: a run id covers the content of its inputs, so a
+re-ingested or re-embedded slide makes new runs and the old ones are marked superseded.
 """
 
 from __future__ import annotations
@@ -26,34 +29,45 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 from tqdm.auto import tqdm
 
-from stimage_embed.embeddings.provenance import provenance_id
-from stimage_embed.errors import InputError, StoreError
+from stimage_embed.embeddings.provenance import provenance_id, setup_id
+from stimage_embed.evaluation.compare_plan import (
+    check_config,
+    check_targets,
+    fold_slides,
+    folds_of,
+    single_backbone_heads,
+)
 from stimage_embed.evaluation.scoring import score_run
-from stimage_embed.evaluation.splits import Fold, make_folds, parse_split
+from stimage_embed.evaluation.splits import Fold
 from stimage_embed.evaluation.views import leaderboard
 from stimage_embed.predictions.arrays import (
     SpotArrays,
-    embedded_slides,
     load_spot_arrays,
     shuffled_within_slides,
     table_provenance,
+    vector_parts,
 )
 from stimage_embed.predictions.fstimage import combine_backbones
 from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
-from stimage_embed.predictions.registry import HEADS, head_names, head_spec
+from stimage_embed.predictions.registry import head_names, head_spec
 from stimage_embed.predictions.runner import fit_head, head_config, make_head, predict_head
-from stimage_embed.predictions.runs import committed_runs, run_hash, runs_row
+from stimage_embed.predictions.runs import (
+    committed_runs,
+    drop_abandoned,
+    input_versions,
+    reusable_runs,
+    run_hash,
+    run_identity,
+    runs_row,
+    write_runs,
+)
 from stimage_embed.predictions.workers import threaded_map
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
-
-#: the leak controls ``compare`` can run beside the real vectors ("none" = the real vectors)
-CONTROLS = ("none", "shuffled")
 
 
 @dataclass
@@ -83,100 +97,16 @@ class CompareResult:
     run_ids: list[str]
 
 
-def _drop_uncommitted(store: Store) -> None:
-    """Remove the rows of runs proven orphaned, under the store's writer lock.
-
-    ``_write_runs`` marks a run pending (``<store>/.pending/compare/<run_id>``) before its
-    first row and clears the mark after its ``runs`` row, all under the lock. So here, under
-    the lock, a pending run without a ``runs`` row was cut short by a crash: its rows go.
-    Rows of anything else without a ``runs`` row (``predict``, image-only inference, a run
-    another process is writing) are never touched."""
-    with store.writer("compare"):
-        done = committed_runs(store)
-        for rid in store.pending("compare"):
-            if rid not in done:
-                for name in ("predictions", "metrics"):
-                    n = store.delete(name, f"run_id IN ({sql_list([rid])})")
-                    if n:
-                        log.warning(
-                            "removing %d row(s) of run %s from %s: its writer was interrupted before committing it",
-                            n,
-                            rid,
-                            name,
-                        )
-            store.clear_pending("compare", rid)
+def _table(backbone: str) -> str:
+    return S.embedding_table_name(backbone)
 
 
-def _embedded_slides(store: Store, backbones: list[str]) -> set[str]:
-    """Slides with counts (rows in ``expression``) and vectors in every backbone's table;
-    image-only slides (``infer``) have no counts and are never in a fold."""
-    with_counts = (
-        set(store.sql("SELECT DISTINCT slide_id FROM expression")["slide_id"])
-        if store.has_table("expression")
-        else set()
-    )
-    sets = [embedded_slides(store, b) for b in backbones]
-    return set.intersection(with_counts, *sets) if sets else set()
-
-
-def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
-    slides = pl.from_arrow(store.read("slides", ["dataset", "slide_id", "patient"]))
-    have = _embedded_slides(store, cfg.backbones)
-    skipped = sorted(set(slides["slide_id"]) - have)
-    if skipped:
-        log.warning(
-            "slides without vectors for every backbone (%s) are left out of the folds: %s",
-            ", ".join(cfg.backbones),
-            skipped,
-        )
-    slides = slides.filter(pl.col("slide_id").is_in(sorted(have)))
-    if slides.height == 0:
-        raise StoreError(
-            f"{store.path}: no slide has vectors for all of {cfg.backbones}; run `stimage-embed embed` first"
-        )
-    datasets = cfg.datasets or sorted(slides["dataset"].unique().to_list())
-    unknown = sorted(set(datasets) - set(slides["dataset"]))
-    if unknown:
-        raise InputError(None, "--dataset", f"datasets not in the store: {unknown}")
-    out = []
-    for ds in datasets:
-        if cfg.train_slides is not None:
-            sub = set(slides.filter(pl.col("dataset") == ds)["slide_id"])
-            tr, te = [s for s in cfg.train_slides if s in sub], [s for s in cfg.test_slides or [] if s in sub]
-            if tr and te:
-                out.append((ds, Fold("explicit", tr, te)))
-            continue
-        for fold in make_folds(slides, parse_split(cfg.split), datasets=[ds]):
-            out.append((ds, fold))
-    if not out:
-        raise InputError(None, "--split", "no fold could be formed from the store's slides")
-    return out
-
-
-def _check_config(cfg: CompareConfig) -> list[str]:
-    """Validate the heads and controls of ``cfg``; returns the controls to run ("none" first)."""
-    bad = sorted(set(cfg.heads) - set(HEADS))
-    if bad:
-        raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
-    spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
-    if spanning and len(cfg.backbones) < 2:
-        raise InputError(
-            None, "--heads", f"{', '.join(spanning)} average several backbones: give at least two --backbones"
-        )
-    bad = sorted(set(cfg.controls) - set(CONTROLS[1:]))
-    if bad:
-        raise InputError(None, "--control", f"unknown controls {bad}; choose from {', '.join(CONTROLS[1:])}")
-    return ["none"] + [c for c in CONTROLS[1:] if c in cfg.controls]
-
-
-def _single_backbone_heads(cfg: CompareConfig) -> list[str]:
-    """The per-backbone heads to fit, each after the head it takes ``alpha`` from, plus the
-    heads a spanning head combines (``nb`` for FSTimage) even when not asked for."""
-    wanted = [h for h in cfg.heads if not head_spec(h).spans_backbones]
-    wanted += [c for c in {head_spec(h).combines for h in cfg.heads} - set(wanted) if c]
-    order = {h: i for i, h in enumerate(head_names())}
-    sources = {head_spec(h).takes_alpha_from for h in wanted}
-    return sorted(wanted, key=lambda h: (head_spec(h).takes_alpha_from is not None, h not in sources, order[h]))
+def _inputs_of(ses: _Session, base: dict, tables: set[str]) -> dict[str, dict[str, str]]:
+    """The input versions of a run on ``base``'s slides: counts and the ``tables`` used."""
+    return {
+        s: {k: v for k, v in ses.versions[s].items() if k == "expression" or k in tables}
+        for s in sorted({*base["train"], *base["test"]})
+    }
 
 
 @dataclass
@@ -190,6 +120,10 @@ class _Session:
     slides: pl.DataFrame
     provs: dict[str, dict]
     bar: Any
+    #: slide -> content version of its counts and of each vector table (``runs.input_versions``)
+    versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: run id -> its config id (spanning heads hash their members' config ids)
+    config_of: dict[str, str] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
     #: run id -> predictions of a run a spanning head combines, computed in this call
     member_predictions: dict[str, pl.DataFrame] = field(default_factory=dict)
@@ -221,22 +155,24 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     of a fold is fitted, this thread runs the heads spanning backbones (FSTimage) from the
     fold's predictions in memory and writes all the fold's runs in one batch."""
     t0 = time.perf_counter()
-    controls = _check_config(cfg)
+    controls = check_config(cfg)
     provs = {bb: table_provenance(store, bb) for bb in cfg.backbones}
-    _drop_uncommitted(store)
-    folds = _folds(store, cfg)
-    single = _single_backbone_heads(cfg)
+    check_targets(store, cfg)
+    drop_abandoned(store)
+    folds = folds_of(store, cfg)
+    single = single_backbone_heads(cfg)
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     per_fold = len(cfg.backbones) * len(single) + len(spanning)
     bar = tqdm(total=len(folds) * len(controls) * per_fold, desc="compare", unit="run", disable=not progress)
     ses = _Session(
         store,
         cfg,
-        committed_runs(store),
+        reusable_runs(store, sorted(committed_runs(store))),
         pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"])),
         pl.from_arrow(store.read("slides", ["slide_id", "um_per_px", "spot_pitch_um", "platform"])),
         provs,
         bar,
+        input_versions(store, sorted({_table(p) for b in cfg.backbones for p in vector_parts(b)}), fold_slides(folds)),
     )
     tasks: list[_Task] = []
     # each fold's genes from its training counts, the folds side by side (reads and sparse sums)
@@ -313,16 +249,17 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
         for head in heads:
             spec = head_spec(head)
             params = ses.cfg.head_params.get(head, {})
-            rid = run_hash(
-                {
-                    **base,
-                    "backbone": task.backbone,
-                    "provenance": pid,
-                    "head": head,
-                    "params": params,
-                    "effective_params": head_config(head, params),
-                }
-            )
+            config = {
+                **base,
+                "backbone": task.backbone,
+                "provenance": setup_id(ses.provs[task.backbone]),
+                "head": head,
+                "params": params,
+                "effective_params": head_config(head, params),
+            }
+            tables = {_table(p) for p in vector_parts(task.backbone)}
+            inputs = _inputs_of(ses, base, tables)
+            rid, ses.config_of[rid] = run_identity(config, inputs, list(inputs))
             ids[head] = rid
             if rid in ses.done:
                 out.reused += 1
@@ -357,6 +294,8 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
                 n_train_spots=train.X.shape[0],
                 fit_seconds=fit_s,
                 control=base["control"],
+                config_id=ses.config_of[rid],
+                inputs=inputs,
             )
             out.computed.append((row, pred, score_run(pred, ses.spots, ses.slides, head)))
         out.ids.append(ids)
@@ -369,6 +308,7 @@ def _run_spanning(
     """Run (or reuse) a head spanning backbones (FSTimage) from the fold's runs of the head
     it combines (``nb_runs``: backbone -> run id); returns the run to write (none if reused)."""
     rid = run_hash({**base, "head": head, "members": nb_runs, "missing": ses.cfg.missing})
+    cid = run_hash({**base, "head": head, "members": {b: ses.config_of[r] for b, r in nb_runs.items()}})
     ses.run_ids.append(rid)
     if rid in ses.done:
         for r in nb_runs.values():
@@ -400,55 +340,25 @@ def _run_spanning(
         n_train_spots=0,
         fit_seconds=0.0,
         control=base["control"],
+        config_id=cid,
     )
     ses.bar.update()
     return [(row, pred, score_run(pred, ses.spots, ses.slides, head))]
 
 
 def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]) -> None:
-    """Commit scored runs (``(runs row, predictions, metrics)``) together under the store's
-    writer lock: mark them pending, drop rows an interrupted attempt left, write all their
-    predictions, then all their metrics, then their ``runs`` rows (the commit markers), then
-    clear the marks: five commits for a whole fold (every backbone and head) instead of five per run. A run
-    another writer committed meanwhile is kept, not written twice."""
-    store = ses.store
-    with store.writer("compare", repair=False):  # compare() repaired the store when it started
-        already = committed_runs(store, [row["run_id"] for row, _, _ in runs])
-        if already:
-            log.info("runs %s were committed meanwhile by another writer; keeping them", sorted(already))
-        todo = [r for r in runs if r[0]["run_id"] not in already]
-        ids = [row["run_id"] for row, _, _ in todo]
-        if todo:
-            # rows of these runs can exist only if a writer was killed writing them: it left
-            # them marked pending (writers mark under the lock we hold), so only those are
-            # deleted, and a fresh run costs no scan of the predictions table
-            stale = sorted(set(ids) & set(store.pending("compare")))
-            for rid in ids:
-                store.mark_pending("compare", rid)
-            if stale:
-                for name in ("predictions", "metrics"):
-                    store.delete(name, f"run_id IN ({sql_list(stale)})")
-            store.append("predictions", pl.concat([pred for _, pred, _ in todo], how="vertical_relaxed"))
-            store.append(
-                "metrics",
-                pl.concat(
-                    [
-                        metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
-                            pl.lit(row["run_id"]).alias("run_id"),
-                            pl.lit(row["dataset"]).alias("dataset"),
-                            pl.lit(row["backbone"]).alias("backbone"),
-                            pl.lit(row["head"]).alias("head"),
-                            pl.lit(row["fold"]).alias("fold"),
-                            pl.lit(row["control"]).alias("control"),
-                        )
-                        for row, _, metrics in todo
-                    ],
-                    how="vertical_relaxed",
-                ),
-            )
-            store.append("runs", pa.Table.from_pylist([row for row, _, _ in todo], schema=S.RUNS))
-            for rid in ids:
-                store.clear_pending("compare", rid)
+    """Commit a fold's scored runs in one batch (:func:`stimage_embed.predictions.runs.write_runs`)."""
+    tagged = [
+        (
+            row,
+            pred,
+            metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+                *(pl.lit(row[c]).alias(c) for c in ("run_id", "dataset", "backbone", "head", "fold", "control"))
+            ),
+        )
+        for row, pred, metrics in runs
+    ]
+    write_runs(ses.store, tagged)
     for row, _, _ in runs:
         ses.done.add(row["run_id"])
     ses.computed += len(runs)

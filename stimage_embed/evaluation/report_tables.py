@@ -111,7 +111,13 @@ def run_view(view: str, **frames: pl.DataFrame) -> pl.DataFrame:
     con = duckdb.connect()
     try:
         for name in tables:
-            con.register(name, frames[name].to_arrow())
+            frame = frames[name]
+            if name == "runs":  # run-status columns a frame of a few run columns lacks (none superseded)
+                status = {"config_id": pl.String, "created_at": pl.Datetime("us", "UTC")}
+                frame = frame.with_columns(
+                    pl.lit(None, t).alias(c) for c, t in status.items() if c not in frame.columns
+                )
+            con.register(name, frame.to_arrow())
         return con.sql(f"SELECT * FROM ({sql})").pl()
     finally:
         con.close()

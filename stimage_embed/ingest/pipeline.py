@@ -5,21 +5,23 @@ image opens, µm/px, coordinates inside the image, tissue QC). Only when all sli
 pass is anything written, so bad input never leaves the store half-updated. Each
 table is then updated with one atomic commit that replaces the ingested slides' rows.
 
-The ``slides`` row is a slide's commit marker: a re-ingest first removes it, then
-replaces ``genes``, ``expression`` and ``spots``, and writes ``slides`` last. A run
-killed in between leaves rows without a ``slides`` row, which no query joins to and the
-next writer removes under the store lock (:meth:`Store.recover`); a re-run restores
-the exact state. Each slide records a ``geometry_hash`` of what its tiles depend on
-(image bytes, spot ids and centres, µm/px, spot diameter) so ``embed`` can tell when
-its vectors no longer match.
+A (re-)ingest replaces ``genes``, ``expression``, ``spots`` and then ``slides`` (one commit
+each) under a pending mark recording each table's version before it; a commit that fails
+(disk full) puts the tables back at once, and a killed run is put back by the next writer
+(:meth:`Store.recover`), so a failed re-ingest leaves the previous version of the slide
+whole. Each slide records an ``image_hash`` (the file's content), a ``geometry_hash`` of
+what its tiles depend on (image bytes, spot ids and centres, µm/px, spot diameter) and an
+``expression_hash`` of its counts, so ``embed`` and ``compare`` can tell when an input changed
+(:mod:`stimage_embed.ingest.fingerprint`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,11 @@ from tqdm.auto import tqdm
 from stimage_embed import __version__
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.ingest.catalog import DatasetCatalog, load_catalog
+from stimage_embed.ingest.fingerprint import expression_hash, geometry_hash, image_fingerprint
 from stimage_embed.ingest.geometry import fit_lattice, resolve_um_per_px
 from stimage_embed.ingest.readers import get_reader
 from stimage_embed.ingest.types import SlideData
+from stimage_embed.store import intents
 from stimage_embed.store import schema as S
 from stimage_embed.store.maintenance import maintain
 from stimage_embed.store.store import Store, sql_list
@@ -62,34 +66,6 @@ def _padded_fractions(cx: np.ndarray, cy: np.ndarray, size: float, width: int, h
     ix = np.clip(np.minimum(x0 + size, width) - np.maximum(x0, 0), 0, None)
     iy = np.clip(np.minimum(y0 + size, height) - np.maximum(y0, 0), 0, None)
     return 1.0 - ix * iy / (size * size)
-
-
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def geometry_hash(
-    image_path: Path,
-    spot_ids: np.ndarray,
-    pixel_x: np.ndarray,
-    pixel_y: np.ndarray,
-    um_per_px: float,
-    spot_diameter_um: float,
-) -> str:
-    """Hash of everything a slide's tiles are cut from: the image file's bytes, the spot ids
-    with their centres (level-0 px), µm/px and the spot diameter (default tile width)."""
-    order = np.argsort(np.asarray(spot_ids).astype(str), kind="stable")
-    h = hashlib.sha256()
-    h.update(file_sha256(Path(image_path)).encode())
-    h.update("\0".join(np.asarray(spot_ids).astype(str)[order]).encode())
-    h.update(np.ascontiguousarray(np.asarray(pixel_x, np.float64)[order]).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(pixel_y, np.float64)[order]).tobytes())
-    h.update(repr((float(um_per_px), float(spot_diameter_um))).encode())
-    return h.hexdigest()[:32]
 
 
 def _stain_estimate(thumb: np.ndarray, mask: np.ndarray, image_path: Path) -> str | None:
@@ -149,8 +125,9 @@ def _check_in_image(data: SlideData, spots_file: object, width: int, height: int
         raise InputError(
             spots_file,
             "pixel_x/pixel_y",
-            f"no spot centre of slide {data.slide_id!r} falls inside the {width}x{height} px image {data.image_path.name} "
-            f"(x in [{data.pixel_x.min():.0f}, {data.pixel_x.max():.0f}], y in [{data.pixel_y.min():.0f}, {data.pixel_y.max():.0f}]); "
+            f"no spot centre of slide {data.slide_id!r} falls inside the {width}x{height} px image "
+            f"{data.image_path.name} (x in [{data.pixel_x.min():.0f}, {data.pixel_x.max():.0f}], "
+            f"y in [{data.pixel_y.min():.0f}, {data.pixel_y.max():.0f}]); "
             "are the coordinates scaled (e.g. hires/lowres) or for another image?",
         )
     if not in_image.all():
@@ -262,6 +239,8 @@ def _slide_summary(
 ) -> dict:
     """The slide's ``slides`` row (schema :data:`stimage_embed.store.schema.SLIDES`)."""
     fit = qc.fit
+    image_hash = image_fingerprint(data.image_path)
+    full = image_hash.removeprefix("sha256:") if image_hash.startswith("sha256:") else None
     return {
         "dataset": catalog.name,
         "slide_id": data.slide_id,
@@ -292,9 +271,10 @@ def _slide_summary(
         "package_version": __version__,
         "ingested_at": dt.datetime.now(dt.timezone.utc),
         "geometry_hash": geometry_hash(
-            data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px, catalog.spot_diameter_um
+            data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px, catalog.spot_diameter_um, full
         ),
         "stain_estimate": qc.stain_estimate,
+        "image_hash": image_hash,
     }
 
 
@@ -305,23 +285,26 @@ def prepare_slide(catalog: DatasetCatalog, data: SlideData, tissue_threshold: fl
     total = np.asarray(counts.sum(1)).ravel().astype(np.int64)
     tables = _spot_tables(data, counts, total, qc)
     summary = _slide_summary(catalog, data, qc, int(total.sum()), tissue_threshold)
+    summary["expression_hash"] = expression_hash(data.spot_ids, data.genes, counts)
     slides = pa.Table.from_pylist([summary], schema=S.SLIDES)
     return PreparedSlide(data.slide_id, {"slides": slides, **tables}, summary)
 
 
-def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str]) -> None:
+def _geometry_hashes(store: Store, ids: list[str]) -> dict[str, str | None]:
+    """The recorded ``geometry_hash`` of slides ``ids`` (before a re-ingest overwrites them)."""
+    if not store.has_table("slides") or "geometry_hash" not in store.dataset("slides").schema.names:
+        return {}
+    old = store.read("slides", ["slide_id", "geometry_hash"], where=f"slide_id IN ({sql_list(ids)})")
+    return dict(zip(old["slide_id"].to_pylist(), old["geometry_hash"].to_pylist()))
+
+
+def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str], old_hashes: dict[str, str | None]) -> None:
     """Delete the vectors of re-ingested slides whose geometry hash changed (moved spots,
     another image or µm/px): they no longer match their spots. ``embed`` cuts them again.
     Vectors already stamped with the new hash stay; a slide recorded without a hash (older
-    store) cannot be compared and keeps its vectors."""
-    if not store.has_table("slides") or "geometry_hash" not in store.dataset("slides").schema.names:
-        return
-    old = pl.from_arrow(
-        store.read("slides", ["slide_id", "geometry_hash"], where=f"slide_id IN ({sql_list(new_hashes)})")
-    )
-    changed = {
-        s: new_hashes[s] for s, h in zip(old["slide_id"], old["geometry_hash"]) if h is not None and h != new_hashes[s]
-    }
+    store) cannot be compared and keeps its vectors. Runs after the slides are committed: if
+    it fails, ``embed`` (``provenance.repair``) and ``compare`` still see the vectors as stale."""
+    changed = {s: new_hashes[s] for s, h in old_hashes.items() if h is not None and h != new_hashes[s]}
     for table in (t for t in store.table_names() if t.startswith("embeddings_")):
         stamped = "geometry_hash" in store.dataset(table).schema.names
         for sid, new in changed.items():
@@ -334,6 +317,30 @@ def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str]) -> None:
                     sid,
                     n,
                 )
+
+
+def _write_slides(store: Store, prepared: list[PreparedSlide]) -> None:
+    """Replace the slides' rows in ``genes``, ``expression``, ``spots`` and ``slides`` (one
+    commit each, ``slides`` last), all or nothing: each table's version is recorded first in
+    a pending mark (``store.intents``); if a commit fails (e.g. disk full) the tables are put
+    back to those versions at once, and after a crash the next writer does it
+    (:meth:`Store.recover`). So a failed re-ingest leaves the previous slide whole."""
+    ids = [p.slide_id for p in prepared]
+    names = ("genes", "expression", "spots", "slides")
+    before = intents.table_versions(store, names)
+    key = f"{int(time.time() * 1e6)}-{os.getpid()}"
+    intents.mark(store, "ingest", key, {"versions": before, "slides": ids})
+    try:
+        for name in names:
+            store.replace_slides(name, pa.concat_tables([p.tables[name] for p in prepared]), ids)
+    except BaseException:
+        try:
+            intents.restore_versions(store, before)
+            intents.clear(store, "ingest", key)
+        except (OSError, RuntimeError, StoreError) as exc:  # e.g. still no space: the next writer restores
+            log.error("%s: could not restore the tables yet (%s); the next writer will", store.path, exc)
+        raise
+    intents.clear(store, "ingest", key)
 
 
 def ingest(
@@ -364,7 +371,8 @@ def ingest(
             )
             if clash.height:
                 raise StoreError(
-                    f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} already belong to dataset(s) "
+                    f"{catalog.source}: slides.id: slide id(s) {clash['slide_id'].to_list()} "
+                    "already belong to dataset(s) "
                     f"{clash['dataset'].unique().to_list()} in {store.path}; slide ids must be unique across the store"
                 )
 
@@ -373,14 +381,11 @@ def ingest(
             data = reader(catalog, entry)
             prepared.append(prepare_slide(catalog, data, tissue_threshold))
         ids = [p.slide_id for p in prepared]
-        _invalidate_moved_vectors(store, {p.slide_id: p.summary["geometry_hash"] for p in prepared})
-        # the slides row is the marker: removed first, written last (see the module doc)
-        store.delete("slides", f"slide_id IN ({sql_list(ids)})")
-        for name in ("genes", "expression", "spots", "slides"):
-            table = pa.concat_tables([p.tables[name] for p in prepared])
-            store.replace_slides(name, table, ids)
+        old_hashes = _geometry_hashes(store, ids)
+        _write_slides(store, prepared)
+        _invalidate_moved_vectors(store, {p.slide_id: p.summary["geometry_hash"] for p in prepared}, old_hashes)
         # upkeep after the writes: slide_id index, compaction, old versions (store/maintenance.py)
         maintain(store, ["genes", "expression", "spots", "slides"])
     return pl.DataFrame([p.summary for p in prepared]).drop(
-        "source_files", "catalog_path", "package_version", "stain_estimate"
+        "source_files", "catalog_path", "package_version", "stain_estimate", "image_hash", "expression_hash"
     )

@@ -18,21 +18,24 @@ from pathlib import Path
 import polars as pl
 
 from heads import ProvenanceMismatch, check_provenance, load_head, save_head
-from stimage_embed.embeddings.provenance import IDENTITY_FIELDS, provenance_id
+from stimage_embed.embeddings.provenance import identity, provenance_id, setup_id
+from stimage_embed.embeddings.stain_target import check_same_target, check_table_target
 from stimage_embed.errors import InputError, ProvenanceError
-from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
+from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance, vector_parts
 from stimage_embed.predictions.genes import fold_genes
 from stimage_embed.predictions.registry import head_names
 from stimage_embed.predictions.runner import fit_head, make_head, predict_head
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, run_hash, runs_row
+from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, runs_row
+from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
 
 
 def vector_identity(prov: dict) -> dict:
-    """The provenance fields that decide whether two sets of vectors are interchangeable."""
-    return {k: json.dumps(prov.get(k), sort_keys=True, default=str) for k in IDENTITY_FIELDS}
+    """The provenance fields that decide whether two sets of vectors are interchangeable
+    (``provenance.identity``: incl. the stain target), JSON-encoded."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in identity(prov).items()}
 
 
 def models_dir(store: Store) -> Path:
@@ -64,41 +67,30 @@ def train(
     if unknown or not train_slides:
         raise InputError(None, "--train", f"training slides not in the store: {unknown or 'none given'}")
     prov = table_provenance(store, backbone)
+    tables = [S.embedding_table_name(p) for p in vector_parts(backbone)]
+    check_same_target(store, tables)
+    inputs = input_versions(store, tables, train_slides)  # refuses stale vectors
     gene_list = fold_genes(store, train_slides, genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
-    rid = run_hash(
-        {
-            "backbone": backbone,
-            "provenance": provenance_id(prov),
-            "head": head,
-            "params": params or {},
-            "train": sorted(train_slides),
-            "genes": gene_list,
-            "only_qc": only_qc,
-            "kind": "train",
-        }
-    )
+    config = {
+        "backbone": backbone,
+        "provenance": setup_id(prov),
+        "head": head,
+        "params": params or {},
+        "train": sorted(train_slides),
+        "genes": gene_list,
+        "only_qc": only_qc,
+        "kind": "train",
+    }
+    rid, cid = run_identity(config, inputs, train_slides)
     t0 = time.perf_counter()
     model = fit_head(head, make_head(head, params), arrays)
     fit_s = time.perf_counter() - t0
     out = models_dir(store) / rid
     save_head(model, out, provenance=vector_identity(prov))
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                "run_id": rid,
-                "backbone": backbone,
-                "head": head,
-                "genes": gene_list,
-                "gene_spec": genes,
-                "train_slides": sorted(train_slides),
-                "params": params or {},
-                "n_train_spots": int(arrays.X.shape[0]),
-                "fit_seconds": fit_s,
-            },
-            indent=2,
-        )
-    )
+    meta = dict(run_id=rid, backbone=backbone, head=head, genes=gene_list, gene_spec=genes, params=params or {})
+    meta |= dict(train_slides=sorted(train_slides), n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s)
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
     row = runs_row(
         run_id=rid,
         dataset=datasets_of(store, train_slides),
@@ -116,6 +108,8 @@ def train(
         n_train_spots=int(arrays.X.shape[0]),
         fit_seconds=fit_s,
         model_dir=str(out),
+        config_id=cid,
+        inputs=inputs,
     )
     with store.writer("train"):
         commit_run_row(store, row)
@@ -131,18 +125,8 @@ def train(
     return rid, out
 
 
-def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
-    """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
-
-    Under the store's writer lock; the model's ``runs`` row (split ``train``) is written if
-    the store lacks it (a model trained elsewhere), then the predictions replace the old
-    ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
-    leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
-    from safetensors import SafetensorError
-
-    path = Path(model)
-    if not path.is_dir():
-        path = models_dir(store) / model
+def _model_meta(path: Path) -> dict:
+    """A saved model's ``run.json``, checked (keys present, run id a hex hash)."""
     meta_file = path / "run.json"
     if not meta_file.is_file():
         raise InputError(meta_file, "model", "no saved model here (expected run.json); see `stimage-embed train`")
@@ -156,6 +140,23 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     rid = meta["run_id"]
     if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{8,64}", rid):
         raise InputError(meta_file, "run_id", f"not a run id (lower-case hex, 8-64 digits): {rid!r}")
+    return meta
+
+
+def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
+    """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
+
+    Under the store's writer lock; the model's ``runs`` row (split ``train``) is written if
+    the store lacks it (a model trained elsewhere), then the predictions replace the old
+    ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
+    leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
+    from safetensors import SafetensorError
+
+    path = Path(model)
+    if not path.is_dir():
+        path = models_dir(store) / model
+    meta = _model_meta(path)
+    rid = meta["run_id"]
     try:
         head = load_head(path)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -168,12 +169,16 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     with store.writer("predict"):
         prov = table_provenance(store, meta["backbone"])
         current = vector_identity(prov)
+        if "stain_target" not in (getattr(head, "provenance_", None) or {}):
+            current.pop("stain_target")  # a model saved before the stain target was part of the identity
         try:
             check_provenance(head, current)
         except ProvenanceMismatch as exc:
             raise ProvenanceError(
                 f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}"
             ) from exc
+        for part in vector_parts(meta["backbone"]):  # normalised against the store's current stain target
+            check_table_target(store, S.embedding_table_name(part))
         unknown = sorted(set(slides) - set(store.slide_ids()))
         if unknown or not slides:
             raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")

@@ -49,6 +49,12 @@ SLIDES = pa.schema(
         # 2048-px thumbnail, made at ingest so the embedding pass does not recompute it.
         # NULL in older stores or with too little tissue (the pass then fits it itself).
         pa.field("stain_estimate", pa.string()),
+        # the image file's content hash at ingest (``ingest.fingerprint.image_fingerprint``):
+        # ``embed`` refuses to cut tiles from a file that changed since. NULL in older stores.
+        pa.field("image_hash", pa.string()),
+        # hash of the slide's counts (spot ids, genes, raw counts) at ingest: part of the
+        # identity of every run using them (``predictions.runs``). NULL in older stores.
+        pa.field("expression_hash", pa.string()),
     ]
 )
 
@@ -170,6 +176,12 @@ RUNS = pa.schema(
         pa.field("fit_seconds", pa.float64()),
         pa.field("model_dir", pa.string()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        # hash of the configuration without the inputs' content: runs of one configuration on
+        # changed inputs share it; the newest is current, older ones superseded (``runs_status``)
+        pa.field("config_id", pa.string()),
+        # JSON: per slide, the content version of the counts and of each vector table used
+        # (``predictions.runs.input_versions``), part of ``run_id``. NULL in older stores.
+        pa.field("input_versions", pa.string()),
     ]
 )
 
@@ -232,6 +244,17 @@ PSEUDOBULK = pa.schema(
     ]
 )
 
+#: The store's one stain target (at most one row): the template slide every stain-normalised
+#: vector table is normalised against, recorded by the first normalising ``embed``
+#: (``embeddings.stain_target``). ``chosen_by``: explicit | rule | recorded (older stores).
+STAIN_TARGET = pa.schema(
+    [
+        pa.field("template_slide", pa.string(), nullable=False),
+        pa.field("chosen_by", pa.string()),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
 CORE_TABLES = {
     "slides": SLIDES,
     "spots": SPOTS,
@@ -242,4 +265,5 @@ CORE_TABLES = {
     "predictions": PREDICTIONS,
     "metrics": METRICS,
     "pseudobulk": PSEUDOBULK,
+    "stain_target": STAIN_TARGET,
 }

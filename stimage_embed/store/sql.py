@@ -66,8 +66,29 @@ def _cast_expr(name: str, t: pa.DataType) -> str:
     return f"arrow_cast(`{name}`, 'List(Float32)')"
 
 
+#: small tables whose newer nullable columns are shown as NULL in a store written before them
+#: (its next write adds them), so views naming them work on every store
+_SMALL_TABLES = ("runs", "slides")
+
+
+def _with_new_columns(name: str, dataset):
+    """``dataset``, or for a small table lacking newer nullable columns of its declared schema
+    (:data:`stimage_embed.store.schema.CORE_TABLES`), its rows with those columns as NULL."""
+    from stimage_embed.store.schema import CORE_TABLES
+
+    declared = CORE_TABLES.get(name) if name in _SMALL_TABLES else None
+    missing = [f for f in declared or () if f.name not in dataset.schema.names and f.nullable]
+    if not missing:
+        return dataset
+    table = dataset.to_table()
+    for f in missing:
+        table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 def register_table(con: duckdb.DuckDBPyConnection, name: str, dataset) -> None:
     """Register one Lance dataset under ``name`` so DuckDB can scan it."""
+    dataset = _with_new_columns(name, dataset)
     halves = _half_columns(dataset.schema)
     if not halves:
         con.register(name, dataset)

@@ -194,46 +194,16 @@ class Store:
             self._lock.release()
 
     def recover(self) -> None:
-        """Repair what a killed writer may have left (under the lock):
+        """Repair what a killed writer may have left (under the lock; ``store.intents.recover``)."""
+        from stimage_embed.store.intents import recover
 
-        * a table directory whose first commit never happened (unreadable) is removed;
-        * ``genes``/``expression``/``spots`` rows of a slide without a ``slides`` row (an
-          ingest killed between its commits; ``slides`` is its last commit) are deleted.
-        """
         with self._commit():
-            if not self.location.is_dir():
-                return
-            for name in self.db.list_tables().tables:
-                if not self._committed(name):
-                    log.warning("%s: removing table %r, whose creation was interrupted (no commit)", self.path, name)
-                    self.location.remove_tree(f"{name}.lance")
-            known = (
-                set(self.read("slides", ["slide_id"])["slide_id"].to_pylist()) if self.has_table("slides") else set()
-            )
-            for name in SLIDE_CHILD_TABLES:
-                if not self.has_table(name):
-                    continue
-                ids = set(pc.unique(self.read(name, ["slide_id"])["slide_id"]).to_pylist())
-                orphans = sorted(ids - known)
-                if orphans:
-                    log.warning(
-                        "%s: %s: removing rows of slide(s) %s left by an interrupted ingest (no slides row)",
-                        self.path,
-                        name,
-                        orphans,
-                    )
-                    self.delete(name, f"slide_id IN ({sql_list(orphans)})")
+            recover(self)
 
     # -- intents: markers of multi-commit writes in flight --------------------------
-    def mark_pending(self, kind: str, key: str) -> None:
-        """Record, before writing, that ``key`` of ``kind`` is being written (a file in the store)."""
-        self.location.touch(f"{PENDING_DIR}/{kind}/{key}")
-
-    def clear_pending(self, kind: str, key: str) -> None:
-        self.location.remove(f"{PENDING_DIR}/{kind}/{key}")
-
     def pending(self, kind: str) -> list[str]:
-        return self.location.listdir(f"{PENDING_DIR}/{kind}")
+        """Keys of ``kind`` with a pending mark (``store.intents``: marks of writes in flight)."""
+        return [k for k in self.location.listdir(f"{PENDING_DIR}/{kind}") if not k.endswith(".tmp")]
 
     # -- reading ------------------------------------------------------------------
     def sql(self, query: str, file_access: bool = True) -> pl.DataFrame:

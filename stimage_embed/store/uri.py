@@ -152,6 +152,33 @@ class StoreLocation:
         with fs.open_output_stream(p) as out:
             out.write(b"")
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small file (a pending mark's JSON); one PUT on object storage."""
+        if not self.remote:
+            (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f"{rel}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(self.path / rel)
+            return
+        fs, p = self._info(rel)
+        with fs.open_output_stream(p) as out:
+            out.write(data)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A small file's bytes, or None if it does not exist."""
+        if not self.remote:
+            try:
+                return (self.path / rel).read_bytes()
+            except FileNotFoundError:
+                return None
+        import pyarrow.fs as pafs
+
+        fs, p = self._info(rel)
+        if fs.get_file_info(p).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(p) as src:
+            return src.read()
+
     def remove(self, rel: str) -> None:
         """Delete one file (nothing if it does not exist)."""
         if not self.remote:

@@ -13,12 +13,24 @@ The ``compare`` report computes its aggregates with this same SQL over its polar
 
 from __future__ import annotations
 
-#: metrics joined to their run's split and gene spec (stores written before the leak
-#: control have NULL ``control``: read as 'none')
-SCORES = """
+#: every run with ``superseded``: a newer run of the same configuration exists (computed on
+#: changed inputs: re-ingested counts, re-embedded vectors; see ``predictions.runs``). Runs
+#: of older stores have no ``config_id``: their run id stands for it.
+RUNS_STATUS = """
+    SELECT *, coalesce(config_id, run_id) AS config_key,
+           coalesce(created_at < max(created_at) OVER (PARTITION BY coalesce(config_id, run_id)), false) AS superseded
+    FROM runs
+"""
+
+#: the filter of :data:`SCORES` keeping current runs only
+CURRENT_ONLY = "WHERE NOT r.superseded"
+
+#: metrics of current (not superseded) runs joined to their run's split and gene spec
+#: (stores written before the leak control have NULL ``control``: read as 'none')
+SCORES = f"""
     SELECT m.run_id, m.dataset, r.split, r.gene_spec, coalesce(m.control, 'none') AS control,
            m.backbone, m.head, m.fold, m.scope, m.slide_id, m.gene, m.metric, m.value
-    FROM metrics m JOIN runs r USING (run_id)
+    FROM metrics m JOIN ({RUNS_STATUS}) r USING (run_id) {CURRENT_ONLY}
 """
 
 _KEYS = "dataset, split, gene_spec, control"
@@ -35,6 +47,7 @@ GENE_SCORES = f"""
 
 #: view name -> (SQL, store tables it reads)
 EVALUATION_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "runs_status": (RUNS_STATUS, ("runs",)),
     # per dataset x split x gene spec x control x backbone x head: PCC over (test slide, gene) pairs
     "leaderboard": (
         f"""
@@ -113,13 +126,14 @@ EVALUATION_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
     # deciles of predicted sd (raw counts) per model: mean sd and mean |observed - mean| (raw counts);
     # rows without a finite, non-negative variance, a finite mean or an observed count are skipped
     "uncertainty_error": (
-        """
+        f"""
         WITH p AS (
             SELECT r.dataset, r.split, r.gene_spec, coalesce(r.control, 'none') AS control, r.backbone, r.head,
                    sqrt(CAST(p.variance AS DOUBLE)) AS sd,
                    abs(CAST(p.observed AS DOUBLE) - CAST(p.mean AS DOUBLE)) AS abs_error
-            FROM predictions p JOIN runs r USING (run_id)
-            WHERE isfinite(p.variance) AND p.variance >= 0 AND isfinite(p.mean) AND p.observed IS NOT NULL)
+            FROM predictions p JOIN ({RUNS_STATUS}) r USING (run_id)
+            WHERE NOT r.superseded AND isfinite(p.variance) AND p.variance >= 0 AND isfinite(p.mean)
+                  AND p.observed IS NOT NULL)
         SELECT dataset, split, gene_spec, control, backbone, head, decile, COUNT(*) AS n,
                avg(sd) AS sd_mean, avg(abs_error) AS abs_error_mean
         FROM (SELECT *, ntile(10) OVER (PARTITION BY dataset, split, gene_spec, control, backbone, head
