@@ -7,9 +7,12 @@ Errors from bad input are :class:`~stimage_embed.errors.InputError` naming the o
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import logging
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +27,8 @@ StoreOpt = Annotated[
     typer.Option(
         "--store",
         envvar="STIMAGE_STORE",
-        help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).",
+        help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).",
     ),
 ]
 ModelsDirOpt = Annotated[
@@ -40,7 +44,8 @@ DataRootOpt = Annotated[
     typer.Option(
         "--data-root",
         envvar="STIMAGE_DATA_ROOT",
-        help="Folder that relative catalog roots resolve against [default: ../shared/data].",
+        help="Folder that relative catalog roots resolve against.",
+        show_default="../shared/data",
     ),
 ]
 WaitOpt = Annotated[
@@ -63,8 +68,64 @@ def cli_errors(func: Callable) -> Callable:
         except StimageError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
+        except (OSError, RuntimeError, ValueError) as exc:  # disk full, read-only, permissions: one line
+            from stimage_embed.cli_checks import environment_error
+
+            line = environment_error(exc)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(2) from exc
 
     return wrapper
+
+
+class RepeatFilter(logging.Filter):
+    """Let a warning through once per message template; count the repeats (printed once at
+    exit by :func:`configure_logging`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats: Counter[tuple[str, str]] = Counter()
+        self.first: dict[tuple[str, str], str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        self.repeats[key] += 1
+        self.first.setdefault(key, record.getMessage())
+        return self.repeats[key] == 1
+
+    def summary(self) -> list[str]:
+        """One line per warning that repeated."""
+        return [
+            f"WARNING {key[0]}: {n - 1} more warning(s) like {self.first[key][:60]!r}... (-v shows each)"
+            for key, n in self.repeats.items()
+            if n > 1
+        ]
+
+    def report(self) -> None:
+        """Print :meth:`summary` on stderr (at exit)."""
+        for line in self.summary():
+            sys.stderr.write(line + "\n")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: INFO (DEBUG with ``verbose``); a repeated warning is shown once and
+    counted (every one with ``verbose``); third-party chatter at INFO is hidden."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("numexpr", "numexpr.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    repeat = RepeatFilter()
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, RepeatFilter)]:
+            handler.removeFilter(old)  # a second command in one process (tests) starts afresh
+            atexit.unregister(old.report)
+        handler.addFilter(repeat)
+    atexit.register(repeat.report)
 
 
 def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
@@ -83,7 +144,13 @@ def print_frame(df: pl.DataFrame, fmt: str = "table") -> None:
     elif fmt == "json":
         sys.stdout.write(df.write_json() + "\n")
     else:
-        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        with pl.Config(
+            tbl_rows=max(df.height, 1),
+            tbl_cols=-1,
+            fmt_str_lengths=80,
+            tbl_width_chars=30_000,  # never squeeze a column to one letter
+            tbl_hide_dataframe_shape=True,
+        ):
             typer.echo(str(df))
 
 
@@ -92,17 +159,31 @@ def split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def listed(values: str | list[str] | None, field: str) -> list[str]:
+    """The values of a list option, in the one convention of every verb: the option is
+    repeatable and each occurrence may be a comma list (``--slide A --slide B,C`` -> A, B, C).
+    Duplicates are kept once, in order. An option given only with empty items (``--heads ,``)
+    is an error naming ``field``, never an empty list taken silently."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    out = list(dict.fromkeys(v for item in items for v in split_csv(item)))
+    if items and not out:
+        raise InputError(None, field, f"no value given ({', '.join(repr(i) for i in items)})")
+    return out
+
+
 def first_line(exc: BaseException) -> str:
     """The first paragraph of an exception's message, on one line."""
     return " ".join(str(exc).split("\n\n")[0].split()) or type(exc).__name__
 
 
-def backbone_names(value: str, field: str) -> list[str]:
+def backbone_names(value: str | list[str] | None, field: str) -> list[str]:
     """Comma-separated backbone names, each checked (letters, digits, '_': they name tables;
     ``a+b`` joins the vectors of two tables, e.g. a spot tile and its ``--context-um`` window)."""
     from stimage_embed.store.schema import BACKBONE_NAME
 
-    names = split_csv(value)
+    names = listed(value, field)
     bad = [n for n in names if not all(BACKBONE_NAME.fullmatch(p) for p in n.split("+"))]
     if bad or not names:
         raise InputError(
@@ -138,14 +219,16 @@ def region_box(region: str | None) -> tuple[float, float, float, float] | None:
 
 
 def slides_from(
-    store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None
+    store_obj, sql: str | None, ids: str | list[str] | None, field: str, sql_field: str | None = None
 ) -> list[str] | None:
     """Slide ids from a comma list or from SQL returning a ``slide_id`` column (user SQL:
     run without file access; an error is one line naming the option)."""
     import duckdb
 
+    if ids and sql:
+        raise InputError(None, f"{field}/{sql_field or field + '-sql'}", "give the slide ids or the SQL, not both")
     if ids:
-        return split_csv(ids)
+        return listed(ids, field)
     if sql:
         sql_field = sql_field or f"{field}-sql"
         try:

@@ -34,3 +34,16 @@ def catalogs_dir() -> Path:
     """The folder holding ``datasets/``, ``backbones.yaml`` and ``genes/``."""
     env = os.environ.get(CATALOGS_ENV)
     return Path(env).expanduser().resolve() if env else PROJECT_ROOT / "catalogs"
+
+
+#: characters a slide id may hold: it names files (``<out>/<ID>.h5ad``) and appears in SQL filters
+_SAFE_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+")
+
+
+def safe_id(value: str) -> bool:
+    """True if ``value`` is safe as a slide id: letters, digits and ``._-+`` only, not
+    starting with a dot (so never ``.`` or ``..``), at most 128 characters."""
+    return 0 < len(value) <= 128 and not value.startswith(".") and set(value) <= _SAFE_ID_CHARS
+
+
+SAFE_ID_RULE = "letters, digits and . _ - + only, not starting with a dot"

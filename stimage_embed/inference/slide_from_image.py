@@ -27,6 +27,7 @@ from stimage_embed import __version__
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.inference.grid import TileGrid
 from stimage_embed.ingest.pipeline import geometry_hash
+from stimage_embed.paths import SAFE_ID_RULE, safe_id
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 from stimage_embed.tiles.image import RASTER_SUFFIXES, SlideImage, raster_size
@@ -179,10 +180,8 @@ def slides_table(
 def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
     """Refuse an id that belongs to a slide with counts; True if an image-only slide with
     this id exists already (it will be replaced)."""
-    if not slide_id or any(c in slide_id for c in "'\"/\\") or slide_id.strip() != slide_id:
-        raise InputError(
-            image_path, "--slide-id", f"invalid slide id {slide_id!r} (no quotes, slashes or surrounding spaces)"
-        )
+    if not safe_id(slide_id):
+        raise InputError(image_path, "--slide-id", f"invalid slide id {slide_id!r} ({SAFE_ID_RULE})")
     if not store.has_table("slides"):
         return False
     row = pl.from_arrow(
@@ -194,7 +193,8 @@ def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
         raise InputError(
             image_path,
             "--slide-id",
-            f"slide {slide_id!r} already exists in the store with counts (dataset {row['dataset'][0]!r}); choose another --slide-id",
+            f"slide {slide_id!r} already exists in the store with counts (dataset {row['dataset'][0]!r}); "
+            "choose another --slide-id",
         )
     return True
 

@@ -1,0 +1,61 @@
+"""What ``predict`` reports: the prediction rows written and, for every slide with measured
+counts, how well the predictions follow them (per-gene Pearson r over the slide's spots,
+summarised per slide)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from stimage_embed.evaluation.metrics import TARGET_SUM
+
+if TYPE_CHECKING:
+    from stimage_embed.store.store import Store
+
+
+def slide_pcc(pred: pl.DataFrame) -> pl.DataFrame:
+    """Per slide: genes scored, median and mean Pearson r between the predicted log1p CP10k
+    (``mean_log1p``, a function of the image vectors only) and the
+    measured log1p CP10k (``log1p(count / library_size * 1e4)``) over the slide's spots.
+    Slides without counts (``observed`` null) and genes constant on a slide are left out."""
+    have = pred.filter(pl.col("observed").is_not_null() & pl.col("mean_log1p").is_not_null())
+    if have.height == 0:
+        return pl.DataFrame(schema={"slide_id": pl.Utf8, "genes": pl.UInt32, "pcc_median": pl.Float64})
+    truth = (pl.col("observed").cast(pl.Float64) / pl.col("library_size").cast(pl.Float64) * TARGET_SUM).log1p()
+    per_gene = (
+        have.with_columns(truth.alias("_y"), pl.col("mean_log1p").alias("_p"))
+        .group_by("slide_id", "gene")
+        .agg(pl.corr("_y", "_p").alias("pcc"))
+        .filter(pl.col("pcc").is_not_nan() & pl.col("pcc").is_not_null())
+    )
+    return (
+        per_gene.group_by("slide_id")
+        .agg(
+            pl.len().alias("genes"),
+            pl.col("pcc").median().alias("pcc_median"),
+            pl.col("pcc").mean().alias("pcc_mean"),
+        )
+        .sort("slide_id")
+    )
+
+
+def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Path | None = None) -> list[str]:
+    """Run ``predict`` and return the lines to print: rows written, then each slide's PCC
+    summary (slides with counts); ``out``: also the h5ad, heatmaps and pseudo-bulk per slide."""
+    from stimage_embed.predictions.train_predict import predict as run_predict
+
+    pred = run_predict(store, model, list(slides))
+    lines = [
+        f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
+        f"{pred['gene'].n_unique()} genes, run {pred['run_id'][0]}"
+    ]
+    summary = slide_pcc(pred) if "mean_log1p" in pred.columns else pl.DataFrame()
+    for row in summary.iter_rows(named=True):
+        lines.append(
+            f"slide {row['slide_id']}: PCC against its measured counts (log1p CP10k) over {row['genes']} genes: "
+            f"median {row['pcc_median']:.3f}, mean {row['pcc_mean']:.3f}"
+        )
+    return lines
