@@ -24,7 +24,6 @@ import polars as pl
 import pytest
 import yaml
 from PIL import Image
-from store_cases import mini_dataset
 from typer.testing import CliRunner
 
 from stimage_embed.cli import app
@@ -32,24 +31,6 @@ from stimage_embed.store import Store
 
 
 # --- the base store and its snapshot ------------------------------------------------------
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, real_data_root):
-    """(store path, model run id, data folder) of the small real store, built once."""
-    from stimage_embed.embeddings.embed_pass import embed
-    from stimage_embed.ingest.pipeline import ingest
-    from stimage_embed.predictions.train_predict import train
-
-    root = tmp_path_factory.mktemp("bad_input")
-    catalog = mini_dataset(root / "data", real_data_root)
-    store = Store(root / "store")
-    ingest(str(catalog), store, progress=False)
-    embed(store, ["efficientnet_lite0"], precision="float32", num_workers=0, progress=False)
-    run_id, _ = train(store, "efficientnet_lite0", "ridge", "var:10", ["S1"])
-    # files of two new slides (real crops of C3 and B4), cut once and copied by each case
-    mini_dataset(root / "data" / "new", real_data_root, slides={"S3": "C3", "S4": "B4"}, name="new")
-    return root / "store", run_id, root / "data"
-
-
 def snapshot(path: Path) -> dict | None:
     """Every file of the store (path -> sha1) plus each table's version and row count."""
     if not path.exists():
@@ -77,8 +58,8 @@ class Env:
 
 
 @pytest.fixture()
-def world(base, tmp_path, real_data_root, monkeypatch):
-    store, run_id, data = base
+def world(mini_cli_store, tmp_path, real_data_root, monkeypatch):
+    store, run_id, data = mini_cli_store
     shutil.copytree(store, tmp_path / "store")
     shutil.copytree(data, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
