@@ -266,6 +266,9 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
     paired = paired_comparisons(store_obj, run_ids=result.run_ids)
     if paired.height:
         typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
+        better = pl.concat_str(pl.col("a_backbone"), pl.lit("/"), pl.col("a_head"), pl.lit(" better"))
+        worse = pl.concat_str(pl.col("b_backbone"), pl.lit("/"), pl.col("b_head"), pl.lit(" better"))
+        verdict = pl.when(pl.col("verdict") == "a").then(better).when(pl.col("verdict") == "b").then(worse)
         print_frame(
             paired.select(
                 "dataset",
@@ -275,7 +278,7 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
                 "b_head",
                 "n_pairs",
                 *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")],
-                "verdict",
+                verdict.otherwise(pl.lit("tie (95 % CI covers 0)")).alias("verdict"),
             )
         )
     if report is not None:

@@ -123,6 +123,12 @@ def _folds(store: Store, cfg: CompareConfig) -> list[tuple[str, Fold]]:
     slides = pl.from_arrow(store.read("slides", ["dataset", "slide_id", "patient"]))
     have = _embedded_slides(store, cfg.backbones)
     skipped = sorted(set(slides["slide_id"]) - have)
+    image_only: set[str] = set()
+    if skipped and store.has_table("expression"):  # no measured counts: never scored, not "without vectors"
+        image_only = set(skipped) - set(store.sql("SELECT DISTINCT slide_id FROM expression")["slide_id"])
+    if image_only:
+        log.info("image-only slides (no measured counts) are not scored: %s", sorted(image_only))
+    skipped = [s for s in skipped if s not in image_only]
     if skipped:
         log.warning(
             "slides without vectors for every backbone (%s) are left out of the folds: %s",
