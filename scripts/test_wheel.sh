@@ -43,9 +43,9 @@ assert stimage_embed.heads.NBRegressor is heads.NBRegressor
 print("[wheel] imports from", stimage_embed.__file__, "; catalogs from", catalogs_dir())
 PY
 SE="$WORK/venv/bin/stimage-embed"
-echo "[wheel] 1-slide flow: ingest her2st C5 -> embed -> compare (kfold within the slide's dataset)"
+echo "[wheel] flow from the wheel: ingest her2st C4, C5 -> embed -> compare (leave-one-slide-out needs two)"
 "$SE" ingest her2st --slide C5 --slide C4 --store store > ingest.log
 "$SE" embed --store store --precision float32 > embed.log 2>&1
 "$SE" compare --store store --heads ridge,mean --genes var:10 > compare.log 2>&1 || { tail -5 compare.log; exit 1; }
 grep -q "ridge" compare.log
-echo "[wheel] ok: $(head -1 compare.log)"
+echo "[wheel] ok: $(grep -m1 "computed" compare.log)"

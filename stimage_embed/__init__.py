@@ -32,6 +32,7 @@ __version__ = "0.3.0"
 #: public name -> "module:attribute" it is imported from on first use
 _API = {
     "Store": "stimage_embed.store:Store",
+    "data_root": "stimage_embed.paths:data_root",
     "load_catalog": "stimage_embed.ingest.catalog:load_catalog",
     "ingest": "stimage_embed.ingest.pipeline:ingest",
     "list_backbones": "stimage_embed.backbones:list_backbones",
