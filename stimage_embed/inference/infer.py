@@ -73,7 +73,8 @@ class InferResult:
     def lines(self) -> list[str]:
         return [
             f"slide {self.slide_id}: {self.n_tiles} tiles of {self.tile_um:g} µm at {self.pitch_um:g} µm pitch "
-            f"({self.n_pass_qc} pass tissue QC); {self.um_per_px:.4g} µm/px from {self.um_per_px_source}; {self.backend}",
+            f"({self.n_pass_qc} pass tissue QC); {self.um_per_px:.4g} µm/px from {self.um_per_px_source}; "
+            f"{self.backend}",
             f"model {self.run_id} ({self.head} on {self.backbone}): {self.tiles_embedded} tiles embedded, "
             f"{self.prediction_rows} prediction rows written",
             f"AnnData: {self.anndata}",
