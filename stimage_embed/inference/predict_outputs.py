@@ -5,12 +5,12 @@ summarised per slide)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 
 from stimage_embed.evaluation.metrics import TARGET_SUM
+from stimage_embed.store.store import sql_list
 
 if TYPE_CHECKING:
     from stimage_embed.store.store import Store
@@ -42,20 +42,52 @@ def slide_pcc(pred: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Path | None = None) -> list[str]:
+def _slides_with_counts(store: Store, slides: Sequence[str]) -> set[str]:
+    if not store.has_table("expression"):
+        return set()
+    rows = store.sql(f"SELECT DISTINCT slide_id FROM expression WHERE slide_id IN ({sql_list(slides)})")
+    return set(rows["slide_id"].to_list())
+
+
+def _predict_image_only(store: Store, model: str, slide_id: str) -> int:
+    """Predict every tile of an image-only slide (``infer`` registered it; it has vectors but
+    no counts); returns the prediction rows written."""
+    from stimage_embed.inference.model import load_saved_model
+    from stimage_embed.inference.predict_tiles import predict_slide_tiles
+
+    cols = ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]
+    keys = pl.from_arrow(store.read("spots", cols, where=f"slide_id IN ({sql_list([slide_id])})"))
+    keys = keys.with_columns(pl.lit(slide_id).alias("patient")).sort("spot_id")
+    with store.writer("predict"):
+        sm = load_saved_model(store, model)
+        return predict_slide_tiles(store, sm, slide_id, keys).rows_written
+
+
+def predict_and_report(store: Store, model: str, slides: Sequence[str]) -> list[str]:
     """Run ``predict`` and return the lines to print: rows written, then each slide's PCC
-    summary (slides with counts); ``out``: also the h5ad, heatmaps and pseudo-bulk per slide."""
+    summary (slides with counts). Image-only slides (from ``infer``) are predicted too:
+    predicting needs vectors, not counts."""
+    from stimage_embed.errors import InputError
     from stimage_embed.predictions.train_predict import predict as run_predict
 
-    pred = run_predict(store, model, list(slides))
-    lines = [
-        f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
-        f"{pred['gene'].n_unique()} genes, run {pred['run_id'][0]}"
-    ]
-    summary = slide_pcc(pred) if "mean_log1p" in pred.columns else pl.DataFrame()
-    for row in summary.iter_rows(named=True):
+    unknown = sorted(set(slides) - set(store.slide_ids()))
+    if unknown:
+        raise InputError(None, "--slide", f"slides not in the store: {unknown} (see `stimage-embed info`)")
+    counted = _slides_with_counts(store, slides)
+    lines = []
+    if counted:
+        pred = run_predict(store, model, [s for s in slides if s in counted])
         lines.append(
-            f"slide {row['slide_id']}: PCC against its measured counts (log1p CP10k) over {row['genes']} genes: "
-            f"median {row['pcc_median']:.3f}, mean {row['pcc_mean']:.3f}"
+            f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
+            f"{pred['gene'].n_unique()} genes, run {pred['run_id'][0]}"
         )
+        summary = slide_pcc(pred) if "mean_log1p" in pred.columns else pl.DataFrame()
+        for row in summary.iter_rows(named=True):
+            lines.append(
+                f"slide {row['slide_id']}: PCC against its measured counts (log1p CP10k) over {row['genes']} genes: "
+                f"median {row['pcc_median']:.3f}, mean {row['pcc_mean']:.3f}"
+            )
+    for sid in [s for s in slides if s not in counted]:
+        rows = _predict_image_only(store, model, sid)
+        lines.append(f"slide {sid} (image only: no counts to score against): {rows} prediction rows written")
     return lines
