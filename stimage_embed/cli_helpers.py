@@ -256,12 +256,16 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
             "backbone",
             "head",
             "folds",
-            "genes",
+            pl.col("genes").alias("genes_all_folds"),
             *[
                 pl.col(c).round(3)
                 for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")
             ],
         )
+    )
+    typer.echo(
+        "genes_all_folds: distinct genes over the folds (each fold selects its own K genes from its training "
+        "slides, so var:50 over 5 folds can reach more than 50)"
     )
     paired = paired_comparisons(store_obj, run_ids=result.run_ids)
     if paired.height:

@@ -179,6 +179,10 @@ def model_folder(damage: str) -> Callable[[Env], Path]:
     return make
 
 
+def without_s1_vectors(w: Env) -> None:
+    Store(w.store).delete("embeddings_efficientnet_lite0", "slide_id = 'S1'")
+
+
 def a_file(w: Env) -> Path:
     p = w.tmp / "a_file"
     p.write_text("not a store")
@@ -248,6 +252,13 @@ CASES: list[tuple[str, list[str], tuple[str, ...], Callable | None]] = [
     ("unknown_option", ["embed", S, "{store}", "--bogus"], ("--bogus",), None),
     ("train_without_slides", ["train", S, "{store}"], ("--train", "no training slides"), None),
     ("predict_without_slides", ["predict", S, "{store}", "--model", "{model}"], ("--slide", "no slides"), None),
+    (
+        "train_on_a_slide_without_vectors",
+        ["train", S, "{store}", "--train", "S1"],
+        ("no spots with both efficientnet_lite0 vectors and counts", "stimage-embed embed --backbone"),
+        without_s1_vectors,
+    ),
+    ("predict_unknown_slide", ["predict", S, "{store}", "--model", "{model}", "--slide", "S9"], ("S9",), None),
     # already in the suite (tests/test_hostile_inputs.py), here through the command line
     ("jpeg_bomb", ["ingest", "{made}", S, "{store}"], ("S3.jpg", "image", "header claims"), damaged("bomb")),
     ("truncated_jpeg", ["ingest", "{made}", S, "{store}"], ("S3.jpg", "premature end"), damaged("truncated_jpeg")),
