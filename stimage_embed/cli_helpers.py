@@ -58,6 +58,26 @@ WaitOpt = Annotated[
 ]
 
 
+#: options whose paths an error shows as the user typed them
+PATH_OPTIONS = ("store", "image", "out", "report", "model", "catalog", "models_dir")
+
+
+def as_typed(message: str, options: dict) -> str:
+    """``message`` with each path option written as the user typed it, not resolved
+    (``/data/link/store``, not the symlink's target ``/mnt/disk3/store``)."""
+    for key in PATH_OPTIONS:
+        typed = options.get(key)
+        if typed is None or "://" in str(typed):
+            continue
+        try:
+            resolved = str(Path(str(typed)).expanduser().resolve())
+        except (OSError, RuntimeError):
+            continue
+        if resolved != str(typed) and resolved in message:
+            message = message.replace(resolved, str(typed))
+    return message
+
+
 def cli_errors(func: Callable) -> Callable:
     """Turn library errors into one clear line on stderr and exit code 2."""
 
@@ -66,7 +86,7 @@ def cli_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except StimageError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {as_typed(str(exc), kwargs)}", err=True)
             raise typer.Exit(2) from exc
         except (OSError, RuntimeError, ValueError) as exc:  # disk full, read-only, permissions: one line
             from stimage_embed.cli_checks import environment_error
@@ -74,7 +94,7 @@ def cli_errors(func: Callable) -> Callable:
             line = environment_error(exc)
             if line is None:
                 raise
-            typer.echo(f"error: {line}", err=True)
+            typer.echo(f"error: {as_typed(line, kwargs)}", err=True)
             raise typer.Exit(2) from exc
 
     return wrapper

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -92,3 +93,12 @@ def test_a_repeated_warning_is_shown_once_with_a_count():
     assert repeat.summary() == [
         "WARNING test.repeat: 3 more warning(s) like 'slide S1: spots without counts skipped'... (-v shows each)"
     ]
+
+
+def test_errors_show_the_store_path_as_typed_not_its_symlink_target(store, tmp_path):
+    """Before: messages named the resolved target of a symlinked store."""
+    link = tmp_path / "link"
+    link.symlink_to(store)
+    res = CliRunner().invoke(app, ["predict", "--store", str(link), "--model", "nope", "--slide", "S1"])
+    assert res.exit_code == 2 and f"{link}/models/nope" in res.output, res.output
+    assert str(Path(store).resolve()) not in res.output
