@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stimage_embed.cli_checks import check_device, check_min, check_store_path
+from stimage_embed.cli_checks import check_device, check_min, check_output_dir, check_store_path
 from stimage_embed.cli_helpers import (
     ModelsDirOpt,
     StoreOpt,
@@ -99,6 +99,10 @@ def predict(
     model: _ModelOpt,
     slides: _SlideOpt = None,
     slides_sql: Annotated[str | None, typer.Option(help="SQL returning the slide_ids to predict.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Also write, per slide, <ID>.h5ad, <ID>/<gene>.png heatmaps and <ID>_pseudobulk.csv here."),
+    ] = None,
     store: StoreOpt = "store",
     wait: WaitOpt = 0.0,
     models_dir: ModelsDirOpt = None,
@@ -109,12 +113,13 @@ def predict(
 
     if not slides and not slides_sql:
         raise InputError(None, "--slide", "no slides given: name them with --slide (or --slides-sql)")
+    check_output_dir(out, "--out")
     check_store_path(store, write=True)
     from stimage_embed.store import Store
 
     st = Store(store, lock_wait=wait, models_dir=models_dir)
     ids = slides_from(st, slides_sql, slides, "--slide", "--slides-sql") or []
-    for line in predict_and_report(st, model, ids):
+    for line in predict_and_report(st, model, ids, out):
         typer.echo(line)
 
 

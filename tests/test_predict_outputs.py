@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 
+import anndata
 import numpy as np
 import polars as pl
 import pytest
@@ -38,7 +39,10 @@ def _scipy_median_pcc(pred: pl.DataFrame) -> float:
 def test_predict_prints_each_slides_pcc_against_its_counts(store):
     """Before: only a row count."""
     path, run_id, _ = store
-    res = CliRunner().invoke(app, ["predict", "--store", str(path), "--model", run_id, "--slide", "S2"])
+    out = path.parent / "out"
+    res = CliRunner().invoke(
+        app, ["predict", "--store", str(path), "--model", run_id, "--slide", "S2", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("slide S2: PCC"))
     pred = Store(path).sql(f"SELECT * FROM predictions WHERE run_id = '{run_id}' AND slide_id = 'S2'")
@@ -46,6 +50,12 @@ def test_predict_prints_each_slides_pcc_against_its_counts(store):
     assert f"median {expected:.3f}" in line, (line, expected)
     summary = slide_pcc(pred)
     assert summary["slide_id"].to_list() == ["S2"] and summary["pcc_median"][0] == pytest.approx(expected, abs=1e-6)
+    # --out: the same files as infer; the AnnData holds the stored predictions
+    adata = anndata.read_h5ad(out / "S2.h5ad")
+    wide = pred.pivot(on="gene", index="spot_id", values="mean_log1p").sort("spot_id")
+    assert list(adata.obs_names) == wide["spot_id"].to_list()
+    assert np.allclose(adata.X, wide.select(list(adata.var_names)).to_numpy(), atol=1e-6)
+    assert len(list((out / "S2").glob("*.png"))) == 6 and (out / "S2_pseudobulk.csv").is_file()
 
 
 def test_predict_on_an_image_only_slide(store):

@@ -154,11 +154,11 @@ def _embed_and_predict(
     return report, pred, pb
 
 
-def _write_outputs(
+def write_outputs(
     out: Path,
     sid: str,
     sm: SavedModel,
-    recipe: EmbeddingRecipe,
+    provenance: str | None,
     img: ImageInfo,
     grid: TileGrid,
     pred: TilePredictions,
@@ -166,12 +166,13 @@ def _write_outputs(
     genes: list[str] | None,
     n_top_genes: int,
 ) -> tuple[Path, Path | None, dict[str, Path]]:
-    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``."""
+    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``
+    (``provenance``: the id of the vectors' provenance record, kept in the AnnData)."""
     info = {
         "run_id": sm.run_id,
         "backbone": sm.backbone,
         "head": sm.head_name,
-        "provenance_id": recipe.provenance_id,
+        "provenance_id": provenance,
         "image_path": str(img.path),
         "um_per_px_source": img.um_per_px_source,
     }
@@ -276,7 +277,7 @@ def infer(
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
-    h5ad, csv, maps = _write_outputs(out, sid, sm, recipe, img, grid, pred, pb, genes, n_top_genes)
+    h5ad, csv, maps = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes)
     return InferResult(
         slide_id=sid,
         run_id=sm.run_id,

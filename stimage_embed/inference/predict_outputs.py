@@ -5,6 +5,7 @@ summarised per slide)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -63,10 +64,11 @@ def _predict_image_only(store: Store, model: str, slide_id: str) -> int:
         return predict_slide_tiles(store, sm, slide_id, keys).rows_written
 
 
-def predict_and_report(store: Store, model: str, slides: Sequence[str]) -> list[str]:
+def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Path | None = None) -> list[str]:
     """Run ``predict`` and return the lines to print: rows written, then each slide's PCC
     summary (slides with counts). Image-only slides (from ``infer``) are predicted too:
-    predicting needs vectors, not counts."""
+    predicting needs vectors, not counts. ``out``: also write each slide's AnnData,
+    heatmaps and pseudo-bulk there, as ``infer`` does."""
     from stimage_embed.errors import InputError
     from stimage_embed.predictions.train_predict import predict as run_predict
 
@@ -90,4 +92,13 @@ def predict_and_report(store: Store, model: str, slides: Sequence[str]) -> list[
     for sid in [s for s in slides if s not in counted]:
         rows = _predict_image_only(store, model, sid)
         lines.append(f"slide {sid} (image only: no counts to score against): {rows} prediction rows written")
+    if out is not None:
+        from stimage_embed.inference.model import load_saved_model
+        from stimage_embed.inference.predict_files import write_prediction_files
+
+        rid = load_saved_model(store, model).run_id
+        for sid in slides:
+            where = f"run_id IN ({sql_list([rid])}) AND slide_id IN ({sql_list([sid])})"
+            rows = pl.from_arrow(store.read("predictions", where=where))
+            lines += write_prediction_files(store, model, sid, rows, out)
     return lines
