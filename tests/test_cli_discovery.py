@@ -102,3 +102,26 @@ def test_errors_show_the_store_path_as_typed_not_its_symlink_target(store, tmp_p
     res = CliRunner().invoke(app, ["predict", "--store", str(link), "--model", "nope", "--slide", "S1"])
     assert res.exit_code == 2 and f"{link}/models/nope" in res.output, res.output
     assert str(Path(store).resolve()) not in res.output
+
+
+def test_the_report_does_not_list_fstimage_as_a_backbone():
+    """FSTimage runs are stored with backbone "fstimage" (they span backbones); the report's
+    configuration listed it among the backbones."""
+    import polars as pl
+
+    from stimage_embed.evaluation.report import _config_rows
+
+    runs = pl.DataFrame(
+        {
+            "dataset": ["her2st"] * 3,
+            "split": ["loso"] * 3,
+            "fold": ["loso:C5"] * 3,
+            "test_slides": [["C5"]] * 3,
+            "genes": [["A", "B"]] * 3,
+            "backbone": ["efficientnet_lite0", "efficientnet_lite1", "fstimage"],
+            "head": ["nb", "nb", "fstimage"],
+        }
+    )
+    rows = dict(_config_rows(runs))
+    assert rows["backbones"] == "`efficientnet_lite0`, `efficientnet_lite1`", rows["backbones"]
+    assert "fstimage" in rows["heads"]
