@@ -277,7 +277,21 @@ def infer(
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
-    h5ad, csv, maps = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes)
+    files = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes)
+    return _result(sid, sm, img, grid, report, pred, files)
+
+
+def _result(
+    sid: str,
+    sm: SavedModel,
+    img: ImageInfo,
+    grid: TileGrid,
+    report: EmbedReport,
+    pred: TilePredictions,
+    files: tuple[Path, Path | None, dict[str, Path]],
+) -> InferResult:
+    """The :class:`InferResult` of a finished run."""
+    h5ad, csv, maps = files
     return InferResult(
         slide_id=sid,
         run_id=sm.run_id,
