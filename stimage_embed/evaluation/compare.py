@@ -13,7 +13,8 @@ same fold with each slide's vectors permuted among its own spots (train and test
 image features no longer belong to their spots while everything else (slides, genes,
 counts, the per-slide distribution of vectors) is unchanged. A pipeline that predicts
 from the image alone scores about 0 there; a score well above 0 means something other
-than the image (e.g. a test spot's measured library size) reaches the prediction. A run is committed by its ``runs`` row,
+than the image (e.g. a test spot's measured library size) reaches the prediction. A run is
+committed by its ``runs`` row,
 written after its predictions and metrics; rows of runs that never committed (a crash)
 are removed at the start of the next ``compare``.
 """
