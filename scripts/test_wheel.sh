@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the wheel, install it (non-editable) into a fresh virtualenv, and run a 1-slide
-# ingest -> embed -> compare flow from it, outside the checkout (so nothing can be read from
+# Build the wheel, install it (non-editable) into a fresh virtualenv, and run a small
+# ingest -> embed -> compare flow from it (HER2ST C4 and C5: leave-one-slide-out needs two),
+# outside the checkout (so nothing can be read from
 # the source tree: catalogs must come from the wheel).
 #
 # The fresh venv sees the project venv's packages through a .pth line (torch is never
