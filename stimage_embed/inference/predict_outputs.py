@@ -69,16 +69,14 @@ def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Pat
     summary (slides with counts). Image-only slides (from ``infer``) are predicted too:
     predicting needs vectors, not counts. ``out``: also write each slide's AnnData,
     heatmaps and pseudo-bulk there, as ``infer`` does."""
-    from stimage_embed.errors import InputError
     from stimage_embed.predictions.train_predict import predict as run_predict
 
-    unknown = sorted(set(slides) - set(store.slide_ids()))
-    if unknown:
-        raise InputError(None, "--slide", f"slides not in the store: {unknown} (see `stimage-embed info`)")
-    counted = _slides_with_counts(store, slides)
+    # image-only slides: in the store without counts; the others (with counts, or unknown:
+    # refused there after the model is checked) go through the predictions pipeline
+    image_only = set(store.slide_ids()) & set(slides) - _slides_with_counts(store, slides)
     lines = []
-    if counted:
-        pred = run_predict(store, model, [s for s in slides if s in counted])
+    if set(slides) - image_only:
+        pred = run_predict(store, model, [s for s in slides if s not in image_only])
         lines.append(
             f"{pred.height} prediction rows written for {pred['slide_id'].n_unique()} slide(s), "
             f"{pred['gene'].n_unique()} genes, run {pred['run_id'][0]}"
@@ -89,7 +87,7 @@ def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Pat
                 f"slide {row['slide_id']}: PCC against its measured counts (log1p CP10k) over {row['genes']} genes: "
                 f"median {row['pcc_median']:.3f}, mean {row['pcc_mean']:.3f}"
             )
-    for sid in [s for s in slides if s not in counted]:
+    for sid in [s for s in slides if s in image_only]:
         rows = _predict_image_only(store, model, sid)
         lines.append(f"slide {sid} (image only: no counts to score against): {rows} prediction rows written")
     if out is not None:
