@@ -35,18 +35,33 @@ _BackbonesOpt = Annotated[
         "--backbone",
         "--backbones",
         "-b",
+        metavar="NAME[,NAME]",
         help="Backbones with vectors in the store (repeatable; comma lists too).",
         show_default="efficientnet_lite0",
     ),
 ]
 _HeadsOpt = Annotated[
     list[str] | None,
-    typer.Option("--head", "--heads", help="Head names (repeatable; comma lists too): " + head_help()),
+    typer.Option(
+        "--head",
+        "--heads",
+        metavar="NAME[,NAME]",
+        show_default="every head but fstimage",
+        help="Head names (repeatable; comma lists too): " + head_help(),
+    ),
 ]
-_SlidesOpt = Annotated[list[str] | None, typer.Option(help="Explicit split: slide ids (repeatable; comma lists).")]
+_SlidesOpt = Annotated[
+    list[str] | None, typer.Option(metavar="ID[,ID]", help="Explicit split: slide ids (repeatable; comma lists).")
+]
 _DatasetOpt = Annotated[
     list[str] | None,
-    typer.Option("--dataset", "--datasets", help="Datasets (repeatable; comma lists too).", show_default="all"),
+    typer.Option(
+        "--dataset",
+        "--datasets",
+        metavar="NAME[,NAME]",
+        help="Datasets (repeatable; comma lists too).",
+        show_default="all",
+    ),
 ]
 _MissingOpt = Annotated[
     str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")
@@ -59,6 +74,7 @@ _ControlOpt = Annotated[
     typer.Option(
         "--control",
         "--controls",
+        metavar="shuffled",
         help="Also run a leak control: 'shuffled' trains and scores every head on vectors permuted among "
         "each slide's spots (should score about 0).",
     ),
@@ -123,4 +139,4 @@ def compare(
 
 def register(app: typer.Typer) -> None:
     """Add ``compare`` to ``app``."""
-    app.command()(compare)
+    app.command(short_help="Cross-validate backbones x heads; leaderboard.")(compare)

@@ -33,6 +33,7 @@ _BackboneOpt = Annotated[
         "--backbone",
         "--backbones",
         "-b",
+        metavar="NAME[,NAME]",
         help="Backbone names (repeatable; comma lists too; see `stimage-embed backbones`).",
         show_default=DEFAULT_BACKBONE,
     ),
@@ -40,7 +41,9 @@ _BackboneOpt = Annotated[
 
 _SlideOpt = Annotated[
     list[str] | None,
-    typer.Option("--slide", "--slides", help="Only these slides (repeatable; comma lists too) [default: all]."),
+    typer.Option(
+        "--slide", "--slides", metavar="ID[,ID]", help="Only these slides (repeatable; comma lists too) [default: all]."
+    ),
 ]
 
 _TileUmOpt = Annotated[
@@ -52,6 +55,7 @@ _ContextUmOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--context-um",
+        metavar="WIDTH_UM",
         help="Embed a wider window of this width (µm) centred on each spot into "
         "embeddings_<backbone>__ctx<W>um (repeatable: one table per width); heads load it as "
         "backbone <backbone>__ctx<W>um.",
@@ -174,4 +178,4 @@ def embed(
 
 def register(app: typer.Typer) -> None:
     """Add ``embed`` to ``app``."""
-    app.command()(embed)
+    app.command(short_help="Embed every spot tile once per backbone.")(embed)

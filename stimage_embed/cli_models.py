@@ -32,17 +32,18 @@ _BackboneOpt = Annotated[
         "--backbone",
         "--backbones",
         "-b",
+        metavar="NAME[,NAME]",
         help="Backbone whose cached vectors to train on.",
         show_default="efficientnet_lite0",
     ),
 ]
 _TrainOpt = Annotated[
     list[str] | None,
-    typer.Option("--train", help="Training slide ids (repeatable; comma lists too)."),
+    typer.Option("--train", metavar="ID[,ID]", help="Training slide ids (repeatable; comma lists too)."),
 ]
 _SlideOpt = Annotated[
     list[str] | None,
-    typer.Option("--slide", "--slides", help="Slide ids (repeatable; comma lists too)."),
+    typer.Option("--slide", "--slides", metavar="ID[,ID]", help="Slide ids (repeatable; comma lists too)."),
 ]
 _ModelOpt = Annotated[str, typer.Option(help="Model run id (under <store>/models) or a model folder, from `train`.")]
 _OutOpt = Annotated[Path, typer.Option(help="Output folder: <ID>.h5ad, <ID>/<gene>.png heatmaps, <ID>_pseudobulk.csv.")]
@@ -56,7 +57,8 @@ _UmPerPxOpt = Annotated[
 _GenesDrawOpt = Annotated[
     list[str] | None,
     typer.Option(
-        help="Genes to draw besides the top ones (repeatable; comma lists too; all model genes are predicted)."
+        metavar="GENE[,GENE]",
+        help="Genes to draw besides the top ones (repeatable; comma lists too; all model genes are predicted).",
     ),
 ]
 _RegionOpt = Annotated[
@@ -188,6 +190,6 @@ def infer(
 
 def register(app: typer.Typer) -> None:
     """Add ``train``, ``predict`` and ``infer`` to ``app``."""
-    app.command()(train)
-    app.command()(predict)
-    app.command()(infer)
+    app.command(short_help="Fit one head on cached vectors; save the model.")(train)
+    app.command(short_help="Predict slides with a saved model; PCC vs counts.")(predict)
+    app.command(short_help="Predict a slide that has only an image.")(infer)

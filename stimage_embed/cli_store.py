@@ -27,7 +27,9 @@ def ingest(
     ] = 0.7,
     slide: Annotated[
         list[str] | None,
-        typer.Option("--slide", "--slides", help="Ingest only these slide ids (repeatable; comma lists too)."),
+        typer.Option(
+            "--slide", "--slides", metavar="ID[,ID]", help="Ingest only these slide ids (repeatable; comma lists too)."
+        ),
     ] = None,
     wait: WaitOpt = 0.0,
 ) -> None:
@@ -152,8 +154,10 @@ def backbones(
 
 def register(app: typer.Typer) -> None:
     """Add this module's verbs to ``app``."""
-    app.command()(ingest)
+    app.command(short_help="Read a dataset into the store (spots, counts, QC).")(ingest)
     # the SQL may start with "--" (a comment): an unknown "option" is taken as the argument
-    app.command(context_settings={"ignore_unknown_options": True})(query)
-    app.command()(info)
-    app.command()(backbones)
+    app.command(
+        short_help="Run SQL over the store's tables and views.", context_settings={"ignore_unknown_options": True}
+    )(query)
+    app.command(short_help="Tables, rows, SQL views and cohort of the store.")(info)
+    app.command(short_help="List the backbones and whether weights are here.")(backbones)
