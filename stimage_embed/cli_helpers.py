@@ -140,7 +140,8 @@ def configure_logging(verbose: bool) -> None:
     if verbose:
         return
     repeat = RepeatFilter()
-    for handler in logging.getLogger().handlers:
+    # only the console handler of basicConfig (not a test harness's capturing handlers)
+    for handler in [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]:
         for old in [f for f in handler.filters if isinstance(f, RepeatFilter)]:
             handler.removeFilter(old)  # a second command in one process (tests) starts afresh
             atexit.unregister(old.report)
