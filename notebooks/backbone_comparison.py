@@ -35,7 +35,7 @@
 #
 # | variable | meaning | default |
 # |---|---|---|
-# | `STIMAGE_NOTEBOOK_STORE` | an existing store folder to use (and extend) | a new store in a temporary folder, with `her2st` ingested |
+# | `STIMAGE_NOTEBOOK_STORE` | an existing store to use (and extend) | a new temporary store, `her2st` ingested |
 # | `STIMAGE_NOTEBOOK_SLIDES` | comma-separated HER2ST slides | `C4,C5` (all five: `B4,C2,C3,C4,C5`) |
 # | `STIMAGE_NOTEBOOK_GENES` | gene spec (`var:K`, `mean:K`, `seurat:K`, `panel:NAME`, `file:PATH`) | `var:20` |
 # | `STIMAGE_NOTEBOOK_REPORT` | folder for the report | `reports/backbone_comparison` |
@@ -70,6 +70,9 @@ STORE = os.environ.get("STIMAGE_NOTEBOOK_STORE")
 SLIDES = os.environ.get("STIMAGE_NOTEBOOK_SLIDES", "C4,C5").split(",")
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1"]
 GENES = os.environ.get("STIMAGE_NOTEBOOK_GENES", "var:20")
+#: the SQL filter of this comparison's rows in the evaluation views (a store may hold other
+#: runs: other gene specs, splits or the leak control, which the views keep apart)
+SCOPE = f"dataset = 'her2st' AND split = 'loso' AND gene_spec = '{GENES}' AND control = 'none'"
 HEADS = ["nb", "ridge", "mean", "fstimage"]
 REPORT_DIR = Path(os.environ.get("STIMAGE_NOTEBOOK_REPORT", "reports/backbone_comparison"))
 NUM_WORKERS = int(os.environ.get("STIMAGE_NOTEBOOK_WORKERS", "1"))  # 0 = read tiles in this process
@@ -89,12 +92,7 @@ from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure  # object API: no pyplot global figure registry
 from scipy import stats
 
-from stimage_embed.embeddings.embed_pass import embed
-from stimage_embed.evaluation.compare import CompareConfig, compare
-from stimage_embed.evaluation.report_driver import write_compare_report
-from stimage_embed.ingest.pipeline import ingest
-from stimage_embed.paths import data_root
-from stimage_embed.store import Store
+from stimage_embed import CompareConfig, Store, compare, data_root, embed, ingest, write_compare_report
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 pl.Config.set_tbl_rows(60)
@@ -312,7 +310,8 @@ if other_runs:
     display(
         Markdown(
             f"**Note:** the store holds {other_runs} other run(s) (earlier comparisons with other settings). "
-            "The views below aggregate every run in the store; the leaderboard above and the report use this comparison only."
+            "The views below are filtered to this comparison's settings (`SCOPE`: split, gene spec, no control); "
+            "runs with the same settings on other slides are included."
         )
     )
 
@@ -329,9 +328,9 @@ if other_runs:
 # %%
 display(
     store.sql(
-        """
+        f"""
     SELECT slide_id, backbone, head, genes, pcc_median, pcc_mean
-    FROM leaderboard_slide WHERE dataset = 'her2st'
+    FROM leaderboard_slide WHERE {SCOPE}
     ORDER BY slide_id, pcc_mean DESC NULLS LAST
     """
     )
@@ -346,9 +345,9 @@ display(
 
 # %%
 top = store.sql(
-    """
+    f"""
     SELECT backbone, head, rank, gene, pcc_mean
-    FROM top_genes WHERE dataset = 'her2st' AND head IN ('nb', 'fstimage') AND rank <= 5
+    FROM top_genes WHERE {SCOPE} AND head IN ('nb', 'fstimage') AND rank <= 5
     ORDER BY backbone, head, rank
     """
 )
@@ -364,9 +363,9 @@ display(top)
 
 # %%
 wins = store.sql(
-    """
+    f"""
     SELECT head, backbone_a, backbone_b, wins_a, wins_b, genes
-    FROM gene_wins WHERE dataset = 'her2st' AND wins_a + wins_b > 0
+    FROM gene_wins WHERE {SCOPE} AND wins_a + wins_b > 0
     ORDER BY head
     """
 )
@@ -387,9 +386,9 @@ display(wins)
 
 # %%
 ue = store.sql(
-    """
+    f"""
     SELECT backbone, head, decile, n, sd_mean, abs_error_mean
-    FROM uncertainty_error WHERE dataset = 'her2st'
+    FROM uncertainty_error WHERE {SCOPE}
     ORDER BY backbone, head, decile
     """
 )

@@ -34,10 +34,10 @@
 #
 # | variable | meaning | default |
 # |---|---|---|
-# | `STIMAGE_NOTEBOOK_STORE` | store holding the model's training vectors | a new store: HER2ST ingested, B4/C2/C3/C4 embedded |
-# | `STIMAGE_NOTEBOOK_MODEL` | run id of a saved model in that store | an `nb` model trained on B4, C2, C3, C4 (`var:20`) |
+# | `STIMAGE_NOTEBOOK_STORE` | store holding the model's training vectors | new: HER2ST ingested, B4/C2/C3/C4 embedded |
+# | `STIMAGE_NOTEBOOK_MODEL` | run id of a saved model in that store | `nb` on B4, C2, C3, C4 (`var:20`) |
 # | `STIMAGE_NOTEBOOK_IMAGE` | the image to predict (WSI, pyramidal TIFF, JPEG, PNG) | `her2st/images/C5.jpg` |
-# | `STIMAGE_NOTEBOOK_UM_PER_PX` | µm per pixel (JPEG/PNG need it; WSIs carry it) | C5's value from the store, for C5.jpg |
+# | `STIMAGE_NOTEBOOK_UM_PER_PX` | µm per pixel (JPEG/PNG need it; WSIs carry it) | C5's value in the store |
 # | `STIMAGE_NOTEBOOK_SLIDE_ID` | id of the new slide | `C5_image` |
 # | `STIMAGE_NOTEBOOK_PITCH_UM` | grid pitch, µm | the model's tile width |
 # | `STIMAGE_NOTEBOOK_BULK_SLIDE` | a sequenced slide of the same tissue, for the bulk comparison | `C5` for C5.jpg |
@@ -77,12 +77,7 @@ from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure
 from scipy import stats
 
-from stimage_embed.embeddings.embed_pass import embed
-from stimage_embed.inference.infer import infer
-from stimage_embed.ingest.pipeline import ingest
-from stimage_embed.paths import data_root
-from stimage_embed.predictions.train_predict import train
-from stimage_embed.store import Store
+from stimage_embed import Store, data_root, embed, infer, ingest, train
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 pl.Config.set_tbl_rows(40)
@@ -285,7 +280,8 @@ pb = pl.read_csv(result.pseudobulk_csv) if result.pseudobulk_csv else None
 display(pb.sort("mean_cp10k", descending=True) if pb is not None else Markdown("classifier head: no pseudo-bulk"))
 display(
     store.sql(
-        f"SELECT COUNT(*) AS genes, any_value(n_tiles) AS tiles FROM pseudobulk WHERE run_id = '{MODEL}' AND slide_id = '{SLIDE_ID}'"
+        f"SELECT COUNT(*) AS genes, any_value(n_tiles) AS tiles FROM pseudobulk "
+        f"WHERE run_id = '{MODEL}' AND slide_id = '{SLIDE_ID}'"
     )
 )
 

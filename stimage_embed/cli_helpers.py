@@ -7,9 +7,12 @@ Errors from bad input are :class:`~stimage_embed.errors.InputError` naming the o
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import logging
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +27,8 @@ StoreOpt = Annotated[
     typer.Option(
         "--store",
         envvar="STIMAGE_STORE",
-        help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).",
+        help="Store: a directory, or an object-store URI s3://BUCKET/PREFIX (endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; AWS_ALLOW_HTTP=true for a local server).",
     ),
 ]
 ModelsDirOpt = Annotated[
@@ -40,7 +44,8 @@ DataRootOpt = Annotated[
     typer.Option(
         "--data-root",
         envvar="STIMAGE_DATA_ROOT",
-        help="Folder that relative catalog roots resolve against [default: ../shared/data].",
+        help="Folder that relative catalog roots resolve against.",
+        show_default="../shared/data",
     ),
 ]
 WaitOpt = Annotated[
@@ -53,6 +58,26 @@ WaitOpt = Annotated[
 ]
 
 
+#: options whose paths an error shows as the user typed them
+PATH_OPTIONS = ("store", "image", "out", "report", "model", "catalog", "models_dir")
+
+
+def as_typed(message: str, options: dict) -> str:
+    """``message`` with each path option written as the user typed it, not resolved
+    (``/data/link/store``, not the symlink's target ``/mnt/disk3/store``)."""
+    for key in PATH_OPTIONS:
+        typed = options.get(key)
+        if typed is None or "://" in str(typed):
+            continue
+        try:
+            resolved = str(Path(str(typed)).expanduser().resolve())
+        except (OSError, RuntimeError):
+            continue
+        if resolved != str(typed) and resolved in message:
+            message = message.replace(resolved, str(typed))
+    return message
+
+
 def cli_errors(func: Callable) -> Callable:
     """Turn library errors into one clear line on stderr and exit code 2."""
 
@@ -61,10 +86,67 @@ def cli_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except StimageError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {as_typed(str(exc), kwargs)}", err=True)
+            raise typer.Exit(2) from exc
+        except (OSError, RuntimeError, ValueError) as exc:  # disk full, read-only, permissions: one line
+            from stimage_embed.cli_checks import environment_error
+
+            line = environment_error(exc)
+            if line is None:
+                raise
+            typer.echo(f"error: {as_typed(line, kwargs)}", err=True)
             raise typer.Exit(2) from exc
 
     return wrapper
+
+
+class RepeatFilter(logging.Filter):
+    """Let a warning through once per message template; count the repeats (printed once at
+    exit by :func:`configure_logging`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats: Counter[tuple[str, str]] = Counter()
+        self.first: dict[tuple[str, str], str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        self.repeats[key] += 1
+        self.first.setdefault(key, record.getMessage())
+        return self.repeats[key] == 1
+
+    def summary(self) -> list[str]:
+        """One line per warning that repeated."""
+        return [
+            f"WARNING {key[0]}: {n - 1} more warning(s) like {self.first[key][:60]!r}... (-v shows each)"
+            for key, n in self.repeats.items()
+            if n > 1
+        ]
+
+    def report(self) -> None:
+        """Print :meth:`summary` on stderr (at exit)."""
+        for line in self.summary():
+            sys.stderr.write(line + "\n")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: INFO (DEBUG with ``verbose``); a repeated warning is shown once and
+    counted (every one with ``verbose``); third-party chatter at INFO is hidden."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("numexpr", "numexpr.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    repeat = RepeatFilter()
+    # only the console handler of basicConfig (not a test harness's capturing handlers)
+    for handler in [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]:
+        for old in [f for f in handler.filters if isinstance(f, RepeatFilter)]:
+            handler.removeFilter(old)  # a second command in one process (tests) starts afresh
+            atexit.unregister(old.report)
+        handler.addFilter(repeat)
+    atexit.register(repeat.report)
 
 
 def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
@@ -83,7 +165,13 @@ def print_frame(df: pl.DataFrame, fmt: str = "table") -> None:
     elif fmt == "json":
         sys.stdout.write(df.write_json() + "\n")
     else:
-        with pl.Config(tbl_rows=max(df.height, 1), tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        with pl.Config(
+            tbl_rows=max(df.height, 1),
+            tbl_cols=-1,
+            fmt_str_lengths=80,
+            tbl_width_chars=30_000,  # never squeeze a column to one letter
+            tbl_hide_dataframe_shape=True,
+        ):
             typer.echo(str(df))
 
 
@@ -92,17 +180,31 @@ def split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def listed(values: str | list[str] | None, field: str) -> list[str]:
+    """The values of a list option, in the one convention of every verb: the option is
+    repeatable and each occurrence may be a comma list (``--slide A --slide B,C`` -> A, B, C).
+    Duplicates are kept once, in order. An option given only with empty items (``--heads ,``)
+    is an error naming ``field``, never an empty list taken silently."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    out = list(dict.fromkeys(v for item in items for v in split_csv(item)))
+    if items and not out:
+        raise InputError(None, field, f"no value given ({', '.join(repr(i) for i in items)})")
+    return out
+
+
 def first_line(exc: BaseException) -> str:
     """The first paragraph of an exception's message, on one line."""
     return " ".join(str(exc).split("\n\n")[0].split()) or type(exc).__name__
 
 
-def backbone_names(value: str, field: str) -> list[str]:
+def backbone_names(value: str | list[str] | None, field: str) -> list[str]:
     """Comma-separated backbone names, each checked (letters, digits, '_': they name tables;
     ``a+b`` joins the vectors of two tables, e.g. a spot tile and its ``--context-um`` window)."""
     from stimage_embed.store.schema import BACKBONE_NAME
 
-    names = split_csv(value)
+    names = listed(value, field)
     bad = [n for n in names if not all(BACKBONE_NAME.fullmatch(p) for p in n.split("+"))]
     if bad or not names:
         raise InputError(
@@ -138,14 +240,16 @@ def region_box(region: str | None) -> tuple[float, float, float, float] | None:
 
 
 def slides_from(
-    store_obj, sql: str | None, ids: str | None, field: str, sql_field: str | None = None
+    store_obj, sql: str | None, ids: str | list[str] | None, field: str, sql_field: str | None = None
 ) -> list[str] | None:
     """Slide ids from a comma list or from SQL returning a ``slide_id`` column (user SQL:
     run without file access; an error is one line naming the option)."""
     import duckdb
 
+    if ids and sql:
+        raise InputError(None, f"{field}/{sql_field or field + '-sql'}", "give the slide ids or the SQL, not both")
     if ids:
-        return split_csv(ids)
+        return listed(ids, field)
     if sql:
         sql_field = sql_field or f"{field}-sql"
         try:
@@ -173,16 +277,23 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
             "backbone",
             "head",
             "folds",
-            "genes",
+            pl.col("genes").alias("genes_all_folds"),
             *[
                 pl.col(c).round(3)
                 for c in ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")
             ],
         )
     )
+    typer.echo(
+        "genes_all_folds: distinct genes over the folds (each fold selects its own K genes from its training "
+        "slides, so var:50 over 5 folds can reach more than 50)"
+    )
     paired = paired_comparisons(store_obj, run_ids=result.run_ids)
     if paired.height:
         typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
+        better = pl.concat_str(pl.col("a_backbone"), pl.lit("/"), pl.col("a_head"), pl.lit(" better"))
+        worse = pl.concat_str(pl.col("b_backbone"), pl.lit("/"), pl.col("b_head"), pl.lit(" better"))
+        verdict = pl.when(pl.col("verdict") == "a").then(better).when(pl.col("verdict") == "b").then(worse)
         print_frame(
             paired.select(
                 "dataset",
@@ -192,7 +303,7 @@ def print_compare_result(store_obj, result, report: Path | None) -> None:
                 "b_head",
                 "n_pairs",
                 *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")],
-                "verdict",
+                verdict.otherwise(pl.lit("tie (95 % CI covers 0)")).alias("verdict"),
             )
         )
     if report is not None:

@@ -2,7 +2,8 @@
 
 * data root: ``--data-root`` > ``$STIMAGE_DATA_ROOT`` > ``../shared/data`` (relative to the
   current directory, then to the project checkout).
-* catalogs: ``$STIMAGE_CATALOGS`` > ``<project checkout>/catalogs``.
+* catalogs: ``$STIMAGE_CATALOGS`` > ``<project checkout>/catalogs`` (a source checkout or an
+  editable install) > ``stimage_embed/catalogs`` (the copy a built wheel carries, see setup.py).
 """
 
 from __future__ import annotations
@@ -33,4 +34,22 @@ def data_root(explicit: str | Path | None = None) -> Path:
 def catalogs_dir() -> Path:
     """The folder holding ``datasets/``, ``backbones.yaml`` and ``genes/``."""
     env = os.environ.get(CATALOGS_ENV)
-    return Path(env).expanduser().resolve() if env else PROJECT_ROOT / "catalogs"
+    if env:
+        return Path(env).expanduser().resolve()
+    checkout = PROJECT_ROOT / "catalogs"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parent / "catalogs"
+
+
+#: characters a slide id may hold: it names files (``<out>/<ID>.h5ad``) and appears in SQL filters
+_SAFE_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+")
+
+
+def safe_id(value: str) -> bool:
+    """True if ``value`` is safe as a slide id: letters, digits and ``._-+`` only, not
+    starting with a dot (so never ``.`` or ``..``), at most 128 characters."""
+    return 0 < len(value) <= 128 and not value.startswith(".") and set(value) <= _SAFE_ID_CHARS
+
+
+SAFE_ID_RULE = "letters, digits and . _ - + only, not starting with a dot"

@@ -75,3 +75,27 @@ def infer_model_store(tmp_path_factory, embedded_store):
     store = Store(path)
     run_id, _ = train(store, "efficientnet_lite0", "ridge", "var:20", ["C4"])
     return store, run_id
+
+
+@pytest.fixture(scope="session")
+def mini_cli_store(tmp_path_factory, real_data_root):
+    """A small real store for command-line tests, built once: S1 and S2 (12 spots each of
+    HER2ST C5 and C4, real counts and image crops) ingested, with Lite0 vectors and a ridge
+    model (var:10) trained on S1; ``data/new`` holds the files of two more slides, S3 (C3) and
+    S4 (B4), not ingested. Returns (store path, run id, data folder); copy before writing."""
+    from store_cases import mini_dataset
+
+    from stimage_embed.embeddings.embed_pass import embed
+    from stimage_embed.ingest.pipeline import ingest
+    from stimage_embed.predictions.train_predict import train
+    from stimage_embed.store import Store
+
+    root = tmp_path_factory.mktemp("bad_input")
+    catalog = mini_dataset(root / "data", real_data_root)
+    store = Store(root / "store")
+    ingest(str(catalog), store, progress=False)
+    embed(store, ["efficientnet_lite0"], precision="float32", num_workers=0, progress=False)
+    run_id, _ = train(store, "efficientnet_lite0", "ridge", "var:10", ["S1"])
+    # files of two new slides (real crops of C3 and B4), cut once and copied by each case
+    mini_dataset(root / "data" / "new", real_data_root, slides={"S3": "C3", "S4": "B4"}, name="new")
+    return root / "store", run_id, root / "data"

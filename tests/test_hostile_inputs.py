@@ -121,7 +121,11 @@ def test_a_non_numeric_pixel_x_names_the_file_field_and_line(case):
 
 # --- options and SQL -----------------------------------------------------------------------
 def test_malformed_user_sql_options_are_one_line(tmp_path):
-    """Before: a DuckDB parser error traceback."""
+    """Before: a DuckDB parser error traceback. (On an existing store: a missing one is its own
+    error, see tests/test_bad_input_cli.py.)"""
+    Store(tmp_path / "store").append(
+        "genes", pa.Table.from_pylist([{"slide_id": "S", "gene_index": 0, "gene": "A"}], schema=S.GENES)
+    )
     store = str(tmp_path / "store")
     _one_line(
         CliRunner().invoke(app, ["train", "--store", store, "--train-sql", "SELEC slide_id FROM slides"]),
@@ -232,6 +236,9 @@ def test_a_model_folder_with_a_missing_or_truncated_safetensors_is_one_line(tmp_
         arrays.unlink()
     else:
         arrays.write_bytes(arrays.read_bytes()[:40])
+    Store(tmp_path / "store").append(
+        "genes", pa.Table.from_pylist([{"slide_id": "C5", "gene_index": 0, "gene": "A"}], schema=S.GENES)
+    )
     res = CliRunner().invoke(
         app, ["predict", "--store", str(tmp_path / "store"), "--model", str(folder), "--slide", "C5"]
     )

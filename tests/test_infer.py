@@ -389,7 +389,8 @@ def test_other_verbs_with_an_image_only_slide(c5):
     )
     assert q.exit_code == 0 and q.output.strip().splitlines()[-1] == "0"
     p = runner.invoke(app, ["predict", "--store", st, "--model", c5["run_id"], "--slide", SLIDE])
-    assert p.exit_code == 2 and "error:" in p.output and SLIDE in p.output
+    # predicting needs vectors, not counts (issue 25): the image-only slide is predicted again
+    assert p.exit_code == 0 and f"slide {SLIDE} (image only" in p.output, p.output
 
 
 # --------------------------------------------------------------------------- pyramidal TIFF

@@ -59,6 +59,12 @@ def executed(tmp_path_factory, embedded_store):
     tmp = tmp_path_factory.mktemp("notebook")
     store_dir = tmp / "store"
     shutil.copytree(embedded_store.path, store_dir)
+    # a store that already holds runs of other settings (issue 25: a var:50 compare made the
+    # notebook's top_genes pivot crash with two values per cell)
+    from stimage_embed import CompareConfig, compare
+
+    prior = CompareConfig(backbones=["efficientnet_lite0"], heads=["nb"], genes="var:50", datasets=["her2st"])
+    compare(Store(store_dir), prior, progress=False)
     report_dir = tmp / "report"
     env = {
         "STIMAGE_NOTEBOOK_STORE": str(store_dir),
@@ -161,7 +167,7 @@ def test_summary_agrees_with_the_store(executed):
             FROM predictions p JOIN runs r USING (run_id) WHERE p.run_id IN ({id_list})"""
     )
     rows = []
-    for (bb, head, slide, gene), g in pred.group_by("backbone", "head", "slide_id", "gene"):
+    for (bb, head, _slide, gene), g in pred.group_by("backbone", "head", "slide_id", "gene"):
         truth = np.log1p(g["observed"].to_numpy() / g["library_size"].to_numpy() * 1e4)
         guess = g["mean_log1p"].to_numpy().astype(np.float64)
         if head != "mean":  # the mean baseline is constant per slide: no Pearson r

@@ -111,7 +111,8 @@ def _config_rows(r: pl.DataFrame) -> list[tuple[str, str]]:
     same = len(set(gene_lists)) == 1
     g_txt = f"{len(union)} ({'same list in every run' if same else f'per-run lists of {sizes[0]}–{sizes[-1]} genes'}): "
     rows.append(("genes", g_txt + short_list(union)))
-    bbs = sorted(r["backbone"].drop_nulls().unique().to_list(), key=lambda b: (b in plots.SPANNING, b))
+    # a head spanning backbones (fstimage) is stored under its own name as "backbone": not one
+    bbs = sorted(b for b in r["backbone"].drop_nulls().unique().to_list() if b not in plots.SPANNING)
     rows.append(("backbones", short_list(bbs)))
     rows.append(("heads", short_list(plots.order_heads(r["head"].drop_nulls().unique().to_list()))))
     return rows

@@ -73,7 +73,8 @@ class InferResult:
     def lines(self) -> list[str]:
         return [
             f"slide {self.slide_id}: {self.n_tiles} tiles of {self.tile_um:g} µm at {self.pitch_um:g} µm pitch "
-            f"({self.n_pass_qc} pass tissue QC); {self.um_per_px:.4g} µm/px from {self.um_per_px_source}; {self.backend}",
+            f"({self.n_pass_qc} pass tissue QC); {self.um_per_px:.4g} µm/px from {self.um_per_px_source}; "
+            f"{self.backend}",
             f"model {self.run_id} ({self.head} on {self.backbone}): {self.tiles_embedded} tiles embedded, "
             f"{self.prediction_rows} prediction rows written",
             f"AnnData: {self.anndata}",
@@ -153,11 +154,11 @@ def _embed_and_predict(
     return report, pred, pb
 
 
-def _write_outputs(
+def write_outputs(
     out: Path,
     sid: str,
     sm: SavedModel,
-    recipe: EmbeddingRecipe,
+    provenance: str | None,
     img: ImageInfo,
     grid: TileGrid,
     pred: TilePredictions,
@@ -165,12 +166,13 @@ def _write_outputs(
     genes: list[str] | None,
     n_top_genes: int,
 ) -> tuple[Path, Path | None, dict[str, Path]]:
-    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``."""
+    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``
+    (``provenance``: the id of the vectors' provenance record, kept in the AnnData)."""
     info = {
         "run_id": sm.run_id,
         "backbone": sm.backbone,
         "head": sm.head_name,
-        "provenance_id": recipe.provenance_id,
+        "provenance_id": provenance,
         "image_path": str(img.path),
         "um_per_px_source": img.um_per_px_source,
     }
@@ -275,7 +277,21 @@ def infer(
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
-    h5ad, csv, maps = _write_outputs(out, sid, sm, recipe, img, grid, pred, pb, genes, n_top_genes)
+    files = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes)
+    return _result(sid, sm, img, grid, report, pred, files)
+
+
+def _result(
+    sid: str,
+    sm: SavedModel,
+    img: ImageInfo,
+    grid: TileGrid,
+    report: EmbedReport,
+    pred: TilePredictions,
+    files: tuple[Path, Path | None, dict[str, Path]],
+) -> InferResult:
+    """The :class:`InferResult` of a finished run."""
+    h5ad, csv, maps = files
     return InferResult(
         slide_id=sid,
         run_id=sm.run_id,

@@ -26,7 +26,9 @@ import pyarrow as pa
 from stimage_embed import __version__
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.inference.grid import TileGrid
+from stimage_embed.inference.scale import SCALE_HINT, compare_scale, raster_um_per_px
 from stimage_embed.ingest.pipeline import geometry_hash
+from stimage_embed.paths import SAFE_ID_RULE, safe_id
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 from stimage_embed.tiles.image import RASTER_SUFFIXES, SlideImage, raster_size
@@ -34,8 +36,6 @@ from stimage_embed.tiles.image import RASTER_SUFFIXES, SlideImage, raster_size
 log = logging.getLogger(__name__)
 
 IMAGE_ONLY = "image_only"
-#: relative disagreement between --um-per-px and the file's metadata that is logged
-MPP_TOLERANCE = 0.02
 THUMBNAIL_MAX_SIDE = 2048
 
 
@@ -73,11 +73,12 @@ def probe_image(path: str | Path, um_per_px: float | None = None) -> Path:
     if vendor is None:
         if path.suffix.lower() in RASTER_SUFFIXES:
             raster_size(path)  # InputError for a file that is not a JPEG/PNG
-        if um_per_px is None:
+        if um_per_px is None and raster_um_per_px(path) is None:
             raise InputError(
                 path,
                 "--um-per-px",
-                "µm per pixel is unknown (a JPEG/PNG or plain raster carries none); give it with --um-per-px",
+                f"µm per pixel is unknown (this JPEG/PNG/raster carries no usable scale); give it with --um-per-px: "
+                f"{SCALE_HINT}",
             )
     return path
 
@@ -91,18 +92,18 @@ def read_image(path: str | Path, um_per_px: float | None = None, thumbnail_side:
     """
     path = probe_image(path, um_per_px)
     with SlideImage.open(path) as img:
-        meta = img.um_per_px_from_metadata()
+        meta, where = img.um_per_px_from_metadata(), "openslide.mpp-x metadata"
+        if meta is None and img.backend == "raster":
+            meta, where = raster_um_per_px(path), "resolution tag"
         if um_per_px is None and meta is None:
             raise InputError(
                 path,
                 "--um-per-px",
-                f"µm per pixel is unknown (a {img.backend} slide without openslide.mpp-x "
-                "metadata); give it with --um-per-px",
+                f"µm per pixel is unknown (a {img.backend} slide without scale metadata); give it with --um-per-px: "
+                f"{SCALE_HINT}",
             )
-        if um_per_px is not None and meta is not None and abs(um_per_px / meta - 1) > MPP_TOLERANCE:
-            log.warning(
-                "%s: --um-per-px %.4g differs from the file's metadata %.4g; using --um-per-px", path, um_per_px, meta
-            )
+        if um_per_px is not None and meta is not None:
+            compare_scale(path, um_per_px, meta, where)
         value, source = (float(um_per_px), "argument") if um_per_px is not None else (float(meta), "metadata")
         thumb, ds = img.thumbnail(thumbnail_side)
         return ImageInfo(
@@ -179,10 +180,8 @@ def slides_table(
 def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
     """Refuse an id that belongs to a slide with counts; True if an image-only slide with
     this id exists already (it will be replaced)."""
-    if not slide_id or any(c in slide_id for c in "'\"/\\") or slide_id.strip() != slide_id:
-        raise InputError(
-            image_path, "--slide-id", f"invalid slide id {slide_id!r} (no quotes, slashes or surrounding spaces)"
-        )
+    if not safe_id(slide_id):
+        raise InputError(image_path, "--slide-id", f"invalid slide id {slide_id!r} ({SAFE_ID_RULE})")
     if not store.has_table("slides"):
         return False
     row = pl.from_arrow(
@@ -194,7 +193,8 @@ def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
         raise InputError(
             image_path,
             "--slide-id",
-            f"slide {slide_id!r} already exists in the store with counts (dataset {row['dataset'][0]!r}); choose another --slide-id",
+            f"slide {slide_id!r} already exists in the store with counts (dataset {row['dataset'][0]!r}); "
+            "choose another --slide-id",
         )
     return True
 

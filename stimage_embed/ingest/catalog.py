@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stimage_embed.errors import CatalogError
-from stimage_embed.paths import catalogs_dir, data_root
+from stimage_embed.paths import SAFE_ID_RULE, catalogs_dir, data_root, safe_id
 
 
 class SlideEntry(BaseModel):
@@ -147,6 +147,9 @@ def load_catalog(name_or_path: str | Path, data_root_override: str | Path | None
     dups = sorted({i for i in ids if ids.count(i) > 1})
     if dups:
         raise CatalogError(path, "slides.id", f"duplicate slide ids {dups}")
+    unsafe = [i for i in ids if not safe_id(i)]
+    if unsafe:
+        raise CatalogError(path, "slides.id", f"invalid slide id(s) {unsafe} ({SAFE_ID_RULE})")
     root = Path(cat.root).expanduser()
     if not root.is_absolute():
         if cat.root.startswith(("./", "../")) or cat.root == ".":

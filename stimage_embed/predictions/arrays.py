@@ -172,7 +172,11 @@ def load_spot_arrays(
         j = j.filter(pl.col("passes_qc"))
     j = j.sort("slide_id", "spot_id")
     if j.height == 0:
-        raise StoreError(f"{store.path}: no spots with both {backbone} vectors and counts in slides {list(slide_ids)}")
+        raise StoreError(
+            f"{store.path}: no spots with both {backbone} vectors and counts in slides {list(slide_ids)}; "
+            f"run `stimage-embed embed --backbone {backbone} --slide {','.join(slide_ids)}` first "
+            "(image-only slides have no counts to train on)"
+        )
     dense = counts[j["_c"].to_numpy()]
     dense = dense.toarray() if sp.issparse(dense) else np.asarray(dense)
     return SpotArrays(

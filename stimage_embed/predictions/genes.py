@@ -174,7 +174,9 @@ def resolve_gene_list(
     present = [g for g in wanted if g in have]
     missing = [g for g in wanted if g not in have]
     if not present:
-        raise InputError(source, "genes", f"none of the {len(wanted)} genes is in the data: {list(wanted)}")
+        if source is not None:  # a file: name it and count its entries, never echo its lines
+            raise InputError(source, "genes", f"none of the file's {len(wanted)} entries is a gene in the data")
+        raise InputError(source, "genes", f"none of the {len(wanted)} genes is in the data: {list(wanted)[:10]}")
     if missing:
         upper = {a.upper(): a for a in available}
         hints = [f"{g} (did you mean {upper[g.upper()]}?)" if g.upper() in upper else g for g in missing]
@@ -183,7 +185,7 @@ def resolve_gene_list(
             source or "gene list",
             len(missing),
             len(wanted),
-            ", ".join(hints),
+            ", ".join(hints[:20]) + (f", ... ({len(hints) - 20} more)" if len(hints) > 20 else ""),
         )
     return present
 

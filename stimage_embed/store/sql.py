@@ -14,6 +14,7 @@ count)`` — the sparse ``expression`` table unnested and joined to ``genes``.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -99,35 +100,73 @@ def register_table(con: duckdb.DuckDBPyConnection, name: str, dataset) -> None:
 
 
 def referenced_tables(query: str, available: set[str]) -> set[str]:
-    """Store tables a query needs (views expanded). Falls back to all on binder quirks."""
+    """Store tables and views a query needs (views expanded later). Every one of them for a
+    discovery query (``SHOW TABLES``, ``information_schema``, ``duckdb_tables()`` ...) and for
+    a name that is not in the store, so DuckDB's "did you mean" suggests the store's own
+    tables (``FROM spot`` -> ``spots``). Falls back to all on binder quirks."""
+    everything = set(available) | set(_all_views())
+    if _DISCOVERY.search(query):
+        return everything
     try:
         names = {n.split(".")[-1] for n in duckdb.get_table_names(query)}
     except duckdb.ParserException:
         raise
     except duckdb.Error:
-        return set(available) | set(_all_views())
+        return everything
+    if names - everything:
+        return everything
     return names
 
 
-#: settings of a sandboxed session (user SQL): no file system, network or extension access,
-#: and a locked configuration so the SQL itself cannot lift them
+#: queries that list what exists: every table and view is registered for them
+_DISCOVERY = re.compile(
+    r"\b(information_schema|duckdb_(tables|views|columns)|show|pragma|describe|summarize|sqlite_master)\b",
+    re.IGNORECASE,
+)
+
+#: settings of a sandboxed session (user SQL): no file system, network or extension access
+#: (no directory allowed, not even DuckDB's temp folder), and a locked configuration so the
+#: SQL itself cannot lift them
 SANDBOX_SETTINGS = (
     "SET autoinstall_known_extensions = false",
     "SET autoload_known_extensions = false",
+    "SET temp_directory = ''",  # else DuckDB allows <cwd>/.tmp/ even without external access
+    "SET allowed_directories = []",
     "SET enable_external_access = false",
     "SET lock_configuration = true",
 )
+#: statement kinds user SQL may run without file access: queries only (SHOW, DESCRIBE,
+#: SUMMARIZE, WITH and VALUES are SELECTs); EXPORT, COPY, ATTACH, SET ... are refused before
+#: DuckDB runs them (EXPORT DATABASE would create its folder before it is refused)
+SANDBOX_STATEMENTS = ("SELECT", "EXPLAIN")
 
 
-def run_sql(store: Store, query: str, file_access: bool = True) -> pl.DataFrame:
-    """Run ``query`` with every store table (and the views) in scope; return polars.
+def check_statements(query: str, file_access: bool) -> None:
+    """Refuse an empty query (only comments) and, in a sandbox, any statement that is not a
+    query. Raises ``duckdb.Error`` subclasses (printed by the caller as one line)."""
+    kinds = [st.type.name for st in duckdb.extract_statements(query)]
+    if not kinds:
+        raise duckdb.InvalidInputException("the query holds no SQL statement (empty, or only a comment)")
+    if not file_access:
+        bad = [k for k in kinds if k not in SANDBOX_STATEMENTS]
+        if bad:
+            raise duckdb.PermissionException(
+                f"{bad[0]} statements need --allow-file-access; without it only queries (SELECT, SHOW, "
+                "DESCRIBE, EXPLAIN ...) run, over the store's tables"
+            )
 
-    ``file_access=False`` (user SQL): the store's tables are registered first, then DuckDB's
-    external access (files, network, extensions) is disabled and the configuration locked,
-    so ``COPY ... TO``, ``read_csv('/etc/passwd')``, ``ATTACH`` or ``SET`` cannot reach
-    anything outside the store.
-    """
-    available = set(store.table_names())
+
+def available_views(available: set[str]) -> list[str]:
+    """The SQL views whose tables are all in the store (``info`` lists them)."""
+    return sorted(v for v, (_, needs) in _all_views().items() if set(needs) <= available)
+
+
+def _connect(store: Store, query: str, file_access: bool) -> duckdb.DuckDBPyConnection:
+    """A DuckDB session with the store tables and views ``query`` needs registered (and,
+    without ``file_access``, sandboxed). A store folder that does not exist is not created."""
+    check_statements(query, file_access)
+    exists = store.remote or store.path.is_dir()
+    available = set(store.table_names()) if exists else set()
     wanted = referenced_tables(query, available)
     con = duckdb.connect()
     try:
@@ -143,9 +182,37 @@ def run_sql(store: Store, query: str, file_access: bool = True) -> pl.DataFrame:
         if not file_access:
             for setting in SANDBOX_SETTINGS:
                 con.execute(setting)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def run_sql(store: Store, query: str, file_access: bool = True) -> pl.DataFrame:
+    """Run ``query`` with every store table (and the views) in scope; return polars.
+
+    ``file_access=False`` (user SQL): the store's tables are registered first, then DuckDB's
+    external access (files, network, extensions) is disabled and the configuration locked,
+    so ``COPY ... TO``, ``read_csv('/etc/passwd')``, ``ATTACH`` or ``SET`` cannot reach
+    anything outside the store.
+    """
+    return run_query(store, query, file_access=file_access)[0]
+
+
+def run_query(
+    store: Store, query: str, file_access: bool = True, limit: int | None = None
+) -> tuple[pl.DataFrame, bool]:
+    """:func:`run_sql` with an optional row cap: ``(rows, more)``, where ``more`` says the
+    result had more than ``limit`` rows. The cap is applied inside DuckDB, so a huge result
+    (``SELECT * FROM range(1e9)``) is never materialised."""
+    con = _connect(store, query, file_access)
+    try:
         rel = con.sql(query)
         if rel is None:  # a statement without a result (e.g. SET)
-            return pl.DataFrame()
-        return rel.pl()
+            return pl.DataFrame(), False
+        if limit is None:
+            return rel.pl(), False
+        df = rel.limit(limit + 1).pl()
+        return df.head(limit), df.height > limit
     finally:
         con.close()

@@ -1,0 +1,142 @@
+"""The ``compare`` verb: every fold x backbone x head from the cache, the leaderboard and
+the paired comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stimage_embed.cli_checks import (
+    CONTROLS,
+    MISSING_POLICIES,
+    check_choice,
+    check_min,
+    check_output_dir,
+    check_store_path,
+)
+from stimage_embed.cli_helpers import (
+    StoreOpt,
+    WaitOpt,
+    backbone_names,
+    cli_errors,
+    listed,
+    print_compare_result,
+    slides_from,
+)
+from stimage_embed.cli_models import GENES_HELP
+from stimage_embed.errors import InputError
+from stimage_embed.predictions.registry import head_help, head_names
+
+_BackbonesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backbone",
+        "--backbones",
+        "-b",
+        metavar="NAME[,NAME]",
+        help="Backbones with vectors in the store (repeatable; comma lists too).",
+        show_default="efficientnet_lite0",
+    ),
+]
+_HeadsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--head",
+        "--heads",
+        metavar="NAME[,NAME]",
+        show_default="every head but fstimage",
+        help="Head names (repeatable; comma lists too): " + head_help(),
+    ),
+]
+_SlidesOpt = Annotated[
+    list[str] | None, typer.Option(metavar="ID[,ID]", help="Explicit split: slide ids (repeatable; comma lists).")
+]
+_DatasetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dataset",
+        "--datasets",
+        metavar="NAME[,NAME]",
+        help="Datasets (repeatable; comma lists too).",
+        show_default="all",
+    ),
+]
+_MissingOpt = Annotated[
+    str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")
+]
+_MaxIterOpt = Annotated[
+    int, typer.Option(help="iterations of the high/low classifier's solver (FISTA; saga epochs with solver saga).")
+]
+_ControlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--control",
+        "--controls",
+        metavar="shuffled",
+        help="Also run a leak control: 'shuffled' trains and scores every head on vectors permuted among "
+        "each slide's spots (should score about 0).",
+    ),
+]
+
+
+@cli_errors
+def compare(
+    backbones: _BackbonesOpt = None,
+    heads: _HeadsOpt = None,
+    split: Annotated[str, typer.Option(help="loso | lopo | kfold:K[:SEED] (folds within each dataset).")] = "loso",
+    genes: Annotated[str, typer.Option(help=GENES_HELP)] = "var:50",
+    dataset: _DatasetOpt = None,
+    train: _SlidesOpt = None,
+    test: _SlidesOpt = None,
+    train_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the training slide_ids.")] = None,
+    test_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the test slide_ids.")] = None,
+    missing: _MissingOpt = "error",
+    all_spots: Annotated[bool, typer.Option(help="Use spots failing tissue QC too.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
+    highlow_max_iter: _MaxIterOpt = 1000,
+    control: _ControlOpt = None,
+    store: StoreOpt = "store",
+    wait: WaitOpt = 0.0,
+) -> None:
+    """Train and evaluate every fold x backbone x head from the cache; print the leaderboard
+    and the paired comparisons (mean PCC difference with a bootstrap 95 % CI; a CI covering
+    0 is a tie)."""
+    from stimage_embed.evaluation.compare import CompareConfig
+    from stimage_embed.evaluation.compare import compare as run_compare
+    from stimage_embed.store import Store
+
+    head_list = listed(heads, "--head") or head_names(spans_backbones=False)
+    controls = [check_choice(c, CONTROLS, "--control") for c in listed(control, "--control")]
+    check_choice(missing, MISSING_POLICIES, "--missing")
+    check_min(highlow_max_iter, 1, "--highlow-max-iter")
+    names = backbone_names(backbones or ["efficientnet_lite0"], "--backbone")
+    check_output_dir(report, "--report")  # before any run is committed
+    check_store_path(store, write=True)
+    st = Store(store, lock_wait=wait)
+    tr = slides_from(st, train_sql, train, "--train")
+    te = slides_from(st, test_sql, test, "--test")
+    if (tr is None) != (te is None):
+        raise InputError(None, "--train/--test", "give both the training and the test slides for an explicit split")
+    cfg = CompareConfig(
+        backbones=names,
+        heads=head_list,
+        split=split,
+        genes=genes,
+        datasets=listed(dataset, "--dataset") or None,
+        only_qc=not all_spots,
+        missing=missing,
+        train_slides=tr,
+        test_slides=te,
+        head_params={"highlow": {"max_iter": highlow_max_iter}} if highlow_max_iter != 1000 else {},
+        controls=controls,
+    )
+    with st.writer("compare"):
+        result = run_compare(st, cfg)
+    print_compare_result(st, result, report)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compare`` to ``app``."""
+    app.command(short_help="Cross-validate backbones x heads; leaderboard.")(compare)
