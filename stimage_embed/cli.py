@@ -31,6 +31,7 @@ from stimage_embed.cli_helpers import (
     split_csv,
     weights_map,
 )
+from stimage_embed.cli_search import register as register_search
 from stimage_embed.predictions.registry import head_help, head_names
 
 app = typer.Typer(
@@ -355,9 +356,7 @@ def infer(
         float | None,
         typer.Option(help="µm per full-resolution pixel (required for JPEG/PNG; overrides WSI metadata)."),
     ] = None,
-    pitch_um: Annotated[
-        float | None, typer.Option(help="Grid pitch in µm (default: the model's tile width).")
-    ] = None,
+    pitch_um: Annotated[float | None, typer.Option(help="Grid pitch in µm (default: the model's tile width).")] = None,
     genes: Annotated[
         str | None,
         typer.Option(help="Comma-separated genes to draw besides the top ones (all model genes are predicted)."),
@@ -424,14 +423,10 @@ def compare(
             help="var:K (default; top K by variance of log1p CP10k) | mean:K | seurat:K (alias hvg:K) | panel:NAME | file:PATH, selected on the training slides only."
         ),
     ] = "var:50",
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Comma-separated datasets [default: all].")
-    ] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Comma-separated datasets [default: all].")] = None,
     train: Annotated[str | None, typer.Option(help="Explicit split: training slide ids, comma-separated.")] = None,
     test: Annotated[str | None, typer.Option(help="Explicit split: test slide ids, comma-separated.")] = None,
-    train_sql: Annotated[
-        str | None, typer.Option(help="Explicit split: SQL returning the training slide_ids.")
-    ] = None,
+    train_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the training slide_ids.")] = None,
     test_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the test slide_ids.")] = None,
     missing: Annotated[
         str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")
@@ -480,6 +475,8 @@ def compare(
         result = run_compare(st, cfg)
     print_compare_result(st, result, report)
 
+
+register_search(app)  # index, search (stimage_embed/cli_search.py)
 
 if __name__ == "__main__":
     app()
