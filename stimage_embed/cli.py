@@ -356,7 +356,9 @@ def infer(
         float | None,
         typer.Option(help="µm per full-resolution pixel (required for JPEG/PNG; overrides WSI metadata)."),
     ] = None,
-    pitch_um: Annotated[float | None, typer.Option(help="Grid pitch in µm (default: the model's tile width).")] = None,
+    pitch_um: Annotated[
+        float | None, typer.Option(help="Grid pitch in µm (default: the model's tile width).")
+    ] = None,
     genes: Annotated[
         str | None,
         typer.Option(help="Comma-separated genes to draw besides the top ones (all model genes are predicted)."),
@@ -423,10 +425,14 @@ def compare(
             help="var:K (default; top K by variance of log1p CP10k) | mean:K | seurat:K (alias hvg:K) | panel:NAME | file:PATH, selected on the training slides only."
         ),
     ] = "var:50",
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Comma-separated datasets [default: all].")] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Comma-separated datasets [default: all].")
+    ] = None,
     train: Annotated[str | None, typer.Option(help="Explicit split: training slide ids, comma-separated.")] = None,
     test: Annotated[str | None, typer.Option(help="Explicit split: test slide ids, comma-separated.")] = None,
-    train_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the training slide_ids.")] = None,
+    train_sql: Annotated[
+        str | None, typer.Option(help="Explicit split: SQL returning the training slide_ids.")
+    ] = None,
     test_sql: Annotated[str | None, typer.Option(help="Explicit split: SQL returning the test slide_ids.")] = None,
     missing: Annotated[
         str, typer.Option(help="FSTimage policy for spots missing in a backbone: error | drop | available.")
