@@ -4,6 +4,7 @@ control through ``compare``, and a saved model's round trip through ``train``/``
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -116,3 +117,20 @@ def test_knn_passes_the_shuffled_control(tmp_path, embedded_store):
     assert ctrl["n"][0] == 20 and real["n"][0] == 20
     assert abs(ctrl["value"][0]) < 0.05, ctrl
     assert real["value"][0] > ctrl["value"][0] + 0.05, (real, ctrl)
+
+
+def test_train_and_predict_a_saved_knn_model(tmp_path, embedded_store):
+    from stimage_embed.predictions.train_predict import predict, train
+
+    store = Store(tmp_path / "store")
+    shutil.copytree(embedded_store.path, store.path)
+    rid, path = train(store, BB, "knn", "var:20", ["C4"])
+    assert (path / "arrays.safetensors").is_file()
+    pred = predict(store, rid, ["C5"])
+    assert pred["gene"].n_unique() == 20 and pred["mean_log1p"].is_finite().all()
+    genes = json.loads((path / "run.json").read_text())["genes"]
+    test = load_spot_arrays(store, BB, ["C5"], genes, only_qc=False)
+    want = load_head(path).predict_log1p_norm(test.X)
+    got = pred.pivot("gene", index=["slide_id", "spot_id"], values="mean_log1p").sort("slide_id", "spot_id")
+    assert got["spot_id"].to_list() == test.keys["spot_id"].to_list()
+    np.testing.assert_allclose(got.select(genes).to_numpy(), want, rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ METRIC = "cosine"
 INDEX_TYPES = ("IVF_HNSW_SQ", "IVF_PQ", "IVF_HNSW_PQ", "IVF_SQ", "IVF_FLAT")
 DEFAULT_INDEX_TYPE = "IVF_HNSW_SQ"
 #: tables with fewer rows are searched exactly (an index does not pay; measured, docs/search.md)
-EXACT_BELOW = 50_000
+EXACT_BELOW = 5_000
 #: rows per IVF partition the default partition count aims at (an HNSW graph per partition)
 ROWS_PER_PARTITION = 25_000
 
