@@ -77,6 +77,7 @@ def make_table(db, name: str, real: np.ndarray, n: int, seed: int):
         tbl = db.create_table(name, batch) if tbl is None else tbl
         if start:
             tbl.add(batch)
+    tbl.create_scalar_index("slide_id", index_type="BTREE")  # as the store's upkeep keeps one
     return tbl
 
 

@@ -20,6 +20,7 @@ from stimage_embed.search.index import vector_index
 from stimage_embed.search.montage import cut_tiles
 from stimage_embed.search.where import resolve_where
 from stimage_embed.store import Store
+from stimage_embed.store.maintenance import maintain
 
 BB = "efficientnet_lite0"
 TABLE = f"embeddings_{BB}"
@@ -83,7 +84,8 @@ def test_forced_index_finds_new_rows_and_updates(tmp_path, embedded_store, vecto
     store.delete(TABLE, "slide_id = 'MOB1'")
     made = build_index(store, BB, num_partitions=2, force=True)
     assert made.action == "created" and made.rows == len(keys) - mob.num_rows
-    store.append(TABLE, mob, schema=store.table(TABLE).schema)  # rows added after the build (as `embed` does)
+    store.append(TABLE, mob, schema=store.table(TABLE).schema)  # rows added after the build (as `embed` does),
+    maintain(store, [TABLE])  # then the store's upkeep after `embed` (compaction: the index is remapped)
     tbl = store.table(TABLE)
     assert tbl.index_stats(vector_index(tbl).name).num_unindexed_rows == mob.num_rows
     indexed = SearchOptions(use_index=True, nprobes=2)
