@@ -27,7 +27,7 @@ import psutil
 import pyarrow as pa
 
 from stimage_embed.predictions.arrays import embedded_slides, load_embeddings
-from stimage_embed.search.index import DEFAULT_INDEX_TYPE, METRIC, default_partitions
+from stimage_embed.search.index import DEFAULT_INDEX_TYPE, default_partitions, index_config
 from stimage_embed.search.query import SearchOptions, nearest
 from stimage_embed.store import Store
 
@@ -102,7 +102,7 @@ def run_size(db, real: np.ndarray, n: int, n_queries: int, n_exact: int) -> dict
     exact_ms, exact_hits = latencies(tbl, queries[:n_exact], None, SearchOptions(use_index=False))
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        tbl.create_index(metric=METRIC, index_type=DEFAULT_INDEX_TYPE, num_partitions=default_partitions(n))
+        tbl.create_index("vector", config=index_config(DEFAULT_INDEX_TYPE, default_partitions(n)))
         build_s = time.perf_counter() - t0
     idx = SearchOptions(use_index=True)
     latencies(tbl, queries[:5], None, idx)  # warm the index cache

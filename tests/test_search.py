@@ -133,3 +133,12 @@ def test_cli_writes_hits_and_a_montage_of_k_plus_1_tiles(tmp_path, embedded_stor
     ref = cut_tiles(embedded_store, hits.head(1), 100.0)[0]  # the query is its own nearest hit
     np.testing.assert_array_equal(m.tiles[0], ref)
     np.testing.assert_array_equal(m.tiles[1], ref)
+
+
+def test_index_below_the_threshold_builds_nothing(embedded_store):
+    before = embedded_store.table(TABLE).version
+    res = CliRunner().invoke(app, ["index", "--store", str(embedded_store.path)])
+    assert res.exit_code == 0, res.output
+    assert "searched exactly, no index built" in res.output
+    assert embedded_store.table(TABLE).version == before
+    assert vector_index(embedded_store.table(TABLE)) is None

@@ -88,6 +88,20 @@ def default_partitions(rows: int) -> int:
     return max(1, math.ceil(rows / ROWS_PER_PARTITION))
 
 
+def index_config(index_type: str, num_partitions: int):
+    """The LanceDB index configuration of ``index_type`` (cosine, ``num_partitions`` IVF partitions)."""
+    import lancedb.index as li
+
+    configs = {
+        "IVF_HNSW_SQ": li.IvfHnswSq,
+        "IVF_PQ": li.IvfPq,
+        "IVF_HNSW_PQ": li.HnswPq,
+        "IVF_SQ": li.IvfSq,
+        "IVF_FLAT": li.IvfFlat,
+    }
+    return configs[index_type](distance_type=METRIC, num_partitions=num_partitions)
+
+
 def build_index(
     store: Store,
     backbone: str,
@@ -122,13 +136,7 @@ def build_index(
             parts = num_partitions or default_partitions(rows)
             if parts > rows:
                 raise StoreError(f"{tbl.name}: {parts} partitions for {rows} rows; give fewer --partitions")
-            tbl.create_index(
-                metric=METRIC,
-                index_type=index_type,
-                num_partitions=parts,
-                vector_column_name=VECTOR_COLUMN,
-                replace=True,
-            )
+            tbl.create_index(VECTOR_COLUMN, config=index_config(index_type, parts), replace=True)
             report.action, report.index_type, report.num_partitions = "created", index_type, parts
         report.seconds = time.perf_counter() - t0
     log.info("%s", report.line())
