@@ -30,6 +30,7 @@ from heads.classifier import HighLowClassifier
 from heads.context import ContextNBRegressor
 from heads.ensemble import SeedEnsemble
 from heads.errors import ProvenanceMismatch
+from heads.knn import KNNRegressor
 from heads.nb import NBRegressor
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ HEAD_CLASSES = MappingProxyType(
     {
         c.__name__: c
         for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline, ContextNBRegressor)
+        + (KNNRegressor,)
     }
 )
 _MISSING = "<missing>"

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from stimage_embed import __version__, cli_compare, cli_embed, cli_models, cli_store
+from stimage_embed import __version__, cli_compare, cli_embed, cli_models, cli_search, cli_store
 from stimage_embed.cli_group import StimageGroup
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ cli_store.register(app)
 cli_embed.register(app)
 cli_models.register(app)
 cli_compare.register(app)
+cli_search.register(app)  # index, search
 
 if __name__ == "__main__":
     app()

@@ -135,6 +135,13 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
                 marker="^",
             ),
             HeadSpec(
+                "knn",
+                "weighted mean of the k nearest training spots (BLEEP)",
+                "log1p",
+                "heads.knn:KNNRegressor",
+                marker="*",
+            ),
+            HeadSpec(
                 "fstimage",
                 "FSTimage: the nb predictions of several backbones averaged",
                 "combined",
