@@ -481,5 +481,9 @@ def compare(
     print_compare_result(st, result, report)
 
 
+from stimage_embed import cli_view  # noqa: E402
+
+cli_view.register(app)
+
 if __name__ == "__main__":
     app()
