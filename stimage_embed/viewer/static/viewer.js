@@ -120,16 +120,33 @@
       v.addOnceHandler("open", resolve);
       v.open(tileSource((l, x, y) => `/tiles/${enc(slide)}_files/${l}/${x}_${y}.jpeg`));
     })));
-    if (S.pendingView) {
-      const p = S.pendingView; S.pendingView = null;
-      viewers.a.viewport.zoomTo(p.z, null, true); viewers.a.viewport.panTo(new OpenSeadragon.Point(p.x, p.y), true);
+    const saved = S.pendingView;
+    S.pendingView = null;
+    if (saved) {
+      viewers.a.viewport.zoomTo(saved.z, null, true); viewers.a.viewport.panTo(new OpenSeadragon.Point(saved.x, saved.y), true);
     }
     syncFrom("a");
     await loadValues();
+    if (!saved && !S.pendingSpot) fitSpots();
+  }
+
+  function fitSpots() {
+    if (!S.values || !S.values.spots.length) return;
+    const xs = S.values.spots.map((s) => s.pixel_x), ys = S.values.spots.map((s) => s.pixel_y);
+    const m = S.values.radius_px * 3;
+    const x0 = Math.min(...xs) - m, y0 = Math.min(...ys) - m;
+    const item = viewers.a.world.getItemAt(0);
+    viewers.a.viewport.fitBounds(item.imageToViewportRectangle(x0, y0, Math.max(...xs) + m - x0, Math.max(...ys) + m - y0), true);
+    syncFrom("a");
   }
 
   async function loadValues() {
     S.values = null; S.spot = null;
+    for (const [k, v] of Object.entries(viewers)) {
+      const old = document.getElementById("ring-" + k);
+      if (old) v.removeOverlay(old);
+    }
+    $("spot-info").textContent = "Click a spot."; $("similar").textContent = "";
     const epoch = ++S.epoch;
     if (S.run && S.gene && S.slide) {
       try {
@@ -213,8 +230,21 @@
     const s = nearestSpot(p.x, p.y);
     if (s) showSpot(s);
   }
+  function ring(s) {
+    for (const [k, v] of Object.entries(viewers)) {
+      const old = document.getElementById("ring-" + k);
+      if (old) v.removeOverlay(old);
+      const item = v.world.getItemAt(0);
+      if (!item || (k === "b" && !S.sbs)) continue;
+      const el = document.createElement("div");
+      el.id = "ring-" + k; el.className = "ring";
+      const r = S.values.radius_px * 1.25;
+      v.addOverlay({ element: el, location: item.imageToViewportRectangle(s.pixel_x - r, s.pixel_y - r, 2 * r, 2 * r) });
+    }
+  }
   function showSpot(s) {
     S.spot = s.spot_id;
+    ring(s);
     const rows = [["spot", "spot_id"], ["predicted", "predicted"], ["measured", "measured"],
                   ["epistemic", "epistemic"], ["P(high)", "prob_high"], ["cluster", "cluster"]];
     const html = rows.map(([label, f]) =>
