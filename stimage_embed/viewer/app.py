@@ -30,8 +30,9 @@ from stimage_embed.viewer.similar import similar
 
 log = logging.getLogger(__name__)
 
-#: seconds a run's drawn values are reused before they are read from the store again
-VALUES_TTL = 5.0
+#: seconds overlay tiles reuse a run's values before reading the store again (the values
+#: endpoint, which the page calls before drawing, always reads the store and refreshes them)
+VALUES_TTL = 60.0
 #: open slide images kept (a decoded JPEG/PNG section holds its pixels in memory)
 OPEN_SLIDES = 3
 TILE_HEADERS = {"Cache-Control": "max-age=300"}
@@ -57,9 +58,10 @@ class Viewer:
             raise HTTPException(404, str(exc)) from exc
 
     def tiles(self, slide_id: str) -> SlideTiles:
-        row = self.slide(slide_id)
+        """The slide's open image (the store is read only when it is not open yet)."""
 
         def make() -> SlideTiles:
+            row = self.slide(slide_id)
             try:
                 return SlideTiles(row["image_path"])
             except InputError as exc:
@@ -67,16 +69,20 @@ class Viewer:
 
         return self.slides.get(slide_id, make)
 
-    def spot_layers(self, run_id: str, slide_id: str, gene: str) -> SpotLayers:
-        def make() -> SpotLayers:
-            row = self.slide(slide_id)
-            try:
-                frame = queries.values(self.store, run_id, slide_id, gene)
-            except queries.NotFound as exc:
-                raise HTTPException(404, str(exc)) from exc
-            return SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"])
+    def read_layers(self, run_id: str, slide_id: str, gene: str) -> SpotLayers:
+        """A run's values for one slide and gene read from the store now (and cached)."""
+        row = self.slide(slide_id)
+        try:
+            frame = queries.values(self.store, run_id, slide_id, gene)
+        except queries.NotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        layers = SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"])
+        self.layers.put((run_id, slide_id, gene), layers)
+        return layers
 
-        return self.layers.get((run_id, slide_id, gene), make)
+    def spot_layers(self, run_id: str, slide_id: str, gene: str) -> SpotLayers:
+        """The cached values (read again after ``values_ttl`` s, or by the values endpoint)."""
+        return self.layers.get((run_id, slide_id, gene), lambda: self.read_layers(run_id, slide_id, gene))
 
 
 def _one_line(text: str) -> str:
@@ -120,6 +126,10 @@ def create_app(store: Store | str | Path, values_ttl: float = VALUES_TTL) -> Fas
     def index() -> FileResponse:
         return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     _api_routes(app, viewer)
     _tile_routes(app, viewer)
     return app
@@ -148,7 +158,7 @@ def _api_routes(app: FastAPI, viewer: Viewer) -> None:
         """Per spot: id, centre (level-0 px), predicted and measured log1p(CP10k), epistemic
         variance, P(high), cluster; the layers present with their shared scales."""
         row = viewer.slide(slide_id)
-        sl = viewer.spot_layers(run_id, slide_id, gene)
+        sl = viewer.read_layers(run_id, slide_id, gene)
         spots = [{k: _finite(v) for k, v in r.items()} for r in sl.frame.to_dicts()]
         return {
             "run_id": run_id,

@@ -44,19 +44,29 @@ class LRU(Generic[V]):
             value = self._fresh(key)
             if value is not None:
                 return value
-            value = make()
-            evicted = []
-            with self._lock:
-                self._items[key] = (time.monotonic(), value)
-                self._items.move_to_end(key)
-                while len(self._items) > self.size:
-                    old_key, (_, old) = self._items.popitem(last=False)
-                    self._key_locks.pop(old_key, None)
-                    evicted.append(old)
-            for old in evicted:
-                if self.on_evict is not None and old is not value:
-                    self.on_evict(old)
+            try:
+                value = make()
+            except BaseException:
+                with self._lock:
+                    if key not in self._items:
+                        self._key_locks.pop(key, None)
+                raise
+            self.put(key, value)
             return value
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store ``value`` under ``key`` (fresh from now), evicting the least recently used."""
+        evicted = []
+        with self._lock:
+            self._items[key] = (time.monotonic(), value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                old_key, (_, old) = self._items.popitem(last=False)
+                self._key_locks.pop(old_key, None)
+                evicted.append(old)
+        for old in evicted:
+            if self.on_evict is not None and old is not value:
+                self.on_evict(old)
 
     def clear(self) -> None:
         with self._lock:
