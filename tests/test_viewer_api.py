@@ -252,3 +252,29 @@ def test_concurrent_reads_while_embed_writes(tmp_path, viewer_store, real_data_r
     assert not bad, bad[:5]
     assert {"S1", "S2"} <= set(store.read("embeddings_efficientnet_lite0", ["slide_id"])["slide_id"].to_pylist())
     assert {"S1", "S2"} <= {s["slide_id"] for s in json.loads(reference["/api/slides"])}
+
+
+def test_leiden_layer_when_a_clusters_table_exists(tmp_path, viewer_store):
+    """With a ``clusters`` table (slide_id, spot_id, leiden) the values carry each spot's
+    label and the leiden layer appears; without one (the other tests) it is absent."""
+    import pyarrow as pa
+    from fastapi.testclient import TestClient
+
+    from stimage_embed.store import Store
+    from stimage_embed.viewer.app import create_app
+
+    src, run_id = viewer_store
+    store = Store(shutil.copytree(src.path, tmp_path / "store"))
+    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row"])).filter(pl.col("slide_id") == SHOWN)
+    labels = {s: str(r % 3) for s, r in zip(spots["spot_id"].to_list(), spots["array_row"].to_list())}
+    schema = pa.schema([("slide_id", pa.string()), ("spot_id", pa.string()), ("leiden", pa.string())])
+    rows = [{"slide_id": SHOWN, "spot_id": s, "leiden": v} for s, v in labels.items()]
+    store.append("clusters", pa.Table.from_pylist(rows, schema=schema), schema=schema)
+    with TestClient(create_app(store)) as c:
+        gene = c.get(f"/api/runs/{run_id}/genes").json()["genes"][0]
+        body = c.get(f"/api/runs/{run_id}/slides/{SHOWN}/values", params={"gene": gene}).json()
+        assert "leiden" in body["layers"] and body["legend"]["leiden"]["labels"] == ["0", "1", "2"]
+        got = {s["spot_id"]: s["cluster"] for s in body["spots"]}
+        assert len(got) > 100 and got == {k: labels[k] for k in got}
+        r = c.get(f"/overlay/{run_id}/{SHOWN}/leiden/10/0_0.png", params={"gene": gene})
+        assert r.status_code == 200
