@@ -181,6 +181,16 @@ def test_view_refuses_remote_host_without_flag(viewer_store):
     assert len(lines) == 1 and "--allow-remote" in lines[0] and "Traceback" not in proc.stderr
     missing = cli("view", "--store", str(store.path.parent / "nothing"), "--port", "0", check=False, timeout=120)
     assert missing.returncode == 2 and "no store here" in missing.stderr
+    args = cli_args("view", "--store", str(store.path), "--host", "0.0.0.0", "--port", "0", "--allow-remote")
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline()  # printed after the warning
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    warnings = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "listening on 0.0.0.0" in warnings[0] and "no login" in warnings[0]
+    assert "http://0.0.0.0:" in url
 
 
 def free_port() -> int:
