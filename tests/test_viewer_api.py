@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-from store_cases import cli, cli_args, embed_args, env, mini_dataset
+from store_cases import cli_args, embed_args, env, mini_dataset
 
 TRAIN, SHOWN = "C4", "C5"
 
@@ -175,13 +175,22 @@ def test_raster_pyramid_matches_openslide(tmp_path, real_data_root):
 
 
 def test_view_refuses_remote_host_without_flag(viewer_store):
+    from typer.testing import CliRunner
+
+    from stimage_embed.cli import app
+
     store, _ = viewer_store
-    proc = cli("view", "--store", str(store.path), "--host", "0.0.0.0", "--port", "0", check=False, timeout=120)
-    assert proc.returncode == 2
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("error")]
-    assert len(lines) == 1 and "--allow-remote" in lines[0] and "Traceback" not in proc.stderr
-    missing = cli("view", "--store", str(store.path.parent / "nothing"), "--port", "0", check=False, timeout=120)
-    assert missing.returncode == 2 and "no store here" in missing.stderr
+    runner = CliRunner()
+    for args, words in (
+        (["--host", "0.0.0.0"], "--allow-remote"),
+        (["--host", "example.org"], "--allow-remote"),
+        (["--port", "70000"], "--port"),
+    ):
+        res = runner.invoke(app, ["view", "--store", str(store.path), *args])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error") and words in lines[0], res.stderr
+    res = runner.invoke(app, ["view", "--store", str(store.path.parent / "nothing"), "--port", "0"])
+    assert res.exit_code == 2 and "no store here" in res.stderr
     args = cli_args("view", "--store", str(store.path), "--host", "0.0.0.0", "--port", "0", "--allow-remote")
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -225,7 +234,9 @@ def test_concurrent_reads_while_embed_writes(tmp_path, viewer_store, real_data_r
 
     src, run_id = viewer_store
     store = Store(shutil.copytree(src.path, tmp_path / "store"))
-    cli("ingest", str(mini_dataset(tmp_path / "mini", real_data_root)), "--store", str(store.path))
+    from stimage_embed.ingest.pipeline import ingest
+
+    ingest(mini_dataset(tmp_path / "mini", real_data_root), store, progress=False)
     server, thread, base = serve_in_thread(create_app(store, values_ttl=0))
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
