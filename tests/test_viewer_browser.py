@@ -236,3 +236,6 @@ def test_viewer_in_browser(driver, server, tmp_path):
     wait_ready(driver, g2)
     assert driver.execute_script("return window.stviewer.state.sbs") is True
     assert driver.find_element("id", "gene").get_attribute("value") == g2
+    for key in "xyz":  # the viewport (centre, zoom) as the URL recorded it
+        before, after = (float(re.search(rf"[?&]{key}=([0-9.]+)", u).group(1)) for u in (url, driver.current_url))
+        assert after == pytest.approx(before, rel=1e-3, abs=1e-4), key

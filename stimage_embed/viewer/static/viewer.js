@@ -11,7 +11,7 @@
   };
   const S = { slide: null, run: null, gene: null, layer: "predicted", sbs: false, opacity: 0.8,
               slides: [], runs: [], values: null, info: null, spot: null, pendingView: null,
-              pendingSpot: null, loading: 0, epoch: 0 };
+              pendingSpot: null, loading: 0, epoch: 0, leader: "a" };
   const $ = (id) => document.getElementById(id);
   const enc = encodeURIComponent;
   const viewers = {};
@@ -34,6 +34,7 @@
       gestureSettingsMouse: { clickToZoom: false }, showRotationControl: false,
     });
     v.addHandler("canvas-click", (e) => { if (e.quick) onClick(key, e.position); });
+    for (const ev of ["canvas-press", "canvas-scroll", "canvas-pinch"]) v.addHandler(ev, () => { S.leader = key; });
     v.addHandler("viewport-change", () => syncFrom(key));
     v.addHandler("animation-finish", () => { if (key === "a") writeUrl(); });
     viewers[key] = v;
@@ -47,13 +48,20 @@
   }
   function layerOf(key) { return key === "b" ? "measured" : (S.sbs ? "predicted" : S.layer); }
 
+  // the pane the user last touched leads; the other copies its centre and zoom (equal widths)
   function syncFrom(key) {
-    if (syncing || !S.sbs) return;
+    if (syncing || !S.sbs || key !== S.leader) return;
     const other = viewers[key === "a" ? "b" : "a"];
     if (!other || !other.world.getItemCount()) return;
     syncing = true;
-    other.viewport.fitBounds(viewers[key].viewport.getBounds(), true);
+    const vp = viewers[key].viewport;
+    other.viewport.zoomTo(vp.getZoom(), null, true);
+    other.viewport.panTo(vp.getCenter(), true);
     syncing = false;
+  }
+  function applyView(p) {
+    viewers.a.viewport.zoomTo(p.z, null, true);
+    viewers.a.viewport.panTo(new OpenSeadragon.Point(p.x, p.y), true);
   }
 
   // ---- URL state ---------------------------------------------------------------------
@@ -122,12 +130,14 @@
     })));
     const saved = S.pendingView;
     S.pendingView = null;
-    if (saved) {
-      viewers.a.viewport.zoomTo(saved.z, null, true); viewers.a.viewport.panTo(new OpenSeadragon.Point(saved.x, saved.y), true);
-    }
+    S.leader = "a";
+    if (saved) applyView(saved);
     syncFrom("a");
     await loadValues();
-    if (!saved && !S.pendingSpot) fitSpots();
+    if (saved) applyView(saved);  // again, once the page layout has settled
+    else if (!S.pendingSpot) fitSpots();
+    syncFrom("a");
+    writeUrl();
   }
 
   function fitSpots() {
@@ -278,6 +288,7 @@
   // ---- hooks for scripts and tests ---------------------------------------------------
   window.stviewer = {
     state: S,
+    viewers,
     ready() {
       const keys = S.sbs ? ["a", "b"] : ["a"];
       if (S.loading || !S.info) return false;
