@@ -266,7 +266,8 @@
     const box = $("similar");
     box.textContent = "";
     const r = await api(`/api/slides/${enc(S.slide)}/similar/${enc(spotId)}?k=5`).catch(() => null);
-    if (!r || !r.available) { box.textContent = "Similar spots: search not installed."; return; }
+    if (!r) { box.textContent = "Similar spots: the search failed."; return; }
+    if (!r.available) { box.textContent = "Similar spots: search not installed."; return; }
     box.textContent = "Similar spots:";
     for (const m of r.spots) {
       const q = new URLSearchParams({ slide: m.slide_id, spot: m.spot_id, run: S.run || "", gene: S.gene || "" });
