@@ -26,3 +26,12 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 "$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -iE "^(torch|torchvision)==" > "$CONSTRAINTS" || true
 "${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[test,distributed]" 2> >(grep -v "^WARNING: Location" >&2)
 "$VENV/bin/python" -c "import torch, torchvision, timm, lancedb, duckdb, openslide, ray, lance_ray, boto3, moto; print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| lancedb', lancedb.__version__, '| duckdb', duckdb.__version__, '| ray', ray.__version__)"
+
+# --- viewer browser tests (`stimage-embed view`): Debian's headless Chromium + its driver ---
+# Only as root and only when missing; elsewhere the browser test skips (it fails under CI=true).
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 \
+   && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  echo "[setup] installing chromium and chromium-driver (apt) for the viewer's browser test"
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
+# --- end viewer block ---

@@ -59,5 +59,9 @@ cli_models.register(app)
 cli_compare.register(app)
 cli_search.register(app)  # index, search
 
+from stimage_embed import cli_view  # noqa: E402
+
+cli_view.register(app)
+
 if __name__ == "__main__":
     app()
