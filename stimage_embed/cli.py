@@ -481,5 +481,9 @@ def compare(
     print_compare_result(st, result, report)
 
 
+from stimage_embed.cli_explain import register as _register_explain  # noqa: E402
+
+_register_explain(app)
+
 if __name__ == "__main__":
     app()

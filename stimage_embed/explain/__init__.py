@@ -6,5 +6,5 @@
 * :mod:`~stimage_embed.explain.model_fn`: a saved model as a function of an RGB tile.
 * :mod:`~stimage_embed.explain.lime_tile`: LIME over nuclei + background regions of a tile.
 * :mod:`~stimage_embed.explain.run`: the ``explain`` verb (tiles, LIME, overlays, ``nuclei`` table).
-* :mod:`~stimage_embed.explain.clusters`: Leiden clusters of predicted profiles (``cluster`` verb, ``infer``).
+* :mod:`~stimage_embed.evaluation.clusters`: Leiden clusters of predicted profiles (``cluster`` verb, ``infer``).
 """
