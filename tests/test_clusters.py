@@ -99,7 +99,7 @@ def test_infer_adds_leiden_to_its_anndata(tmp_path, infer_model_store, real_data
         tmp_path / "out",
         slide_id="C5_leiden",
         um_per_px=store.sql("SELECT um_per_px FROM slides WHERE slide_id = 'C5'")["um_per_px"][0],
-        region=(3500.0, 3500.0, 5000.0, 5000.0),
+        region=(3800.0, 3800.0, 4700.0, 4700.0),  # ~36 tiles
         num_workers=0,
     )
     adata = ad.read_h5ad(res.anndata)

@@ -92,7 +92,7 @@ def test_weights_agree_with_occlusion_for_most_top_nuclei(nb_store):
             total += len(top)
     rate = agree / total
     print(f"sign agreement LIME weight vs occlusion, top-5 nuclei of 3 C5 tiles: {agree}/{total} = {rate:.2f}")
-    assert rate >= 0.6
+    assert rate > 0.5  # most top nuclei (measured 9/15 here; see docs/explain.md for more samples)
 
 
 def test_no_nucleus_found_is_explained_over_background_and_said(nb_store, tmp_path):
