@@ -23,8 +23,9 @@ def explain(
     samples: Annotated[
         int,
         typer.Option(
-            help="LIME perturbations per tile (one backbone forward each; ~25 s per tile at 1000 on 2 CPU cores "
-            "with EfficientNet-Lite0, see docs/explain.md)."
+            help="LIME perturbations per tile (LIME's default 1000): one backbone forward each, so a tile costs "
+            "samples / forward rate, e.g. ~8 min at 1000 with EfficientNet-Lite0 at 2.1 tiles/s on a shared, loaded "
+            "2-CPU machine (see docs/explain.md)."
         ),
     ] = DEFAULT_SAMPLES,
     seed: Annotated[int, typer.Option(help="Seed of LIME's sampler (fixed seed: the same explanation).")] = 0,
