@@ -129,4 +129,8 @@ def test_bad_input_one_line_each(nb_store, tmp_path):
     assert "outside the tissue" in msg and outside in msg
     assert "not a spot of slide" in _cli_error(*base, "--model", run_id, "--gene", GENE, "--spots", "99x99")
     assert "either --spots" in _cli_error(*base, "--model", run_id, "--gene", GENE)
+    other = tmp_path / "other_weights.pth"
+    other.write_bytes(b"not the weights the model was trained with")
+    msg = _cli_error(*base, "--model", run_id, "--gene", GENE, "--spots", spot, "--weights", str(other))
+    assert "sha256" in msg and "--weights" in msg  # the backbone cannot be reproduced: refused as infer does
     assert store.table_names() == before  # nothing written
