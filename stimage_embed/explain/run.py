@@ -170,9 +170,9 @@ def explain(
         raise InputError(None, "--spots/--top", "give either --spots A,B or --top K")
     if samples < 2:
         raise InputError(None, "--samples", f"must be at least 2, got {samples}")
+    seg = get_segmenter(segmenter, segmenter_weights)  # cheap checks first
     tm = load_tile_model(store, model, weights=weights, device=device, batch_size=batch_size)
     check_gene(tm.sm, gene)
-    seg = get_segmenter(segmenter, segmenter_weights)
     srow = _slide_row(store, slide)
     table = _spot_table(store, slide)
     chosen = _given_spots(table, slide, spots) if spots is not None else _top_spots(store, tm, table, slide, top, gene)
