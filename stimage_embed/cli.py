@@ -63,5 +63,9 @@ from stimage_embed import cli_view  # noqa: E402
 
 cli_view.register(app)
 
+from stimage_embed.cli_explain import register as _register_explain  # noqa: E402
+
+_register_explain(app)
+
 if __name__ == "__main__":
     app()

@@ -28,6 +28,7 @@ import polars as pl
 
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.errors import InputError
+from stimage_embed.evaluation.clusters import add_leiden
 from stimage_embed.inference.anndata_out import build_anndata, write_anndata
 from stimage_embed.inference.grid import MIN_TISSUE, TileGrid, tissue_grid
 from stimage_embed.inference.heatmaps import top_genes, write_heatmaps
@@ -165,8 +166,10 @@ def write_outputs(
     pb: pl.DataFrame | None,
     genes: list[str] | None,
     n_top_genes: int,
+    store: Store | None = None,
 ) -> tuple[Path, Path | None, dict[str, Path]]:
-    """AnnData, pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``
+    """AnnData (with Leiden clusters of the predictions, also in the ``clusters`` table of
+    ``store``), pseudo-bulk CSV (``None`` without pseudo-bulk) and heatmaps into ``out``
     (``provenance``: the id of the vectors' provenance record, kept in the AnnData)."""
     info = {
         "run_id": sm.run_id,
@@ -177,6 +180,7 @@ def write_outputs(
         "um_per_px_source": img.um_per_px_source,
     }
     adata = build_anndata(sid, grid, pred, img.thumbnail, img.downsample, info)
+    add_leiden(adata, out / sid, store)  # obs['leiden'], <ID>/leiden.png, clusters table
     h5ad = write_anndata(adata, out / f"{sid}.h5ad")
     csv = write_pseudobulk_csv(pb, out / f"{sid}_pseudobulk.csv") if pb is not None else None
 
@@ -277,7 +281,7 @@ def infer(
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
-    files = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes)
+    files = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes, store)
     return _result(sid, sm, img, grid, report, pred, files)
 
 
