@@ -16,6 +16,7 @@ import polars as pl
 import typer
 
 from stimage_embed import __version__
+from stimage_embed.cli_downstream import register as register_downstream
 from stimage_embed.cli_helpers import (
     DataRootOpt,
     ModelsDirOpt,
@@ -480,6 +481,8 @@ def compare(
         result = run_compare(st, cfg)
     print_compare_result(st, result, report)
 
+
+register_downstream(app)
 
 if __name__ == "__main__":
     app()
