@@ -83,8 +83,8 @@ def write_survival(result: SurvivalResult, cohort: Cohort, out: Path, by: str | 
     result.multivariate.write_parquet(out / "multivariate.parquet")
     result.cv.write_parquet(out / "cv.parquet")
     result.groups.write_parquet(out / "risk_groups.parquet")
-    genes = ", ".join(result.multivariate["gene"].to_list())
-    km_plot(result.groups, out / "km_risk_groups.png", _title(cohort, f"median risk groups ({genes})"), time)
+    title = _title(cohort, f"median risk groups, Cox on top {result.multivariate.height} genes")
+    km_plot(result.groups, out / "km_risk_groups.png", title, time)
     m = result.multivariate.row(0, named=True)
     summary = {
         "expression": cohort.source,
