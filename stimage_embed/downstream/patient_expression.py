@@ -79,7 +79,7 @@ def _per_slide_predicted(store: Store, runs: Sequence[str] | None) -> pl.DataFra
     if store.has_table("predictions"):
         parts.append(
             store.sql(
-                f"""SELECT run_id, slide_id, gene, AVG(expm1(mean_log1p::DOUBLE)) AS cp10k, COUNT(*)::BIGINT AS n
+                f"""SELECT run_id, slide_id, gene, AVG(exp(mean_log1p::DOUBLE) - 1) AS cp10k, COUNT(*)::BIGINT AS n
                     FROM predictions {run_filter} GROUP BY ALL"""
             )
         )
