@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from store_cases import copy_store, table_rows
+from store_cases import copy_store, finish, popen, table_rows
 from typer.testing import CliRunner
 
 from stimage_embed.cli import app
@@ -120,3 +120,25 @@ def test_measured_pseudobulk_is_log1p_cpm_of_summed_counts(store):
         common = [g for g in genes if summed[genes.index(g)] > 0]
         assert set(common) <= set(vals)
         np.testing.assert_allclose([vals[g] for g in common], [ref[g] for g in common], rtol=1e-9)
+
+
+def test_two_processes_adding_at_once_both_land(tmp_path):
+    """Two ``clinical add`` processes on one store: the writer lock serialises them, every
+    row of both files is there once, the shared key holds one of the two versions whole."""
+    a = _csv(
+        tmp_path / "a.csv", "patient,time,event,site\n" + "".join(f"A{i},{i},1,x\n" for i in range(30)) + "S,1,1,a\n"
+    )
+    b = _csv(
+        tmp_path / "b.csv", "patient,time,event,site\n" + "".join(f"B{i},{i},0,y\n" for i in range(30)) + "S,2,0,b\n"
+    )
+    store = tmp_path / "store"
+    procs = [popen("clinical", "add", str(f), "--store", str(store), "--wait", "120") for f in (a, b)]
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 0, err
+    from stimage_embed.store import Store
+
+    rows = pl.from_arrow(Store(store).read("clinical")).sort("key")
+    assert rows.height == 61 and rows["key"].n_unique() == 61
+    s = rows.filter(pl.col("key") == "S").row(0, named=True)
+    assert (s["time"], s["event"], s["site"]) in {(1.0, 1, "a"), (2.0, 0, "b")}

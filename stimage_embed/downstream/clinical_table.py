@@ -210,8 +210,6 @@ def _rows_to_write(store: Store, frame: pl.DataFrame, key: str, path: str, schem
     )
     if key == "slide_id":
         data = data.with_columns(pl.col("key").alias("slide_id"))
-    elif "patient" not in frame.columns:
-        data = data.drop("patient", strict=False).with_columns(pl.col("key").alias("patient"))
     missing = [n for n in schema.names if n not in data.columns]
     if missing and store.has_table(TABLE):
         old = pl.from_arrow(store.read(TABLE, ["key", *missing], where=_key_filter(key, keys)))

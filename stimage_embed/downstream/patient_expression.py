@@ -99,6 +99,7 @@ def _per_slide_predicted(store: Store, runs: Sequence[str] | None) -> pl.DataFra
 
 def predicted_expression(store: Store, key_kind: str = "patient", runs: Sequence[str] | None = None) -> pl.DataFrame:
     """Predicted pseudo-bulk per unit: log1p(100 x tile-weighted mean predicted CP10k)."""
+    _unit_sql(key_kind)  # checks key_kind
     per_slide = _per_slide_predicted(store, runs)
     slides = (
         pl.from_arrow(store.read("slides", ["slide_id", "patient"]))
@@ -107,7 +108,6 @@ def predicted_expression(store: Store, key_kind: str = "patient", runs: Sequence
     )
     per_slide = per_slide.join(slides, on="slide_id", how="left")
     unit = pl.coalesce("patient", "slide_id") if key_kind == "patient" else pl.col("slide_id")
-    _unit_sql(key_kind)
     return (
         per_slide.with_columns(unit.alias("unit"))
         .group_by("unit", "gene")
