@@ -3,7 +3,7 @@ slides, and bad files refused with one line while the store stays as it was.
 
 Also the measured patient pseudo-bulk (summed counts -> log1p CPM) against an independent
 read of the counts (``Store.expression_matrix``, scipy sparse sums) on the real HER2ST
-sections, where patient C has four sections (C2-C5) and patient B one (B4).
+sections, where patient C has two of the sections read (C2, C3) and patient B one (B4).
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def test_cli_add_reports_counts_and_unknown_keys(tmp_path, store):
 
 
 def test_measured_pseudobulk_is_log1p_cpm_of_summed_counts(store):
-    long = measured_expression(store, "patient", slides=["B4", "C2", "C3", "C4", "C5"])
+    long = measured_expression(store, "patient", slides=["B4", "C2", "C3"])
     assert set(long["unit"].unique()) == {"B", "C"}
-    for patient, slides in {"B": ["B4"], "C": ["C2", "C3", "C4", "C5"]}.items():
+    for patient, slides in {"B": ["B4"], "C": ["C2", "C3"]}.items():
         keys, genes, counts, _ = store.expression_matrix(slides)
         qc = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "passes_qc"]))
         keep = keys.join(qc, on=["slide_id", "spot_id"], how="left")["passes_qc"].to_numpy()
