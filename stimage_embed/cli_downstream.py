@@ -89,6 +89,7 @@ def survival(
     folds: Annotated[int, typer.Option(help="Folds of the multivariate model's CV.")] = 3,
     multi: Annotated[int, typer.Option(help="Genes (smallest univariate p) in the multivariate Cox model.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the first CV repeat.")] = 0,
+    penalizer: Annotated[float, typer.Option(help="L2 penalty of every Cox fit (lifelines; 0: none).")] = 0.0,
     store: StoreOpt = Path("store"),
 ) -> None:
     """Univariate Cox per gene (c-index), top-gene multivariate Cox (repeated CV c-index), KM risk groups."""
@@ -96,7 +97,7 @@ def survival(
     from stimage_embed.store import Store
 
     st = Store(store)
-    options = {"n_repeats": repeats, "n_folds": folds, "n_multi": multi, "seed": seed}
+    options = {"n_repeats": repeats, "n_folds": folds, "n_multi": multi, "seed": seed, "penalizer": penalizer}
     result, summary = run_survival(
         st, expr, time, event, key, split_csv(genes) or None, top, by, out, _runs(st, run, run_sql), **options
     )

@@ -160,6 +160,7 @@ def test_cli_end_to_end_writes_tables_and_figures(tmp_path, cohort, analysed):
     [
         (["--time", "os_time", "--event", "dmfs_event"], "os_time: no such clinical column"),
         (["--time", "dmfs_time", "--event", "dmfs_event", "--genes", "NOPE"], "--genes"),
+        (["--time", "dmfs_time", "--event", "dmfs_event", "--top", "5", "--folds", "100"], "too few for 100-fold CV"),
     ],
 )
 def test_cli_bad_options_one_line(tmp_path, cohort, args, message):

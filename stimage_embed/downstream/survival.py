@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 from lifelines import CoxPHFitter
+from lifelines.exceptions import ConvergenceError
 from lifelines.statistics import logrank_test
 from lifelines.utils import concordance_index
 from sklearn.model_selection import KFold
@@ -73,6 +74,26 @@ def survival_frame(
     return frame
 
 
+#: what lifelines raises when a Cox model cannot be fitted (too few units, separation, singular)
+FIT_ERRORS = (ConvergenceError, ValueError, ZeroDivisionError, np.linalg.LinAlgError)
+
+
+def fit_cox(data: pd.DataFrame, penalizer: float, what: str) -> CoxPHFitter:
+    """``CoxPHFitter(penalizer).fit(data)``; a failed fit is one :class:`InputError` line."""
+    try:
+        return CoxPHFitter(penalizer=penalizer).fit(data, duration_col=T, event_col=E)
+    except FIT_ERRORS as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(None, "--genes", f"{what}: the Cox model cannot be fitted ({msg}); try --penalizer") from exc
+
+
+def _enough(sub: pd.DataFrame, n_min: int, what: str) -> None:
+    if len(sub) < n_min or sub[E].sum() < 2:
+        raise InputError(
+            None, "--genes", f"{what}: {len(sub)} unit(s), {int(sub[E].sum())} event(s) with every gene measured"
+        )
+
+
 def _zscore(x: pd.DataFrame, ref: pd.DataFrame | None = None) -> pd.DataFrame:
     ref = x if ref is None else ref
     sd = ref.std(ddof=0).replace(0.0, 1.0)
@@ -85,11 +106,11 @@ def univariate_cox(frame: pd.DataFrame, genes: Sequence[str], penalizer: float =
     rows = []
     for g in genes:
         sub = frame[[g, T, E]].dropna()
-        if sub[g].std(ddof=0) == 0:
-            log.info("gene %s is constant over the units; skipped", g)
+        if len(sub) < 3 or sub[E].sum() < 1 or sub[g].std(ddof=0) == 0:
+            log.info("gene %s: constant or measured on too few units; skipped", g)
             continue
         sub = sub.assign(**{g: _zscore(sub[[g]])[g]})
-        cph = CoxPHFitter(penalizer=penalizer).fit(sub, duration_col=T, event_col=E)
+        cph = fit_cox(sub, penalizer, f"gene {g}")
         s = cph.summary.loc[g]
         rows.append(
             {
@@ -112,7 +133,11 @@ def univariate_cox(frame: pd.DataFrame, genes: Sequence[str], penalizer: float =
 def _fold_c_index(train: pd.DataFrame, test: pd.DataFrame, genes: list[str], penalizer: float) -> float:
     x_tr = _zscore(train[genes])
     x_te = _zscore(test[genes], ref=train[genes])
-    cph = CoxPHFitter(penalizer=penalizer).fit(pd.concat([x_tr, train[[T, E]]], axis=1), duration_col=T, event_col=E)
+    try:
+        cph = fit_cox(pd.concat([x_tr, train[[T, E]]], axis=1), penalizer, "CV fold")
+    except InputError as exc:
+        log.warning("%s: c-index NaN for this fold", exc)
+        return float("nan")
     risk = cph.predict_log_partial_hazard(x_te).to_numpy()
     try:
         return float(concordance_index(test[T].to_numpy(), -risk, test[E].to_numpy()))
@@ -125,9 +150,9 @@ def cv_multivariate(
 ) -> pl.DataFrame:
     """Held-out c-index of a Cox model on ``genes``: ``n_folds``-fold CV (shuffled with
     seeds ``seed``..``seed + n_repeats - 1``), one row per (repeat, fold)."""
-    if len(frame) < 2 * n_folds:
-        raise InputError(None, "--folds", f"{len(frame)} units are too few for {n_folds}-fold CV")
     sub = frame[[*genes, T, E]].dropna()
+    if len(sub) < 2 * n_folds:
+        raise InputError(None, "--folds", f"{len(sub)} units with every gene measured: too few for {n_folds}-fold CV")
     rows = []
     for r in range(n_repeats):
         folds = KFold(n_folds, shuffle=True, random_state=seed + r).split(sub)
@@ -142,8 +167,9 @@ def risk_groups(
 ) -> tuple[pl.DataFrame, dict, CoxPHFitter]:
     """Median split of the all-units multivariate Cox risk score; log-rank test high vs low."""
     sub = frame[[*genes, T, E]].dropna()
+    _enough(sub, 4, f"multivariate Cox on {', '.join(genes)}")
     x = _zscore(sub[genes])
-    cph = CoxPHFitter(penalizer=penalizer).fit(pd.concat([x, sub[[T, E]]], axis=1), duration_col=T, event_col=E)
+    cph = fit_cox(pd.concat([x, sub[[T, E]]], axis=1), penalizer, f"multivariate Cox on {', '.join(genes)}")
     risk = cph.predict_log_partial_hazard(x).to_numpy()
     high = risk > np.median(risk)
     test = logrank_test(sub[T][high], sub[T][~high], sub[E][high], sub[E][~high])
