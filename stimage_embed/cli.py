@@ -18,7 +18,18 @@ from typing import Annotated
 
 import typer
 
-from stimage_embed import __version__, cli_compare, cli_embed, cli_models, cli_search, cli_store
+from stimage_embed import (
+    __version__,
+    cli_compare,
+    cli_downstream,
+    cli_embed,
+    cli_explain,
+    cli_labels,
+    cli_models,
+    cli_search,
+    cli_store,
+    cli_view,
+)
 from stimage_embed.cli_group import StimageGroup
 
 app = typer.Typer(
@@ -58,14 +69,10 @@ cli_embed.register(app)
 cli_models.register(app)
 cli_compare.register(app)
 cli_search.register(app)  # index, search
-
-from stimage_embed import cli_view  # noqa: E402
-
-cli_view.register(app)
-
-from stimage_embed.cli_explain import register as _register_explain  # noqa: E402
-
-_register_explain(app)
+cli_view.register(app)  # view
+cli_explain.register(app)  # explain, cluster
+cli_downstream.register(app)  # clinical add, survival, response
+cli_labels.register(app)  # labels add, labels compare
 
 if __name__ == "__main__":
     app()

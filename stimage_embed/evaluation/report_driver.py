@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from stimage_embed.evaluation.paired import paired_comparisons
+from stimage_embed.evaluation.pseudobulk_agreement import agreement_section
 from stimage_embed.evaluation.report import markdown_table, write_report
 from stimage_embed.store.store import Store, sql_list
 
@@ -85,6 +86,7 @@ def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int =
         out_dir, metrics, predictions, runs, spots, result.leaderboard, top_k_genes=top_k_genes, max_slides=max_slides
     )
     extra = _paired_section(store, real["run_id"].to_list()) + _control_section(result.leaderboard)
+    extra += agreement_section(predictions, runs)
     with path.open("a", encoding="utf-8") as fh:
         fh.write("\n" + "\n".join(extra))
     return path
