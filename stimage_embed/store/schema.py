@@ -49,6 +49,8 @@ SLIDES = pa.schema(
         # 2048-px thumbnail, made at ingest so the embedding pass does not recompute it.
         # NULL in older stores or with too little tissue (the pass then fits it itself).
         pa.field("stain_estimate", pa.string()),
+        # tile width (µm) the embedding pass cuts around each spot; NULL: spot_diameter_um
+        pa.field("tile_um", pa.float64()),
     ]
 )
 
@@ -66,6 +68,7 @@ SPOTS = pa.schema(
         pa.field("passes_qc", pa.bool_()),  # tissue_fraction >= threshold and in_image
         pa.field("total_counts", pa.int64()),
         pa.field("n_genes_detected", pa.int32()),
+        pa.field("area_um2", pa.float64()),  # the spot's own area (Xenium cell, HD bin), µm²; NULL: a disk
     ]
 )
 
