@@ -36,6 +36,8 @@ def write_square_folder(
     genes: list[str],
     um_per_px: float,
     fmt: str = "h5",
+    origin: tuple[float, float] = (40.0, 30.0),
+    angle: float = 0.01,
 ) -> Path:
     """``binned/square_{bin_um:03d}um``: positions of every bin of a ``grid_shape`` grid
     (in_tissue = bins listed in ``with_counts``), the matrix of ``with_counts`` bins
@@ -46,7 +48,7 @@ def write_square_folder(
     rr, cc = np.meshgrid(np.arange(grid_shape[0]), np.arange(grid_shape[1]), indexing="ij")
     rr, cc = rr.ravel(), cc.ravel()
     barcodes = np.array([f"s_{bin_um:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rr, cc)])
-    px, py = bin_pixels(rr, cc, bin_um, um_per_px)
+    px, py = bin_pixels(rr, cc, bin_um, um_per_px, origin, angle)
     in_tissue = np.zeros(len(rr), np.int32)
     in_tissue[with_counts] = 1
     pd.DataFrame(
@@ -62,7 +64,7 @@ def write_square_folder(
     (spatial / "scalefactors_json.json").write_text(
         json.dumps({"bin_size_um": float(bin_um), "microns_per_pixel": um_per_px, "spot_diameter_fullres": 7.3})
     )
-    frame = pd.DataFrame(counts.toarray(), index=barcodes[with_counts], columns=genes)
+    frame = pd.DataFrame(counts.toarray().astype(np.int32), index=barcodes[with_counts], columns=genes)
     ids = np.array([f"ENSG{i:011d}" for i in range(len(genes))])
     types = np.array(["Gene Expression"] * len(genes))
     if fmt == "h5":
