@@ -481,5 +481,9 @@ def compare(
     print_compare_result(st, result, report)
 
 
+from stimage_embed.cli_labels import register as register_labels  # noqa: E402
+
+register_labels(app)
+
 if __name__ == "__main__":
     app()
