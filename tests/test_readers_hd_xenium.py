@@ -251,3 +251,44 @@ def test_xenium_bad_input(formats, tmp_path):
     _err(_xenium_case(tmp_path / "b", formats, size=(300, 300)), "align.csv", "fall outside", "300x300")
     cat = _xenium_case(tmp_path / "b", formats, size=(300, 300), reader_options={"cells_outside": "drop"})
     assert 0 < _read(cat).n_spots < 526
+
+
+# ----------------------------------------------------------------------------- ingest + tile width
+def test_visium_hd_ingest_keeps_bins_and_tiles_apart(real_data_root, tmp_path):
+    """Synthetic 2 µm bins over a crop of the REAL HER2ST C5 image: ingest stores each 8 µm
+    bin with its area and the slide's tile_um; the embedding plan cuts 112 µm tiles. A missing
+    bin folder is one error line (exit 2) and leaves the store as it was."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from stimage_embed.cli import app
+    from stimage_embed.embeddings.embed_plan import select_spots, work_list
+    from stimage_embed.store import Store
+
+    with Image.open(real_data_root / "her2st/images/C5.jpg") as im:
+        im.draft("RGB", (im.width // 4, im.height // 4))  # JPEG decoded at 1/4 scale: fast, still real H&E
+        im.crop((1000, 1000, 1400, 1400)).save(tmp_path / "he.png")
+    synthetic_hd(tmp_path / "binned_outputs", grid_shape=(40, 48))
+    cat = _hd_catalog(tmp_path, tmp_path / "binned_outputs", 8, image=tmp_path / "he.png")
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", str(cat.source), "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    store = Store(tmp_path / "store")
+    slides = pl.from_arrow(store.read("slides"))
+    spots = pl.from_arrow(store.read("spots"))
+    assert slides["tile_um"].to_list() == [112.0] and slides["spot_diameter_um"].to_list() == [55.0]
+    assert spots.height == 10 * 12 and (spots["area_um2"] == 64.0).all()
+    slide_tab, sel = select_spots(store, None, only_qc=False)
+    jobs, chunks = work_list(slide_tab, sel, None, 32, {"efficientnet_lite0": set()})
+    assert jobs["HD1"].tile_um == 112.0 and sum(len(c.spot_ids) for c in chunks) == 120
+    jobs, _ = work_list(slide_tab, sel, 56.0, 32, {"efficientnet_lite0": set()})
+    assert jobs["HD1"].tile_um == 56.0  # --tile-um still wins
+    before = spots.sort("spot_id").to_dicts()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "nothing").mkdir()
+    bad = _hd_catalog(tmp_path / "bad", tmp_path / "nothing", 8)
+    res = runner.invoke(app, ["ingest", str(bad.source), "--store", str(tmp_path / "store")])
+    assert res.exit_code == 2 and "missing bin folder" in res.output, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # (the rest: the progress bar)
+    assert len(errors) == 1 and "Traceback" not in res.output and "nothing/square_008um" in errors[0]
+    assert pl.from_arrow(store.read("spots")).sort("spot_id").to_dicts() == before
