@@ -193,12 +193,6 @@ def main() -> None:
         poll=lambda t: seen.append((t, n_vectors(store, "HD_C5"))),
     )
     done = n_vectors(store, "HD_C5")
-    started = [(t, n) for t, n in seen if n > 0]
-    if len(started) >= 2:
-        (t1, n1), (t2, n2) = started[0], started[-1]
-        rows.append(
-            ("embed, after the first commit", f"{n2 - n1:,} tiles", f"{(n2 - n1) / (t2 - t1):.1f} tiles/s", "-")
-        )
     rows.append(
         (
             f"embed {TILE_UM} µm tiles, Lite0 (stopped at {a.embed_seconds:.0f} s)",
@@ -207,6 +201,12 @@ def main() -> None:
             f"{peak / 2**30:.2f} GiB",
         )
     )
+    started = [(t, n) for t, n in seen if n > 0]
+    if len(started) >= 2:
+        (t1, n1), (t2, n2) = started[0], started[-1]
+        rows.append(
+            ("embed, after the first commit", f"{n2 - n1:,} tiles", f"{(n2 - n1) / (t2 - t1):.1f} tiles/s", "-")
+        )
     small = [
         (f"HDS_{s}", (s, build_slide(a.out / "small", s, (a.small_side, a.small_side), i)[0]))
         for i, s in enumerate(("C4", "C5"))
