@@ -159,7 +159,7 @@ def _check_config(cfg: CompareConfig) -> list[str]:
     if bad:
         raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
     if "label" in cfg.heads:  # learns a labels table, not genes
-        raise InputError(None, "--heads", "label learns a labels table: use `stimage-embed labels compare --labels SET`")
+        raise InputError(None, "--heads", "label learns a labels table: use `stimage-embed labels compare`")
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     if spanning and len(cfg.backbones) < 2:
         raise InputError(
