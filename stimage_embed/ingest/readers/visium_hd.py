@@ -134,6 +134,11 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     )
     where = f"slides[{entry.id}]"
     bin_um = _bin_um(catalog)
+    for name in ("spots", "metadata"):
+        if getattr(entry, name):
+            raise CatalogError(
+                catalog.source, f"{where}.{name}", "visium_hd reads spatial/ inside the bin folder: remove"
+            )
     image = require_file(catalog.resolve(entry.image), f"{where}.image", catalog.source, "visium_hd")
     binned = require_file(
         catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "visium_hd", directory_ok=True
