@@ -74,5 +74,9 @@ cli_explain.register(app)  # explain, cluster
 cli_downstream.register(app)  # clinical add, survival, response
 cli_labels.register(app)  # labels add, labels compare
 
+from stimage_embed.cli_labels import register as register_labels  # noqa: E402
+
+register_labels(app)
+
 if __name__ == "__main__":
     app()

@@ -229,14 +229,15 @@ def work_list(
     slide_tab: pl.DataFrame, spots: pl.DataFrame, tile_um: float | None, batch_size: int, done_keys: dict[str, set]
 ) -> tuple[dict[str, SlideJob], list[Chunk]]:
     """Slide jobs and the chunks holding any key missing for any backbone (``tile_um`` in µm,
-    default each slide's spot diameter)."""
+    default each slide's catalog ``tile_um``, else its spot diameter)."""
     jobs, chunks = {}, []
     for srow in slide_tab.iter_rows(named=True):
         sid = srow["slide_id"]
         sp = spots.filter(pl.col("slide_id") == sid)
         if sp.height == 0:
             continue
-        jobs[sid] = SlideJob(sid, srow["image_path"], srow["um_per_px"], float(tile_um or srow["spot_diameter_um"]))
+        width = tile_um or srow.get("tile_um") or srow["spot_diameter_um"]  # CLI > catalog tile_um > spot
+        jobs[sid] = SlideJob(sid, srow["image_path"], srow["um_per_px"], float(width))
         for ch in make_chunks(
             sid, sp["spot_id"].to_numpy(), sp["pixel_x"].to_numpy(), sp["pixel_y"].to_numpy(), batch_size
         ):

@@ -81,6 +81,8 @@ def check_config(cfg: CompareConfig) -> list[str]:
     bad = sorted(set(cfg.heads) - set(HEADS))
     if bad:
         raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
+    if "label" in cfg.heads:  # learns a labels table, not genes
+        raise InputError(None, "--heads", "label learns a labels table: use `stimage-embed labels compare`")
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     if spanning and len(cfg.backbones) < 2:
         raise InputError(

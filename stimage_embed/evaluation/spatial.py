@@ -215,8 +215,8 @@ def grid_layout(array_row: np.ndarray, array_col: np.ndarray, platform: str | No
     ``hex`` for a Visium platform, or, without a platform, when the array coordinates look
     like Visium's doubled columns (``row + col`` always even or always odd over several
     rows); else ``square`` (legacy ST)."""
-    if platform is not None:
-        return "hex" if str(platform).lower().startswith("visium") else "square"
+    if platform is not None and str(platform).lower() in ("visium", "legacy_st"):  # HD bins, Xenium: from the coords
+        return "hex" if str(platform).lower() == "visium" else "square"
     r = np.asarray(array_row, dtype=np.int64)
     c = np.asarray(array_col, dtype=np.int64)
     if r.size > 1 and np.unique(r).size > 1 and np.unique((r + c) % 2).size == 1:

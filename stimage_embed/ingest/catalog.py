@@ -31,6 +31,8 @@ class SlideEntry(BaseModel):
     metadata: str | None = None
     #: micrometres per full-resolution pixel, overrides metadata and estimation.
     um_per_px: float | None = Field(default=None, gt=0)
+    #: Xenium: 10x's H&E alignment matrix CSV (3x3 affine, H&E px -> Xenium morphology px).
+    alignment: str | None = None
 
     @field_validator("id", "patient", mode="before")
     @classmethod
@@ -47,7 +49,7 @@ class DatasetCatalog(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     reader: str
     root: str = "."
-    platform: Literal["legacy_st", "visium", "visium_hd", "other"]
+    platform: Literal["legacy_st", "visium", "visium_hd", "xenium", "other"]
     spot_diameter_um: float = Field(gt=0)
     spot_pitch_um: float = Field(gt=0)
     #: µm between consecutive array coordinate values; defaults to ``spot_pitch_um``.
@@ -60,10 +62,25 @@ class DatasetCatalog(BaseModel):
     um_per_px: float | None = Field(default=None, gt=0)
     reader_options: dict[str, Any] = Field(default_factory=dict)
     slides: list[SlideEntry] = Field(min_length=1)
+    #: tile width (µm) cut around each spot by the embedding pass; default ``spot_diameter_um``.
+    #: Visium HD bins / Xenium cells are far smaller than a backbone's input (HEST: 112 µm).
+    tile_um: float | None = Field(default=None, gt=0)
+    #: Visium HD: bin size (µm) the 2 µm bins are summed to; a multiple of 2 (8, 16, 32 ...).
+    bin_um: float | None = Field(default=None, gt=0)
+    #: Xenium: group cells onto a Visium-like hex lattice (``spot_pitch_um`` apart) of spots of
+    #: this diameter (µm), counts summed; ``None`` keeps one spot per cell.
+    pseudo_spots_um: float | None = Field(default=None, gt=0)
 
     #: set by ``load_catalog``: the YAML file and the resolved dataset root.
     source: Path | None = Field(default=None, exclude=True)
     root_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("bin_um")
+    @classmethod
+    def _bin_multiple_of_2(cls, v: float | None) -> float | None:
+        if v is not None and abs(v / 2.0 - round(v / 2.0)) > 1e-9:
+            raise ValueError(f"bin_um must be a multiple of the 2 µm Visium HD bin (8, 16, 32 ...), got {v:g}")
+        return v
 
     def resolve(self, relative: str | None) -> Path | None:
         """Absolute path of a file named in the catalog (relative to the dataset root)."""

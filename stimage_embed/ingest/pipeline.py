@@ -168,7 +168,7 @@ def _slide_qc(catalog: DatasetCatalog, data: SlideData, tissue_threshold: float)
     radius_px = catalog.spot_diameter_um / 2 / um_per_px
     tissue = spot_tissue_fraction(mask, downsample, data.pixel_x, data.pixel_y, radius_px=radius_px, shape="disk")
     tissue = np.where(in_image, tissue, 0.0)
-    window_px = catalog.spot_diameter_um / um_per_px
+    window_px = (catalog.tile_um or catalog.spot_diameter_um) / um_per_px
     padded = _padded_fractions(data.pixel_x, data.pixel_y, window_px, width, height)
     return _SlideQC(
         width=width,
@@ -206,6 +206,7 @@ def _spot_tables(data: SlideData, counts: sp.csr_matrix, total: np.ndarray, qc: 
             "passes_qc": qc.passes,
             "total_counts": total,
             "n_genes_detected": np.diff(counts.indptr).astype(np.int32),
+            "area_um2": pa.nulls(n, pa.float64()) if data.area_um2 is None else np.asarray(data.area_um2, np.float64),
         },
         schema=S.SPOTS,
     )
@@ -271,10 +272,17 @@ def _slide_summary(
         "package_version": __version__,
         "ingested_at": dt.datetime.now(dt.timezone.utc),
         "geometry_hash": geometry_hash(
-            data.image_path, data.spot_ids, data.pixel_x, data.pixel_y, qc.um_per_px, catalog.spot_diameter_um, full
+            data.image_path,
+            data.spot_ids,
+            data.pixel_x,
+            data.pixel_y,
+            qc.um_per_px,
+            catalog.tile_um or catalog.spot_diameter_um,
+            full,
         ),
         "stain_estimate": qc.stain_estimate,
         "image_hash": image_hash,
+        "tile_um": catalog.tile_um,
     }
 
 

@@ -54,6 +54,8 @@ class SlideData:
     um_per_px_source: str | None = None
     skipped_spots: dict[str, str] = field(default_factory=dict)
     source_files: dict[str, str] = field(default_factory=dict)
+    #: optional (n_spots,) area of each spot in µm² (a Xenium cell, a Visium HD bin)
+    area_um2: np.ndarray | None = None
 
     @property
     def n_spots(self) -> int:

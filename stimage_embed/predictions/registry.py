@@ -23,7 +23,9 @@ Output kinds (``HeadSpec.output``: how scoring, plots and the report read the co
   the labels of :func:`heads.highlow_labels` instead of counts;
 * ``log1p``: a point prediction on the log1p(CP10k) scale (``mean_log1p``, ``mean``);
 * ``combined``: built from other runs' predictions across backbones (FSTimage), never
-  fitted on vectors.
+  fitted on vectors;
+* ``label``: ``predict_proba`` of a categorical label from the ``labels`` table
+  (:mod:`stimage_embed.predictions.label_runs`); left out of the gene-expression heads.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 from stimage_embed.errors import InputError
 
-OUTPUT_KINDS = ("nb", "nb_ensemble", "classifier", "log1p", "combined")
+OUTPUT_KINDS = ("nb", "nb_ensemble", "classifier", "log1p", "combined", "label")
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,13 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
                 marker="D",
                 spread="between backbones",
             ),
+            HeadSpec(
+                "label",
+                "multinomial elastic-net classifier of a categorical label per spot (labels table; STimage)",
+                "label",
+                "heads.label:LabelClassifier",
+                marker="*",
+            ),
         )
     }
 )
@@ -173,6 +182,7 @@ def head_names(
         if (spans_backbones is None or s.spans_backbones == spans_backbones)
         and (baseline is None or s.baseline == baseline)
         and (output is None or s.output == output)
+        and (s.output != "label" or output == "label")  # label heads learn a labels table, not genes
     )
 
 

@@ -55,6 +55,8 @@ SLIDES = pa.schema(
         # hash of the slide's counts (spot ids, genes, raw counts) at ingest: part of the
         # identity of every run using them (``predictions.runs``). NULL in older stores.
         pa.field("expression_hash", pa.string()),
+        # tile width (µm) the embedding pass cuts around each spot; NULL: spot_diameter_um
+        pa.field("tile_um", pa.float64()),
     ]
 )
 
@@ -72,6 +74,7 @@ SPOTS = pa.schema(
         pa.field("passes_qc", pa.bool_()),  # tissue_fraction >= threshold and in_image
         pa.field("total_counts", pa.int64()),
         pa.field("n_genes_detected", pa.int32()),
+        pa.field("area_um2", pa.float64()),  # the spot's own area (Xenium cell, HD bin), µm²; NULL: a disk
     ]
 )
 

@@ -26,6 +26,8 @@ READERS: dict[str, str] = {
     "visium": "stimage_embed.ingest.readers.visium:read_slide",
     "hest": "stimage_embed.ingest.readers.hest:read_slide",
     "anndata": "stimage_embed.ingest.readers.anndata_reader:read_slide",
+    "visium_hd": "stimage_embed.ingest.readers.visium_hd:read_slide",
+    "xenium": "stimage_embed.ingest.readers.xenium:read_slide",
 }
 
 

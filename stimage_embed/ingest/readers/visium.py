@@ -142,8 +142,14 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path:
 
 
 def _read_tsv(path: Path, field: str) -> pd.DataFrame:
+    """A headerless TSV, gzipped or not whatever its name says (some tools write plain text
+    to ``*.tsv.gz``, e.g. the VisiumIO Visium HD fixture); quoted fields are unquoted."""
     try:
-        return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        return pd.read_csv(
+            path, sep="\t", header=None, dtype=str, keep_default_na=False, compression="gzip" if gz else None
+        )
     except (OSError, ValueError, pd.errors.ParserError, EOFError, UnicodeDecodeError) as exc:
         raise InputError(path, field, f"cannot parse: {exc}") from exc
 
