@@ -40,8 +40,9 @@ def mini_dataset(
     Each slide is a real HER2ST section cut down to its ``n_spots`` selected spots nearest
     the middle of the tissue: the image is cropped around them (``margin_px`` on every side),
     reduced ``downsample`` times (area mean; µm/px grows alike) and re-encoded as JPEG, with
-    the spot centres moved into that frame; the counts keep those spots' rows. ``shift_px``: per slide, pixels added to every spot centre
-    (spots "moved" on re-ingest).
+    the spot centres moved into that frame; the counts keep those spots' rows. ``shift_px``: per
+    slide, pixels added to every
+    spot centre (spots "moved" on re-ingest).
     """
     import imagecodecs
     import numpy as np

@@ -215,7 +215,7 @@ def _expected_pearson(tables) -> dict[tuple[str, str, str], list[float]]:
     """Per-slide Pearson recomputed from the predictions with scipy, by (backbone, head, gene)."""
     out: dict[tuple[str, str, str], list[float]] = {}
     p = tables["predictions"].join(tables["runs"].select("run_id", "backbone", "head"), on="run_id")
-    for (bb, head, slide, gene), sub in p.group_by("backbone", "head", "slide_id", "gene"):
+    for (bb, head, _slide, gene), sub in p.group_by("backbone", "head", "slide_id", "gene"):
         y = np.log1p(sub["observed"].to_numpy() / sub["library_size"].to_numpy().astype(np.float64) * 1e4)
         yh = sub["mean_log1p"].to_numpy().astype(np.float64)
         if np.ptp(yh) > 1e-6:

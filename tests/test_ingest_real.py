@@ -53,7 +53,8 @@ def test_counts_are_stored_losslessly(ingested_store, real_data_root):
 
 def test_gene_vocabulary_and_long_view_are_queryable(ingested_store):
     erbb2 = ingested_store.sql(
-        "SELECT slide_id, SUM(count) AS total FROM expression_long WHERE gene = 'ERBB2' GROUP BY slide_id ORDER BY slide_id"
+        "SELECT slide_id, SUM(count) AS total FROM expression_long WHERE gene = 'ERBB2' GROUP BY "
+        "slide_id ORDER BY slide_id"
     )
     genes = ingested_store.sql("SELECT slide_id, total_counts FROM genes WHERE gene = 'ERBB2' ORDER BY slide_id")
     assert erbb2["total"].to_list() == genes["total_counts"].to_list()
@@ -67,7 +68,8 @@ def test_gene_vocabulary_and_long_view_are_queryable(ingested_store):
 
 def test_tissue_qc_flags_but_keeps_spots(ingested_store):
     df = ingested_store.sql(
-        "SELECT slide_id, COUNT(*) AS n, COUNT(*) FILTER (passes_qc) AS ok, AVG(tissue_fraction) AS tf FROM spots GROUP BY slide_id"
+        "SELECT slide_id, COUNT(*) AS n, COUNT(*) FILTER (passes_qc) AS ok, AVG(tissue_fraction) AS "
+        "tf FROM spots GROUP BY slide_id"
     )
     assert (df["n"] >= df["ok"]).all()
     # spots selected as under tissue by the authors are mostly tissue by our mask too

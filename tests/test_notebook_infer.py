@@ -120,7 +120,8 @@ def test_summary_agrees_with_the_store(executed):
     genes = json.loads((store.path / "models" / run_id / "run.json").read_text())["genes"]
     assert s["genes"] == genes
     n = store.sql(
-        f"SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS t FROM predictions WHERE run_id = '{run_id}' AND slide_id = '{SLIDE}'"
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT spot_id) AS t FROM predictions WHERE run_id = "
+        f"'{run_id}' AND slide_id = '{SLIDE}'"
     )
     assert s["prediction_rows"] == n["n"][0] == spots.height * len(genes) and n["t"][0] == spots.height
     for gene, path in s["heatmaps"].items():

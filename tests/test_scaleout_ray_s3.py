@@ -211,7 +211,8 @@ def test_s3_store_ray_embed_sql_compare(s3_store, tmp_path):
     )
     assert res.exit_code == 0, res.output
     pred = st.sql(
-        f"SELECT COUNT(DISTINCT spot_id) AS spots, COUNT(DISTINCT gene) AS genes FROM predictions WHERE run_id = '{run_id}'"
+        "SELECT COUNT(DISTINCT spot_id) AS spots, COUNT(DISTINCT gene) AS genes FROM predictions "
+        f"WHERE run_id = '{run_id}'"
     )
     assert pred["spots"][0] == spots.filter(spots["slide_id"] == "C5")["n"][0] and pred["genes"][0] == 20
 

@@ -188,8 +188,8 @@ def _from_hub(spec: BackboneSpec) -> Path:
             ) from exc
         except RepositoryNotFoundError as exc:
             raise WeightsUnavailableError(
-                f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} not found, or private/gated without a valid token; "
-                + access_help(spec)
+                f"backbone {spec.name!r}: Hugging Face repo {spec.hub_id} not found, or private/gated "
+                "without a valid token; " + access_help(spec)
             ) from exc
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:  # no network / hub error
             raise WeightsUnavailableError(

@@ -121,7 +121,8 @@ def _training_record(store: Store, sm: SavedModel) -> dict[str, Any]:
             return rec
     raise ProvenanceError(
         f"{sm.path}: this store ({store.path}) has no record of the model's training vectors ({sm.backbone}, "
-        f"provenance {want.get('stain_method')}/{want.get('stain_template')}); infer needs the store the model was trained in, "
+        f"provenance {want.get('stain_method')}/{want.get('stain_template')}); infer needs the store "
+        "the model was trained in, "
         "to reproduce its stain target and tile policy"
     )
 
@@ -137,7 +138,8 @@ def _training_tile_um(store: Store, sm: SavedModel, rec: dict[str, Any]) -> tupl
     widths = sorted({round(float(w), 6) for w in store.read(table, ["tile_um"], where=where)["tile_um"].to_pylist()})
     if len(widths) != 1:
         raise ProvenanceError(
-            f"{sm.path}: the model's training tiles have {'no recorded width' if not widths else f'several widths {widths} µm'}; "
+            f"{sm.path}: the model's training tiles have "
+            f"{'no recorded width' if not widths else f'several widths {widths} µm'}; "
             "cannot choose one tile width for new slides"
         )
     return widths[0], None
@@ -152,14 +154,17 @@ def _check_weights(sm: SavedModel, weights: str | None) -> None:
     resolved = resolve_weights(spec, weights)  # WeightsUnavailableError when missing
     if json.dumps(spec.spec_hash()) != want.get("spec_hash"):
         raise ProvenanceError(
-            f"{sm.path}: backbone {sm.backbone!r} is registered here with another spec (hash {spec.spec_hash()[:12]}) than the "
-            f"one the model was trained with ({json.loads(want.get('spec_hash', 'null'))!s:.12}); its vectors cannot be reproduced"
+            f"{sm.path}: backbone {sm.backbone!r} is registered here with another spec (hash "
+            f"{spec.spec_hash()[:12]}) than the "
+            f"one the model was trained with ({json.loads(want.get('spec_hash', 'null'))!s:.12}); its "
+            "vectors cannot be reproduced"
         )
     sha = file_sha256(resolved.path)
     wanted = json.loads(want.get("weights_sha256", "null"))
     if sha != wanted:
         raise ProvenanceError(
-            f"{sm.path}: the model was trained on {sm.backbone} vectors from weights with sha256 {str(wanted)[:16]}..., "
+            f"{sm.path}: the model was trained on {sm.backbone} vectors from weights with sha256 "
+            f"{str(wanted)[:16]}..., "
             f"but the weights found here ({resolved.source}: {resolved.path}) have sha256 {sha[:16]}...; "
             "pass --weights PATH to the weights file the model was trained with"
         )
@@ -178,7 +183,8 @@ def _check_stain_target(store: Store, rec: dict[str, Any]) -> None:
     row = slides.filter(pl.col("slide_id") == template)
     if template is None or row.height == 0:
         raise ProvenanceError(
-            f"{store.path}: the model's stain target was fitted on template slide {template!r}, which is not in the store; "
+            f"{store.path}: the model's stain target was fitted on template slide {template!r}, which "
+            "is not in the store; "
             "its fitted normaliser cannot be reproduced"
         )
     image_path = row["image_path"][0]
@@ -191,7 +197,8 @@ def _check_stain_target(store: Store, rec: dict[str, Any]) -> None:
     want = (rec.get("stain") or {}).get("target_hash")
     if want is not None and target.target_hash != want:
         raise ProvenanceError(
-            f"{image_path}: the {method} stain target refitted on template slide {template!r} (hash {target.target_hash[:12]}) "
+            f"{image_path}: the {method} stain target refitted on template slide {template!r} (hash "
+            f"{target.target_hash[:12]}) "
             f"differs from the one the model's vectors used ({want[:12]}); was the image replaced?"
         )
 
