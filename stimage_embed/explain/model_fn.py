@@ -21,8 +21,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from heads.device import resolve_device
 from stimage_embed.backbones import create_model
-from stimage_embed.embeddings.embed_pass import _device, _Model
+from stimage_embed.embeddings.embed_pass import _Model
 from stimage_embed.embeddings.embed_plan import stain_target
 from stimage_embed.embeddings.tile_stream import SlideStainFit
 from stimage_embed.errors import InputError
@@ -115,7 +116,7 @@ def load_tile_model(
     if head_spec(sm.head_name).uses_coords:
         raise InputError(None, "--model", f"model {sm.run_id}: a {sm.head_name} head reads neighbouring tiles")
     recipe = embedding_recipe(store, sm, weights)
-    dev = _device(device)
+    dev = resolve_device(device)
     bb = create_model(sm.backbone, weights=weights, device=str(dev))
     _, fit, _ = stain_target(store, [sm.backbone], recipe.stain, recipe.stain_template, False)
     return TileModel(sm, recipe, _Model(bb, dev, recipe.precision), fit, bb.input_size, batch_size)

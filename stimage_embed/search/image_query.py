@@ -76,8 +76,9 @@ def embed_region(
 ) -> QueryTile:
     """Embed the tile centred on (``x``, ``y``) level-0 px of ``image`` (default: its centre)
     with the provenance of ``backbone``'s table (see the module doc)."""
+    from heads.device import resolve_device
     from stimage_embed.backbones import create_model
-    from stimage_embed.embeddings.embed_pass import _device, _Model
+    from stimage_embed.embeddings.embed_pass import _Model
     from stimage_embed.embeddings.tile_stream import (
         Chunk,
         SlideJob,
@@ -107,7 +108,7 @@ def embed_region(
             recipe.stain, row["image_path"][0], stored_stain_estimates(row).get(recipe.stain_template)
         )
         stain = SlideStainFit(target, template_slide=recipe.stain_template)
-    dev = _device(device)
+    dev = resolve_device(device)
     bb = create_model(backbone, weights=weights, device=str(dev))
     job = SlideJob(QUERY_SLIDE, str(path), float(um_per_px), recipe.tile_um)
     chunk = Chunk(QUERY_SLIDE, 0, ("query",), (cx,), (cy,))
