@@ -17,6 +17,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.utils.validation import check_is_fitted
 
 from heads.inputs import check_counts, check_groups, check_library_size, check_X
+from heads.outputs import PointOutputs
 from heads.scale import TARGET_SUM, log1p_normalise
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class IVFIndex:
         return idx, sim
 
 
-class KNNRegressor(BaseEstimator):
+class KNNRegressor(PointOutputs, BaseEstimator):
     """Similarity-weighted k-nearest-neighbour regression of log1p(CP10k) on cosine similarity.
 
     Parameters
@@ -145,7 +146,7 @@ class KNNRegressor(BaseEstimator):
         return GroupKFold(n_splits=min(self.cv, n_groups)).split(np.zeros(n), groups=groups)
 
     # ------------------------------------------------------------------ fit / predict
-    def fit(self, X, y, groups=None, library_size=None) -> KNNRegressor:
+    def fit(self, X, y, *, groups=None, library_size=None, coords=None) -> KNNRegressor:
         """Keep the training vectors and profiles; choose k and temperature by grouped CV."""
         X = check_X(X)
         n = X.shape[0]
@@ -172,7 +173,7 @@ class KNNRegressor(BaseEstimator):
         self.n_features_in_, self.n_genes_ = X.shape[1], T.shape[1]
         return self
 
-    def predict_log1p_norm(self, X, target_sum: float | None = None) -> np.ndarray:
+    def predict_log1p_norm(self, X, *, target_sum: float | None = None, groups=None, coords=None) -> np.ndarray:
         """(n_spots, n_genes) predicted log1p(counts / library * target_sum); ``target_sum``
         must be the fitted one (the training profiles are on that scale)."""
         check_is_fitted(self, "T_train_")
@@ -185,7 +186,7 @@ class KNNRegressor(BaseEstimator):
         idx, sim = self._neighbours(Q, self.X_train_, self.k_, index)
         return weighted_mean(self.T_train_, idx, sim, self.k_, self.temperature_)
 
-    def predict(self, X, library_size=None) -> np.ndarray:
+    def predict(self, X, *, library_size=None, groups=None, coords=None) -> np.ndarray:
         """Expected raw counts at ``library_size`` (default ``ref_library_size_``)."""
         z = self.predict_log1p_norm(X)
         lib = self.ref_library_size_ if library_size is None else check_library_size(library_size, None, len(z))

@@ -65,8 +65,9 @@ class LabelClassifier(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LabelClassifier:
-        """Fit on embeddings ``X`` (n_spots, dim) and labels ``y`` (n_spots,)."""
+    def fit(self, X: np.ndarray, y: np.ndarray, *, groups=None, library_size=None, coords=None) -> LabelClassifier:
+        """Fit on embeddings ``X`` (n_spots, dim) and labels ``y`` (n_spots,); the keyword
+        extras of the head contract are accepted and unused."""
         X = check_X(X)
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != X.shape[0]:
@@ -113,3 +114,8 @@ class LabelClassifier(ClassifierMixin, BaseEstimator):
         """(n_spots,) the most probable label of each spot."""
         check_is_fitted(self, "model_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def predict_outputs(self, X: np.ndarray, *, library_size=None, groups=None, coords=None) -> dict[str, np.ndarray]:
+        """``{"label": (n_spots,) most probable label, "proba": (n_spots, n_classes)}``."""
+        proba = self.predict_proba(X)
+        return {"label": self.classes_[np.argmax(proba, axis=1)], "proba": proba}

@@ -26,6 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from stimage_embed.errors import InputError
+from stimage_embed.store.conform import conform
 from stimage_embed.store.schema_clinical import CLINICAL, CLINICAL_KEYS, EXTRA_TYPES, clinical_schema
 from stimage_embed.store.store import Store, sql_list
 
@@ -214,7 +215,7 @@ def _rows_to_write(store: Store, frame: pl.DataFrame, key: str, path: str, schem
     if missing and store.has_table(TABLE):
         old = pl.from_arrow(store.read(TABLE, ["key", *missing], where=_key_filter(key, keys)))
         data = data.join(old, on="key", how="left")
-    return pl.from_arrow(Store._conform_data(data, schema))
+    return pl.from_arrow(conform(data, schema))
 
 
 def add_clinical(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store
+from stimage_embed.store.vector_index import index_config as store_index_config
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,7 @@ def default_partitions(rows: int) -> int:
 
 def index_config(index_type: str, num_partitions: int):
     """The LanceDB index configuration of ``index_type`` (cosine, ``num_partitions`` IVF partitions)."""
-    import lancedb.index as li
-
-    configs = {
-        "IVF_HNSW_SQ": li.IvfHnswSq,
-        "IVF_PQ": li.IvfPq,
-        "IVF_HNSW_PQ": li.HnswPq,
-        "IVF_SQ": li.IvfSq,
-        "IVF_FLAT": li.IvfFlat,
-    }
-    return configs[index_type](distance_type=METRIC, num_partitions=num_partitions)
+    return store_index_config(index_type, num_partitions, METRIC)
 
 
 def build_index(

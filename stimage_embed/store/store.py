@@ -36,6 +36,7 @@ import scipy.sparse as sp
 
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
+from stimage_embed.store.conform import conform
 from stimage_embed.store.lock import ObjectStoreLock, StoreLock, crash_point
 from stimage_embed.store.sql import run_sql
 from stimage_embed.store.uri import StoreLocation
@@ -327,13 +328,7 @@ class Store:
 
     @staticmethod
     def _conform_data(data: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
-        table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
-        missing = [f for f in schema if f.name not in table.column_names]
-        for f in missing:
-            if not f.nullable:
-                raise StoreError(f"cannot write rows without the required column {f.name!r}")
-            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-        return table.select(schema.names).cast(schema)
+        return conform(data, schema)
 
     def _create(self, name: str, data: pa.Table, schema: pa.Schema) -> None:
         if self.location.is_dir(f"{name}.lance"):  # a creation killed before its first commit
