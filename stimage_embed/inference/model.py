@@ -53,7 +53,7 @@ class SavedModel:
     @property
     def identity(self) -> dict[str, str]:
         """The head's training-vector identity (``vector_identity`` form: JSON strings)."""
-        return {k: v for k, v in (self.head.provenance_ or {}).items() if k in IDENTITY_FIELDS}
+        return {k: v for k, v in (self.head.provenance_ or {}).items() if k in (*IDENTITY_FIELDS, "stain_target")}
 
 
 def load_saved_model(store: Store, model: str) -> SavedModel:
