@@ -128,6 +128,7 @@ def spots_table(slide_id: str, grid: TileGrid, width: int, height: int) -> pa.Ta
             "passes_qc": grid.passes_qc,
             "total_counts": pa.nulls(n, pa.int64()),
             "n_genes_detected": pa.nulls(n, pa.int32()),
+            "area_um2": pa.nulls(n, pa.float64()),  # a grid tile: no own area
         },
         schema=S.SPOTS,
     )
