@@ -55,7 +55,8 @@ def test_predict_prints_each_slides_pcc_against_its_counts(store):
     wide = pred.pivot(on="gene", index="spot_id", values="mean_log1p").sort("spot_id")
     assert list(adata.obs_names) == wide["spot_id"].to_list()
     assert np.allclose(adata.X, wide.select(list(adata.var_names)).to_numpy(), atol=1e-6)
-    assert len([p for p in (out / "S2").glob("*.png") if p.stem != "leiden"]) == 6 and (out / "S2_pseudobulk.csv").is_file()
+    maps = [p for p in (out / "S2").glob("*.png") if p.stem != "leiden"]  # leiden.png: the cluster map
+    assert len(maps) == 6 and (out / "S2_pseudobulk.csv").is_file()
 
 
 def test_predict_on_an_image_only_slide(store):
