@@ -21,7 +21,8 @@ git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$WORK/src"
 "$PY" -m build --wheel --no-isolation --skip-dependency-check --outdir "$WORK/dist" "$WORK/src" > "$WORK/build.log" 2>&1 \
   || { tail -20 "$WORK/build.log"; exit 1; }
 WHEEL="$(ls "$WORK"/dist/*.whl)"
-unzip -l "$WHEEL" | grep -q "stimage_embed/catalogs/datasets/her2st.yaml" || { echo "[wheel] catalogs missing"; exit 1; }
+"$PY" -c "import sys, zipfile; sys.exit('stimage_embed/catalogs/datasets/her2st.yaml' not in zipfile.ZipFile(sys.argv[1]).namelist())" "$WHEEL" \
+  || { echo "[wheel] catalogs missing"; exit 1; }
 
 echo "[wheel] installing $(basename "$WHEEL") into a fresh venv"
 BASE="$("$PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
