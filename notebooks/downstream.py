@@ -60,15 +60,22 @@ import polars as pl
 from IPython.display import Image, Markdown, display
 from sksurv.datasets import load_breast_cancer
 
-from stimage_embed.downstream import SYNTHETIC_NOTE, add_clinical, run_response, run_survival
-from stimage_embed.embeddings.embed_pass import embed
-from stimage_embed.evaluation.compare import CompareConfig, compare
-from stimage_embed.evaluation.pseudobulk_agreement import agreement_summary, pseudobulk_agreement
-from stimage_embed.inference.infer import infer
-from stimage_embed.ingest.pipeline import ingest
-from stimage_embed.paths import data_root
-from stimage_embed.predictions.train_predict import train
-from stimage_embed.store import Store
+from stimage_embed import (
+    SYNTHETIC_NOTE,
+    CompareConfig,
+    Store,
+    add_clinical,
+    agreement_summary,
+    compare,
+    data_root,
+    embed,
+    infer,
+    ingest,
+    pseudobulk_agreement,
+    run_response,
+    run_survival,
+    train,
+)
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 pl.Config.set_tbl_rows(30)

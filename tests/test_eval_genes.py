@@ -112,7 +112,7 @@ def test_user_gene_file_warns_on_missing_and_fails_on_none(her2st, tmp_path: Pat
     assert "NOT_A_GENE" in text and "erbb3 (did you mean ERBB3?)" in text and str(f) in text
     none = tmp_path / "none.txt"
     none.write_text("FOO1\nBAR2\n")
-    with pytest.raises(InputError, match="none of the 2 genes"):
+    with pytest.raises(InputError, match="none of the file.s 2 entries"):
         select_genes(f"file:{none}", x, genes, slide_ids, TRAIN)
     with pytest.raises(InputError, match="not found"):
         select_genes(f"file:{tmp_path / 'missing.txt'}", x, genes, slide_ids, TRAIN)

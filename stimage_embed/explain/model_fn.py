@@ -113,10 +113,10 @@ def load_tile_model(
     """The saved model ``model`` (run id or folder) as a :class:`TileModel`; one-line errors
     for an unknown run, a context head, weights or a stain target that cannot be reproduced."""
     sm = load_saved_model(store, model)
-    if head_spec(sm.head_name).uses_coords:
+    if getattr(sm.head, "spatial_context", False):
         raise InputError(None, "--model", f"model {sm.run_id}: a {sm.head_name} head reads neighbouring tiles")
     recipe = embedding_recipe(store, sm, weights)
     dev = resolve_device(device)
     bb = create_model(sm.backbone, weights=weights, device=str(dev))
-    _, fit, _ = stain_target(store, [sm.backbone], recipe.stain, recipe.stain_template, False)
+    _, fit, _, _ = stain_target(store, [sm.backbone], recipe.stain, recipe.stain_template, set())
     return TileModel(sm, recipe, _Model(bb, dev, recipe.precision), fit, bb.input_size, batch_size)
