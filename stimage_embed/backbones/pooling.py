@@ -1,8 +1,8 @@
 """Pooling strategies: how a backbone's features become one vector per tile.
 
-Each strategy is a pair of small functions: ``prepare(model)`` runs once after the weights
-are loaded (e.g. drop layers the pooling never uses) and ``pool(model, x)`` maps a batch
-``x`` (N, 3, H, W) to ``(N, D)``. ``pooled_dim(name, model)`` is ``D``.
+Each strategy is three small functions: ``prepare(model)`` runs once after the weights are
+loaded (e.g. drop layers the pooling never uses), ``pool(model, x)`` maps a batch ``x``
+(N, 3, H, W) to ``(N, D)`` and ``dim(model)`` is ``D``, read from the model's attributes.
 """
 
 from __future__ import annotations
@@ -60,18 +60,40 @@ def layer3_avg(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return feats.mean(dim=(2, 3))
 
 
+def feature_dim(model: nn.Module) -> int:
+    """The model's feature width: timm's ``num_features``, else an integer ``embed_dim``."""
+    if hasattr(model, "num_features"):
+        return int(model.num_features)
+    dim = getattr(model, "embed_dim", None)
+    if not isinstance(dim, int):
+        raise TypeError(f"cannot tell the output size of {type(model).__name__}")
+    return dim
+
+
+def _pooled_dim(model: nn.Module) -> int:
+    """timm's pre-logits width ``head_hidden_size`` when the model has one, else :func:`feature_dim`."""
+    return int(model.head_hidden_size) if hasattr(model, "head_hidden_size") else feature_dim(model)
+
+
 @dataclass(frozen=True)
 class PoolingStrategy:
+    """One pooling: ``prepare(model)``, ``pool(model, x) -> (N, D)`` and ``dim(model) -> D``."""
+
     name: str
     prepare: Callable[[nn.Module], nn.Module]
     pool: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    dim: Callable[[nn.Module], int]
 
 
 STRATEGIES: dict[str, PoolingStrategy] = {
-    "pooled": PoolingStrategy("pooled", _identity_prepare, pooled),
-    "cls": PoolingStrategy("cls", _identity_prepare, cls_token),
-    "cls_mean_patch": PoolingStrategy("cls_mean_patch", _identity_prepare, cls_mean_patch),
-    "layer3_avg": PoolingStrategy("layer3_avg", _prune_after_layer3, layer3_avg),
+    "pooled": PoolingStrategy("pooled", _identity_prepare, pooled, _pooled_dim),
+    "cls": PoolingStrategy("cls", _identity_prepare, cls_token, feature_dim),
+    "cls_mean_patch": PoolingStrategy(
+        "cls_mean_patch", _identity_prepare, cls_mean_patch, lambda model: 2 * int(model.num_features)
+    ),
+    "layer3_avg": PoolingStrategy(
+        "layer3_avg", _prune_after_layer3, layer3_avg, lambda model: int(model.feature_info[_LAYER3]["num_chs"])
+    ),
 }
 
 
@@ -80,19 +102,3 @@ def get_strategy(name: str) -> PoolingStrategy:
         return STRATEGIES[name]
     except KeyError:
         raise KeyError(f"unknown pooling {name!r}; known: {sorted(STRATEGIES)}") from None
-
-
-def pooled_dim(name: str, model: nn.Module) -> int:
-    """Length of the pooled vector for ``model`` under strategy ``name`` (from model attributes)."""
-    if name == "cls_mean_patch":
-        return 2 * int(model.num_features)
-    if name == "layer3_avg":
-        return int(model.feature_info[_LAYER3]["num_chs"])
-    if name == "pooled" and hasattr(model, "head_hidden_size"):
-        return int(model.head_hidden_size)
-    if hasattr(model, "num_features"):
-        return int(model.num_features)
-    dim = getattr(model, "embed_dim", None)
-    if not isinstance(dim, int):
-        raise TypeError(f"cannot tell the output size of {type(model).__name__}")
-    return dim

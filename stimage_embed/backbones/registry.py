@@ -10,7 +10,7 @@ import torch
 
 from stimage_embed.backbones.backbone import Backbone
 from stimage_embed.backbones.builders import build
-from stimage_embed.backbones.pooling import get_strategy, pooled_dim
+from stimage_embed.backbones.pooling import get_strategy
 from stimage_embed.backbones.spec import BackboneSpec, load_backbone_catalog
 from stimage_embed.backbones.weights import code_available, file_sha256, spec_weights_available
 from stimage_embed.errors import CatalogError
@@ -84,8 +84,9 @@ def create_model(
     base = name if isinstance(name, BackboneSpec) else get_spec(name, catalog)
     spec = apply_overrides(base, overrides)
     built = build(spec, weights)
-    model = get_strategy(spec.pooling).prepare(built.model)
-    dim = pooled_dim(spec.pooling, model)
+    strategy = get_strategy(spec.pooling)
+    model = strategy.prepare(built.model)
+    dim = strategy.dim(model)
     if dim != spec.embed_dim:
         if overrides:
             spec = spec.model_copy(update={"embed_dim": dim})

