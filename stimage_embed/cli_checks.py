@@ -47,13 +47,11 @@ def check_device(device: str, field: str = "--device") -> str:
     if not _DEVICE.fullmatch(device):
         raise InputError(None, field, f"expected auto | cpu | cuda | cuda:N, got {device!r}")
     if device.startswith("cuda"):
-        import torch
+        from heads.device import device_unavailable
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= n:
-            have = f"{n} CUDA device(s)" if n else "no CUDA GPU (torch sees none)"
-            raise InputError(None, field, f"{device} asked for, but this machine has {have}; use --device auto or cpu")
+        why = device_unavailable(device)
+        if why is not None:
+            raise InputError(None, field, f"{device} asked for, but {why}; use --device auto or cpu")
     return device
 
 

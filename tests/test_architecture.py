@@ -140,6 +140,43 @@ def test_the_size_check_catches_each_limit(tmp_path):
     assert any("136 characters" in v for v in found)
 
 
+def _compares_builder_name(path: Path) -> list[str]:
+    """Where ``path`` compares a ``.builder`` attribute (a spec's builder name) with something."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(x, ast.Attribute) and x.attr == "builder" for x in sides):
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return out
+
+
+def test_one_device_choice_and_builders_declare_their_needs():
+    """CUDA is asked about only in ``heads/device.py`` (``resolve_device``, ``device_unavailable``);
+    nothing branches on a backbone builder's name (builders declare their needs instead)."""
+    device_py = ROOT / "heads" / "device.py"
+    sources = _sources("stimage_embed") + _sources("heads")
+    cuda = [str(p.relative_to(ROOT)) for p in sources if p != device_py and "cuda.is_available(" in p.read_text()]
+    assert not cuda, f"CUDA availability asked outside heads/device.py: {cuda}"
+    branches = [hit for p in sources for hit in _compares_builder_name(p)]
+    assert not branches, f"code branches on a builder name: {branches}"
+
+
+def test_device_unavailable_against_torch():
+    import torch
+
+    from heads.device import device_unavailable, resolve_device
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert device_unavailable("auto") is None and device_unavailable("cpu") is None
+    missing = device_unavailable(f"cuda:{n}")  # one past the last device
+    assert missing is not None and (f"has {n} CUDA" in missing if n else "no CUDA GPU" in missing)
+    assert (device_unavailable("cuda") is None) == (n > 0)
+    assert resolve_device("auto").type == ("cuda" if n else "cpu")
+    with pytest.raises(RuntimeError):
+        device_unavailable("bogus")
+
+
 #: the Lance packages whose objects only ``stimage_embed/store`` may hold (``lance_ray`` is
 #: a writer the Ray engine hands fragments to, not the store's state)
 LANCE_MODULES = ("lance", "lancedb")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from heads.device import device_unavailable
 from stimage_embed import __version__
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
@@ -54,8 +55,8 @@ def check_options(
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(None, "--device", f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "--device", f"{device!r}: no CUDA GPU is available here; use --device cpu or auto")
+    if (why := device_unavailable(dev)) is not None:
+        raise InputError(None, "--device", f"{device!r}: {why}; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(None, "--device", f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
 
