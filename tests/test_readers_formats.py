@@ -208,7 +208,7 @@ def test_visium_h5_and_mtx_agree_with_scanpy(spaceranger, section):
     """The hand-written 10x parsers against scanpy's readers on the same files."""
     import scanpy as sc
 
-    from stimage_embed.ingest.readers.visium import read_counts
+    from stimage_embed.ingest.readers.tenx_counts import read_counts
 
     for path, ref in (
         (

@@ -89,6 +89,59 @@ def grid_axis(length_px: float, tile_px: float, pitch_px: float) -> np.ndarray:
     return tile_px / 2 + np.arange(n) * pitch_px
 
 
+def _check_grid_options(
+    mask: np.ndarray, um_per_px: float, tile_um: float, pitch_um: float, fractions: tuple[float, float], source
+) -> None:
+    """Positive finite sizes (µm, µm per px), fractions in [0, 1], some tissue on the mask."""
+    for name, v in (("--um-per-px", um_per_px), ("tile_um", tile_um), ("--pitch-um", pitch_um)):
+        if not (v > 0 and math.isfinite(v)):
+            raise InputError(source, name, f"must be positive and finite, got {v}")
+    if not all(0.0 <= f <= 1.0 for f in fractions):
+        raise InputError(
+            source, "--tissue-threshold", f"fractions must be in [0, 1], got {fractions[0]}, {fractions[1]}"
+        )
+    if not np.asarray(mask).any():
+        raise InputError(
+            source, "image", "no tissue detected on the slide thumbnail (blank image, or not H&E?); nothing to predict"
+        )
+
+
+def _grid_positions(
+    xs: np.ndarray, ys: np.ndarray, region: tuple[float, float, float, float] | None, source: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, cx, cy)`` of every grid position (centres in level-0 px), row-major,
+    only those centred in ``region`` when one is given."""
+    rows, cols = np.meshgrid(np.arange(ys.size), np.arange(xs.size), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    cx, cy = xs[cols], ys[rows]
+    if region is None:
+        return rows, cols, cx, cy
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not (x1 > x0 and y1 > y0):
+        raise InputError(
+            source, "--region", f"expected x0,y0,x1,y1 with x1 > x0 and y1 > y0 (level-0 px), got {region}"
+        )
+    inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    return rows[inside], cols[inside], cx[inside], cy[inside]
+
+
+def _disk_fractions(
+    mask: np.ndarray, downsample: float, cx: np.ndarray, cy: np.ndarray, tile_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(candidates, fractions)``: the positions whose square window (``tile_px``) holds some
+    tissue (exact, integral image) and the tissue fraction of their disk (diameter
+    ``tile_px``), computed in blocks of :data:`BLOCK`."""
+    square = spot_tissue_fraction(mask, downsample, cx, cy, window_px=tile_px, shape="square")
+    cand = np.flatnonzero(square > 0)
+    frac = np.zeros(cand.size, np.float64)
+    for start in range(0, cand.size, BLOCK):
+        sel = cand[start : start + BLOCK]
+        frac[start : start + BLOCK] = spot_tissue_fraction(
+            mask, downsample, cx[sel], cy[sel], radius_px=tile_px / 2, shape="disk"
+        )
+    return cand, frac
+
+
 def tissue_grid(
     mask: np.ndarray,
     downsample: float,
@@ -118,57 +171,25 @@ def tissue_grid(
         source: the image file, for error messages.
     """
     pitch_um = float(tile_um if pitch_um is None else pitch_um)
-    for name, v in (("--um-per-px", um_per_px), ("tile_um", tile_um), ("--pitch-um", pitch_um)):
-        if not (v > 0 and math.isfinite(v)):
-            raise InputError(source, name, f"must be positive and finite, got {v}")
-    if not 0.0 <= min_tissue <= 1.0 or not 0.0 <= tissue_threshold <= 1.0:
-        raise InputError(
-            source, "--tissue-threshold", f"fractions must be in [0, 1], got {min_tissue}, {tissue_threshold}"
-        )
-    if not np.asarray(mask).any():
-        raise InputError(
-            source, "image", "no tissue detected on the slide thumbnail (blank image, or not H&E?); nothing to predict"
-        )
+    _check_grid_options(mask, um_per_px, tile_um, pitch_um, (min_tissue, tissue_threshold), source)
     tile_px, pitch_px = tile_um / um_per_px, pitch_um / um_per_px
     xs, ys = grid_axis(width, tile_px, pitch_px), grid_axis(height, tile_px, pitch_px)
     if xs.size == 0 or ys.size == 0:
         raise InputError(
             source, "image", f"the {width}x{height} px image is smaller than one {tile_um:g} µm tile ({tile_px:.0f} px)"
         )
-    rows, cols = np.meshgrid(np.arange(ys.size), np.arange(xs.size), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
-    cx, cy = xs[cols], ys[rows]
-    if region is not None:
-        x0, y0, x1, y1 = (float(v) for v in region)
-        if not (x1 > x0 and y1 > y0):
-            raise InputError(
-                source, "--region", f"expected x0,y0,x1,y1 with x1 > x0 and y1 > y0 (level-0 px), got {region}"
-            )
-        inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-        rows, cols, cx, cy = rows[inside], cols[inside], cx[inside], cy[inside]
-    # screen: the tile's square window must hold some tissue (exact, integral image)
-    square = spot_tissue_fraction(mask, downsample, cx, cy, window_px=tile_px, shape="square")
-    cand = np.flatnonzero(square > 0)
-    frac = np.zeros(cand.size, np.float64)
-    for start in range(0, cand.size, BLOCK):
-        sel = cand[start : start + BLOCK]
-        frac[start : start + BLOCK] = spot_tissue_fraction(
-            mask, downsample, cx[sel], cy[sel], radius_px=tile_px / 2, shape="disk"
-        )
+    rows, cols, cx, cy = _grid_positions(xs, ys, region, source)
+    cand, frac = _disk_fractions(mask, downsample, cx, cy, tile_px)
     keep = frac >= min_tissue if min_tissue > 0 else frac > 0
     idx, frac = cand[keep], frac[keep]
+    where = " in --region" if region is not None else ""
     if idx.size == 0:
-        where = " in --region" if region is not None else ""
         raise InputError(
             source, "image", f"no {tile_um:g} µm tile{where} holds >= {min_tissue:.0%} tissue; nothing to predict"
         )
     log.info(
         "grid: %d x %d positions of %.0f µm at %.0f µm pitch, %d over tissue%s, %d pass QC",
-        ys.size,
-        xs.size,
-        tile_um,
-        pitch_um,
-        idx.size,
+        *(ys.size, xs.size, tile_um, pitch_um, idx.size),
         " in the region" if region is not None else "",
         int((frac >= tissue_threshold).sum()),
     )

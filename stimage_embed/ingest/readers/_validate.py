@@ -93,7 +93,9 @@ def _position(matrix: np.ndarray | sp.spmatrix | sp.sparray, k: int) -> tuple[in
     """(row, col) of the k-th stored value (sparse) or k-th flat element (dense)."""
     if not sp.issparse(matrix):
         shape = np.shape(matrix)
-        return (k, 0) if len(shape) < 2 else tuple(int(i) for i in np.unravel_index(k, shape))  # type: ignore[return-value]
+        if len(shape) < 2:
+            return k, 0
+        return tuple(int(i) for i in np.unravel_index(k, shape))  # type: ignore[return-value]
     if matrix.format == "coo":
         return int(matrix.row[k]), int(matrix.col[k])
     major = int(np.searchsorted(matrix.indptr, k, side="right") - 1)

@@ -74,6 +74,67 @@ class SpotTable:
     gene_ids: np.ndarray | None
 
 
+def _count_matrix(adata: ad.AnnData, path: Path, layer: str | None) -> tuple[np.ndarray | sp.spmatrix, str]:
+    """``(matrix, field)``: ``X`` or ``layers[layer]`` (dense or sparse), checked to exist."""
+    field = "X" if layer is None else f"layers[{layer!r}]"
+    if layer is None:
+        x = adata.X
+    elif layer not in adata.layers:
+        raise InputError(path, field, f"no such layer; layers: {list(adata.layers.keys())}")
+    else:
+        x = adata.layers[layer]
+    if x is None:
+        raise InputError(path, field, "no count matrix")
+    if not (sp.issparse(x) or isinstance(x, np.ndarray)):
+        raise InputError(path, field, f"unsupported matrix type {type(x).__name__}")
+    return x, field
+
+
+def _gene_names(adata: ad.AnnData, path: Path, gene_symbols: str | None) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """``(genes, field, gene_ids)``: ``var_names`` or the ``var[gene_symbols]`` column, and the
+    gene ids of the first :data:`GENE_ID_COLUMNS` column present (else ``None``)."""
+    if gene_symbols is None:
+        genes, gene_field = np.asarray(adata.var_names).astype(str), "var_names"
+    elif gene_symbols in adata.var.columns:
+        genes, gene_field = adata.var[gene_symbols].astype(str).to_numpy(), f"var[{gene_symbols!r}]"
+    else:
+        raise InputError(path, f"var[{gene_symbols!r}]", f"no such column; var columns: {list(adata.var.columns)}")
+    id_col = next((c for c in GENE_ID_COLUMNS if c in adata.var.columns), None)
+    return genes, gene_field, (adata.var[id_col].astype(str).to_numpy() if id_col else None)
+
+
+def _raw_counts(adata: ad.AnnData, x, path: Path, field: str, layer: str | None, spot_ids, genes) -> sp.csr_matrix:
+    """``x`` validated as raw counts (a hint to pick the raw layer when ``X`` is normalised),
+    as int64 CSR without stored zeros."""
+    try:
+        validate_counts(x, path, field, row_names=spot_ids, col_names=genes)
+    except InputError as exc:
+        if layer is None and "non-integer" in exc.reason:
+            hint = (
+                f"; X looks normalised: set reader_options.layer to the raw-count layer "
+                f"(layers: {list(adata.layers.keys())})"
+            )
+            raise InputError(path, field, exc.reason + hint) from exc
+        raise
+    counts = sp.csr_matrix(x, dtype=np.int64)
+    counts.eliminate_zeros()
+    return counts
+
+
+def _array_coords(obs: pd.DataFrame, keep: np.ndarray, path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``obs``' integer ``array_row`` / ``array_col`` of the kept spots, ``(None, None)`` without them."""
+    if "array_row" not in obs.columns or "array_col" not in obs.columns:
+        return None, None
+    try:
+        rows = pd.to_numeric(obs["array_row"], errors="raise").to_numpy()[keep]
+        cols = pd.to_numeric(obs["array_col"], errors="raise").to_numpy()[keep]
+    except (ValueError, TypeError) as exc:
+        raise InputError(path, "obs[array_row/array_col]", f"not numeric: {exc}") from exc
+    if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
+        raise InputError(path, "obs[array_row/array_col]", "array coordinates must be finite")
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
 def read_h5ad_spots(
     path: Path,
     layer: str | None = None,
@@ -86,42 +147,11 @@ def read_h5ad_spots(
         adata = ad.read_h5ad(path)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(path, "counts", f"not a readable .h5ad file: {exc}") from exc
-    field = "X" if layer is None else f"layers[{layer!r}]"
-    if layer is None:
-        x = adata.X
-    elif layer not in adata.layers:
-        raise InputError(path, field, f"no such layer; layers: {list(adata.layers.keys())}")
-    else:
-        x = adata.layers[layer]
-    if x is None:
-        raise InputError(path, field, "no count matrix")
-    if not (sp.issparse(x) or isinstance(x, np.ndarray)):
-        raise InputError(path, field, f"unsupported matrix type {type(x).__name__}")
+    x, field = _count_matrix(adata, path, layer)
     spot_ids = np.asarray(adata.obs_names).astype(str)
-    if gene_symbols is None:
-        genes = np.asarray(adata.var_names).astype(str)
-        gene_field = "var_names"
-    elif gene_symbols in adata.var.columns:
-        genes = adata.var[gene_symbols].astype(str).to_numpy()
-        gene_field = f"var[{gene_symbols!r}]"
-    else:
-        raise InputError(path, f"var[{gene_symbols!r}]", f"no such column; var columns: {list(adata.var.columns)}")
-    id_col = next((c for c in GENE_ID_COLUMNS if c in adata.var.columns), None)
-    gene_ids = adata.var[id_col].astype(str).to_numpy() if id_col else None
-
-    try:
-        validate_counts(x, path, field, row_names=spot_ids, col_names=genes)
-    except InputError as exc:
-        if layer is None and "non-integer" in exc.reason:
-            hint = (
-                f"; X looks normalised: set reader_options.layer to the raw-count layer "
-                f"(layers: {list(adata.layers.keys())})"
-            )
-            raise InputError(path, field, exc.reason + hint) from exc
-        raise
+    genes, gene_field, gene_ids = _gene_names(adata, path, gene_symbols)
+    counts = _raw_counts(adata, x, path, field, layer, spot_ids, genes)
     validate_unique(spot_ids, path, "obs_names", "spot id")
-    counts = sp.csr_matrix(x, dtype=np.int64)
-    counts.eliminate_zeros()
     genes, gene_ids, counts = resolve_duplicate_genes(genes, gene_ids, counts, duplicate_genes, path, gene_field)
 
     sfield = f"obsm[{spatial_key!r}]"
@@ -138,26 +168,9 @@ def read_h5ad_spots(
         if not keep.all():
             log.info("%s: %d spot(s) with in_tissue != 1 dropped", path, int((~keep).sum()))
     validate_coords(xy[keep, 0], xy[keep, 1], path, sfield, ids=spot_ids[keep])
-    rows = cols = None
-    if "array_row" in obs.columns and "array_col" in obs.columns:
-        try:
-            rows = pd.to_numeric(obs["array_row"], errors="raise").to_numpy()[keep]
-            cols = pd.to_numeric(obs["array_col"], errors="raise").to_numpy()[keep]
-        except (ValueError, TypeError) as exc:
-            raise InputError(path, "obs[array_row/array_col]", f"not numeric: {exc}") from exc
-        if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
-            raise InputError(path, "obs[array_row/array_col]", "array coordinates must be finite")
-        rows, cols = rows.astype(np.int64), cols.astype(np.int64)
-    return SpotTable(
-        spot_ids[keep],
-        xy[keep, 0].copy(),
-        xy[keep, 1].copy(),
-        rows,
-        cols,
-        counts[np.flatnonzero(keep)],
-        genes,
-        gene_ids,
-    )
+    rows, cols = _array_coords(obs, keep, path)
+    kept = counts[np.flatnonzero(keep)]
+    return SpotTable(spot_ids[keep], xy[keep, 0].copy(), xy[keep, 1].copy(), rows, cols, kept, genes, gene_ids)
 
 
 def derive_array_coords(pixel_x: np.ndarray, pixel_y: np.ndarray, step_px: float) -> tuple[np.ndarray, np.ndarray]:

@@ -45,17 +45,13 @@ and the ingest pipeline estimates it from the spot lattice.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import polars as pl
-import scipy.io
-import scipy.sparse as sp
 
 from stimage_embed.errors import InputError
 from stimage_embed.ingest.catalog import DatasetCatalog, SlideEntry
@@ -66,9 +62,9 @@ from stimage_embed.ingest.readers._validate import (
     require_file,
     resolve_duplicate_genes,
     validate_coords,
-    validate_counts,
     validate_unique,
 )
+from stimage_embed.ingest.readers.tenx_counts import read_counts
 from stimage_embed.ingest.types import SlideData
 
 log = logging.getLogger(__name__)
@@ -79,144 +75,6 @@ POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_i
 SCALEFACTORS_FILE = "scalefactors_json.json"
 #: Space Ranger: ``spot_diameter_fullres`` spans "a theoretical 65 µm spot".
 SPOT_DIAMETER_FULLRES_UM = 65.0
-GENE_EXPRESSION = "Gene Expression"
-
-
-# ----------------------------------------------------------------------------- counts
-def read_10x_h5(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix]:
-    """Read a 10x HDF5 (v3) feature-barcode matrix.
-
-    Returns (barcodes, feature names, feature ids, feature types, counts) with counts a
-    barcodes x features CSR of the stored values (not yet validated).
-    """
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(path, "counts", f"not a readable HDF5 file: {exc}") from exc
-    with f:
-        if "matrix" not in f:
-            groups = ", ".join(sorted(f.keys())) or "none"
-            raise InputError(
-                path,
-                "matrix",
-                f"no 'matrix' group (top-level groups: {groups}); expected the 10x "
-                "HDF5 v3 layout of Space Ranger / Cell Ranger >= 3",
-            )
-
-        def get(key: str) -> np.ndarray:
-            if key not in f["matrix"]:
-                raise InputError(path, f"matrix/{key}", "missing dataset (10x HDF5 v3 layout expected)")
-            return f["matrix"][key][()]
-
-        data, indices, indptr, shape = get("data"), get("indices"), get("indptr"), get("shape")
-        barcodes, names, ids = get("barcodes"), get("features/name"), get("features/id")
-        types = get("features/feature_type") if "features/feature_type" in f["matrix"] else None
-    decode = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[object])
-    barcodes, names, ids = (decode(a).astype(str) for a in (barcodes, names, ids))
-    types = decode(types).astype(str) if types is not None else np.full(len(names), GENE_EXPRESSION)
-    n_feat, n_bc = (int(v) for v in shape)
-    if len(names) != n_feat or len(ids) != n_feat or len(types) != n_feat:
-        raise InputError(path, "matrix/features", f"{len(names)} feature names for a matrix of {n_feat} features")
-    if len(barcodes) != n_bc or len(indptr) != n_bc + 1:
-        raise InputError(
-            path,
-            "matrix/barcodes",
-            f"{len(barcodes)} barcodes / {len(indptr)} indptr entries for a matrix of {n_bc} barcodes",
-        )
-    if len(data) != len(indices) or indptr[-1] != len(data):
-        raise InputError(path, "matrix/data", "data, indices and indptr lengths disagree")
-    try:
-        # stored as features x barcodes CSC; its transpose is barcodes x features CSR
-        counts = sp.csc_matrix((data, indices, indptr), shape=(n_feat, n_bc)).T.tocsr()
-    except ValueError as exc:
-        raise InputError(path, "matrix/indices", f"inconsistent sparse matrix: {exc}") from exc
-    return barcodes, names, ids, types, counts
-
-
-def _find(folder: Path, stems: tuple[str, ...]) -> Path:
-    for stem in stems:
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    raise InputError(folder, stems[0], f"missing {' or '.join(s + '[.gz]' for s in stems)} in the matrix folder")
-
-
-def _read_tsv(path: Path, field: str) -> pd.DataFrame:
-    """A headerless TSV, gzipped or not whatever its name says (some tools write plain text
-    to ``*.tsv.gz``, e.g. the VisiumIO Visium HD fixture); quoted fields are unquoted."""
-    try:
-        with open(path, "rb") as fh:
-            gz = fh.read(2) == b"\x1f\x8b"
-        return pd.read_csv(
-            path, sep="\t", header=None, dtype=str, keep_default_na=False, compression="gzip" if gz else None
-        )
-    except (OSError, ValueError, pd.errors.ParserError, EOFError, UnicodeDecodeError) as exc:
-        raise InputError(path, field, f"cannot parse: {exc}") from exc
-
-
-def read_10x_mtx(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix]:
-    """Read a 10x Matrix Market folder; same return value as :func:`read_10x_h5`."""
-    mtx = _find(folder, ("matrix.mtx",))
-    bc_file = _find(folder, ("barcodes.tsv",))
-    feat_file = _find(folder, ("features.tsv", "genes.tsv"))
-    try:
-        if mtx.suffix == ".gz":
-            with gzip.open(mtx, "rb") as fh:
-                m = scipy.io.mmread(fh)
-        else:
-            m = scipy.io.mmread(mtx)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(mtx, "counts", f"not a readable Matrix Market file: {exc}") from exc
-    barcodes = _read_tsv(bc_file, "barcodes")[0].to_numpy().astype(str)
-    feats = _read_tsv(feat_file, "features")
-    if feats.shape[1] < 2:
-        raise InputError(feat_file, "features", "expected columns: feature id, feature name[, feature type]")
-    ids, names = feats[0].to_numpy().astype(str), feats[1].to_numpy().astype(str)
-    types = feats[2].to_numpy().astype(str) if feats.shape[1] >= 3 else np.full(len(names), GENE_EXPRESSION)
-    if m.shape != (len(names), len(barcodes)):
-        raise InputError(
-            mtx,
-            "counts",
-            f"matrix is {m.shape[0]} x {m.shape[1]} but {feat_file.name} lists "
-            f"{len(names)} features and {bc_file.name} {len(barcodes)} barcodes",
-        )
-    return barcodes, names, ids, types, sp.csr_matrix(m.T)
-
-
-def read_counts(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, sp.csr_matrix]:
-    """Read a 10x matrix (``.h5`` file or mtx folder), keep Gene Expression features and
-    validate raw counts and unique barcodes.
-
-    Returns (barcodes, gene symbols, gene ids, barcodes x genes CSR int64 raw counts).
-    """
-    if path.is_dir():
-        barcodes, names, ids, types, counts = read_10x_mtx(path)
-        count_file = _find(path, ("matrix.mtx",))
-    else:
-        barcodes, names, ids, types, counts = read_10x_h5(path)
-        count_file = path
-    gex = types == GENE_EXPRESSION
-    if not gex.any():
-        raise InputError(
-            path, "features/feature_type", f"no '{GENE_EXPRESSION}' features (types: {sorted(set(types.tolist()))})"
-        )
-    if not gex.all():
-        log.info(
-            "%s: keeping %d '%s' features, dropping %d of types %s",
-            path,
-            gex.sum(),
-            GENE_EXPRESSION,
-            (~gex).sum(),
-            sorted(set(types[~gex].tolist())),
-        )
-        counts = counts[:, np.flatnonzero(gex)]
-    validate_counts(
-        counts, count_file, "counts" if path.is_dir() else "matrix/data", row_names=barcodes, col_names=names[gex]
-    )
-    validate_unique(barcodes, path, "barcodes", "barcode")
-    counts = counts.astype(np.int64)
-    counts.eliminate_zeros()
-    return barcodes, names[gex], ids[gex], counts
 
 
 # ----------------------------------------------------------------------------- spots
@@ -309,12 +167,10 @@ def um_per_px_from_scalefactors(path: Path, spot_diameter_um: float = SPOT_DIAME
 
 
 # ----------------------------------------------------------------------------- reader
-def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
-    opts = catalog.reader_options
-    policy = option_choice(opts, "duplicate_genes", "make_unique", DUPLICATE_GENE_POLICIES, catalog.source)
-    diameter_um = float(opts.get("spot_diameter_fullres_um", SPOT_DIAMETER_FULLRES_UM))
+def _slide_files(catalog: DatasetCatalog, entry: SlideEntry) -> tuple[Path, Path, Path, Path | None]:
+    """``(image, counts, positions, scalefactors or None)`` of one slide: the catalog's paths,
+    the positions in ``<counts folder>/spatial`` and the scale factors next to them by default."""
     where = f"slides[{entry.id}]"
-
     image = require_file(catalog.resolve(entry.image), f"{where}.image", catalog.source, "visium")
     counts_path = require_file(
         catalog.resolve(entry.counts), f"{where}.counts", catalog.source, "visium", directory_ok=True
@@ -328,11 +184,11 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     else:
         guess = pos_path.parent / SCALEFACTORS_FILE
         sf_path = guess if guess.is_file() else None
+    return image, counts_path, pos_path, sf_path
 
-    barcodes, genes, gene_ids, counts = read_counts(counts_path)
-    genes, gene_ids, counts = resolve_duplicate_genes(genes, gene_ids, counts, policy, counts_path, "features/name")
-    pos = read_positions(pos_path)
 
+def _positions_of(barcodes: np.ndarray, pos: pl.DataFrame, counts_path: Path, pos_path: Path) -> np.ndarray:
+    """The positions row of every barcode of the count matrix (each must have one)."""
     row = pd.Index(pos["barcode"].to_numpy()).get_indexer(barcodes)
     if (row < 0).any():
         missing = barcodes[row < 0]
@@ -343,8 +199,38 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
             f"positions file {pos_path}: {missing[:N_EXAMPLES].tolist()}; is it the positions file of "
             "another sample?",
         )
-    in_tissue = pos["in_tissue"].to_numpy()
-    keep = np.flatnonzero(in_tissue[row] == 1)
+    return row
+
+
+def _skipped_without_counts(pos: pl.DataFrame, row: np.ndarray, pos_path: Path, counts_path: Path) -> dict[str, str]:
+    """``{barcode: reason}`` of the in-tissue positions that have no counts (logged once)."""
+    has_counts = np.zeros(pos.height, dtype=bool)
+    has_counts[row] = True
+    no_counts = pos["barcode"].to_numpy()[(pos["in_tissue"].to_numpy() == 1) & ~has_counts]
+    skipped = {b: f"in_tissue=1 in {pos_path.name} but no counts in {counts_path.name}" for b in no_counts}
+    if skipped:
+        log.warning(
+            "%s: %d in-tissue barcode(s) without counts skipped: %s",
+            counts_path,
+            len(skipped),
+            no_counts[:N_EXAMPLES].tolist(),
+        )
+    return skipped
+
+
+def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
+    """One Visium slide: the in-tissue barcodes that have counts, their full-resolution pixel
+    centres and array indices, raw counts, and µm/px (catalog, else scale factors)."""
+    opts = catalog.reader_options
+    policy = option_choice(opts, "duplicate_genes", "make_unique", DUPLICATE_GENE_POLICIES, catalog.source)
+    diameter_um = float(opts.get("spot_diameter_fullres_um", SPOT_DIAMETER_FULLRES_UM))
+    image, counts_path, pos_path, sf_path = _slide_files(catalog, entry)
+
+    barcodes, genes, gene_ids, counts = read_counts(counts_path)
+    genes, gene_ids, counts = resolve_duplicate_genes(genes, gene_ids, counts, policy, counts_path, "features/name")
+    pos = read_positions(pos_path)
+    row = _positions_of(barcodes, pos, counts_path, pos_path)
+    keep = np.flatnonzero(pos["in_tissue"].to_numpy()[row] == 1)
     if len(keep) < len(barcodes):
         log.info(
             "%s: %d barcode(s) with counts are not under tissue (in_tissue=0) and are dropped",
@@ -355,18 +241,7 @@ def read_slide(catalog: DatasetCatalog, entry: SlideEntry) -> SlideData:
     px = pos["pxl_col_in_fullres"].to_numpy()[rows]
     py = pos["pxl_row_in_fullres"].to_numpy()[rows]
     validate_coords(px, py, pos_path, "pxl_col_in_fullres/pxl_row_in_fullres", ids=barcodes[keep])
-
-    has_counts = np.zeros(pos.height, dtype=bool)
-    has_counts[row] = True
-    no_counts = pos["barcode"].to_numpy()[(in_tissue == 1) & ~has_counts]
-    skipped = {b: f"in_tissue=1 in {pos_path.name} but no counts in {counts_path.name}" for b in no_counts}
-    if skipped:
-        log.warning(
-            "%s: %d in-tissue barcode(s) without counts skipped: %s",
-            counts_path,
-            len(skipped),
-            no_counts[:N_EXAMPLES].tolist(),
-        )
+    skipped = _skipped_without_counts(pos, row, pos_path, counts_path)
 
     um, source = entry.um_per_px or catalog.um_per_px, "catalog"
     if um is None and sf_path is not None:

@@ -46,12 +46,8 @@ from stimage_embed.ingest.readers._validate import (
     resolve_duplicate_genes,
     validate_coords,
 )
-from stimage_embed.ingest.readers.visium import (
-    SCALEFACTORS_FILE,
-    read_counts,
-    read_positions,
-    um_per_px_from_scalefactors,
-)
+from stimage_embed.ingest.readers.tenx_counts import read_counts
+from stimage_embed.ingest.readers.visium import SCALEFACTORS_FILE, read_positions, um_per_px_from_scalefactors
 from stimage_embed.ingest.types import SlideData
 
 log = logging.getLogger(__name__)

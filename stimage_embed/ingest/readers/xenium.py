@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from stimage_embed.errors import InputError
 from stimage_embed.ingest.catalog import DatasetCatalog, SlideEntry
 from stimage_embed.ingest.readers._validate import N_EXAMPLES, option_choice, require_file, validate_coords
-from stimage_embed.ingest.readers.visium import read_counts
+from stimage_embed.ingest.readers.tenx_counts import read_counts
 from stimage_embed.ingest.types import SlideData
 from stimage_embed.ingest.xenium_geometry import hex_pseudo_spots, read_alignment, um_to_image_px
 from stimage_embed.tiles.image import SlideImage
