@@ -189,7 +189,11 @@ def tissue_grid(
         )
     log.info(
         "grid: %d x %d positions of %.0f µm at %.0f µm pitch, %d over tissue%s, %d pass QC",
-        *(ys.size, xs.size, tile_um, pitch_um, idx.size),
+        ys.size,
+        xs.size,
+        tile_um,
+        pitch_um,
+        idx.size,
         " in the region" if region is not None else "",
         int((frac >= tissue_threshold).sum()),
     )

@@ -8,7 +8,8 @@ Gene specs (:func:`parse_gene_spec`); the count-based ones first drop genes dete
   most of the field's choice: genes with spatial structure a model can learn).
 * ``mean:K`` — the top ``K`` by mean log1p(CP10k).
 * ``seurat:K`` — the top ``K`` highly variable genes of scanpy's ``flavor="seurat"``
-  (dispersion normalised within mean bins; see below). It favours noisy, lowly expressed
+  (dispersion normalised within mean bins; see
+  :mod:`stimage_embed.predictions.gene_scores`). It favours noisy, lowly expressed
   genes that are close to unpredictable from the image. ``hvg:K`` is an alias kept for
   older commands and stores.
 * ``panel:NAME`` — the gene list ``catalogs/genes/NAME.txt`` (e.g. ``panel:stimage14``).
@@ -16,26 +17,8 @@ Gene specs (:func:`parse_gene_spec`); the count-based ones first drop genes dete
 
 ``K`` larger than the number of eligible genes is capped, with a warning.
 
-Seurat-flavour highly variable genes
-------------------------------------
-scanpy's ``highly_variable_genes(flavor="seurat")`` on
-``log1p(normalize_total(counts, target_sum=1e4))``, re-implemented on arrays (no AnnData
-round trip) and cross-checked against scanpy in the tests:
-
-1. ``x = counts / library_size * target_sum`` (the log1p/expm1 round trip scanpy does for
-   this flavour cancels), where ``library_size`` is the spot's total raw count over ALL
-   genes (not just the genes that pass the detection filter);
-2. per gene: ``mean``, ``var`` (ddof=1), ``dispersion = log(var / mean)`` (``NaN`` if 0),
-   ``means = log1p(mean)``;
-3. genes are binned into ``n_bins=20`` equal-width bins of ``means`` (``pandas.cut``
-   semantics) and ``dispersions_norm = (dispersion - bin mean) / bin std`` (ddof=1; a bin
-   holding a single gene gets ``dispersions_norm = 1``);
-4. the top ``K`` by ``dispersions_norm`` (NaN last). Scanpy keeps every gene ``>=`` the
-   K-th value, so exact ties at the cut-off can give it more than K genes; we return
-   exactly K, ties broken by the input gene order.
-
-The statistics are computed on the genes that pass the detection filter (the binning
-depends on which genes are present), as scanpy would after subsetting.
+The seurat-flavour statistics (and the other per-gene scores) are in
+:mod:`stimage_embed.predictions.gene_scores`.
 """
 
 from __future__ import annotations
@@ -48,14 +31,22 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from heads.scale import TARGET_SUM, log1p_normalise
+from heads.scale import TARGET_SUM
 from stimage_embed.errors import CatalogError, InputError
 from stimage_embed.paths import catalogs_dir
+from stimage_embed.predictions.gene_scores import (
+    N_BINS,
+    HVGStats,
+    as_csr,
+    detection_fraction,
+    hvg_seurat,
+    log1p_cp10k_moments,
+    top_hvg,
+)
 
 log = logging.getLogger(__name__)
 
 MIN_DETECTION_FRACTION = 0.1
-N_BINS = 20
 
 
 #: count-based gene specs (kind -> how the top K are ranked); ``hvg`` is ``seurat``
@@ -79,17 +70,6 @@ class GeneSpec:
         if self.kind == "panel":
             return f"panel:{self.name}"
         return f"file:{self.path}"
-
-
-@dataclass(frozen=True)
-class HVGStats:
-    """Per-gene statistics of the seurat-flavour HVG selection (aligned with the input
-    genes). ``means`` is ``log1p(mean normalised count)``, ``dispersions`` is
-    ``log(var/mean)`` of normalised counts, ``dispersions_norm`` the bin-standardised one."""
-
-    means: np.ndarray
-    dispersions: np.ndarray
-    dispersions_norm: np.ndarray
 
 
 def parse_gene_spec(spec: str) -> GeneSpec:
@@ -190,109 +170,59 @@ def resolve_gene_list(
     return present
 
 
-def _as_csr(counts: np.ndarray | sp.spmatrix | sp.sparray) -> sp.csr_matrix:
-    return sp.csr_matrix(counts, dtype=np.float64)
+def _training_spots(x: sp.csr_matrix, genes: list[str], slide_ids, train_slides: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the training slides' spots, after checking the shapes and names."""
+    if x.shape[1] != len(genes):
+        raise InputError(None, "genes", f"{len(genes)} gene names for a counts matrix with {x.shape[1]} columns")
+    if len(set(genes)) != len(genes):
+        raise InputError(None, "genes", "gene names are not unique")
+    slide_arr = np.asarray(slide_ids).astype(str)
+    if slide_arr.shape != (x.shape[0],):
+        raise InputError(None, "slide_id", f"{slide_arr.shape[0]} slide ids for {x.shape[0]} spots")
+    train = np.isin(slide_arr, [str(s) for s in train_slides])
+    if not train.any():
+        raise InputError(None, "slide_id", f"no spots of the training slides {list(train_slides)}")
+    return train
 
 
-def detection_fraction(counts: np.ndarray | sp.spmatrix | sp.sparray) -> np.ndarray:
-    """Fraction of spots (rows) in which each gene (column) has a raw count > 0."""
-    x = _as_csr(counts)
-    if x.shape[0] == 0:
-        raise InputError(None, "counts", "no spots")
-    return np.asarray((x > 0).sum(axis=0)).ravel() / x.shape[0]
+def _listed_genes(spec: GeneSpec, xt: sp.csr_matrix, genes: list[str]) -> list[str]:
+    """A panel's / file's genes present in ``genes``, in list order; those never detected in
+    the training spots ``xt`` are logged (kept: an explicit list is not filtered)."""
+    wanted, path = load_gene_list(spec)
+    present = resolve_gene_list(wanted, genes, source=path)
+    detected = np.asarray((xt[:, [genes.index(g) for g in present]] > 0).sum(axis=0)).ravel()
+    never = [g for g, d in zip(present, detected, strict=True) if d == 0]
+    if never:
+        log.warning("%s: genes never detected in the training spots: %s", path, ", ".join(never))
+    return present
 
 
-def hvg_seurat(
-    counts: np.ndarray | sp.spmatrix | sp.sparray,
-    *,
-    library_size: np.ndarray | None = None,
-    target_sum: float = TARGET_SUM,
-    n_bins: int = N_BINS,
-) -> HVGStats:
-    """Seurat-flavour HVG statistics (scanpy ``flavor="seurat"``), see module docstring.
-
-    Parameters
-    ----------
-    counts : (n_spots, n_genes) raw counts, dense or sparse.
-    library_size : (n_spots,) total raw count of each spot over ALL genes; defaults to
-        the row sums of ``counts`` (correct only if ``counts`` holds all genes).
-    target_sum : counts per spot after normalisation.
-    """
-    x = _as_csr(counts)
-    n = x.shape[0]
-    if n < 2:
-        raise InputError(None, "counts", f"HVG needs at least 2 spots, got {n}")
-    lib = np.asarray(x.sum(axis=1)).ravel() if library_size is None else np.asarray(library_size, dtype=np.float64)
-    if lib.shape != (n,):
-        raise InputError(None, "library_size", f"shape {lib.shape} does not match {n} spots")
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    xn = sp.diags(scale) @ x
-    mean = np.asarray(xn.mean(axis=0)).ravel()
-    mean_sq = np.asarray(xn.multiply(xn).mean(axis=0)).ravel()
-    var = (mean_sq - mean**2) * (n / (n - 1))
-    mean[mean == 0] = 1e-12
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dispersion = var / mean
-        dispersion[dispersion == 0] = np.nan
-        dispersion = np.log(dispersion)
-    means = np.log1p(mean)
-    disp_norm = _bin_normalise(means, dispersion, n_bins)
-    return HVGStats(means=means, dispersions=dispersion, dispersions_norm=disp_norm)
-
-
-def _cut_equal_width(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index of each value, as ``pandas.cut(values, bins=n_bins)`` (right-closed)."""
-    mn, mx = float(values.min()), float(values.max())
-    if mn == mx:
-        mn -= 0.001 * abs(mn) if mn != 0 else 0.001
-        mx += 0.001 * abs(mx) if mx != 0 else 0.001
-        edges = np.linspace(mn, mx, n_bins + 1)
+def _ranked_genes(
+    spec: GeneSpec, xt: sp.csr_matrix, lib: np.ndarray, min_fraction: float, target_sum: float, n_bins: int
+) -> np.ndarray:
+    """Column indices of the ``spec.k`` top-scoring genes among those detected in
+    >= ``min_fraction`` of the training spots ``xt`` (library sizes ``lib``, raw counts)."""
+    keep = np.flatnonzero(detection_fraction(xt) >= min_fraction)
+    if keep.size == 0:
+        raise InputError(None, "genes", f"no gene is detected in >= {min_fraction:.0%} of the training spots")
+    k = spec.k
+    if k > keep.size:
+        log.warning(
+            "%s: only %d genes are detected in >= %.0f%% of the training spots; using all %d",
+            spec,
+            keep.size,
+            100 * min_fraction,
+            keep.size,
+        )
+        k = keep.size
+    if spec.kind == "seurat":
+        stats = hvg_seurat(xt[:, keep], library_size=lib, target_sum=target_sum, n_bins=n_bins)
+        chosen = keep[top_hvg(stats, k)]
     else:
-        edges = np.linspace(mn, mx, n_bins + 1)
-        edges[0] -= (mx - mn) * 0.001
-    return np.clip(np.searchsorted(edges, values, side="left") - 1, 0, n_bins - 1)
-
-
-def _bin_normalise(means: np.ndarray, dispersion: np.ndarray, n_bins: int) -> np.ndarray:
-    bins = _cut_equal_width(means, n_bins)
-    ok = np.isfinite(dispersion)
-    cnt = np.bincount(bins[ok], minlength=n_bins).astype(np.float64)
-    s1 = np.bincount(bins[ok], weights=dispersion[ok], minlength=n_bins)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        avg = s1 / cnt
-        dev_sq = np.bincount(bins[ok], weights=(dispersion[ok] - avg[bins[ok]]) ** 2, minlength=n_bins)
-        dev = np.sqrt(dev_sq / (cnt - 1))
-        single = cnt < 2  # pandas std is NaN here: scanpy sets avg=0, dev=avg
-        dev[single] = avg[single]
-        avg[single] = 0.0
-        return (dispersion - avg[bins]) / dev[bins]
-
-
-def log1p_cp10k_moments(
-    counts: np.ndarray | sp.spmatrix | sp.sparray, library_size: np.ndarray, target_sum: float = TARGET_SUM
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per gene (column): mean and variance (ddof=1) over spots of
-    ``log1p(count / library_size * target_sum)``; ``library_size`` is each spot's total raw
-    count over ALL genes. Sparse-aware (zeros stay zeros on this scale)."""
-    x = _as_csr(counts)
-    n = x.shape[0]
-    xl = log1p_normalise(x, library_size, target_sum)
-    mean = np.asarray(xl.mean(axis=0)).ravel()
-    mean_sq = np.asarray(xl.multiply(xl).mean(axis=0)).ravel()
-    var = (mean_sq - mean**2) * (n / max(n - 1, 1))
-    return mean, var
-
-
-def top_hvg(stats: HVGStats, k: int) -> np.ndarray:
-    """Indices of the ``k`` genes with the largest ``dispersions_norm`` (NaN never picked;
-    ties by input order). Returns fewer than ``k`` (with a warning) if fewer are finite."""
-    score = np.nan_to_num(stats.dispersions_norm, nan=-np.inf)
-    order = np.argsort(-score, kind="stable")
-    n_finite = int(np.isfinite(stats.dispersions_norm).sum())
-    if k > n_finite:
-        log.warning("asked for %d highly variable genes, only %d have a finite normalised dispersion", k, n_finite)
-        k = n_finite
-    return order[:k]
+        score = log1p_cp10k_moments(xt[:, keep], lib, target_sum)[0 if spec.kind == "mean" else 1]
+        chosen = keep[np.argsort(-score, kind="stable")[:k]]
+    log.debug("%s from %d training spots, %d of %d genes pass detection", spec, xt.shape[0], keep.size, xt.shape[1])
+    return chosen
 
 
 def select_genes(
@@ -329,58 +259,18 @@ def select_genes(
     if isinstance(spec, str):
         spec = parse_gene_spec(spec)
     genes = [str(g) for g in genes]
-    x = _as_csr(counts)
-    if x.shape[1] != len(genes):
-        raise InputError(None, "genes", f"{len(genes)} gene names for a counts matrix with {x.shape[1]} columns")
-    if len(set(genes)) != len(genes):
-        raise InputError(None, "genes", "gene names are not unique")
-    slide_arr = np.asarray(slide_ids).astype(str)
-    if slide_arr.shape != (x.shape[0],):
-        raise InputError(None, "slide_id", f"{slide_arr.shape[0]} slide ids for {x.shape[0]} spots")
-    train = np.isin(slide_arr, [str(s) for s in train_slides])
-    if not train.any():
-        raise InputError(None, "slide_id", f"no spots of the training slides {list(train_slides)}")
-
+    x = as_csr(counts)
+    train = _training_spots(x, genes, slide_ids, train_slides)
     if spec.kind in ("panel", "file"):
-        wanted, path = load_gene_list(spec)
-        present = resolve_gene_list(wanted, genes, source=path)
-        idx = [genes.index(g) for g in present]
-        never = [
-            g for g, d in zip(present, np.asarray((x[train][:, idx] > 0).sum(axis=0)).ravel(), strict=True) if d == 0
-        ]
-        if never:
-            log.warning("%s: genes never detected in the training spots: %s", path, ", ".join(never))
-        return present
+        return _listed_genes(spec, x[train], genes)
     if spec.kind not in RANKED_KINDS or spec.k is None:
         raise InputError(None, "genes", f"unsupported gene spec {spec}")
-
     xt = x[train]
-    lib = (
-        np.asarray(xt.sum(axis=1)).ravel()
-        if library_size is None
-        else np.asarray(library_size, dtype=np.float64)[train]
-    )
-    keep = np.flatnonzero(detection_fraction(xt) >= min_fraction)
-    if keep.size == 0:
-        raise InputError(None, "genes", f"no gene is detected in >= {min_fraction:.0%} of the training spots")
-    k = spec.k
-    if k > keep.size:
-        log.warning(
-            "%s: only %d genes are detected in >= %.0f%% of the training spots; using all %d",
-            spec,
-            keep.size,
-            100 * min_fraction,
-            keep.size,
-        )
-        k = keep.size
-    if spec.kind == "seurat":
-        stats = hvg_seurat(xt[:, keep], library_size=lib, target_sum=target_sum, n_bins=n_bins)
-        chosen = keep[top_hvg(stats, k)]
+    if library_size is None:
+        lib = np.asarray(xt.sum(axis=1)).ravel()
     else:
-        score = log1p_cp10k_moments(xt[:, keep], lib, target_sum)[0 if spec.kind == "mean" else 1]
-        chosen = keep[np.argsort(-score, kind="stable")[:k]]
-    log.debug("%s from %d training spots, %d of %d genes pass detection", spec, xt.shape[0], keep.size, len(genes))
-    return [genes[i] for i in chosen]
+        lib = np.asarray(library_size, dtype=np.float64)[train]
+    return [genes[i] for i in _ranked_genes(spec, xt, lib, min_fraction, target_sum, n_bins)]
 
 
 def fold_genes(store, train_slides: Sequence[str], spec: str) -> list[str]:
@@ -390,3 +280,24 @@ def fold_genes(store, train_slides: Sequence[str], spec: str) -> list[str]:
     return select_genes(
         parse_gene_spec(spec), counts, genes, keys["slide_id"].to_numpy(), list(train_slides), library_size=lib
     )
+
+
+__all__ = [
+    "DEFAULT_GENE_SPEC",
+    "MIN_DETECTION_FRACTION",
+    "RANKED_KINDS",
+    "GeneSpec",
+    "HVGStats",
+    "available_panels",
+    "detection_fraction",
+    "fold_genes",
+    "hvg_seurat",
+    "load_gene_list",
+    "log1p_cp10k_moments",
+    "panel_path",
+    "parse_gene_spec",
+    "read_gene_list",
+    "resolve_gene_list",
+    "select_genes",
+    "top_hvg",
+]
