@@ -5,7 +5,9 @@
 >>> vectors = bb(bb.preprocess(tiles_uint8_nhwc))      # (N, 1280)
 
 See ``spec`` (the typed spec), ``weights`` (local path > package > HF cache > hub),
-``builders`` (four builders for all specs), ``pooling`` and ``speed`` (autocast choice).
+``builders`` (four builders for all specs, each one registration whose needs are declared in
+``builder_needs``), ``pooling`` (strategy table: prepare, pool, pooled size) and ``speed``
+(autocast choice).
 """
 
 from stimage_embed.backbones.backbone import Backbone
