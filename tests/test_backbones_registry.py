@@ -108,6 +108,9 @@ def test_every_builder_is_one_registration_with_its_declared_needs() -> None:
     assert set(BUILDERS) == set(BUILDER_NEEDS)
     for name, entry in BUILDERS.items():
         assert entry.needs is BUILDER_NEEDS[name]
+        needs = entry.needs  # a declared source needs the spec field that names it
+        assert ("package" in needs.spec_fields) >= (needs.weights_kind == "package" or needs.code_install is not None)
+        assert ("hub_id" in needs.spec_fields) == (needs.weights_kind == "hub"), name
     for spec in load_backbone_catalog().values():
         needs = BUILDER_NEEDS[spec.builder]
         assert all(getattr(spec, f) for f in needs.spec_fields), spec.name
