@@ -86,7 +86,6 @@ STRAGGLERS = frozenset(
         "stimage_embed/cli_helpers.py",
         "stimage_embed/embeddings/embed_pass.py",
         "stimage_embed/embeddings/ray_engine.py",
-        "stimage_embed/evaluation/compare.py",
         "stimage_embed/evaluation/plots.py",
         "stimage_embed/inference/grid.py",
         "stimage_embed/inference/infer.py",
