@@ -25,7 +25,7 @@ import duckdb
 import polars as pl
 
 from stimage_embed.errors import InputError
-from stimage_embed.evaluation.views import EVALUATION_VIEWS
+from stimage_embed.evaluation.views import SQL_VIEWS
 from stimage_embed.predictions.registry import head_names
 
 #: heads shown as references, never "best model"
@@ -104,10 +104,10 @@ def _with_view_keys(df: pl.DataFrame) -> pl.DataFrame:
 
 # ----------------------------------------------------------------------------- SQL views over frames
 def run_view(view: str, **frames: pl.DataFrame) -> pl.DataFrame:
-    """Rows of the store view ``view`` (:data:`~stimage_embed.evaluation.views.EVALUATION_VIEWS`)
+    """Rows of the store view ``view`` (:data:`~stimage_embed.evaluation.views.SQL_VIEWS`)
     computed by DuckDB over ``frames``, each registered under its keyword (``metrics``,
     ``runs``, ``predictions``)."""
-    sql, tables = EVALUATION_VIEWS[view]
+    sql, tables = SQL_VIEWS[view]
     con = duckdb.connect()
     try:
         for name in tables:

@@ -146,9 +146,6 @@ SQL_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
-#: the evaluation views (the name the report code reads them by)
-EVALUATION_VIEWS = SQL_VIEWS
-
 
 def leaderboard(store, run_ids: Sequence[str] | None = None) -> pl.DataFrame:
     """The leaderboard, optionally restricted to some runs."""
