@@ -2,11 +2,12 @@
 backbones, with all state in the store (``runs``, ``predictions``, ``metrics``).
 
 A run is one head fitted on one fold's training slides with one backbone's vectors. Its
-id (:func:`stimage_embed.predictions.runs.run_identity`, from ``runs.run_key``) hashes everything that determines its
-result (dataset, fold slides, genes, head and its parameters, the vectors' provenance ids,
-the control), so re-running ``compare`` with one more backbone or head only computes what
-is new. Which heads exist, and which of them span backbones or share a CV choice, comes
-from the head registry (:mod:`stimage_embed.predictions.registry`).
+id (:func:`stimage_embed.predictions.runs.run_identity` of its ``runs.run_key``) hashes
+everything that determines its result (dataset, fold slides, genes, head and its
+parameters, the vectors' provenance ids, the control), so re-running ``compare`` with one
+more backbone or head only computes what is new. Which heads exist, and which of them span
+backbones or share a CV choice, comes from the head registry
+(:mod:`stimage_embed.predictions.registry`).
 
 Leak control (``controls=["shuffled"]``): every head is also trained and scored on the
 same fold with each slide's vectors permuted among its own spots (train and test), so
@@ -15,8 +16,9 @@ counts, the per-slide distribution of vectors) is unchanged. A pipeline that pre
 from the image alone scores about 0 there; a score well above 0 means something other
 than the image (e.g. a test spot's measured library size) reaches the prediction.
 
-Run identity and life cycle (pending marks with owner and lease, the ``runs`` row written
-last, clean-up of abandoned runs, reuse only of current runs with rows) live in
+Run keys, identity and life cycle (pending marks with owner and lease, metric rows tagged
+and written in one batch, the ``runs`` row written last, clean-up of abandoned runs, reuse
+only of current runs with rows) live in
 :mod:`stimage_embed.predictions.runs`: a run id covers the content of its inputs, so a
 re-ingested or re-embedded slide makes new runs and the old ones are marked superseded.
 """
