@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import polars as pl
 import typer
 
 from stimage_embed.cli_checks import (
@@ -22,7 +23,7 @@ from stimage_embed.cli_helpers import (
     backbone_names,
     cli_errors,
     listed,
-    print_compare_result,
+    print_frame,
     slides_from,
 )
 from stimage_embed.cli_models import GENES_HELP
@@ -134,7 +135,46 @@ def compare(
     )
     with st.writer("compare"):
         result = run_compare(st, cfg)
-    print_compare_result(st, result, report)
+    print_compare_result(result)
+    if report is not None:
+        from stimage_embed.evaluation.report_driver import write_compare_report
+
+        typer.echo(f"report: {write_compare_report(st, result, report)}")
+
+
+def print_compare_result(result) -> None:
+    """Print a ``compare`` result (``evaluation.compare.CompareResult``): runs, leaderboard
+    and paired comparisons, all computed by ``compare``."""
+    typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
+    rounded = ("pcc_median", "pcc_mean", "mse_mean", "iou_mean", "auc_mean", "coverage_90")
+    keys = ("dataset", "split", "gene_spec", "control", "backbone", "head", "folds")
+    print_frame(
+        result.leaderboard.select(
+            *keys, pl.col("genes").alias("genes_all_folds"), *[pl.col(c).round(3) for c in rounded]
+        )
+    )
+    typer.echo(
+        "genes_all_folds: distinct genes over the folds (each fold selects its own K genes from its training "
+        "slides, so var:50 over 5 folds can reach more than 50)"
+    )
+    paired = result.paired
+    if paired.height:
+        typer.echo("paired comparisons (per-slide PCC over common slide x gene pairs; tie = 95 % CI covers 0):")
+        better = pl.concat_str(pl.col("a_backbone"), pl.lit("/"), pl.col("a_head"), pl.lit(" better"))
+        worse = pl.concat_str(pl.col("b_backbone"), pl.lit("/"), pl.col("b_head"), pl.lit(" better"))
+        verdict = pl.when(pl.col("verdict") == "a").then(better).when(pl.col("verdict") == "b").then(worse)
+        print_frame(
+            paired.select(
+                "dataset",
+                "a_backbone",
+                "a_head",
+                "b_backbone",
+                "b_head",
+                "n_pairs",
+                *[pl.col(c).round(3) for c in ("diff", "ci_low", "ci_high")],
+                verdict.otherwise(pl.lit("tie (95 % CI covers 0)")).alias("verdict"),
+            )
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -123,3 +123,29 @@ def test_train_predict_and_provenance_refusal(compared, tmp_path):
     prov.update(where=f"provenance_id = '{row['provenance_id']}'", values={"json": json.dumps(changed)})
     with pytest.raises(ProvenanceError, match="stain_method"):
         predict(store, rid, ["C5"])
+
+
+def test_the_result_carries_the_paired_table_and_the_cli_and_report_bootstrap_once(compared, tmp_path, monkeypatch):
+    """``compare`` returns the paired table (equal to a fresh ``paired_comparisons``); the CLI
+    prints it and the report shows it without a second bootstrap, writing report.md once."""
+    from typer.testing import CliRunner
+
+    from stimage_embed.cli import app
+    from stimage_embed.evaluation import paired
+
+    store, _, result = compared
+    fresh = paired.paired_comparisons(store, run_ids=result.run_ids)
+    assert result.paired.height == fresh.height > 0
+    assert result.paired.sort("a_head", "b_head").equals(fresh.sort("a_head", "b_head"))
+    calls, opened = [], []
+    real_pair, real_open = paired.compare_pair, type(tmp_path).open
+    monkeypatch.setattr(paired, "compare_pair", lambda *a, **k: calls.append(1) or real_pair(*a, **k))
+    monkeypatch.setattr(type(tmp_path), "open", lambda p, *a, **k: opened.append((p.name, a)) or real_open(p, *a, **k))
+    args = ["compare", "--heads", "nb,ridge", "--genes", "var:8", "--dataset", "her2st", "--store", str(store.path)]
+    res = CliRunner().invoke(app, [*args, "--report", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "0 run(s) computed, 4 reused" in res.output and "paired comparisons" in res.output
+    assert len(calls) == 1  # nb vs ridge: one pair, bootstrapped once for the CLI and the report
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Paired comparisons" in md and "| nb " in md.split("## Paired comparisons")[1]
+    assert not [a for name, a in opened if name == "report.md" and a and "a" in a[0]]  # never appended to

@@ -2,11 +2,12 @@
 backbones, with all state in the store (``runs``, ``predictions``, ``metrics``).
 
 A run is one head fitted on one fold's training slides with one backbone's vectors. Its
-id (:func:`stimage_embed.predictions.runs.run_hash`) hashes everything that determines its
-result (dataset, fold slides, genes, head and its parameters, the vectors' provenance ids,
-the control), so re-running ``compare`` with one more backbone or head only computes what
-is new. Which heads exist, and which of them span backbones or share a CV choice, comes
-from the head registry (:mod:`stimage_embed.predictions.registry`).
+id (:func:`stimage_embed.predictions.runs.run_identity` of its ``runs.run_key``) hashes
+everything that determines its result (dataset, fold slides, genes, head and its
+parameters, the vectors' provenance ids, the control), so re-running ``compare`` with one
+more backbone or head only computes what is new. Which heads exist, and which of them span
+backbones or share a CV choice, comes from the head registry
+(:mod:`stimage_embed.predictions.registry`).
 
 Leak control (``controls=["shuffled"]``): every head is also trained and scored on the
 same fold with each slide's vectors permuted among its own spots (train and test), so
@@ -15,8 +16,9 @@ counts, the per-slide distribution of vectors) is unchanged. A pipeline that pre
 from the image alone scores about 0 there; a score well above 0 means something other
 than the image (e.g. a test spot's measured library size) reaches the prediction.
 
-Run identity and life cycle (pending marks with owner and lease, the ``runs`` row written
-last, clean-up of abandoned runs, reuse only of current runs with rows) live in
+Run keys, identity and life cycle (pending marks with owner and lease, metric rows tagged
+and written in one batch, the ``runs`` row written last, clean-up of abandoned runs, reuse
+only of current runs with rows) live in
 :mod:`stimage_embed.predictions.runs`: a run id covers the content of its inputs, so a
 re-ingested or re-embedded slide makes new runs and the old ones are marked superseded.
 """
@@ -39,6 +41,7 @@ from stimage_embed.evaluation.compare_plan import (
     folds_of,
     single_backbone_heads,
 )
+from stimage_embed.evaluation.paired import paired_comparisons
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold
 from stimage_embed.evaluation.views import leaderboard
@@ -54,12 +57,13 @@ from stimage_embed.predictions.genes import DEFAULT_GENE_SPEC, fold_genes
 from stimage_embed.predictions.registry import head_names, head_spec
 from stimage_embed.predictions.runner import fit_head, head_config, make_head, predict_head
 from stimage_embed.predictions.runs import (
+    combined_identity,
     committed_runs,
     drop_abandoned,
     input_versions,
     reusable_runs,
-    run_hash,
     run_identity,
+    run_key,
     runs_row,
     write_runs,
 )
@@ -90,11 +94,16 @@ class CompareConfig:
 
 @dataclass
 class CompareResult:
+    """Everything ``compare`` found, as the CLI prints it and the report shows it."""
+
+    #: :func:`stimage_embed.evaluation.views.leaderboard` of exactly these runs
     leaderboard: pl.DataFrame
-    computed: int
-    reused: int
-    seconds: float
-    run_ids: list[str]
+    computed: int  # runs fitted (or combined) and written by this call
+    reused: int  # runs found committed in the store
+    seconds: float  # wall time of the call
+    run_ids: list[str]  # every run of the comparison (controls included)
+    #: :func:`stimage_embed.evaluation.paired.paired_comparisons` of the runs on the real vectors
+    paired: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 def _table(backbone: str) -> str:
@@ -148,7 +157,9 @@ class _TaskResult:
 
 
 def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: int | None = None) -> CompareResult:
-    """Run (or reuse) every fold x backbone x head (x control); returns the leaderboard.
+    """Run (or reuse) every fold x backbone x head (x control); returns what the CLI prints
+    and the report shows: counts, the leaderboard and the paired comparisons (their bootstrap
+    runs here, once).
 
     Fold x backbone tasks are fitted by ``workers`` threads (default: one per core, see
     :mod:`stimage_embed.predictions.workers`), the largest folds first. Once every backbone
@@ -174,31 +185,57 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
         bar,
         input_versions(store, sorted({_table(p) for b in cfg.backbones for p in vector_parts(b)}), fold_slides(folds)),
     )
-    tasks: list[_Task] = []
-    # each fold's genes from its training counts, the folds side by side (reads and sparse sums)
-    fold_gene_lists = dict(
-        threaded_map(lambda i: fold_genes(store, folds[i][1].train_slides, cfg.genes), range(len(folds)), workers)
+    _run_tasks(ses, _tasks(ses, folds, controls, workers), single, spanning, workers)
+    bar.close()
+    return CompareResult(
+        leaderboard(store, ses.run_ids),
+        ses.computed,
+        ses.reused,
+        time.perf_counter() - t0,
+        ses.run_ids,
+        paired_comparisons(store, run_ids=ses.run_ids),
     )
+
+
+def _bases(cfg: CompareConfig, ds: str, fold: Fold, genes: list[str], controls: list[str]) -> list[dict]:
+    """What identifies the runs of one fold, per control (``runs.run_key``'s ``base``)."""
+    return [
+        {
+            "dataset": ds,
+            "split": cfg.split if cfg.train_slides is None else "explicit",
+            "fold": fold.name,
+            "train": sorted(fold.train_slides),
+            "test": sorted(fold.test_slides),
+            "genes": genes,
+            "gene_spec": cfg.genes,
+            "only_qc": cfg.only_qc,
+            "control": control,
+        }
+        for control in controls
+    ]
+
+
+def _tasks(ses: _Session, folds: list[tuple[str, Fold]], controls: list[str], workers: int | None) -> list[_Task]:
+    """Every fold x backbone task, the largest folds first (so the last tasks to finish are
+    short ones and no core idles long); each fold's genes from its training counts, the
+    folds side by side (reads and sparse sums)."""
+    cfg = ses.cfg
+    fold_gene_lists = dict(
+        threaded_map(lambda i: fold_genes(ses.store, folds[i][1].train_slides, cfg.genes), range(len(folds)), workers)
+    )
+    tasks: list[_Task] = []
     for i, (ds, fold) in enumerate(folds):
-        genes = fold_gene_lists[i]
-        bases = [
-            {
-                "dataset": ds,
-                "split": cfg.split if cfg.train_slides is None else "explicit",
-                "fold": fold.name,
-                "train": sorted(fold.train_slides),
-                "test": sorted(fold.test_slides),
-                "genes": genes,
-                "gene_spec": cfg.genes,
-                "only_qc": cfg.only_qc,
-                "control": control,
-            }
-            for control in controls
-        ]
+        bases = _bases(cfg, ds, fold, fold_gene_lists[i], controls)
         tasks += [_Task(fold, bb, bases) for bb in cfg.backbones]
-    # the largest folds first, so the last tasks to finish are short ones and no core idles long
     spots_per_slide = dict(ses.spots.group_by("slide_id").len().iter_rows())
     tasks.sort(key=lambda t: -sum(spots_per_slide.get(s, 0) for s in t.fold.train_slides))
+    return tasks
+
+
+def _run_tasks(ses: _Session, tasks: list[_Task], single: list[str], spanning: list[str], workers: int | None) -> None:
+    """Fit the tasks in threads; once every backbone of a fold is done, run its spanning
+    heads and write the fold's runs in one batch."""
+    cfg = ses.cfg
     left = {id(t.bases): len(cfg.backbones) for t in tasks}
     fold_ids: dict[int, dict[str, list[dict[str, str]]]] = {}
     unwritten: dict[int, list[tuple[dict, pl.DataFrame, pl.DataFrame]]] = {}
@@ -206,7 +243,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     for task, res in threaded_map(lambda t: _compute_task(ses, t, single), tasks, workers):
         fold = id(task.bases)
         ses.reused += res.reused
-        bar.update(res.reused + len(res.computed))
+        ses.bar.update(res.reused + len(res.computed))
         unwritten.setdefault(fold, []).extend(res.computed)
         # predictions a spanning head will combine stay in memory until it has run
         ses.member_predictions.update({row["run_id"]: pred for row, pred, _ in res.computed if row["head"] in combined})
@@ -219,14 +256,12 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
             runs = unwritten.pop(fold)
             for c, base in enumerate(task.bases):
                 for head in spanning:
-                    runs += _run_spanning(
-                        ses, base, head, {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones}
-                    )
+                    members = {bb: by_bb[bb][c][head_spec(head).combines] for bb in cfg.backbones}
+                    runs += _run_spanning(ses, base, head, members)
             if runs:  # one write batch per fold: its backbones' runs and the spanning heads'
-                _write_runs(ses, runs)
-    bar.close()
-    board = leaderboard(store, ses.run_ids)
-    return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids)
+                write_runs(ses.store, runs)
+                ses.done.update(row["run_id"] for row, _, _ in runs)
+                ses.computed += len(runs)
 
 
 def _fold_arrays(ses: _Session, task: _Task, genes: list[str]) -> tuple[SpotArrays, SpotArrays]:
@@ -249,14 +284,14 @@ def _compute_task(ses: _Session, task: _Task, heads: list[str]) -> _TaskResult:
         for head in heads:
             spec = head_spec(head)
             params = ses.cfg.head_params.get(head, {})
-            config = {
-                **base,
-                "backbone": task.backbone,
-                "provenance": setup_id(ses.provs[task.backbone]),
-                "head": head,
-                "params": params,
-                "effective_params": head_config(head, params),
-            }
+            config = run_key(
+                base,
+                backbone=task.backbone,
+                provenance=setup_id(ses.provs[task.backbone]),
+                head=head,
+                params=params,
+                effective_params=head_config(head, params),
+            )
             tables = {_table(p) for p in vector_parts(task.backbone)}
             inputs = _inputs_of(ses, base, tables)
             rid, ses.config_of[rid] = run_identity(config, inputs, list(inputs))
@@ -307,8 +342,8 @@ def _run_spanning(
 ) -> list[tuple[dict, pl.DataFrame, pl.DataFrame]]:
     """Run (or reuse) a head spanning backbones (FSTimage) from the fold's runs of the head
     it combines (``nb_runs``: backbone -> run id); returns the run to write (none if reused)."""
-    rid = run_hash({**base, "head": head, "members": nb_runs, "missing": ses.cfg.missing})
-    cid = run_hash({**base, "head": head, "members": {b: ses.config_of[r] for b, r in nb_runs.items()}})
+    configs = {b: ses.config_of[r] for b, r in nb_runs.items()}
+    rid, cid = combined_identity(base, head, nb_runs, configs, ses.cfg.missing)
     ses.run_ids.append(rid)
     if rid in ses.done:
         for r in nb_runs.values():
@@ -344,21 +379,3 @@ def _run_spanning(
     )
     ses.bar.update()
     return [(row, pred, score_run(pred, ses.spots, ses.slides, head))]
-
-
-def _write_runs(ses: _Session, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]) -> None:
-    """Commit a fold's scored runs in one batch (:func:`stimage_embed.predictions.runs.write_runs`)."""
-    tagged = [
-        (
-            row,
-            pred,
-            metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
-                *(pl.lit(row[c]).alias(c) for c in ("run_id", "dataset", "backbone", "head", "fold", "control"))
-            ),
-        )
-        for row, pred, metrics in runs
-    ]
-    write_runs(ses.store, tagged)
-    for row, _, _ in runs:
-        ses.done.add(row["run_id"])
-    ses.computed += len(runs)

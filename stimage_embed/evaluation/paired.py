@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import polars as pl
 
-from stimage_embed.store.views import SCORES
+from stimage_embed.evaluation.views import SCORES
 
 GROUP = ("dataset", "split", "gene_spec", "control")
 PAIR_KEY = ("fold", "slide_id", "gene")

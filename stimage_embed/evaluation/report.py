@@ -26,6 +26,7 @@ Markdown), :mod:`~stimage_embed.evaluation.report_maps` (spatial and IoU maps) a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -203,8 +204,11 @@ def write_report(
     leaderboard: pl.DataFrame,
     top_k_genes: int = 3,
     max_slides: int | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
-    """Write ``report.md`` and its figures into ``out_dir``; return the path of report.md.
+    """Write ``report.md`` (once) and its figures into ``out_dir``; return the path of report.md.
+    ``sections``: further Markdown lines appended to the report (e.g. ``compare``'s paired
+    comparisons and leak control).
 
     Figures: ``pcc_boxplot.png``; ``spatial_<slide>_<gene>.png`` and
     ``iou_<slide>_<gene>.png`` for the ``top_k_genes`` genes of each dataset's best model
@@ -234,6 +238,7 @@ def write_report(
         *_boxplot_section(out_dir, metrics),
         *maps_section(out_dir, metrics, predictions, runs, spots, best, top, max_slides),
         *calibration_section(out_dir, metrics, predictions, runs),
+        *sections,
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")

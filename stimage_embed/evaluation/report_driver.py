@@ -2,8 +2,9 @@
 
 Figures and per-model sections use the runs on the real vectors (``control = 'none'``);
 the leaderboard shows the leak-control rows beside them, and two sections are added: the
-paired comparisons (mean per-slide PCC difference with a bootstrap 95 % CI, ties where
-the CI covers 0) and, when the shuffled control was run, its scores next to the real ones.
+paired comparisons of the result (mean per-slide PCC difference with a bootstrap 95 % CI,
+ties where the CI covers 0; computed once, by ``compare``) and, when the shuffled control
+was run, its scores next to the real ones. ``report.md`` is written once.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from pathlib import Path
 
 import polars as pl
 
-from stimage_embed.evaluation.paired import paired_comparisons
 from stimage_embed.evaluation.pseudobulk_agreement import agreement_section
 from stimage_embed.evaluation.report import markdown_table, write_report
+from stimage_embed.store.conform import runs_migrated
 from stimage_embed.store.store import Store, sql_list
 
 
-def _paired_section(store: Store, run_ids: list[str]) -> list[str]:
-    paired = paired_comparisons(store, run_ids=run_ids)
+def _paired_section(paired: pl.DataFrame) -> list[str]:
     md = [
         "## Paired comparisons",
         "",
@@ -72,21 +72,28 @@ def _control_section(leaderboard: pl.DataFrame) -> list[str]:
 
 
 def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int = 3, max_slides: int | None = 6) -> Path:
+    """Write the report folder of ``result`` (a ``compare.CompareResult``) into ``out_dir``;
+    returns the path of ``report.md``."""
     real = store.sql(
         f"SELECT run_id FROM runs WHERE run_id IN ({sql_list(result.run_ids)}) AND coalesce(control, 'none') = 'none'"
     )
     ids = sql_list(real["run_id"].to_list())
     metrics = pl.from_arrow(store.read("metrics", where=f"run_id IN ({ids})"))
-    runs = pl.from_arrow(store.read("runs", where=f"run_id IN ({ids})"))
+    runs = pl.from_arrow(runs_migrated(store.read("runs", where=f"run_id IN ({ids})")))
+    # runs are shown by what they read (the vector source, or the spanning head), as in metrics
+    runs = runs.with_columns(pl.coalesce("vector_source", "backbone").alias("backbone"))
     predictions = pl.from_arrow(store.read("predictions", where=f"run_id IN ({ids})"))
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_report(
-        out_dir, metrics, predictions, runs, spots, result.leaderboard, top_k_genes=top_k_genes, max_slides=max_slides
+    sections = _paired_section(result.paired) + _control_section(result.leaderboard)
+    sections += agreement_section(predictions, runs)
+    return write_report(
+        Path(out_dir),
+        metrics,
+        predictions,
+        runs,
+        spots,
+        result.leaderboard,
+        top_k_genes=top_k_genes,
+        max_slides=max_slides,
+        sections=sections,
     )
-    extra = _paired_section(store, real["run_id"].to_list()) + _control_section(result.leaderboard)
-    extra += agreement_section(predictions, runs)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write("\n" + "\n".join(extra))
-    return path

@@ -6,7 +6,7 @@ Inputs are polars DataFrames with the columns of the store schemas
 "Per-slide Pearson" = metric ``pearson`` with scope ``slide``, computed on log1p-normalised
 expression (``log1p(count / library_size * 1e4)``).
 
-The aggregates are the store's SQL views (:mod:`stimage_embed.store.views`) run by DuckDB
+The aggregates are the store's SQL views (:mod:`stimage_embed.evaluation.views`) run by DuckDB
 over the given frames, registered as ``metrics``, ``runs`` and ``predictions``: the report
 and ``stimage-embed query "SELECT * FROM <view>"`` compute the same numbers with the same
 SQL. The views group by ``dataset, split, gene_spec, control``; a frame without those
@@ -25,8 +25,8 @@ import duckdb
 import polars as pl
 
 from stimage_embed.errors import InputError
+from stimage_embed.evaluation.views import SQL_VIEWS
 from stimage_embed.predictions.registry import head_names
-from stimage_embed.store.views import EVALUATION_VIEWS
 
 #: heads shown as references, never "best model"
 BASELINE_HEADS = head_names(baseline=True)
@@ -104,16 +104,16 @@ def _with_view_keys(df: pl.DataFrame) -> pl.DataFrame:
 
 # ----------------------------------------------------------------------------- SQL views over frames
 def run_view(view: str, **frames: pl.DataFrame) -> pl.DataFrame:
-    """Rows of the store view ``view`` (:data:`~stimage_embed.store.views.EVALUATION_VIEWS`)
+    """Rows of the store view ``view`` (:data:`~stimage_embed.evaluation.views.SQL_VIEWS`)
     computed by DuckDB over ``frames``, each registered under its keyword (``metrics``,
     ``runs``, ``predictions``)."""
-    sql, tables = EVALUATION_VIEWS[view]
+    sql, tables = SQL_VIEWS[view]
     con = duckdb.connect()
     try:
         for name in tables:
             frame = frames[name]
             if name == "runs":  # run-status columns a frame of a few run columns lacks (none superseded)
-                status = {"config_id": pl.String, "created_at": pl.Datetime("us", "UTC")}
+                status = {"config_id": pl.String, "created_at": pl.Datetime("us", "UTC"), "vector_source": pl.String}
                 frame = frame.with_columns(
                     pl.lit(None, t).alias(c) for c, t in status.items() if c not in frame.columns
                 )

@@ -1,6 +1,10 @@
-"""Run bookkeeping, in one place: run identity, the committed-runs check, the one ``runs``
-row builder, and the life cycle of runs written in several commits (pending marks, commit,
-clean-up of abandoned writes), shared by ``train``, ``predict`` and ``compare``.
+"""Run bookkeeping, in one place: run keys and identity, the committed-runs check and the
+``runs_status`` view, the one ``runs`` row builder, and the life cycle of runs written in
+several commits (pending marks, write, commit, clean-up of abandoned writes), shared by
+``compare``, ``train`` and ``predict`` (``infer`` writes under the id of the saved model's run).
+
+Keys. :func:`run_key` builds the configuration a fitted run hashes, :func:`combined_identity`
+that of a run combining other runs (FSTimage); :func:`run_hash` is the only hash of a run id.
 
 Identity. A run is one head fitted on some training slides with some vectors (or, for
 FSTimage, combined from other runs). Its ``config_id`` hashes the configuration (dataset,
@@ -33,15 +37,27 @@ import pyarrow as pa
 
 from stimage_embed import __version__
 from stimage_embed.errors import StoreError
+from stimage_embed.predictions.registry import head_spec
 from stimage_embed.store import intents
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
-from stimage_embed.store.views import RUNS_STATUS
 
 log = logging.getLogger(__name__)
 
 #: the pending-mark kind of runs written by ``compare``
 PENDING = "compare"
+
+#: every run with ``superseded``: a newer run of the same configuration exists (computed on
+#: changed inputs: re-ingested counts, re-embedded vectors). Runs of older stores have no
+#: ``config_id``: their run id stands for it.
+RUNS_STATUS = """
+    SELECT *, coalesce(config_id, run_id) AS config_key,
+           coalesce(created_at < max(created_at) OVER (PARTITION BY coalesce(config_id, run_id)), false) AS superseded
+    FROM runs
+"""
+
+#: the views of this module registered in every ``Store.sql`` session (``store.sql.VIEW_PROVIDERS``)
+SQL_VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {"runs_status": (RUNS_STATUS, ("runs",))}
 
 
 def run_hash(obj: dict) -> str:
@@ -49,6 +65,25 @@ def run_hash(obj: dict) -> str:
     release recomputes instead of reusing results of older code). 20 hex digits."""
     obj = {**obj, "package_version": __version__}
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def run_key(base: dict, *, backbone: str, provenance: str, head: str, params: dict, **extra: Any) -> dict:
+    """The configuration of a fitted run, as hashed into its ids (:func:`run_identity`):
+    ``base`` (what the command fixed: ``compare``: dataset, split, fold slides, genes, gene
+    spec, QC filter, control; ``train``: training slides, genes, QC filter, kind) plus the
+    vector source ``backbone``, its vectors' setup id ``provenance``, the ``head`` and its
+    ``params`` (``extra``: e.g. the effective parameters)."""
+    return {**base, "backbone": backbone, "provenance": provenance, "head": head, "params": params, **extra}
+
+
+def combined_identity(
+    base: dict, head: str, members: dict[str, str], member_configs: dict[str, str], missing: str
+) -> tuple[str, str]:
+    """``(run_id, config_id)`` of a run combining other runs (a head spanning backbones):
+    ``members``: backbone -> the run id it combines (they cover the inputs' content),
+    ``member_configs``: backbone -> that run's config id; ``missing``: the missing-spot policy."""
+    rid = run_hash({**base, "head": head, "members": members, "missing": missing})
+    return rid, run_hash({**base, "head": head, "members": member_configs})
 
 
 def run_identity(config: dict, versions: dict[str, dict[str, str]], slides: Sequence[str]) -> tuple[str, str]:
@@ -162,11 +197,17 @@ def runs_row(
     inputs: dict | None = None,
 ) -> dict[str, Any]:
     """One ``runs`` row (schema :data:`stimage_embed.store.schema.RUNS`); ``inputs``: the
-    input versions of its slides (:func:`input_versions`)."""
+    input versions of its slides (:func:`input_versions`). ``backbone``: the vector source
+    the run read (a table's backbone, a context table ``x__ctx300um``, a composite ``a+b``),
+    stored as ``vector_source``, with its real backbone names as ``backbone``
+    (:func:`~stimage_embed.store.schema.source_backbones`); for a head spanning backbones
+    (it reads other runs' predictions) its name, stored as ``backbone`` (no vector source)."""
+    source = None if head_spec(head).spans_backbones else backbone
     return {
         "run_id": run_id,
         "dataset": dataset,
-        "backbone": backbone,
+        "backbone": backbone if source is None else S.source_backbones(source),
+        "vector_source": source,
         "members": list(members),
         "head": head,
         "control": control,
@@ -217,13 +258,28 @@ def drop_abandoned(store: Store) -> None:
             intents.clear(store, PENDING, rid)
 
 
+def run_label(row: dict[str, Any]) -> str:
+    """What a run is labelled by in ``metrics.backbone`` and the evaluation views: its vector
+    source, or the name of a head spanning backbones."""
+    return row.get("vector_source") or row["backbone"]
+
+
+def tagged_metrics(row: dict[str, Any], metrics: pl.DataFrame) -> pl.DataFrame:
+    """A run's metric rows as stored: NaN values as NULL, tagged with the run's id, dataset,
+    label (:func:`run_label`, as ``backbone``), head, fold and control."""
+    tags = {**{c: row[c] for c in ("run_id", "dataset", "head", "fold", "control")}, "backbone": run_label(row)}
+    return metrics.with_columns(pl.col("value").fill_nan(None)).with_columns(
+        *(pl.lit(v).alias(c) for c, v in tags.items())
+    )
+
+
 def write_runs(store: Store, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]) -> list[str]:
     """Commit scored runs (``(runs row, predictions, metrics)``) together, under the store's
     writer lock: mark them pending (owner and lease), remove rows a former attempt left (and
     the ``runs`` row of a run to be rewritten: empty or superseded), write all their
-    predictions, then all their metrics, then their ``runs`` rows (the commit markers), then
-    clear the marks. A run another writer committed meanwhile is kept, not written twice.
-    ``metrics`` carry run_id, dataset, backbone, head, fold and control. Returns the ids written."""
+    predictions, then all their metrics (:func:`tagged_metrics`), then their ``runs`` rows
+    (the commit markers), then clear the marks. A run another writer committed meanwhile is
+    kept, not written twice. Returns the ids written."""
     with store.writer("compare", repair=False):  # the command repaired the store when it started
         ids = [row["run_id"] for row, _, _ in runs]
         keep = reusable_runs(store, ids)
@@ -247,7 +303,7 @@ def write_runs(store: Store, runs: list[tuple[dict, pl.DataFrame, pl.DataFrame]]
         if old or marked:
             _delete_rows(store, sorted(set(old) | (set(marked) & set(ids))))
         store.append("predictions", pl.concat([pred for _, pred, _ in todo], how="vertical_relaxed"))
-        store.append("metrics", pl.concat([m for _, _, m in todo], how="vertical_relaxed"))
+        store.append("metrics", pl.concat([tagged_metrics(row, m) for row, _, m in todo], how="vertical_relaxed"))
         store.append("runs", pa.Table.from_pylist([row for row, _, _ in todo], schema=S.RUNS))
         for rid in ids:
             intents.clear(store, PENDING, rid)

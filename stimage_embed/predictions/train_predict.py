@@ -25,7 +25,7 @@ from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance,
 from stimage_embed.predictions.genes import fold_genes
 from stimage_embed.predictions.registry import head_names
 from stimage_embed.predictions.runner import fit_head, make_head, predict_head
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, runs_row
+from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, run_key, runs_row
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
@@ -72,16 +72,8 @@ def train(
     inputs = input_versions(store, tables, train_slides)  # refuses stale vectors
     gene_list = fold_genes(store, train_slides, genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
-    config = {
-        "backbone": backbone,
-        "provenance": setup_id(prov),
-        "head": head,
-        "params": params or {},
-        "train": sorted(train_slides),
-        "genes": gene_list,
-        "only_qc": only_qc,
-        "kind": "train",
-    }
+    base = {"train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"}
+    config = run_key(base, backbone=backbone, provenance=setup_id(prov), head=head, params=params or {})
     rid, cid = run_identity(config, inputs, train_slides)
     t0 = time.perf_counter()
     model = fit_head(head, make_head(head, params), arrays)

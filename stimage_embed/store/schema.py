@@ -158,12 +158,28 @@ def embedding_table_name(backbone: str) -> str:
     return f"embeddings_{backbone}"
 
 
+#: a context table's suffix on its backbone's name (``x__ctx300um``, ``x__ctx62p5um``;
+#: ``embeddings.provenance.CONTEXT_SUFFIX``) and the separator of a composite source ``a+b``
+_CONTEXT_SUFFIX = re.compile(r"__ctx[0-9p]+um$")
+_COMPOSITE = "+"
+
+
+def source_backbones(source: str) -> str:
+    """The real backbone name(s) of a vector source (``runs.vector_source``): ``x`` for ``x``
+    and its context table ``x__ctx300um``; a composite's distinct backbones in order, joined
+    by ``+`` (``x+x__ctx300um`` -> ``x``; ``a+b`` -> ``a+b``)."""
+    names = [_CONTEXT_SUFFIX.sub("", part.strip()) for part in source.split(_COMPOSITE)]
+    return _COMPOSITE.join(dict.fromkeys(names))
+
+
 #: One row per trained head on one fold (the unit the evaluation caches on).
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),  # hash of the configuration below
         pa.field("dataset", pa.string()),
-        pa.field("backbone", pa.string()),  # backbone name, or "fstimage" for the cross-backbone ensemble
+        # real backbone name(s) of the vectors read (``source_backbones`` of ``vector_source``), or
+        # for a head spanning backbones its name ("fstimage", the cross-backbone ensemble)
+        pa.field("backbone", pa.string()),
         pa.field("members", pa.list_(pa.string())),  # backbones averaged (fstimage) / [backbone]
         pa.field("head", pa.string()),  # nb | ensemble | highlow | ridge | mean | fstimage
         pa.field("control", pa.string()),  # none | shuffled (vectors permuted among each slide's spots)
@@ -185,6 +201,10 @@ RUNS = pa.schema(
         # JSON: per slide, the content version of the counts and of each vector table used
         # (``predictions.runs.input_versions``), part of ``run_id``. NULL in older stores.
         pa.field("input_versions", pa.string()),
+        # the vector source the run read: a table's backbone ``x``, a context table ``x__ctx300um``
+        # or a composite ``a+b``; NULL for a head spanning backbones (it reads other runs).
+        # Stores written before it are migrated on open (``store.conform.migrate_runs``).
+        pa.field("vector_source", pa.string()),
     ]
 )
 

@@ -7,12 +7,18 @@ with float16 vectors are registered as a Lance scanner that casts those columns 
 float32 on the fly (``arrow_cast`` inside Lance), batch by batch, so nothing is
 materialised up front.
 
-Views always available: ``expression_long(slide_id, spot_id, gene_index, gene, gene_id,
-count)`` — the sparse ``expression`` table unnested and joined to ``genes``.
+Views: ``expression_long(slide_id, spot_id, gene_index, gene, gene_id, count)`` — the
+sparse ``expression`` table unnested and joined to ``genes`` — declared here, and the views
+of the later stages, declared where their SQL belongs: each module named in
+:data:`VIEW_PROVIDERS` exposes ``SQL_VIEWS`` (view name -> (SQL, store tables it reads)).
+The store never imports them at module level (they sit later in the data flow); a session
+imports them only when its query names something that is neither a store table nor a view
+declared here (or lists what exists), so a plain table query stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -20,8 +26,6 @@ from typing import TYPE_CHECKING
 import duckdb
 import polars as pl
 import pyarrow as pa
-
-from stimage_embed.store.views import EVALUATION_VIEWS
 
 if TYPE_CHECKING:
     from stimage_embed.store.store import Store
@@ -42,8 +46,17 @@ VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: modules declaring SQL views over the store (each exposes ``SQL_VIEWS``, shaped like
+#: :data:`VIEWS`): run status (superseded runs) and the evaluation views (leaderboards ...)
+VIEW_PROVIDERS = ("stimage_embed.predictions.runs", "stimage_embed.evaluation.views")
+
+
 def _all_views() -> dict[str, tuple[str, tuple[str, ...]]]:
-    return {**VIEWS, **EVALUATION_VIEWS}
+    """Every view: :data:`VIEWS` and those of the :data:`VIEW_PROVIDERS` (imported here)."""
+    out = dict(VIEWS)
+    for module in VIEW_PROVIDERS:
+        out.update(importlib.import_module(module).SQL_VIEWS)
+    return out
 
 
 def _half_columns(schema: pa.Schema) -> list[str]:
@@ -74,14 +87,17 @@ _SMALL_TABLES = ("runs", "slides")
 
 def _with_new_columns(name: str, dataset):
     """``dataset``, or for a small table lacking newer nullable columns of its declared schema
-    (:data:`stimage_embed.store.schema.CORE_TABLES`), its rows with those columns as NULL."""
+    (:data:`stimage_embed.store.schema.CORE_TABLES`), its rows with those columns as NULL
+    (``runs`` of a store written before ``vector_source``: as its migration on open leaves them)."""
+    from stimage_embed.store.conform import runs_migrated
     from stimage_embed.store.schema import CORE_TABLES
 
     declared = CORE_TABLES.get(name) if name in _SMALL_TABLES else None
     missing = [f for f in declared or () if f.name not in dataset.schema.names and f.nullable]
     if not missing:
         return dataset
-    table = dataset.to_table()
+    table = runs_migrated(dataset.to_table()) if name == "runs" else dataset.to_table()
+    missing = [f for f in missing if f.name not in table.column_names]
     for f in missing:
         table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     return table
@@ -103,18 +119,20 @@ def referenced_tables(query: str, available: set[str]) -> set[str]:
     """Store tables and views a query needs (views expanded later). Every one of them for a
     discovery query (``SHOW TABLES``, ``information_schema``, ``duckdb_tables()`` ...) and for
     a name that is not in the store, so DuckDB's "did you mean" suggests the store's own
-    tables (``FROM spot`` -> ``spots``). Falls back to all on binder quirks."""
-    everything = set(available) | set(_all_views())
+    tables (``FROM spot`` -> ``spots``). Falls back to all on binder quirks. The
+    :data:`VIEW_PROVIDERS` are imported only when a name is not a table or a :data:`VIEWS` view."""
     if _DISCOVERY.search(query):
-        return everything
+        return set(available) | set(_all_views())
     try:
         names = {n.split(".")[-1] for n in duckdb.get_table_names(query)}
     except duckdb.ParserException:
         raise
     except duckdb.Error:
-        return everything
-    if names - everything:
-        return everything
+        return set(available) | set(_all_views())
+    if names - set(available) - set(VIEWS):
+        everything = set(available) | set(_all_views())
+        if names - everything:
+            return everything
     return names
 
 
@@ -170,7 +188,7 @@ def _connect(store: Store, query: str, file_access: bool) -> duckdb.DuckDBPyConn
     wanted = referenced_tables(query, available)
     con = duckdb.connect()
     try:
-        views = _all_views()
+        views = _all_views() if wanted - available - set(VIEWS) else VIEWS
         needed = set(wanted & available)
         for view in wanted & set(views):
             needed |= set(views[view][1]) & available

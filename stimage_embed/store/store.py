@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
-from stimage_embed.store.conform import conform
+from stimage_embed.store.conform import conform, migrate_runs
 from stimage_embed.store.lock import ObjectStoreLock, StoreLock, crash_point
 from stimage_embed.store.sql import run_sql
 from stimage_embed.store.uri import StoreLocation
@@ -200,6 +200,7 @@ class Store:
 
         with self._commit():
             recover(self)
+            migrate_runs(self)  # stores written before runs.vector_source
 
     # -- intents: markers of multi-commit writes in flight --------------------------
     def pending(self, kind: str) -> list[str]:
