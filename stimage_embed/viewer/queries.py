@@ -86,7 +86,8 @@ def runs(store: Store) -> list[dict]:
         ["runs", "predictions"],
         """WITH p AS (SELECT run_id, list(DISTINCT slide_id ORDER BY slide_id) AS slides
                       FROM predictions GROUP BY run_id)
-           SELECT r.run_id, r.dataset, r.backbone, r.head, r.split, r.fold, r.gene_spec,
+           SELECT r.run_id, r.dataset, coalesce(r.vector_source, r.backbone) AS backbone, r.head, r.split,
+                  r.fold, r.gene_spec,
                   len(r.genes) AS n_genes, p.slides, strftime(r.created_at, '%Y-%m-%dT%H:%M:%SZ') AS created_at
            FROM runs r JOIN p USING (run_id) ORDER BY r.created_at DESC, r.run_id""",
     )
