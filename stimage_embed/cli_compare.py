@@ -97,6 +97,9 @@ def compare(
     report: Annotated[Path | None, typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
     highlow_max_iter: _MaxIterOpt = 1000,
     control: _ControlOpt = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Label set the label head learns (`labels add`); adds it to heads.")
+    ] = None,
     store: StoreOpt = "store",
     wait: WaitOpt = 0.0,
 ) -> None:
@@ -107,7 +110,7 @@ def compare(
     from stimage_embed.evaluation.compare import compare as run_compare
     from stimage_embed.store import Store
 
-    head_list = listed(heads, "--head") or head_names(spans_backbones=False)
+    head_list = listed(heads, "--head") or [*head_names(spans_backbones=False), *(["label"] if labels else [])]
     controls = [check_choice(c, CONTROLS, "--control") for c in listed(control, "--control")]
     check_choice(missing, MISSING_POLICIES, "--missing")
     check_min(highlow_max_iter, 1, "--highlow-max-iter")
@@ -131,10 +134,15 @@ def compare(
         test_slides=te,
         head_params={"highlow": {"max_iter": highlow_max_iter}} if highlow_max_iter != 1000 else {},
         controls=controls,
+        labels=labels,
     )
     with st.writer("compare"):
         result = run_compare(st, cfg)
-    print_compare_result(st, result, report)
+    print_compare_result(st, result, report if result.run_ids else None)
+    if result.label_run_ids:
+        from stimage_embed.cli_labels import print_label_result
+
+        print_label_result(st, result.label_run_ids, report)
 
 
 def register(app: typer.Typer) -> None:

@@ -39,6 +39,7 @@ from stimage_embed.evaluation.compare_plan import (
     folds_of,
     single_backbone_heads,
 )
+from stimage_embed.evaluation.label_compare import plan_labels, run_label_plan
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold
 from stimage_embed.evaluation.views import leaderboard
@@ -86,6 +87,8 @@ class CompareConfig:
     head_params: dict[str, dict] = field(default_factory=dict)
     train_slides: list[str] | None = None  # explicit split (with test_slides)
     test_slides: list[str] | None = None
+    #: the label set the ``label`` head learns (``labels`` table; :mod:`.label_compare`)
+    labels: str | None = None
 
 
 @dataclass
@@ -95,6 +98,7 @@ class CompareResult:
     reused: int
     seconds: float
     run_ids: list[str]
+    label_run_ids: list[str] = field(default_factory=list)  # runs of the label head (own tables)
 
 
 def _table(backbone: str) -> str:
@@ -160,6 +164,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     check_targets(store, cfg)
     drop_abandoned(store)
     folds = folds_of(store, cfg)
+    labels = plan_labels(store, cfg, folds)  # checked before anything is written
     single = single_backbone_heads(cfg)
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     per_fold = len(cfg.backbones) * len(single) + len(spanning)
@@ -225,8 +230,12 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
             if runs:  # one write batch per fold: its backbones' runs and the spanning heads'
                 _write_runs(ses, runs)
     bar.close()
+    if labels is not None:
+        run_label_plan(store, cfg, labels, controls, provs)
+        ses.computed, ses.reused = ses.computed + labels.computed, ses.reused + labels.reused
     board = leaderboard(store, ses.run_ids)
-    return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids)
+    label_ids = labels.run_ids if labels else []
+    return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids, label_ids)
 
 
 def _fold_arrays(ses: _Session, task: _Task, genes: list[str]) -> tuple[SpotArrays, SpotArrays]:

@@ -1,0 +1,95 @@
+"""The ``label`` head registered like the other heads: ``compare --heads nb,label --labels``,
+``train --head label``, ``predict`` and ``infer`` of a label model.
+
+Known answer on REAL HER2ST tiles (C4, C5 with Lite0 vectors): a label that follows the
+image (tercile of each spot's mean H&E grey level within its slide, as in
+``test_heads_label``) is learned well above chance (1/3); the shuffled control (training
+labels permuted within slides) stays at chance. References: scikit-learn's
+``balanced_accuracy_score`` / ``f1_score`` on the stored predictions, and the head's own
+``predict_proba`` on the same vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score
+from store_cases import copy_store, table_rows
+from test_heads_label import _grey_terciles
+from typer.testing import CliRunner
+
+from stimage_embed.cli import app
+
+
+@pytest.fixture(scope="module")
+def label_store(embedded_store, tmp_path_factory):
+    """A copy of ``embedded_store`` with the grey-tercile label set ``tone`` of C4 and C5."""
+    tmp = tmp_path_factory.mktemp("label_cmds")
+    store = copy_store(embedded_store, tmp / "store")
+    _grey_terciles(store).to_csv(tmp / "tone.csv", index=False)
+    res = CliRunner().invoke(
+        app, ["labels", "add", str(tmp / "tone.csv"), "--key", "slide,spot", "--column", "tone", "--store", str(store.path)]
+    )
+    assert res.exit_code == 0, res.output
+    return store
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_compare_nb_and_label_heads(label_store, tmp_path):
+    store = label_store
+    base = ["compare", "--dataset", "her2st", "--genes", "var:10", "--store", store.path]
+    # bad input first: one line, exit 2, nothing written
+    before = {t: table_rows(store, t, ("run_id",)) for t in ("runs",) if store.has_table(t)}
+    for extra, word in ((["--heads", "nb,label"], "--labels"), (["--heads", "nb,label", "--labels", "nope"], "nope")):
+        res = _cli(*base, *extra)
+        assert res.exit_code == 2 and word in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert {t: table_rows(store, t, ("run_id",)) for t in ("runs",) if store.has_table(t)} == before
+    assert not store.has_table("label_metrics")
+
+    args = [*base, "--heads", "nb,label", "--labels", "tone", "--control", "shuffled", "--report", tmp_path / "rep"]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    runs = pl.from_arrow(store.read("runs")).filter(pl.col("head") == "label")
+    assert runs.height == 4 and set(runs["control"]) == {"none", "shuffled"}  # 2 folds x 2 controls
+    assert set(runs["gene_spec"]) == {"labels:tone"} and all(sorted(g) == ["dark", "mid", "pale"] for g in runs["genes"])
+    nb = pl.from_arrow(store.read("runs")).filter(pl.col("head") == "nb")
+    assert sorted(nb["fold"]) == sorted(runs["fold"])  # the same folds as the expression head
+    # the stored metrics against scikit-learn on the stored predictions
+    pred = pl.from_arrow(store.read("label_predictions"))
+    spots = pred.unique(["run_id", "slide_id", "spot_id"])
+    probs = pred.group_by("run_id", "slide_id", "spot_id").agg(pl.col("prob").sum())
+    np.testing.assert_allclose(probs["prob"].to_numpy(), 1.0, atol=1e-5)
+    met = pl.from_arrow(store.read("label_metrics"))
+    ba = {}
+    for r in runs.iter_rows(named=True):
+        g = spots.filter(pl.col("run_id") == r["run_id"])
+        want = balanced_accuracy_score(g["observed"].to_numpy(), g["label"].to_numpy())
+        m = met.filter((pl.col("run_id") == r["run_id"]) & (pl.col("metric") == "balanced_accuracy"))
+        assert m.height == 1 and m["slide_id"][0] == r["test_slides"][0]
+        assert m["value"][0] == pytest.approx(want)
+        f1 = met.filter((pl.col("run_id") == r["run_id"]) & (pl.col("metric") == "f1")).sort("class")
+        np.testing.assert_allclose(
+            f1["value"].to_numpy(),
+            f1_score(g["observed"].to_numpy(), g["label"].to_numpy(), labels=f1["class"].to_list(), average=None),
+        )
+        ba.setdefault(r["control"], []).append(want)
+    print("balanced accuracy (chance 1/3):", {k: np.round(v, 3).tolist() for k, v in ba.items()})  # shown with -s
+    assert min(ba["none"]) > 0.45
+    assert all(abs(v - 1 / 3) < 0.12 for v in ba["shuffled"])
+    assert "label head" in res.output and "mean macro-F1" in res.output
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Label head" in report and len(list((tmp_path / "rep").glob("confusion_tone_*.png"))) == 1
+
+    # a rerun reuses every run; re-added labels (another content) recompute the label runs only
+    res = _cli(*args[:-2])
+    assert res.exit_code == 0 and "0 run(s) computed" in res.output, res.output
+    tone = pl.from_arrow(store.read("labels")).to_pandas()
+    tone.loc[0, "label"] = "pale" if tone.loc[0, "label"] != "pale" else "dark"
+    tone.rename(columns={"label": "tone"}).to_csv(tmp_path / "tone2.csv", index=False)
+    assert _cli("labels", "add", tmp_path / "tone2.csv", "--column", "tone", "--store", store.path).exit_code == 0
+    res = _cli(*args[:-2])
+    assert res.exit_code == 0 and "4 run(s) computed, 4 reused" in res.output, res.output
