@@ -11,6 +11,8 @@ labels permuted within slides) stays at chance. References: scikit-learn's
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -29,7 +31,8 @@ def label_store(embedded_store, tmp_path_factory):
     store = copy_store(embedded_store, tmp / "store")
     _grey_terciles(store).to_csv(tmp / "tone.csv", index=False)
     res = CliRunner().invoke(
-        app, ["labels", "add", str(tmp / "tone.csv"), "--key", "slide,spot", "--column", "tone", "--store", str(store.path)]
+        app,
+        ["labels", "add", str(tmp / "tone.csv"), "--key", "slide,spot", "--column", "tone", "--store", str(store.path)],
     )
     assert res.exit_code == 0, res.output
     return store
@@ -55,7 +58,9 @@ def test_compare_nb_and_label_heads(label_store, tmp_path):
     assert res.exit_code == 0, res.output
     runs = pl.from_arrow(store.read("runs")).filter(pl.col("head") == "label")
     assert runs.height == 4 and set(runs["control"]) == {"none", "shuffled"}  # 2 folds x 2 controls
-    assert set(runs["gene_spec"]) == {"labels:tone"} and all(sorted(g) == ["dark", "mid", "pale"] for g in runs["genes"])
+    assert set(runs["gene_spec"]) == {"labels:tone"} and all(
+        sorted(g) == ["dark", "mid", "pale"] for g in runs["genes"]
+    )
     nb = pl.from_arrow(store.read("runs")).filter(pl.col("head") == "nb")
     assert sorted(nb["fold"]) == sorted(runs["fold"])  # the same folds as the expression head
     # the stored metrics against scikit-learn on the stored predictions
@@ -93,3 +98,61 @@ def test_compare_nb_and_label_heads(label_store, tmp_path):
     assert _cli("labels", "add", tmp_path / "tone2.csv", "--column", "tone", "--store", store.path).exit_code == 0
     res = _cli(*args[:-2])
     assert res.exit_code == 0 and "4 run(s) computed, 4 reused" in res.output, res.output
+
+
+def test_train_predict_and_infer_a_label_model(label_store, real_data_root, tmp_path):
+    import anndata as ad
+
+    from heads import load_head
+    from heads.label import LabelClassifier
+    from stimage_embed.predictions.arrays import load_embeddings
+    from stimage_embed.predictions.label_runs import label_arrays
+
+    store = label_store
+    runs_before = table_rows(store, "runs", ("run_id",))
+    for extra, word in ((["--head", "label"], "--labels"), (["--head", "label", "--labels", "nope"], "nope")):
+        res = _cli("train", "--train", "C4", *extra, "--store", store.path)
+        assert res.exit_code == 2 and word in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert table_rows(store, "runs", ("run_id",)) == runs_before
+
+    res = _cli("train", "--head", "label", "--labels", "tone", "--train", "C4", "--store", store.path)
+    assert res.exit_code == 0, res.output
+    rid = res.output.split()[1]
+    model_dir = store.path / "models" / rid
+    meta = json.loads((model_dir / "run.json").read_text())
+    assert meta["head"] == "label" and meta["genes"] == meta["classes"] == ["dark", "mid", "pale"]
+    assert pl.from_arrow(store.read("runs")).filter(pl.col("run_id") == rid)["gene_spec"].to_list() == ["labels:tone"]
+
+    # predict: stored probabilities equal a head fitted on the same vectors, and the saved head's own
+    res = _cli("predict", "--model", rid, "--slide", "C5", "--out", tmp_path / "pred", "--store", store.path)
+    assert res.exit_code == 0 and "balanced accuracy" in res.output, res.output
+    assert (tmp_path / "pred" / "C5" / "class_map.png").stat().st_size > 1000
+    rows = pl.from_arrow(store.read("label_predictions", where=f"run_id = '{rid}'")).sort("spot_id", "class")
+    wide = rows.pivot("class", index="spot_id", values="prob").sort("spot_id")
+    keys, X = load_embeddings(store, "efficientnet_lite0", ["C5"])
+    order = {s: i for i, s in enumerate(keys["spot_id"].to_list())}
+    X5 = X[[order[s] for s in wide["spot_id"].to_list()]]
+    stored = wide.select("dark", "mid", "pale").to_numpy()
+    np.testing.assert_allclose(stored, load_head(model_dir).predict_proba(X5), atol=1e-6)
+    data = label_arrays(store, "efficientnet_lite0", "tone", ["C4"], only_qc=True)
+    np.testing.assert_allclose(stored, LabelClassifier().fit(data.X, data.y).predict_proba(X5), atol=1e-5)
+    assert set(rows["observed"].drop_nulls()) <= {"dark", "mid", "pale"}
+
+    # infer on C5's image (a region of it) as an image-only slide
+    umpp = store.sql("SELECT um_per_px FROM slides WHERE slide_id = 'C5'")["um_per_px"][0]
+    cx, cy = store.sql("SELECT median(pixel_x) x, median(pixel_y) y FROM spots WHERE slide_id = 'C5'").row(0)
+    half = 600 / umpp  # a 1.2 mm square around the tissue centre
+    region = f"{cx - half:.0f},{cy - half:.0f},{cx + half:.0f},{cy + half:.0f}"
+    image = real_data_root / "her2st" / "images" / "C5.jpg"
+    args = ["infer", image, "--model", rid, "--out", tmp_path / "inf", "--slide-id", "C5_tone", "--um-per-px", umpp]
+    res = _cli(*args, "--region", region, "--workers", 0, "--store", store.path)
+    assert res.exit_code == 0, res.output
+    tiles = pl.from_arrow(store.read("label_predictions", where=f"run_id = '{rid}' AND slide_id = 'C5_tone'"))
+    sums = tiles.group_by("spot_id").agg(pl.col("prob").sum(), pl.len())
+    assert sums.height >= 20 and (sums["len"] == 3).all()
+    np.testing.assert_allclose(sums["prob"].to_numpy(), 1.0, atol=1e-5)
+    adata = ad.read_h5ad(tmp_path / "inf" / "C5_tone.h5ad")
+    assert adata.n_obs == sums.height and list(adata.var_names) == ["dark", "mid", "pale"]
+    np.testing.assert_allclose(adata.X.sum(1), 1.0, atol=1e-5)
+    assert (np.asarray(adata.var_names)[adata.X.argmax(1)] == adata.obs["label"].astype(str).to_numpy()).all()
+    assert (tmp_path / "inf" / "C5_tone" / "class_map.png").stat().st_size > 1000
