@@ -138,10 +138,13 @@ def compare(
     )
     with st.writer("compare"):
         result = run_compare(st, cfg)
-    print_compare_result(st, result, report if result.run_ids else None)
-    if result.label_run_ids:
+    if result.run_ids or not result.label_run_ids:
+        print_compare_result(st, result, report)
+    if result.label_run_ids:  # the label heads' tables (evaluation.label_report)
         from stimage_embed.cli_labels import print_label_result
 
+        if not result.run_ids:
+            typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store")
         print_label_result(st, result.label_run_ids, report)
 
 

@@ -65,6 +65,8 @@ def compare(
     from stimage_embed.evaluation.compare import compare as run_compare
     from stimage_embed.predictions.registry import head_spec
     from stimage_embed.store import Store
+    from stimage_embed.store.labels import read_labels
+    from stimage_embed.store.store import sql_list
 
     if (train is None) != (test is None):
         raise InputError(None, "--train/--test", "give both the training and the test slides for an explicit split")
@@ -80,6 +82,10 @@ def compare(
         test_slides=split_csv(test) if test else None,
     )
     st = Store(store)
+    labelled = sorted(set(read_labels(st, labels)["slide_id"]))
+    cfg.datasets = sorted(
+        set(st.sql(f"SELECT dataset FROM slides WHERE slide_id IN ({sql_list(labelled)})")["dataset"])
+    )
     with st.writer("compare"):
         result = run_compare(st, cfg, progress=False)
     typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")

@@ -130,4 +130,6 @@ def test_label_head_learns_an_image_feature_and_shuffled_stays_at_chance(embedde
         app, ["labels", "compare", "--labels", "tone", "--store", str(store.path), "--plots", str(tmp_path)]
     )
     assert res.exit_code == 0 and "mean macro-F1" in res.output, res.output
-    assert len(list(tmp_path.glob("confusion_tone_*.png"))) == 4
+    assert len(list(tmp_path.glob("confusion_tone_*.png"))) == 1  # pooled over the held-out slides
+    runs = store.sql("SELECT control, fold FROM runs WHERE head = 'label' ORDER BY ALL")
+    assert runs.rows() == [("none", "loso:C4"), ("none", "loso:C5"), ("shuffled", "loso:C4"), ("shuffled", "loso:C5")]

@@ -233,7 +233,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     if labels is not None:
         run_label_plan(store, cfg, labels, controls, provs)
         ses.computed, ses.reused = ses.computed + labels.computed, ses.reused + labels.reused
-    board = leaderboard(store, ses.run_ids)
+    board = leaderboard(store, ses.run_ids) if ses.run_ids else pl.DataFrame()  # none: label heads only
     label_ids = labels.run_ids if labels else []
     return CompareResult(board, ses.computed, ses.reused, time.perf_counter() - t0, ses.run_ids, label_ids)
 
