@@ -71,12 +71,12 @@ def test_label_metrics_match_sklearn(tmp_path):
     assert plot_confusion(s, tmp_path / "cm.png").stat().st_size > 1000
 
 
-def _grey_terciles(store) -> pd.DataFrame:
+def _grey_terciles(store, slide_ids=("C4", "C5")) -> pd.DataFrame:
     """Per spot: the tercile (within its slide) of the mean grey level of the 100 µm window
     around it in the REAL H&E; a label that follows an image feature."""
     from stimage_embed.tiles.image import SlideImage
 
-    slides = pl.from_arrow(store.read("slides")).filter(pl.col("slide_id").is_in(["C4", "C5"]))
+    slides = pl.from_arrow(store.read("slides")).filter(pl.col("slide_id").is_in(list(slide_ids)))
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y"]))
     rows = []
     for s in slides.iter_rows(named=True):

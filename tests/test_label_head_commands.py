@@ -1,7 +1,7 @@
 """The ``label`` head registered like the other heads: ``compare --heads nb,label --labels``,
 ``train --head label``, ``predict`` and ``infer`` of a label model.
 
-Known answer on REAL HER2ST tiles (C4, C5 with Lite0 vectors): a label that follows the
+Known answer on REAL HER2ST tiles (C3, C4, C5 with Lite0 vectors): a label that follows the
 image (tercile of each spot's mean H&E grey level within its slide, as in
 ``test_heads_label``) is learned well above chance (1/3); the shuffled control (training
 labels permuted within slides) stays at chance. References: scikit-learn's
@@ -23,13 +23,19 @@ from typer.testing import CliRunner
 
 from stimage_embed.cli import app
 
+SLIDES = ("C3", "C4", "C5")
+
 
 @pytest.fixture(scope="module")
 def label_store(embedded_store, tmp_path_factory):
-    """A copy of ``embedded_store`` with the grey-tercile label set ``tone`` of C4 and C5."""
+    """A copy of ``embedded_store`` with Lite0 vectors of C3 too, and the grey-tercile label
+    set ``tone`` of the three HER2ST slides C3, C4, C5."""
+    from stimage_embed.embeddings.embed_pass import embed
+
     tmp = tmp_path_factory.mktemp("label_cmds")
     store = copy_store(embedded_store, tmp / "store")
-    _grey_terciles(store).to_csv(tmp / "tone.csv", index=False)
+    embed(store, ["efficientnet_lite0"], slides=["C3"], precision="float32", num_workers=1, progress=False)
+    _grey_terciles(store, SLIDES).to_csv(tmp / "tone.csv", index=False)
     res = CliRunner().invoke(
         app,
         ["labels", "add", str(tmp / "tone.csv"), "--key", "slide,spot", "--column", "tone", "--store", str(store.path)],
@@ -57,7 +63,7 @@ def test_compare_nb_and_label_heads(label_store, tmp_path):
     res = _cli(*args)
     assert res.exit_code == 0, res.output
     runs = pl.from_arrow(store.read("runs")).filter(pl.col("head") == "label")
-    assert runs.height == 4 and set(runs["control"]) == {"none", "shuffled"}  # 2 folds x 2 controls
+    assert runs.height == 6 and set(runs["control"]) == {"none", "shuffled"}  # 3 folds x 2 controls
     assert set(runs["gene_spec"]) == {"labels:tone"} and all(
         sorted(g) == ["dark", "mid", "pale"] for g in runs["genes"]
     )
@@ -97,7 +103,7 @@ def test_compare_nb_and_label_heads(label_store, tmp_path):
     tone.rename(columns={"label": "tone"}).to_csv(tmp_path / "tone2.csv", index=False)
     assert _cli("labels", "add", tmp_path / "tone2.csv", "--column", "tone", "--store", store.path).exit_code == 0
     res = _cli(*args[:-2])
-    assert res.exit_code == 0 and "4 run(s) computed, 4 reused" in res.output, res.output
+    assert res.exit_code == 0 and "6 run(s) computed, 6 reused" in res.output, res.output
 
 
 def test_train_predict_and_infer_a_label_model(label_store, real_data_root, tmp_path):
