@@ -104,6 +104,10 @@ def test_compare_nb_and_label_heads(label_store, tmp_path):
     assert _cli("labels", "add", tmp_path / "tone2.csv", "--column", "tone", "--store", store.path).exit_code == 0
     res = _cli(*args[:-2])
     assert res.exit_code == 0 and "6 run(s) computed, 6 reused" in res.output, res.output
+    # the label head alone: its runs reused, its report section in a report of its own
+    res = _cli(*base, "--heads", "label", "--labels", "tone", "--report", tmp_path / "rep2")
+    assert res.exit_code == 0 and "0 run(s) computed, 3 reused" in res.output, res.output
+    assert "## Label head" in (tmp_path / "rep2" / "report.md").read_text()
 
 
 def test_train_predict_and_infer_a_label_model(label_store, real_data_root, tmp_path):
