@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -31,6 +33,7 @@ from heads.context import ContextNBRegressor
 from heads.ensemble import SeedEnsemble
 from heads.errors import ProvenanceMismatch
 from heads.knn import KNNRegressor
+from heads.label import LabelClassifier
 from heads.nb import NBRegressor
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ HEAD_CLASSES = MappingProxyType(
         c.__name__: c
         for c in (NBRegressor, SeedEnsemble, HighLowClassifier, RidgeBaseline, MeanBaseline, ContextNBRegressor)
         + (KNNRegressor,)
+        + (LabelClassifier, LogisticRegression, StandardScaler)  # the label head and its fitted parts
     }
 )
 _MISSING = "<missing>"

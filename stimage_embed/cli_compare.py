@@ -98,6 +98,9 @@ def compare(
     report: Annotated[Path | None, typer.Option(help="Write a Markdown + PNG report folder here.")] = None,
     highlow_max_iter: _MaxIterOpt = 1000,
     control: _ControlOpt = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Label set the label head learns (`labels add`); adds it to heads.")
+    ] = None,
     store: StoreOpt = "store",
     wait: WaitOpt = 0.0,
 ) -> None:
@@ -108,7 +111,7 @@ def compare(
     from stimage_embed.evaluation.compare import compare as run_compare
     from stimage_embed.store import Store
 
-    head_list = listed(heads, "--head") or head_names(spans_backbones=False)
+    head_list = listed(heads, "--head") or [*head_names(spans_backbones=False), *(["label"] if labels else [])]
     controls = [check_choice(c, CONTROLS, "--control") for c in listed(control, "--control")]
     check_choice(missing, MISSING_POLICIES, "--missing")
     check_min(highlow_max_iter, 1, "--highlow-max-iter")
@@ -132,14 +135,22 @@ def compare(
         test_slides=te,
         head_params={"highlow": {"max_iter": highlow_max_iter}} if highlow_max_iter != 1000 else {},
         controls=controls,
+        labels=labels,
     )
     with st.writer("compare"):
         result = run_compare(st, cfg)
-    print_compare_result(result)
-    if report is not None:
-        from stimage_embed.evaluation.report_driver import write_compare_report
+    if result.run_ids or not result.label_run_ids:
+        print_compare_result(result)
+        if report is not None:
+            from stimage_embed.evaluation.report_driver import write_compare_report
 
-        typer.echo(f"report: {write_compare_report(st, result, report)}")
+            typer.echo(f"report: {write_compare_report(st, result, report)}")
+    if result.label_run_ids:  # the label heads' tables (evaluation.label_report)
+        from stimage_embed.cli_labels import print_label_result
+
+        if not result.run_ids:
+            typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store")
+        print_label_result(st, result.label_run_ids, report)
 
 
 def print_compare_result(result) -> None:

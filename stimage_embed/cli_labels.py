@@ -1,9 +1,9 @@
 """``stimage-embed labels``: categorical labels per spot and the ``label`` head.
 
 * ``labels add FILE --key slide_id,spot_id --column cell_type``: store a label table.
-* ``labels compare --labels cell_type``: leave-one-slide-out (or ``--train/--test``) fits of
-  the ``label`` head on cached vectors, with the shuffled-labels control: macro-F1, balanced
-  accuracy, per-class F1 and a confusion-matrix plot per run.
+* ``labels compare --labels cell_type``: an alias of ``compare --heads label --labels cell_type``
+  (one backbone, with the shuffled-labels control): macro-F1, balanced accuracy, per-class F1
+  and a confusion-matrix plot, all kept in the store (``label_metrics``, ``label_predictions``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import polars as pl
 import typer
 
@@ -59,51 +58,61 @@ def compare(
     plots: Annotated[Path | None, typer.Option(help="Folder for confusion-matrix PNGs.")] = None,
     store: StoreOpt = "store",
 ) -> None:
-    """Leave-one-slide-out label head: macro-F1, balanced accuracy, per-class F1 (+ control)."""
+    """Alias of `compare --heads label --labels NAME`: leave-one-slide-out label head with
+    macro-F1, balanced accuracy, per-class F1 (+ the shuffled-labels control)."""
     from stimage_embed.errors import InputError
-    from stimage_embed.evaluation.label_metrics import label_scores, plot_confusion
-    from stimage_embed.predictions.label_runs import run_labels
+    from stimage_embed.evaluation.compare import CompareConfig
+    from stimage_embed.evaluation.compare import compare as run_compare
+    from stimage_embed.predictions.registry import head_spec
     from stimage_embed.store import Store
+    from stimage_embed.store.labels import read_labels
+    from stimage_embed.store.store import sql_list
 
     if (train is None) != (test is None):
         raise InputError(None, "--train/--test", "give both the training and the test slides for an explicit split")
+    defaults = head_spec("label").make().get_params()
+    params = {k: v for k, v in {"C": c, "l1_ratio": l1_ratio}.items() if v != defaults[k]}
+    cfg = CompareConfig(
+        backbones=[backbone],
+        heads=["label"],
+        labels=labels,
+        controls=["shuffled"] if control else [],
+        head_params={"label": params} if params else {},
+        train_slides=split_csv(train) if train else None,
+        test_slides=split_csv(test) if test else None,
+    )
     st = Store(store)
-    rows, per_class = [], []
-    for ctl in ("none", "shuffled_labels") if control else ("none",):
-        runs = run_labels(
-            st,
-            backbone,
-            labels,
-            split_csv(train) if train else None,
-            split_csv(test) if test else None,
-            control=ctl,
-            params={"C": c, "l1_ratio": l1_ratio},
-        )
-        for run in runs:
-            s = label_scores(run.y_true, run.y_pred)
-            rows.append(
-                {
-                    "test": run.fold,
-                    "control": ctl,
-                    "n": s.n,
-                    "macro_f1": round(s.macro_f1, 3),
-                    "balanced_accuracy": round(s.balanced_accuracy, 3),
-                    "chance": round(s.chance_balanced_accuracy, 3),
-                }
-            )
-            per_class += [
-                {"test": run.fold, "control": ctl, "class": k, "f1": round(float(f), 3)}
-                for k, f in zip(s.classes, s.per_class_f1)
-            ]
-            if plots is not None:
-                plot_confusion(s, plots / f"confusion_{labels}_{backbone}_{run.fold}_{ctl}.png")
-    print_frame(pl.DataFrame(rows))
-    print_frame(pl.DataFrame(per_class).pivot("class", index=["test", "control"], values="f1"))
-    mean = {
-        ctl: float(np.mean([r["macro_f1"] for r in rows if r["control"] == ctl]))
-        for ctl in {r["control"] for r in rows}
-    }
-    typer.echo("mean macro-F1: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(mean.items())))
+    labelled = sorted(set(read_labels(st, labels)["slide_id"]))
+    cfg.datasets = sorted(
+        set(st.sql(f"SELECT dataset FROM slides WHERE slide_id IN ({sql_list(labelled)})")["dataset"])
+    )
+    with st.writer("compare"):
+        result = run_compare(st, cfg, progress=False)
+    typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
+    print_label_result(st, result.label_run_ids, None, plots)
+
+
+def print_label_result(store, run_ids: list[str], report: Path | None, plots: Path | None = None) -> None:
+    """Print the label head's scores of ``run_ids`` (per backbone x head x control, then F1
+    per class); append the report's label section to ``report`` / write confusion PNGs to ``plots``."""
+    from stimage_embed.evaluation.label_report import (
+        append_label_section,
+        label_per_class,
+        label_summary,
+        write_confusions,
+    )
+
+    summary = label_summary(store, run_ids)
+    typer.echo("label head (held-out slides; chance = 1 / classes):")
+    print_frame(summary.with_columns(pl.col(pl.Float64).round(3)))
+    print_frame(label_per_class(store, run_ids).with_columns(pl.col(pl.Float64).round(3)))
+    means = summary.group_by("control").agg(pl.col("macro_f1").mean()).sort("control")
+    typer.echo("mean macro-F1: " + ", ".join(f"{k} {v:.3f}" for k, v in means.iter_rows()))
+    if plots is not None:
+        for png in write_confusions(store, run_ids, plots):
+            typer.echo(f"confusion matrix: {png}")
+    if report is not None:
+        typer.echo(f"report (label section): {append_label_section(store, run_ids, report)}")
 
 
 def register(app: typer.Typer) -> None:

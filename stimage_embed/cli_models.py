@@ -19,7 +19,7 @@ from stimage_embed.cli_helpers import (
     slides_from,
 )
 from stimage_embed.errors import InputError
-from stimage_embed.predictions.registry import head_help
+from stimage_embed.predictions.registry import head_help, head_names
 
 GENES_HELP = (
     "var:K (top K by variance of log1p CP10k) | mean:K | seurat:K (alias hvg:K) | panel:NAME | file:PATH, "
@@ -75,6 +75,9 @@ def train(
     train_slides: _TrainOpt = None,
     train_sql: Annotated[str | None, typer.Option(help="SQL returning the training slide_ids.")] = None,
     all_spots: Annotated[bool, typer.Option(help="Train on spots failing tissue QC too.")] = False,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Label set the label head learns (see `labels add`).")
+    ] = None,
     store: StoreOpt = "store",
     wait: WaitOpt = 0.0,
     models_dir: ModelsDirOpt = None,
@@ -88,11 +91,13 @@ def train(
         raise InputError(None, "--backbone", f"train fits one backbone's vectors; got {names}")
     if not train_slides and not train_sql:
         raise InputError(None, "--train", "no training slides given: name them with --train (or --train-sql)")
+    if labels and head not in head_names(output="label"):
+        raise InputError(None, "--labels", f"a label set is learned by the label head, not {head!r}: use --head label")
     check_store_path(store, write=True)
     st = Store(store, lock_wait=wait, models_dir=models_dir)
     slides = slides_from(st, train_sql, train_slides, "--train") or []
     with st.writer("train"):
-        rid, path = run_train(st, names[0], head, genes, slides, only_qc=not all_spots)
+        rid, path = run_train(st, names[0], head, genes, slides, only_qc=not all_spots, labels=labels)
     typer.echo(f"model {rid} saved to {path}")
 
 

@@ -41,6 +41,7 @@ from stimage_embed.evaluation.compare_plan import (
     folds_of,
     single_backbone_heads,
 )
+from stimage_embed.evaluation.label_compare import plan_labels, run_label_plan
 from stimage_embed.evaluation.paired import paired_comparisons
 from stimage_embed.evaluation.scoring import score_run
 from stimage_embed.evaluation.splits import Fold
@@ -90,6 +91,8 @@ class CompareConfig:
     head_params: dict[str, dict] = field(default_factory=dict)
     train_slides: list[str] | None = None  # explicit split (with test_slides)
     test_slides: list[str] | None = None
+    #: the label set the ``label`` head learns (``labels`` table; :mod:`.label_compare`)
+    labels: str | None = None
 
 
 @dataclass
@@ -104,6 +107,7 @@ class CompareResult:
     run_ids: list[str]  # every run of the comparison (controls included)
     #: :func:`stimage_embed.evaluation.paired.paired_comparisons` of the runs on the real vectors
     paired: pl.DataFrame = field(default_factory=pl.DataFrame)
+    label_run_ids: list[str] = field(default_factory=list)  # runs of the label head (own tables)
 
 
 def _table(backbone: str) -> str:
@@ -171,6 +175,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     check_targets(store, cfg)
     drop_abandoned(store)
     folds = folds_of(store, cfg)
+    labels = plan_labels(store, cfg, folds)  # checked before anything is written
     single = single_backbone_heads(cfg)
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     per_fold = len(cfg.backbones) * len(single) + len(spanning)
@@ -187,6 +192,13 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
     )
     _run_tasks(ses, _tasks(ses, folds, controls, workers), single, spanning, workers)
     bar.close()
+    if labels is not None:
+        run_label_plan(store, cfg, labels, controls, provs)
+        ses.computed, ses.reused = ses.computed + labels.computed, ses.reused + labels.reused
+    if not ses.run_ids:  # label heads only: no expression leaderboard
+        return CompareResult(
+            pl.DataFrame(), ses.computed, ses.reused, time.perf_counter() - t0, [], label_run_ids=labels.run_ids
+        )
     return CompareResult(
         leaderboard(store, ses.run_ids),
         ses.computed,
@@ -194,6 +206,7 @@ def compare(store: Store, cfg: CompareConfig, progress: bool = True, workers: in
         time.perf_counter() - t0,
         ses.run_ids,
         paired_comparisons(store, run_ids=ses.run_ids),
+        labels.run_ids if labels else [],
     )
 
 

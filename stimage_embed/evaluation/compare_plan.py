@@ -81,8 +81,11 @@ def check_config(cfg: CompareConfig) -> list[str]:
     bad = sorted(set(cfg.heads) - set(HEADS))
     if bad:
         raise InputError(None, "--heads", f"unknown heads {bad}; choose from {', '.join(HEADS)}")
-    if "label" in cfg.heads:  # learns a labels table, not genes
-        raise InputError(None, "--heads", "label learns a labels table: use `stimage-embed labels compare`")
+    learns_labels = [h for h in cfg.heads if head_spec(h).output == "label"]
+    if learns_labels and not cfg.labels:
+        raise InputError(None, "--labels", f"{', '.join(learns_labels)} learns a label set: give --labels NAME")
+    if cfg.labels and not learns_labels:
+        raise InputError(None, "--labels", "a label set is learned by the label head: add label to --heads")
     spanning = [h for h in cfg.heads if head_spec(h).spans_backbones]
     if spanning and len(cfg.backbones) < 2:
         raise InputError(
@@ -97,7 +100,7 @@ def check_config(cfg: CompareConfig) -> list[str]:
 def single_backbone_heads(cfg: CompareConfig) -> list[str]:
     """The per-backbone heads to fit, each after the head it takes ``alpha`` from, plus the
     heads a spanning head combines (``nb`` for FSTimage) even when not asked for."""
-    wanted = [h for h in cfg.heads if not head_spec(h).spans_backbones]
+    wanted = [h for h in cfg.heads if not head_spec(h).spans_backbones and head_spec(h).output != "label"]
     wanted += [c for c in {head_spec(h).combines for h in cfg.heads} - set(wanted) if c]
     order = {h: i for i, h in enumerate(head_names())}
     sources = {head_spec(h).takes_alpha_from for h in wanted}

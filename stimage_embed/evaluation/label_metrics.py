@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 
 @dataclass
@@ -67,6 +68,34 @@ def label_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: np.ndarray | N
         accuracy=float((y_true == y_pred).mean()),
         n=len(y_true),
     )
+
+
+#: the run columns every ``label_metrics`` row carries
+RUN_COLUMNS = ("run_id", "dataset", "backbone", "head", "fold", "control", "label_set")
+
+
+def slide_metric_rows(run: dict, slide_ids: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> pl.DataFrame:
+    """``label_metrics`` rows of one run (``run``: the :data:`RUN_COLUMNS` values): per
+    held-out slide of ``slide_ids`` (n,), its :func:`label_scores` as long rows."""
+    rows = []
+    for sid in sorted(set(np.asarray(slide_ids).tolist())):
+        sel = np.asarray(slide_ids) == sid
+        s = label_scores(y_true[sel], y_pred[sel])
+        overall = {
+            "macro_f1": s.macro_f1,
+            "balanced_accuracy": s.balanced_accuracy,
+            "accuracy": s.accuracy,
+            "chance": s.chance_balanced_accuracy,
+            "n_spots": float(s.n),
+        }
+        rows += [{"slide_id": sid, "metric": m, "class": None, "value": v} for m, v in overall.items()]
+        rows += [
+            {"slide_id": sid, "metric": "f1", "class": c, "value": float(f)} for c, f in zip(s.classes, s.per_class_f1)
+        ]
+    frame = pl.DataFrame(
+        rows, schema={"slide_id": pl.String, "metric": pl.String, "class": pl.String, "value": pl.Float64}
+    )
+    return frame.with_columns(*(pl.lit(run[c], dtype=pl.String).alias(c) for c in RUN_COLUMNS))
 
 
 def plot_confusion(scores: LabelScores, path: Path, title: str = "") -> Path:

@@ -32,6 +32,7 @@ from stimage_embed.evaluation.clusters import add_leiden
 from stimage_embed.inference.anndata_out import build_anndata, write_anndata
 from stimage_embed.inference.grid import MIN_TISSUE, TileGrid, tissue_grid
 from stimage_embed.inference.heatmaps import top_genes, write_heatmaps
+from stimage_embed.inference.label_predict import is_label_head, predict_label_tiles, write_label_outputs
 from stimage_embed.inference.model import check_stain_target, embedding_recipe, load_saved_model
 from stimage_embed.inference.predict_tiles import predict_slide_tiles
 from stimage_embed.inference.pseudobulk import pseudobulk, write_pseudobulk_csv, write_pseudobulk_table
@@ -142,7 +143,8 @@ def _embed_and_predict(
         )
         if report.tiles:
             log.info("%s", report.line())
-        pred = predict_slide_tiles(store, sm, sid, _tile_keys(sid, sid, grid))
+        predict = predict_label_tiles if is_label_head(sm.head_name) else predict_slide_tiles
+        pred = predict(store, sm, sid, _tile_keys(sid, sid, grid))
         pb = (
             pseudobulk(sm.run_id, sid, sm.genes, pred.values["mean_log1p"], grid.passes_qc)
             if "mean_log1p" in pred.values
@@ -281,7 +283,8 @@ def infer(
         weights=weights,
         embed_options={"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress},
     )
-    files = write_outputs(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes, store)
+    writer = write_label_outputs if is_label_head(sm.head_name) else write_outputs
+    files = writer(out, sid, sm, recipe.provenance_id, img, grid, pred, pb, genes, n_top_genes, store)
     return _result(sid, sm, img, grid, report, pred, files)
 
 

@@ -69,8 +69,11 @@ def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Pat
     summary (slides with counts). Image-only slides (from ``infer``) are predicted too:
     predicting needs vectors, not counts. ``out``: also write each slide's AnnData,
     heatmaps and pseudo-bulk there, as ``infer`` does."""
+    from stimage_embed.inference.label_predict import is_label_model, predict_label_lines
     from stimage_embed.predictions.train_predict import predict as run_predict
 
+    if is_label_model(store, model):  # class probabilities: the label_predictions table
+        return predict_label_lines(store, model, slides, out)
     # image-only slides: in the store without counts; the others (with counts, or unknown:
     # refused there after the model is checked) go through the predictions pipeline
     image_only = set(store.slide_ids()) & set(slides) - _slides_with_counts(store, slides)

@@ -201,10 +201,10 @@ def check_slide_id(store: Store, slide_id: str, image_path: Path) -> bool:
 
 
 def forget_slide_outputs(store: Store, slide_id: str) -> None:
-    """Delete a slide's vectors (every backbone), predictions and pseudo-bulk rows."""
+    """Delete a slide's vectors (every backbone), predictions (expression, labels) and pseudo-bulk rows."""
     where = f"slide_id IN ({sql_list([slide_id])})"
     for name in store.table_names():
-        if name.startswith("embeddings_") or name in ("predictions", "pseudobulk"):
+        if name.startswith("embeddings_") or name in ("predictions", "pseudobulk", "label_predictions"):
             store.delete(name, where)
 
 

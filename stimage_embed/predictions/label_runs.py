@@ -11,6 +11,7 @@ chance (balanced accuracy ~ 1 / n_classes).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from stimage_embed.errors import InputError
 from stimage_embed.predictions.arrays import embedded_slides, load_embeddings
 from stimage_embed.predictions.registry import head_spec
 from stimage_embed.store.labels import read_labels
-from stimage_embed.store.store import Store
+from stimage_embed.store.store import Store, sql_list
 
 CONTROLS = ("none", "shuffled_labels")
 
@@ -49,9 +50,17 @@ class LabelRun:
     classes: np.ndarray
 
 
-def label_arrays(store: Store, backbone: str, label_set: str, slides: Sequence[str] | None = None) -> LabelArrays:
-    """Vectors and labels of the spots that have both (restricted to ``slides``)."""
-    labels = pl.from_pandas(read_labels(store, label_set))
+def label_arrays(
+    store: Store,
+    backbone: str,
+    label_set: str,
+    slides: Sequence[str] | None = None,
+    only_qc: bool = False,
+    labels: pl.DataFrame | None = None,
+) -> LabelArrays:
+    """Vectors and labels of the spots that have both (restricted to ``slides``; to spots
+    passing tissue QC with ``only_qc``). ``labels``: the label set's rows, if read already."""
+    labels = pl.from_pandas(read_labels(store, label_set)) if labels is None else labels
     have = embedded_slides(store, backbone)
     wanted = sorted(set(labels["slide_id"]) & have if slides is None else set(slides))
     missing = sorted(set(wanted) - have)
@@ -63,13 +72,30 @@ def label_arrays(store: Store, backbone: str, label_set: str, slides: Sequence[s
         )
     keys, X = load_embeddings(store, backbone, wanted)
     joined = keys.with_row_index("_row").join(labels, on=["slide_id", "spot_id"], how="inner").sort("_row")
+    if only_qc:
+        qc = pl.from_arrow(
+            store.read("spots", ["slide_id", "spot_id", "passes_qc"], where=f"slide_id IN ({sql_list(wanted)})")
+        )
+        joined = joined.join(qc.filter(pl.col("passes_qc")), on=["slide_id", "spot_id"], how="inner").sort("_row")
     if joined.height == 0:
         raise InputError(store.path, "--labels", f"no spot of {wanted} has both a vector and a {label_set!r} label")
     rows = joined["_row"].to_numpy()
     return LabelArrays(joined.select("slide_id", "spot_id"), X[rows], joined["label"].to_numpy().astype(str))
 
 
-def _shuffle_within(y: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+def label_versions(labels: pl.DataFrame, slides: Sequence[str]) -> dict[str, str]:
+    """Per slide, a content hash of its (spot_id, label) rows: part of a label run's id, so
+    re-added labels make new runs."""
+    out = {}
+    for s in sorted(set(slides)):
+        rows = labels.filter(pl.col("slide_id") == s).sort("spot_id")
+        body = "\n".join(f"{a}\t{b}" for a, b in zip(rows["spot_id"], rows["label"]))
+        out[s] = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return out
+
+
+def shuffle_within(y: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """``y`` permuted among the rows of each group (seeded): the shuffled-labels control."""
     rng = np.random.default_rng(seed)
     out = y.copy()
     for g in np.unique(groups):
@@ -104,7 +130,7 @@ def run_labels(
     runs = []
     for train, test in folds:
         tr, te = np.isin(groups, train), np.isin(groups, test)
-        y_train = data.y[tr] if control == "none" else _shuffle_within(data.y[tr], groups[tr], seed)
+        y_train = data.y[tr] if control == "none" else shuffle_within(data.y[tr], groups[tr], seed)
         head = head_spec("label").make(params).fit(data.X[tr], y_train)
         proba = head.predict_proba(data.X[te])
         runs.append(

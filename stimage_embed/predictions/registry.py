@@ -24,8 +24,12 @@ Output kinds (``HeadSpec.output``: how scoring, plots and the report read the co
 * ``log1p``: a point prediction on the log1p(CP10k) scale (``mean_log1p``, ``mean``);
 * ``combined``: built from other runs' predictions across backbones (FSTimage), never
   fitted on vectors;
-* ``label``: ``predict_proba`` of a categorical label from the ``labels`` table
-  (:mod:`stimage_embed.predictions.label_runs`); left out of the gene-expression heads.
+* ``label``: ``predict_proba`` of a categorical label from the ``labels`` table, fitted
+  on a label set (``--labels``) instead of counts: ``compare`` runs it on the same folds
+  (:mod:`stimage_embed.evaluation.label_compare`), ``train``/``predict``/``infer`` save and
+  apply it (:mod:`stimage_embed.predictions.label_train`,
+  :mod:`stimage_embed.inference.label_predict`); its rows go to ``label_predictions`` and
+  ``label_metrics``. Left out of the default gene-expression heads.
 """
 
 from __future__ import annotations

@@ -52,8 +52,14 @@ def train(
     train_slides: list[str],
     params: dict | None = None,
     only_qc: bool = True,
+    labels: str | None = None,
 ) -> tuple[str, Path]:
-    """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir)."""
+    """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir).
+    ``labels``: the label set a label head learns (:mod:`.label_train`)."""
+    if head in head_names(output="label"):
+        from stimage_embed.predictions.label_train import train_label
+
+        return train_label(store, backbone, head, labels, train_slides, params, only_qc)
     fitted = head_names(spans_backbones=False)
     if head not in fitted:
         raise InputError(
