@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from stimage_embed.predictions.runs import PENDING, committed_runs
+from stimage_embed.predictions.runs import PENDING, RUNS_STATUS, committed_runs
 from stimage_embed.store import intents
 from stimage_embed.store import schema as S
 from stimage_embed.store.schema_labels import (
@@ -28,7 +28,6 @@ from stimage_embed.store.schema_labels import (
     LABEL_PREDICTIONS_TABLE,
 )
 from stimage_embed.store.store import Store, sql_list
-from stimage_embed.store.views import RUNS_STATUS
 
 log = logging.getLogger(__name__)
 
