@@ -28,22 +28,25 @@ class StoredKeys:
         tbl = self.store.db.open_table(table)
         return tbl.version, tbl.count_rows()
 
-    def get(self, table: str, keys: tuple[str, ...]) -> set[tuple]:
-        """The ``keys`` tuples ``table`` holds now (call under the store's lock)."""
+    def get(self, table: str, keys: tuple[str, ...]) -> tuple[tuple[int, int], set[tuple]]:
+        """(state, the ``keys`` tuples ``table`` holds now); call under the store's lock."""
         state = self.state(table)
         kept = self.kept.get((table, keys))
         if kept is not None and kept[0] == state:
-            return kept[1]
+            return kept
         if state == (0, 0):
-            return set()
+            return state, set()
         t = self.store.read(table, list(keys))
-        return set(zip(*(t[k].to_pylist() for k in keys)))
+        return state, set(zip(*(t[k].to_pylist() for k in keys)))
 
-    def added(self, table: str, keys: tuple[str, ...], stored: set[tuple], new: list[tuple]) -> None:
+    def added(self, table: str, keys: tuple[str, ...], before: tuple[int, int], stored: set, new: list) -> None:
         """Record that the store's last commit appended the ``new`` key tuples to ``table``,
-        which held ``stored`` before it (still under the lock)."""
+        which held ``stored`` at state ``before`` (still under the lock). The state after is
+        taken as one more version and ``len(new)`` more rows: if that commit took more
+        versions (a schema change), the next :meth:`get` finds another state and reads."""
         stored.update(new)
-        self.kept[(table, keys)] = (self.state(table), stored)
+        after = self.state(table) if before == (0, 0) else (before[0] + 1, before[1] + len(new))
+        self.kept[(table, keys)] = (after, stored)
 
     def forget(self, table: str) -> None:
         """Drop what is kept of ``table`` (it was dropped)."""

@@ -297,12 +297,12 @@ class Store:
             return self.insert_new(name, data, keys, schema=schema)
         data, keys = self._conform_data(data, schema or S.CORE_TABLES[name]), tuple(keys)
         with self._commit():
-            stored = self._keys.get(name, keys)
+            state, stored = self._keys.get(name, keys)
             fresh = [key not in stored for key in zip(*(data[k].to_pylist() for k in keys))]
             data = data.filter(pa.array(fresh, pa.bool_()))
             if data.num_rows:
                 self.append(name, data, schema=schema)
-                self._keys.added(name, keys, stored, list(zip(*(data[k].to_pylist() for k in keys))))
+                self._keys.added(name, keys, state, stored, list(zip(*(data[k].to_pylist() for k in keys))))
         return data.num_rows
 
     def append(self, name: str, data: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
