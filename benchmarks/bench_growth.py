@@ -78,28 +78,17 @@ def _source_vectors(store_dir: str | None, backbone: str, base: int, seed: int =
 
 def _writes_in_child(store_src: str | None, backbone: str, copies: int, out_dir: str, flush_rows: int) -> dict:
     """In a spawned process: write ``copies`` x the source vectors as the pass does, then upkeep."""
-    import polars as pl
+    import torch
 
     from stimage_embed.embeddings.embed_pass import EmbedReport, _Writer
-    from stimage_embed.embeddings.tile_stream import SlideJob
+    from stimage_embed.embeddings.pass_plan import EmbedRequest, Plan
     from stimage_embed.store import Store
     from stimage_embed.store.maintenance import maintain
 
     logging.basicConfig(level=logging.WARNING)
     sid0, spot0, X, umpp = _source_vectors(store_src, backbone, 2642)
     sids = np.concatenate([sid0 if c == 0 else np.char.add(sid0, f"~{c}") for c in range(copies)])
-    spots = pl.DataFrame(
-        {"slide_id": sids, "spot_id": np.tile(spot0, copies), "tissue_fraction": np.ones(len(sids), np.float32)}
-    )
     slide_ids = list(dict.fromkeys(sids.tolist()))
-    slide_tab = pl.DataFrame(
-        {
-            "slide_id": slide_ids,
-            "um_per_px": [float(umpp.get(s.split("~")[0], 0.5)) for s in slide_ids],
-            "geometry_hash": ["g"] * len(slide_ids),
-        }
-    )
-    jobs = {s: SlideJob(s, "", float(umpp.get(s.split("~")[0], 0.5)), 100.0) for s in slide_ids}
     name = "bench"
     store = Store(Path(out_dir) / f"writes_{copies}")
     report = EmbedReport()
@@ -107,9 +96,19 @@ def _writes_in_child(store_src: str | None, backbone: str, copies: int, out_dir:
     class _Dim:
         embed_dim = X.shape[1]
 
-    writer = _Writer(
-        store, {name: _Dim()}, {name: f"embeddings_{name}"}, {name: "p"}, report, jobs, slide_tab, spots, flush_rows
+    plan = Plan(
+        EmbedRequest((name,)),
+        torch.device("cpu"),
+        models={name: _Dim()},
+        tables={name: f"embeddings_{name}"},
+        pids={name: "p"},
+        tissue={(s, k): 1.0 for s, k in zip(sids.tolist(), np.tile(spot0, copies).tolist())},
+        slide_meta={
+            s: {"tile_um": 100.0, "um_per_px": float(umpp.get(s.split("~")[0], 0.5)), "geometry_hash": "g"}
+            for s in slide_ids
+        },
     )
+    writer = _Writer(store, plan, report, flush_rows)
     # batches of 32 spots of one slide, as the stream hands them over (source vectors reused per copy)
     starts = np.flatnonzero(np.r_[True, sid0[1:] != sid0[:-1]])
     bounds = list(zip(starts, np.r_[starts[1:], len(sid0)]))

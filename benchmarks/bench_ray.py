@@ -86,12 +86,11 @@ def cut_rate(store, slides: list[str], batch_size: int) -> float:
     """Tiles/s of the cutting stage alone (decode, window, Macenko) in this process: what one
     CPU task delivers to the model workers."""
     from stimage_embed.embeddings import ray_stages as RS
-    from stimage_embed.embeddings.ray_plan import plan_pass
+    from stimage_embed.embeddings.pass_plan import EmbedRequest, plan_pass
 
-    plan = plan_pass(
-        store, [BACKBONE], slides=slides, stain_template=slides[0], precision="float32", batch_size=batch_size
-    )
-    rows = plan.chunk_rows()
+    request = EmbedRequest.of([BACKBONE], slides, stain_template=slides[0], precision="float32", batch_size=batch_size)
+    plan = plan_pass(store, request)
+    rows = RS.chunk_rows(plan)
     batch = {
         k: np.array(
             [r[k] for r in rows] if not isinstance(rows[0][k], list) else [np.asarray(r[k]) for r in rows], dtype=object

@@ -104,6 +104,26 @@ _GpusPerWorkerOpt = Annotated[
 ]
 
 
+def _local_engine(address: str | None, gpus_per_worker: float):
+    """The local engine's runner (this process; the Ray options do not apply)."""
+    from stimage_embed.embeddings.embed_pass import execute
+
+    return execute
+
+
+def _ray_engine(address: str | None, gpus_per_worker: float):
+    """The Ray engine's runner, on the cluster at ``address`` (None: a local Ray)."""
+    from stimage_embed.embeddings.ray_engine import RayConfig, execute
+
+    return functools.partial(execute, config=RayConfig(address=address, gpus_per_worker=gpus_per_worker))
+
+
+#: ``--engine`` name -> its runner ``(store, EmbedRequest, RunOptions) -> EmbedReport``, made
+#: from the Ray options (``--address``, ``--gpus-per-worker``); each executes the one plan
+#: of ``pass_plan.plan_pass``
+ENGINES = {"local": _local_engine, "ray": _ray_engine}
+
+
 @cli_errors
 def embed(
     backbone: _BackboneOpt = None,
@@ -128,7 +148,7 @@ def embed(
 ) -> None:
     """Embed every spot tile once per backbone into embeddings_<backbone> (resumable).
     With --engine ray, --workers is the number of model workers (Ray actors)."""
-    from stimage_embed.embeddings.embed_pass import embed as run_embed
+    from stimage_embed.embeddings.pass_plan import EmbedRequest, RunOptions
     from stimage_embed.store import Store
 
     # every option is checked before the store is opened: a bad value never deletes vectors
@@ -144,35 +164,28 @@ def embed(
         tile_um=tile_um,
         flush_rows=flush_rows,
     )
-    if engine not in ("local", "ray"):
-        raise InputError(None, "--engine", f"expected local or ray, got {engine!r}")
+    if engine not in ENGINES:
+        raise InputError(None, "--engine", f"expected {' or '.join(ENGINES)}, got {engine!r}")
     check_min(gpus_per_worker, 0, "--gpus-per-worker")
     check_store_path(store, write=True)
     st = Store(store, lock_wait=wait)
-    if engine == "ray":
-        from stimage_embed.embeddings.ray_engine import RayConfig, embed_ray
-
-        run_embed = functools.partial(embed_ray, config=RayConfig(address=address, gpus_per_worker=gpus_per_worker))
+    run_pass = ENGINES[engine](address, gpus_per_worker)
+    request = EmbedRequest.of(
+        names,
+        slides,
+        wmap,
+        tile_um=tile_um,
+        stain=stain,
+        stain_template=stain_template,
+        precision=precision,
+        batch_size=batch_size,
+        device=device,
+        only_qc=only_qc,
+        overwrite=overwrite,
+    )
     with st.writer("embed"):
         for width in widths:  # one pass (and one table per backbone) per context width
-            extra = {} if width is None else {"context_um": width}
-            report = run_embed(
-                st,
-                names,
-                slides=slides,
-                tile_um=tile_um,
-                stain=stain,
-                stain_template=stain_template,
-                batch_size=batch_size,
-                num_workers=workers,
-                device=device,
-                precision=precision,
-                weights=wmap,
-                only_qc=only_qc,
-                overwrite=overwrite,
-                flush_rows=flush_rows,
-                **extra,
-            )
+            report = run_pass(st, request.at_width(width), RunOptions(workers, flush_rows))
             typer.echo(report.line() if width is None else f"context {width:g} µm: {report.line()}")
 
 

@@ -1,8 +1,11 @@
-"""What the embedding pass embeds (:mod:`stimage_embed.embeddings.embed_pass`): the slides
-and their spots, the stain target, each backbone's table made ready (``--overwrite``,
-provenance checks and repair, keys already stored), and the chunks still to embed."""
+"""The steps of an embedding pass's plan (:func:`stimage_embed.embeddings.pass_plan.plan_pass`):
+options checked, the slides and their spots, the stain target, each backbone's table made
+ready (``--overwrite``, provenance checks and repair, keys already stored), and the chunks
+still to embed."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import polars as pl
 import torch
@@ -22,7 +25,6 @@ from stimage_embed.embeddings.tile_stream import (
 )
 from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.ingest.fingerprint import image_fingerprint
-from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
 #: precisions the pass accepts (``backbones.speed.choose_precision``'s names and aliases)
@@ -167,22 +169,20 @@ def prepare_table(
     dev: torch.device,
     slide_tab: pl.DataFrame,
     overwrite: bool,
-    slides: list[str] | None,
-    table: str | None = None,
-    deferred: dict[str, str] | None = None,
+    slides: Sequence[str] | None,
+    table: str,
+    deferred: dict[str, str],
 ) -> tuple[str, dict, set]:
-    """Ready one backbone's table for this pass: ``--overwrite`` (whole table, or only
+    """Ready one backbone's ``table`` for this pass: ``--overwrite`` (whole table, or only
     ``slides``' vectors), provenance checked and repaired. ``prov``: provenance without
     the precision. Returns (precision, full provenance, keys already stored).
 
-    ``deferred``: a dict to receive ``table -> Lance filter`` of the old vectors an
-    ``--overwrite`` replaces, instead of deleting them now: the pass deletes them in the
-    same commit as its first new vectors (``Store.replace_where``), so a pass that fails
-    before it wrote anything leaves the old vectors in place. Without it (the Ray plan),
-    they are deleted here, after every option was checked."""
-    table = table or S.embedding_table_name(name)
+    ``deferred`` receives ``table -> Lance filter`` of the old vectors an ``--overwrite``
+    replaces, instead of deleting them now: the engine replaces them with its first write
+    to the table, so a pass that fails before it wrote anything leaves them in place (a
+    table of another vector width is dropped here: its vectors cannot be kept beside new ones)."""
     whole = overwrite and not slides and store.has_table(table)
-    if whole and (deferred is None or _stored_dim(store, table) != bb.embed_dim):
+    if whole and _stored_dim(store, table) != bb.embed_dim:
         store.drop_table(table)
         P.forget(store, table)
         whole = False
@@ -211,11 +211,7 @@ def prepare_table(
     P.repair(store, table, slide_tab)
     keys = existing_keys(store, table)
     if overwrite and slides and store.has_table(table):  # replace only these slides' vectors
-        scope = f"slide_id IN ({sql_list(slide_tab['slide_id'])})"
-        if deferred is None:
-            store.delete(table, scope)
-        else:
-            deferred[table] = scope
+        deferred[table] = f"slide_id IN ({sql_list(slide_tab['slide_id'])})"
         keys = {k for k in keys if k[0] not in set(slide_tab["slide_id"])}
     return precision, prov, keys
 

@@ -3,9 +3,9 @@
 Same work, provenance and resume rules as the local pass (:mod:`.embed_pass`), spread over
 a Ray cluster (a local one by default, or ``--address auto|ray://HOST:10001``):
 
-1. the driver plans the pass as the local pass does: resume chunks of each slide
-   (``tile_stream.make_chunks``), keys already stored skipped, the stain target and each
-   backbone's provenance record committed before any vector;
+1. the driver makes the one plan of the pass, as the local pass does (``pass_plan.plan_pass``:
+   resume chunks of each slide, keys already stored skipped, the stain target and each
+   backbone's provenance record committed before any vector);
 2. CPU tasks cut the tiles (decode, window, stain; ``ray_stages.cut_tiles``);
 3. an actor pool of model workers (one model per backbone per actor; ``--gpus-per-worker``
    GPUs each, else ``num_cpus=0.5`` so that on two cores the cutting tasks still get a core
@@ -14,6 +14,7 @@ a Ray cluster (a local one by default, or ``--address auto|ray://HOST:10001``):
    ``lance-ray`` package; the driver commits them as they come (``LanceOperation.Append``,
    one commit per ``flush_rows`` rows): a killed run leaves only whole commits, and fragments
    written by a killed worker are never committed (Ray re-runs its batch on a new actor).
+   Old vectors an ``--overwrite`` replaces are deleted just before the table's first commit.
 
 Ray Data's own ``Dataset.write_lance`` is not used: it commits once at the end (nothing of
 a long pass would survive a crash), and with Ray 2.60 and pylance 14 it fails outright
@@ -47,11 +48,19 @@ from tqdm.auto import tqdm
 
 from stimage_embed.embeddings import ray_stages as RS
 from stimage_embed.embeddings.embed_pass import EmbedReport
-from stimage_embed.embeddings.ray_plan import Plan, plan_pass
+from stimage_embed.embeddings.embed_plan import check_options
+from stimage_embed.embeddings.pass_plan import (
+    EmbedRequest,
+    Plan,
+    RunOptions,
+    finish_pass,
+    nothing_to_do,
+    plan_pass,
+    snapshot,
+)
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.lock import writes
-from stimage_embed.store.maintenance import data_files, maintain
 from stimage_embed.store.store import Store
 from stimage_embed.store.uri import forwarded_env
 
@@ -144,7 +153,7 @@ def _pipeline(ray, plan: Plan, cfg: RayConfig, store: Store, batch_size: int, fl
     # while the next are cut (Ray would otherwise pack a task's output into 128 MiB blocks);
     # set before the dataset is made, which takes a copy of the context
     ray.data.DataContext.get_current().target_max_block_size = int(1.5 * batch_size * sum(3 * s * s for s in sizes))
-    ds = ray.data.from_items(plan.chunk_rows(), override_num_blocks=min(len(plan.chunks), MAX_INPUT_BLOCKS))
+    ds = ray.data.from_items(RS.chunk_rows(plan), override_num_blocks=min(len(plan.chunks), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(
         RS.cut_tiles,
         batch_size=CHUNKS_PER_TASK,
@@ -155,7 +164,12 @@ def _pipeline(ray, plan: Plan, cfg: RayConfig, store: Store, batch_size: int, fl
     gpu = cfg.gpus_per_worker > 0
     workers = _pool_size(ray, cfg)
     specs = [
-        {"name": n, "weights": plan.weights.get(n), "overrides": plan.overrides.get(n), "precision": plan.precision[n]}
+        {
+            "name": n,
+            "weights": plan.request.weights.get(n),
+            "overrides": plan.request.overrides.get(n),
+            "precision": plan.precision[n],
+        }
         for n in names
     ]
     ds = ds.map_batches(
@@ -190,7 +204,68 @@ def _pipeline(ray, plan: Plan, cfg: RayConfig, store: Store, batch_size: int, fl
     )
 
 
+def _device(device: str, cfg: RayConfig) -> str:
+    """Where Ray runs the models (cuda with ``gpus_per_worker``, else cpu); ``device``: auto
+    or one that agrees."""
+    used = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
+    if device not in ("auto", used) and not device.startswith(used):
+        raise InputError(
+            None,
+            "--device",
+            f"the Ray engine runs the models on {used} "
+            f"(--gpus-per-worker {cfg.gpus_per_worker}); got --device {device}",
+        )
+    return used
+
+
+def _commit(store: Store, plan: Plan, batch: dict, report: EmbedReport, bar) -> None:
+    """Commit one batch of fragment rows of the pipeline: one append per table (the first
+    one after deleting the old vectors an ``--overwrite`` replaces)."""
+    by_table: dict[str, list] = {}
+    for table, frag, rows in zip(batch["table"], batch["fragment"], batch["rows"]):
+        by_table.setdefault(str(table), []).append(pickle.loads(frag))
+        name = plan.backbone_of(str(table))
+        report.vectors[name] = report.vectors.get(name, 0) + int(rows)
+        bar.update(int(rows))
+    for table, frags in by_table.items():
+        scope = plan.take_replaced(table)
+        if scope is not None:
+            store.delete(table, scope)
+        store.append_fragments(table, frags)  # one commit per written chunk of vectors
+
+
 @writes("embed")
+def execute(store: Store, request: EmbedRequest, run: RunOptions | None = None, config: RayConfig | None = None):
+    """The Ray engine: plan the pass (``pass_plan.plan_pass``, models placed by ``config``)
+    and run it on Ray (see the module doc). ``run.num_workers``: model actors (unless
+    ``config.workers``); ``run.flush_rows``: vectors per fragment write and commit."""
+    run, cfg = run or RunOptions(), config or RayConfig()
+    if run.num_workers and not cfg.workers:
+        cfg = dataclasses.replace(cfg, workers=run.num_workers)
+    check_options(request.batch_size, flush_rows=run.flush_rows)
+    plan = plan_pass(store, dataclasses.replace(request, device=_device(request.device, cfg)))
+    report = EmbedReport(precision=dict(plan.precision))
+    if nothing_to_do(store, plan):
+        return report
+    for name, table in plan.tables.items():  # the fragments need a table to be committed to
+        store.ensure_table(table, S.embedding_schema(plan.models[name].embed_dim, optional=True))
+    before, t0 = snapshot(store, plan), time.perf_counter()
+    desc = "embed (ray) " + ",".join(plan.models)
+    bar = tqdm(total=plan.n_tiles * len(plan.tables), unit="vec", desc=desc, disable=not run.progress)
+    with ray_session(cfg) as ray:
+        ds = _pipeline(ray, plan, cfg, store, request.batch_size, run.flush_rows)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _commit(store, plan, batch, report, bar)
+        except ray.exceptions.RayError as exc:
+            raise StoreError(f"{store.path}: the Ray pass failed: {' '.join(str(exc).split())[:500]}") from exc
+    bar.close()
+    report.tiles = plan.n_tiles
+    report.seconds = time.perf_counter() - t0
+    report.bytes_written = finish_pass(store, plan, before)
+    return report
+
+
 def embed_ray(
     store: Store,
     backbones: list[str],
@@ -211,78 +286,26 @@ def embed_ray(
     device: str = "auto",
     context_um: float | None = None,
 ) -> EmbedReport:
-    """The embedding pass on Ray (see the module doc); arguments as ``embed_pass.embed``.
-    ``tile_um`` in µm (default: each slide's spot diameter); ``batch_size``: tiles per model
-    call; ``flush_rows``: vectors per fragment write and commit; ``num_workers``: model
-    actors (unless ``config.workers``); ``device``: auto, or cpu / cuda agreeing with
-    ``config.gpus_per_worker`` (Ray places the models); ``context_um``: a wider window (µm)
-    into its own table, as the local pass's ``--context-um``."""
-    cfg = config or RayConfig()
-    if num_workers and not cfg.workers:
-        cfg = dataclasses.replace(cfg, workers=num_workers)
-    device_used = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
-    if device not in ("auto", device_used) and not device.startswith(device_used):
-        raise InputError(
-            None,
-            "--device",
-            f"the Ray engine runs the models on {device_used} "
-            f"(--gpus-per-worker {cfg.gpus_per_worker}); got --device {device}",
-        )
-    device = device_used
-    plan = plan_pass(
-        store,
+    """The embedding pass on Ray (see the module doc): :func:`execute` of the
+    :class:`~stimage_embed.embeddings.pass_plan.EmbedRequest` these arguments make (as
+    ``embed_pass.embed``'s). ``tile_um`` in µm (default: each slide's spot diameter);
+    ``batch_size``: tiles per model call; ``flush_rows``: vectors per fragment write and
+    commit; ``num_workers``: model actors (unless ``config.workers``); ``device``: auto, or
+    cpu / cuda agreeing with ``config.gpus_per_worker`` (Ray places the models);
+    ``context_um``: a wider window (µm) into its own table, as the local pass's ``--context-um``."""
+    request = EmbedRequest.of(
         backbones,
-        slides=slides,
+        slides,
+        weights,
+        backbone_overrides,
         tile_um=tile_um,
+        context_um=context_um,
         stain=stain,
         stain_template=stain_template,
         precision=precision,
-        weights=weights,
-        only_qc=only_qc,
-        overwrite=overwrite,
         batch_size=batch_size,
         device=device,
-        overrides=backbone_overrides,
-        context_um=context_um,
+        only_qc=only_qc,
+        overwrite=overwrite,
     )
-    report = EmbedReport(precision=dict(plan.precision))
-    tables = list(plan.tables.values())
-    if not plan.chunks:
-        log.info("all spots already embedded for %s", ", ".join(plan.models))
-        maintain(store, tables)
-        return report
-    for name, table in plan.tables.items():  # the fragments need a table to be committed to
-        store.ensure_table(table, S.embedding_schema(plan.models[name].embed_dim, optional=True))
-    before = {t: data_files(store, t) for t in tables}
-    n_tiles = sum(len(c.spot_ids) for c in plan.chunks)
-    t0 = time.perf_counter()
-    bar = tqdm(
-        total=n_tiles * len(tables), unit="vec", desc="embed (ray) " + ",".join(plan.models), disable=not progress
-    )
-    with ray_session(cfg) as ray:
-        ds = _pipeline(ray, plan, cfg, store, batch_size, flush_rows)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                by_table: dict[str, list] = {}
-                for table, frag, rows in zip(batch["table"], batch["fragment"], batch["rows"]):
-                    by_table.setdefault(str(table), []).append(pickle.loads(frag))
-                    name = _backbone_of(plan, str(table))
-                    report.vectors[name] = report.vectors.get(name, 0) + int(rows)
-                    bar.update(int(rows))
-                for table, frags in by_table.items():
-                    store.append_fragments(table, frags)  # one commit per written chunk of vectors
-        except ray.exceptions.RayError as exc:
-            raise StoreError(f"{store.path}: the Ray pass failed: {' '.join(str(exc).split())[:500]}") from exc
-    bar.close()
-    report.tiles = n_tiles
-    report.seconds = time.perf_counter() - t0
-    report.bytes_written = sum(
-        size for t in tables for path, size in data_files(store, t).items() if path not in before[t]
-    )
-    maintain(store, tables + ["provenance"])
-    return report
-
-
-def _backbone_of(plan: Plan, table: str) -> str:
-    """The backbone whose vectors ``table`` holds."""
-    return next(n for n, t in plan.tables.items() if t == table)
+    return execute(store, request, RunOptions(num_workers, flush_rows, progress), config)

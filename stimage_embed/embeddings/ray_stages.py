@@ -48,6 +48,30 @@ def vector_column(backbone: str) -> str:
     return f"vec_{backbone}"
 
 
+def chunk_rows(plan) -> list[dict[str, Any]]:
+    """One row per chunk of ``plan`` (``pass_plan.Plan``), in order: what a cutting task needs
+    (:func:`cut_tiles`): spot ids, level-0 pixel centres, tissue fractions, the slide's image,
+    µm/px and tile width (µm), and per backbone which spots it lacks."""
+    rows = []
+    for c in plan.chunks:
+        job = plan.jobs[c.slide_id]
+        row = {
+            "slide_id": c.slide_id,
+            "chunk": c.index,
+            "spot_ids": list(c.spot_ids),
+            "pixel_x": list(c.pixel_x),
+            "pixel_y": list(c.pixel_y),
+            "tissue_fraction": [float(plan.tissue[(c.slide_id, s)]) for s in c.spot_ids],
+            "image_path": job.image_path,
+            "um_per_px": job.um_per_px,
+            "tile_um": job.tile_um,
+        }
+        for name in plan.models:
+            row[need_column(name)] = [(c.slide_id, s) not in plan.done[name] for s in c.spot_ids]
+        rows.append(row)
+    return rows
+
+
 def cut_tiles(
     batch: dict[str, np.ndarray], sizes: tuple[int, ...], backbones: tuple[str, ...], stain_factory=None
 ) -> Iterator[dict[str, np.ndarray]]:

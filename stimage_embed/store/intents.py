@@ -150,7 +150,7 @@ def recover(store: Store) -> None:
     if not store.location.is_dir():
         return
     for name in store.db.list_tables().tables:
-        if not store._committed(name):
+        if not store.committed(name):
             log.warning("%s: removing table %r, whose creation was interrupted (no commit)", store.path, name)
             store.location.remove_tree(f"{name}.lance")
     undo_abandoned(store, "ingest")

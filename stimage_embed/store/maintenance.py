@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +92,7 @@ def open_dataset(store: Store, table: str, session: lance.Session | None = None)
     ``session``: a ``lance.Session`` to share parsed metadata and index pages across opens
     (optional; without it every open reads them from disk)."""
     path = table_path(store, table)
-    if not store._committed(table):
+    if not store.committed(table):
         raise StoreError(
             f"{store.path}: no table {table!r}; tables: {', '.join(store.table_names()) or 'none (run ingest first)'}"
         )
@@ -225,7 +225,7 @@ def maintain(
 def data_files(store: Store, table: str) -> dict[str, int]:
     """``data file -> bytes`` of the latest version of ``table`` ({} if it does not exist).
     The files one run's commits added are the difference of two calls: its bytes written."""
-    if not store._committed(table):
+    if not store.committed(table):
         return {}
     out = {}
     for frag in open_dataset(store, table).get_fragments():
@@ -235,6 +235,20 @@ def data_files(store: Store, table: str) -> dict[str, int]:
                 raise StoreError(f"{store.path}/{table}: Lance did not record the size of data file {f.path}")
             out[f.path] = int(size) if size is not None else (table_path(store, table) / "data" / f.path).stat().st_size
     return out
+
+
+def data_snapshot(store: Store, tables: Iterable[str]) -> dict[str, dict[str, int]]:
+    """``table -> data file -> bytes`` of the latest version of each of ``tables``: a run's
+    starting point for :func:`bytes_added`."""
+    return {table: data_files(store, table) for table in tables}
+
+
+def bytes_added(store: Store, before: dict[str, dict[str, int]]) -> int:
+    """Bytes written since :func:`data_snapshot` gave ``before``: the data files the commits
+    since then added to its tables (measured before an upkeep rewrites them)."""
+    return sum(
+        size for table, old in before.items() for path, size in data_files(store, table).items() if path not in old
+    )
 
 
 def live_bytes(store: Store, table: str) -> int:

@@ -31,12 +31,12 @@ import lancedb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.conform import conform, migrate_runs
+from stimage_embed.store.keyed import StoredKeys
 from stimage_embed.store.lock import ObjectStoreLock, StoreLock, crash_point
 from stimage_embed.store.sql import run_sql
 from stimage_embed.store.uri import StoreLocation
@@ -86,6 +86,7 @@ class Store:
         self._db: lancedb.DBConnection | None = None
         self._lock = ObjectStoreLock(self.location.uri) if self.remote else StoreLock(self.path)
         self._commits: Counter[str] = Counter()  # commits per table by this object (crash points)
+        self._keys = StoredKeys(self)  # the keys of local tables written by key (write_keyed)
 
     # -- connection ---------------------------------------------------------------
     @functools.cached_property
@@ -143,15 +144,17 @@ class Store:
         self.location.check()
         if not self.location.is_dir():
             return []
-        return sorted(n for n in self.db.list_tables().tables if self._committed(n))
+        return sorted(n for n in self.db.list_tables().tables if self.committed(n))
 
-    def _committed(self, name: str) -> bool:
+    def committed(self, name: str) -> bool:
+        """Whether table ``name`` has a committed version (one listing of its versions folder;
+        unlike :meth:`has_table`, the store's location is not checked first)."""
         return any(n.endswith(".manifest") for n in self.location.listdir(f"{name}.lance/_versions"))
 
     def has_table(self, name: str) -> bool:
         """Whether ``name`` has a committed version (one listing, not the whole store's)."""
         self.location.check()
-        return self._committed(name)
+        return self.committed(name)
 
     def table(self, name: str):
         if not self.has_table(name):
@@ -273,6 +276,36 @@ class Store:
             res = tbl.merge_insert(list(keys)).when_not_matched_insert_all().execute(_fill_missing(data, tbl.schema))
             return int(getattr(res, "num_inserted_rows", data.num_rows))
 
+    def write_keyed(
+        self,
+        name: str,
+        data: pa.Table | pl.DataFrame,
+        keys: Sequence[str],
+        schema: pa.Schema | None = None,
+        replacing: str | None = None,
+    ) -> int:
+        """Store the rows of ``data`` whose ``keys`` table ``name`` lacks, in ONE commit: a key
+        already stored is skipped, so the table never holds a key twice. Returns the rows
+        written. ``replacing``: a Lance filter of old rows the same commit replaces
+        (:meth:`replace_where`). On a local store the stored keys are subtracted under the
+        lock, then the rest appended (the keys are read once per table version and kept
+        up to date: no join with the whole table at each commit); on object storage, which
+        has no cross-process lock, it is a keyed insert (:meth:`insert_new`)."""
+        if replacing is not None:
+            self.replace_where(name, data, keys, replacing, schema=schema)
+            return len(data)
+        if self.remote:
+            return self.insert_new(name, data, keys, schema=schema)
+        data, keys = self._conform_data(data, schema or S.CORE_TABLES[name]), tuple(keys)
+        with self._commit():
+            state, stored = self._keys.get(name, keys)
+            fresh = [key not in stored for key in zip(*(data[k].to_pylist() for k in keys))]
+            data = data.filter(pa.array(fresh, pa.bool_()))
+            if data.num_rows:
+                self.append(name, data, schema=schema)
+                self._keys.added(name, keys, state, stored, list(zip(*(data[k].to_pylist() for k in keys))))
+        return data.num_rows
+
     def append(self, name: str, data: pa.Table | pl.DataFrame, schema: pa.Schema | None = None) -> None:
         """Append rows to table ``name`` (created with its declared schema if missing); one commit."""
         schema = schema or S.CORE_TABLES[name]
@@ -323,6 +356,7 @@ class Store:
             return n
 
     def drop_table(self, name: str) -> None:
+        self._keys.forget(name)
         with self._commit(name):
             if self.has_table(name):
                 self.db.drop_table(name)
@@ -354,43 +388,8 @@ class Store:
     def expression_matrix(
         self, slide_ids: Sequence[str], genes: Sequence[str] | None = None
     ) -> tuple[pl.DataFrame, list[str], sp.csr_matrix, np.ndarray]:
-        """Raw counts of ``slide_ids`` as a CSR (spots x genes), aligned by gene symbol.
+        """Raw counts of ``slide_ids`` as a CSR (spots x genes), aligned by gene symbol
+        (:func:`stimage_embed.store.matrices.expression_matrix`)."""
+        from stimage_embed.store.matrices import expression_matrix
 
-        Returns ``(keys, genes, counts, library_size)``: keys = DataFrame(slide_id,
-        spot_id) in row order; ``genes`` = the column order (the given list, or the
-        union over slides, sorted); genes absent from a slide are 0 for its spots;
-        ``library_size`` = total raw counts per spot over ALL genes of the slide.
-        """
-        gtab = pl.from_arrow(
-            self.read("genes", ["slide_id", "gene_index", "gene"], where=f"slide_id IN ({sql_list(slide_ids)})")
-        )
-        if genes is None:
-            genes = sorted(set(gtab["gene"].to_list()))
-        col_of = {g: i for i, g in enumerate(genes)}
-        etab = self.read("expression", where=f"slide_id IN ({sql_list(slide_ids)})")
-        keys_parts, blocks, libs = [], [], []
-        for sid in slide_ids:
-            g = gtab.filter(pl.col("slide_id") == sid).sort("gene_index")
-            if g.height == 0:
-                raise StoreError(f"{self.path}: slide {sid!r} has no expression (not ingested?)")
-            lut = np.full(int(g["gene_index"].max()) + 1, -1, np.int64)
-            lut[g["gene_index"].to_numpy()] = [col_of.get(x, -1) for x in g["gene"].to_list()]
-            mask = pc.equal(etab["slide_id"], sid)
-            sub = etab.filter(mask)
-            idx = sub["gene_index"].combine_chunks()
-            cnt = sub["counts"].combine_chunks()
-            offsets = idx.offsets.to_numpy()
-            gi = idx.values.to_numpy()
-            cv = cnt.values.to_numpy().astype(np.int64)
-            rows = np.repeat(np.arange(len(sub)), np.diff(offsets))
-            libs.append(np.bincount(rows, weights=cv, minlength=len(sub)))
-            cols = lut[gi]
-            keep = cols >= 0
-            # CSR straight from each spot's (gene, count) list, no COO sort (duplicates sum as before)
-            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(sub)))]).astype(np.int64)
-            blocks.append(sp.csr_matrix((cv[keep], cols[keep], indptr), shape=(len(sub), len(genes))))
-            keys_parts.append(
-                pl.DataFrame({"slide_id": sub["slide_id"].to_pylist(), "spot_id": sub["spot_id"].to_pylist()})
-            )
-        keys = pl.concat(keys_parts)
-        return keys, list(genes), sp.vstack(blocks).tocsr(), np.concatenate(libs)
+        return expression_matrix(self, slide_ids, genes)
