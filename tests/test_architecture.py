@@ -89,16 +89,11 @@ STRAGGLERS = frozenset(
         "stimage_embed/evaluation/compare.py",
         "stimage_embed/evaluation/plots.py",
         "stimage_embed/inference/grid.py",
-        "stimage_embed/inference/infer.py",
-        "stimage_embed/inference/model.py",
-        "stimage_embed/inference/predict_tiles.py",
-        "stimage_embed/inference/slide_from_image.py",
         "stimage_embed/ingest/pipeline.py",
         "stimage_embed/ingest/readers/_validate.py",
         "stimage_embed/ingest/readers/anndata_reader.py",
         "stimage_embed/ingest/readers/visium.py",
         "stimage_embed/predictions/genes.py",
-        "stimage_embed/predictions/train_predict.py",
         "stimage_embed/store/store.py",
     }
 )

@@ -135,7 +135,7 @@ def _embed_and_predict(
             slides=[sid],
             tile_um=recipe.embed_tile_um,
             stain=recipe.stain,
-            stain_template=recipe.stain_template,
+            stain_template=recipe.stain_choice,  # the model's recorded stain target
             precision=recipe.precision,
             weights={sm.backbone: weights} if weights else None,
             **embed_options,
