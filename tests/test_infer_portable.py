@@ -132,6 +132,7 @@ def test_a_folder_with_other_weights_or_no_record_is_refused_in_one_line(runs):
     assert _tree(store.path) == before
 
 
+@pytest.mark.slow
 def test_a_knn_folder_carries_its_training_vectors_and_works_elsewhere(runs):
     """The documented exception: a knn model folder holds a copy of its training vectors
     (and profiles), so it also works on another store, with the same predictions."""
