@@ -78,7 +78,15 @@ def runs(tmp_path_factory, infer_model_store, real_data_root):
     for name, store in stores.items():
         model = run_id if name == "A" else str(folder)  # A: by run id, through the store's own folder
         infer(store, image, model, tmp / f"out_{name}", slide_id=SLIDE, um_per_px=umpp, region=REGION, num_workers=0)
-    return {"stores": stores, "run_id": run_id, "folder": folder, "image": image, "umpp": umpp, "tmp": tmp}
+    return {
+        "stores": stores,
+        "run_id": run_id,
+        "folder": folder,
+        "image": image,
+        "umpp": umpp,
+        "tmp": tmp,
+        "data_root": real_data_root,
+    }
 
 
 def test_the_folder_carries_the_vectors_record_and_stain_target(runs):
@@ -110,7 +118,7 @@ def _cli(*args: str) -> tuple[int, list[str]]:
     return res.exit_code, [x for x in res.output.splitlines() if x.strip()]
 
 
-def test_a_folder_with_other_weights_or_no_record_is_refused_in_one_line(runs):
+def test_a_folder_with_other_weights_no_record_or_a_foreign_table_is_refused_in_one_line(runs):
     store, tmp = runs["stores"]["B"], runs["tmp"]
     other = shutil.copytree(runs["folder"], tmp / "other_weights")
     for name, key in (("head.json", "provenance"), ("vectors.json", None)):
@@ -122,6 +130,20 @@ def test_a_folder_with_other_weights_or_no_record_is_refused_in_one_line(runs):
         (other / name).write_text(json.dumps(doc))
     legacy = shutil.copytree(runs["folder"], tmp / "legacy")
     (legacy / "vectors.json").unlink()
+    # a store whose Lite0 table holds vectors normalised against its own target (S1, not C4)
+    from store_cases import mini_dataset
+
+    from stimage_embed.embeddings.embed_pass import embed
+    from stimage_embed.ingest.pipeline import ingest
+
+    own = Store(tmp / "F")
+    ingest(str(mini_dataset(tmp / "data_f", runs["data_root"])), own, progress=False)
+    embed(own, ["efficientnet_lite0"], precision="float32", num_workers=0, progress=False)
+    before_own = _tree(own.path)
+    args = ["infer", str(runs["image"]), "--store", str(own.path), "--um-per-px", str(runs["umpp"])]
+    code, lines = _cli(*args, "--model", str(runs["folder"]), "--out", str(tmp / "out_F"))
+    assert code == 2 and len(lines) == 1 and "another provenance" in lines[0] and "stain_template" in lines[0], lines
+    assert _tree(own.path) == before_own and not (tmp / "out_F").exists()
     before = _tree(store.path)
     # B (which holds vectors of the model's provenance now) for other weights; a new store for the legacy folder
     for target, folder, needle in ((store.path, other, "--weights PATH"), (tmp / "D", legacy, "no vectors.json")):

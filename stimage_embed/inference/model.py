@@ -25,7 +25,14 @@ from stimage_embed.errors import InputError, ProvenanceError, StimageError
 from stimage_embed.predictions.saved_model import VECTORS_FILE, SavedModel, load_saved_model
 from stimage_embed.store.store import Store
 
-__all__ = ["EmbeddingRecipe", "SavedModel", "check_stain_target", "embedding_recipe", "load_saved_model"]
+__all__ = [
+    "EmbeddingRecipe",
+    "SavedModel",
+    "check_stain_target",
+    "check_table_accepts",
+    "embedding_recipe",
+    "load_saved_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +226,18 @@ def check_stain_target(store: Store, recipe: EmbeddingRecipe) -> None:
     nothing to do for a recorded target)."""
     if recipe.stain_target is None:
         _check_stain_target(store, recipe.record)
+
+
+def check_table_accepts(store: Store, recipe: EmbeddingRecipe) -> None:
+    """Refuse, before anything is written, a store whose vector table holds vectors of
+    another provenance than the model's (e.g. normalised against the store's own stain
+    target): the new tiles' vectors could not join it (``provenance.check_compatible``)."""
+    want = VectorProvenance.of(recipe.record)
+    table = want.table_name
+    for rec in existing_provenance(store, table) if store.has_table(table) else []:
+        diff = VectorProvenance.of(rec).differences(want)
+        if diff:
+            raise ProvenanceError(
+                f"{store.path}/{table}: holds vectors of another provenance than the model's training vectors "
+                f"({describe(diff, 'store', 'model')}); infer into another store"
+            )
