@@ -245,7 +245,9 @@ def check_provenance(head: BaseEstimator, provenance: Mapping[str, Any]) -> None
     """Raise :class:`heads.errors.ProvenanceMismatch` unless every key of ``provenance``
     has the same value in ``head.provenance_`` (a key absent from the head counts as a
     difference; extra keys on the head are ignored). The error names each differing key
-    with both values."""
+    with both values. A generic comparison of the plain dicts it is handed: what makes two
+    sets of vectors the same is decided by the caller (``stimage_embed``:
+    ``embeddings.provenance.VectorProvenance``)."""
     have = getattr(head, "provenance_", None)
     expected = _normalise(provenance)
     if have is None:

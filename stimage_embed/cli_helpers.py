@@ -200,18 +200,17 @@ def first_line(exc: BaseException) -> str:
 
 
 def backbone_names(value: str | list[str] | None, field: str) -> list[str]:
-    """Comma-separated backbone names, each checked (letters, digits, '_': they name tables;
-    ``a+b`` joins the vectors of two tables, e.g. a spot tile and its ``--context-um`` window)."""
-    from stimage_embed.store.schema import BACKBONE_NAME
+    """Comma-separated vector-source names, each checked by
+    :meth:`~stimage_embed.embeddings.vector_source.VectorSource.parse` (letters, digits, '_':
+    they name tables; ``a+b`` joins the vectors of two tables, e.g. a spot tile and its
+    ``--context-um`` window)."""
+    from stimage_embed.embeddings.vector_source import VectorSource
 
     names = listed(value, field)
-    bad = [n for n in names if not all(BACKBONE_NAME.fullmatch(p) for p in n.split("+"))]
-    if bad or not names:
-        raise InputError(
-            None,
-            field,
-            f"invalid backbone name(s) {bad or value!r}: letters, digits and '_' only (see `stimage-embed backbones`)",
-        )
+    if not names:
+        raise InputError(None, field, f"invalid backbone name(s) {value!r}: name at least one backbone")
+    for name in names:
+        VectorSource.parse(name, field)
     return names
 
 

@@ -14,7 +14,7 @@ from heads.device import device_unavailable
 from stimage_embed import __version__
 from stimage_embed.backbones.speed import choose_precision
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.stain_target import resolve_template
+from stimage_embed.embeddings.stain_target import RecordedTarget, resolve_template, use_recorded
 from stimage_embed.embeddings.tile_stream import (
     Chunk,
     SlideJob,
@@ -140,15 +140,18 @@ def select_spots(store: Store, slides: list[str] | None, only_qc: bool) -> tuple
 
 
 def stain_target(
-    store: Store, backbones: list[str], stain: str, stain_template: str | None, replacing: set[str]
+    store: Store, backbones: list[str], stain: str, stain_template: str | RecordedTarget | None, replacing: set[str]
 ) -> tuple[str | None, SlideStainFit | None, dict, str | None]:
     """(template slide, per-slide stain fit for the stream, stain description for provenance,
     how the template was chosen if the pass must record it: ``stain_target.record``).
 
-    The template is the store's one stain target (:mod:`stimage_embed.embeddings.stain_target`);
-    ``replacing``: the tables this pass rewrites whole. Per-slide estimates come from ingest."""
+    The template is the store's one stain target (:mod:`stimage_embed.embeddings.stain_target`),
+    or a :class:`RecordedTarget` given as ``stain_template`` (a saved model's: used as recorded,
+    not refitted); ``replacing``: the tables this pass rewrites whole. Per-slide estimates come from ingest."""
     if stain == "none":
         return None, None, {"method": stain}, None
+    if isinstance(stain_template, RecordedTarget):
+        return use_recorded(store, stain, stain_template)
     template_id, chosen_by = resolve_template(store, stain_template, replacing)
     all_slides = pl.from_arrow(store.read("slides")).sort("slide_id")
     row = all_slides.filter(pl.col("slide_id") == template_id)

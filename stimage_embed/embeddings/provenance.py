@@ -12,12 +12,20 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stimage_embed.embeddings.vector_source import (  # noqa: F401  (re-exported: the pass builds table names here)
+    VectorSource,
+    VectorTable,
+    context_width_label,
+    vector_table_name,
+)
 from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
@@ -38,52 +46,140 @@ IDENTITY_FIELDS = (
 )
 
 
-#: table-name suffix of context windows: ``embeddings_<backbone>__ctx<width>um``
-CONTEXT_SUFFIX = "__ctx{width}um"
+#: a stain target a saved head's record lacks (saved before the target was part of the
+#: identity): not compared
+NOT_RECORDED = "<not recorded>"
+#: an identity field a saved head's record lacks: differs from every recorded value
+MISSING = "<missing>"
 
 
-def context_width_label(context_um: float) -> str:
-    """``300`` for 300.0 µm, ``62p5`` for 62.5 µm: a width as table names allow it."""
-    width = float(context_um)
-    if not (0 < width < float("inf")):  # also refuses NaN
-        raise InputError(None, "--context-um", f"a context width must be a positive number of µm, got {context_um!r}")
-    return f"{width:g}".replace(".", "p")
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples -> lists, other objects -> str)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def vector_table_name(backbone: str, context_um: float | None = None) -> str:
-    """The table of a backbone's vectors: ``embeddings_<backbone>`` for spot tiles (each
-    slide's spot diameter, or ``--tile-um``), ``embeddings_<backbone>__ctx<W>um`` for the
-    wider window of ``context_um`` µm centred on each spot (one table per width, each
-    with its own provenance recording ``tile_um = context_um``). Heads load a context
-    table as the pseudo-backbone ``<backbone>__ctx<W>um``."""
-    base = S.embedding_table_name(backbone)
-    return base if context_um is None else base + CONTEXT_SUFFIX.format(width=context_width_label(context_um))
+def _hash(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VectorProvenance:
+    """The identity of a set of vectors: two sets are interchangeable iff their values are equal.
+
+    The :data:`IDENTITY_FIELDS` and ``stain_target``, the ``target_hash`` of the stain target the
+    vectors were normalised against (a record keeps it in ``stain``; None without stain
+    normalisation). Built from a stored record (:meth:`of`; a composite's record holds one value
+    per part) or from the JSON-encoded form a saved head carries (:meth:`from_saved`). The one
+    identity check of ``embed`` (appending), ``train``/``predict``, ``infer``, ``search --image``
+    and ``explain``: :meth:`differences`. ``record``: the full record (not compared).
+    """
+
+    backbone: Any
+    spec_hash: Any
+    weights_sha256: Any
+    transform: Any
+    tile_um: Any
+    tile_px: Any
+    stain_method: Any
+    stain_template: Any
+    precision: Any
+    stain_target: Any = None
+    legacy_id: bool = field(default=False, compare=False)  # record predates the target in its id
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, prov: Mapping[str, Any]) -> VectorProvenance:
+        """The identity of a provenance record (a composite's: lists of its parts' values)."""
+        stain = prov.get("stain")
+        if "stain_target" in prov:
+            target = prov["stain_target"]
+        elif isinstance(stain, list):  # a composite's provenance: one value per part
+            target = [(s or {}).get("target_hash") for s in stain]
+        else:
+            target = (stain or {}).get("target_hash")
+        values = {k: _plain(prov.get(k)) for k in IDENTITY_FIELDS}
+        return cls(**values, stain_target=_plain(target), legacy_id="stain_target" not in prov, record=dict(prov))
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any] | None) -> VectorProvenance:
+        """From :meth:`saved`'s form (JSON strings), as a saved head carries it; an identity
+        field it lacks is :data:`MISSING`, a lacking stain target :data:`NOT_RECORDED`."""
+        saved = saved or {}
+
+        def value(key: str, absent: str) -> Any:
+            if key not in saved:
+                return absent
+            try:
+                return json.loads(saved[key]) if isinstance(saved[key], str) else saved[key]
+            except ValueError:
+                return saved[key]
+
+        return cls(**{k: value(k, MISSING) for k in IDENTITY_FIELDS}, stain_target=value("stain_target", NOT_RECORDED))
+
+    def identity(self) -> dict[str, Any]:
+        """The compared fields as a dict."""
+        return {k: getattr(self, k) for k in (*IDENTITY_FIELDS, "stain_target")}
+
+    def saved(self) -> dict[str, str]:
+        """The identity JSON-encoded per field: the form a saved head carries (``head.json``)."""
+        return {k: json.dumps(v, sort_keys=True, default=str) for k, v in self.identity().items()}
+
+    @property
+    def id(self) -> str:
+        """Hash of the identity; a record written before the stain target was part of the
+        identity (no top-level ``stain_target``) keeps the id its vectors carry (without it)."""
+        ident = self.identity()
+        if self.legacy_id:
+            ident.pop("stain_target")
+        return _hash(ident)
+
+    @property
+    def setup_id(self) -> str:
+        """Id of how vectors are made, without the stain target's fitted numbers (see :func:`setup_id`)."""
+        ident = self.identity()
+        ident.pop("stain_target")
+        return _hash(ident)
+
+    def differences(self, other: VectorProvenance) -> dict[str, tuple[Any, Any]]:
+        """``field -> (this value, other's value)`` of every field that differs (empty: the
+        same vectors). A stain target :data:`NOT_RECORDED` on either side is not compared."""
+        out = {}
+        for key, mine in self.identity().items():
+            theirs = getattr(other, key)
+            if key == "stain_target" and NOT_RECORDED in (mine, theirs):
+                continue
+            if mine != theirs:
+                out[key] = (mine, theirs)
+        return out
+
+    @property
+    def source(self) -> VectorSource:
+        """The vector source these vectors make (a composite's: one part per record)."""
+        context = self.record.get("context_um")
+        if isinstance(self.backbone, list):
+            ctx = context if isinstance(context, list) else [None] * len(self.backbone)
+            return VectorSource(tuple(VectorTable(b, c) for b, c in zip(self.backbone, ctx)))
+        return VectorSource.of(self.backbone, context)
+
+    @property
+    def table_name(self) -> str:
+        """The vector table of a single source's vectors."""
+        return self.source.table
+
+
+def describe(diff: dict[str, tuple[Any, Any]], mine: str, theirs: str) -> str:
+    """``field: <mine> has 'a', <theirs> has 'b'; ...``: :meth:`VectorProvenance.differences` in words."""
+    return "; ".join(f"{k}: {mine} has {a!r}, {theirs} has {b!r}" for k, (a, b) in diff.items())
 
 
 def identity(prov: dict[str, Any]) -> dict[str, Any]:
-    """What decides whether two sets of vectors are interchangeable: the
-    :data:`IDENTITY_FIELDS` and ``stain_target``, the ``target_hash`` of the stain target the
-    vectors were normalised against (every record keeps it in ``stain``; None without stain
-    normalisation). Used by ``embed`` (appending), ``train``/``predict`` and ``compare``."""
-    stain = prov.get("stain")
-    if "stain_target" in prov:
-        target = prov["stain_target"]
-    elif isinstance(stain, list):  # a composite's provenance: one value per part
-        target = [(s or {}).get("target_hash") for s in stain]
-    else:
-        target = (stain or {}).get("target_hash")
-    return {**{k: prov.get(k) for k in IDENTITY_FIELDS}, "stain_target": target}
+    """What decides whether two sets of vectors are interchangeable (:class:`VectorProvenance`)."""
+    return VectorProvenance.of(prov).identity()
 
 
 def provenance_id(prov: dict[str, Any]) -> str:
-    """Id of a provenance record: hash of its identity. Records written before the stain
-    target was part of the identity (no top-level ``stain_target``) keep the id their vectors
-    carry; a table never mixes targets either way (:func:`check_compatible`)."""
-    ident = identity(prov)
-    if "stain_target" not in prov:
-        ident.pop("stain_target")
-    canon = json.dumps(ident, sort_keys=True, default=str)
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+    """Id of a provenance record (:attr:`VectorProvenance.id`)."""
+    return VectorProvenance.of(prov).id
 
 
 def setup_id(prov: dict[str, Any]) -> str:
@@ -91,8 +187,7 @@ def setup_id(prov: dict[str, Any]) -> str:
     record has): part of a run's configuration (``predictions.runs``), while the target
     itself is part of the input versions, so a new target supersedes runs instead of
     starting a new configuration."""
-    ident = {k: v for k, v in identity(prov).items() if k != "stain_target"}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return VectorProvenance.of(prov).setup_id
 
 
 def _used_ids(store: Store, table_name: str) -> set[str]:
@@ -160,11 +255,10 @@ def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> Non
     """Refuse to append vectors whose provenance differs from the table's."""
     if not store.has_table(table_name):
         return
-    new = identity(prov)
-    for old in map(identity, existing_provenance(store, table_name)):
-        diff = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
+    new = VectorProvenance.of(prov)
+    for old in existing_provenance(store, table_name):
+        diff = VectorProvenance.of(old).differences(new)
         if diff:
-            lines = "; ".join(f"{k}: table has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
             hint = (
                 " The stain target changed (its template slide was re-ingested): every vector normalised "
                 "against the old one is stale; re-embed the table: "
@@ -173,17 +267,19 @@ def check_compatible(store: Store, table_name: str, prov: dict[str, Any]) -> Non
                 else " Use --overwrite to replace the table's vectors, or embed into another store."
             )
             raise ProvenanceError(
-                f"{store.path}/{table_name}: refusing to append vectors with a different provenance ({lines}).{hint}"
+                f"{store.path}/{table_name}: refusing to append vectors with a different provenance "
+                f"({describe(diff, 'table', 'this run')}).{hint}"
             )
 
 
 def record(store: Store, table_name: str, prov: dict[str, Any]) -> str:
     """Commit the provenance record (if not there yet) and return its id. Commit it before
     the vectors that carry its id: until some vector uses it, it is ignored."""
-    same = [p for p in existing_provenance(store, table_name) if identity(p) == identity(prov)]
+    new = VectorProvenance.of(prov)
+    same = [p for p in existing_provenance(store, table_name) if VectorProvenance.of(p) == new]
     if same:  # the table's own record (an older one may lack the top-level stain_target): its id
-        return provenance_id(same[0])
-    pid = provenance_id(prov)
+        return VectorProvenance.of(same[0]).id
+    pid = new.id
     if (
         store.has_table("provenance")
         and store.read(
@@ -272,3 +368,14 @@ def repair(store: Store, table_name: str, slides: pl.DataFrame) -> None:
                 legacy,
                 sid,
             )
+
+
+def tile_widths_um(store: Store, prov: VectorProvenance, slides: list[str]) -> list[float]:
+    """The tile widths (µm) of a single source's vectors: ``[tile_um]`` of the record, or for
+    a record of ``"spot_diameter"`` the distinct widths its vectors of ``slides`` (all slides
+    if empty) were cut at, as the table's ``tile_um`` column records them."""
+    if isinstance(prov.tile_um, (int, float)):
+        return [float(prov.tile_um)]
+    where = f"provenance_id = {_quote(prov.id)}" + (f" AND slide_id IN ({sql_list(slides)})" if slides else "")
+    got = store.read(prov.table_name, ["tile_um"], where=where)["tile_um"].to_pylist()
+    return sorted({round(float(w), 6) for w in got if w is not None})

@@ -19,17 +19,25 @@ the template slide with another image changes the target: every table normalised
 old one is stale, and ``embed`` (appending) and ``compare``/``train``/``predict`` refuse it in
 one line naming the ``embed --overwrite`` to run. A run combining tables of different targets
 is refused (:func:`check_same_target`).
+
+A target can also come with the vectors' provenance instead of the store
+(:class:`RecordedTarget`: a saved model folder carries its training vectors' target), so a
+model embeds new slides of any store as its training slides were embedded, without the
+template slide and whatever target that store records (``infer``, ``explain``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from stimage_embed.embeddings import provenance as P
-from stimage_embed.embeddings.tile_stream import stored_stain_estimates, template_normalizer
+from stimage_embed.embeddings.tile_stream import SlideStainFit, stored_stain_estimates, template_normalizer
 from stimage_embed.errors import InputError, StoreError
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store
@@ -89,11 +97,59 @@ def resolve_template(store: Store, explicit: str | None, replacing: set[str]) ->
     legacy = P.recorded_stain_template(store, _normalised_tables(store))
     if explicit is not None:
         return explicit, "explicit"
-    if legacy is not None:
+    if legacy is not None and legacy in allowed:  # a template not here: vectors embedded with a model's target
         return legacy, "recorded"
     if not allowed:
         raise StoreError(f"{store.path}: no slide with counts to take the stain target from; ingest one first")
     return allowed[0], "rule"
+
+
+@dataclass(frozen=True)
+class RecordedTarget:
+    """A stain target as a provenance record carries it: ``target``, the fitted normaliser's
+    parameters (``Normalizer.to_dict()``: method, settings, the fitted target, e.g. Macenko's
+    stain matrix and 99th-percentile concentrations, and its ``target_hash``), and the template
+    slide it was fitted on (a name only: it need not be in the store that uses it)."""
+
+    method: str
+    template_slide: str | None
+    target: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], source: str | Path | None = None) -> RecordedTarget | None:
+        """The target of a provenance record (None without stain normalisation); ``source``:
+        the file the record was read from, named in the one-line error of a record without one."""
+        method = rec.get("stain_method")
+        if method in (None, "none"):
+            return None
+        stain = rec.get("stain")
+        if not isinstance(stain, dict) or "target" not in stain or stain.get("method") != method:
+            raise InputError(source, "stain", f"the record holds no fitted {method} stain target")
+        return cls(method, rec.get("stain_template"), stain)
+
+    @property
+    def target_hash(self) -> str | None:
+        return self.target.get("target_hash")
+
+    def normalizer(self, source: str | Path | None = None):
+        """The normaliser with this target (its hash checked against the parameters)."""
+        from stimage_embed.tiles.stain import normalizer_from_dict
+
+        try:
+            return normalizer_from_dict(self.target)
+        except InputError as exc:
+            raise InputError(source, "stain", f"the recorded stain target is unusable: {exc}") from exc
+
+
+def use_recorded(store: Store, method: str, target: RecordedTarget) -> tuple[str | None, SlideStainFit, dict, None]:
+    """``embed_plan.stain_target`` for a :class:`RecordedTarget`: (template slide named by the
+    record, per-slide stain fit against the recorded target, its description, None: the
+    store's own target is neither used nor recorded). Per-slide estimates come from ingest."""
+    if target.method != method:
+        raise InputError(None, "--stain", f"{method!r} given, but the recorded stain target is {target.method!r}")
+    norm = target.normalizer()
+    slides = pl.from_arrow(store.read("slides")) if store.has_table("slides") else pl.DataFrame()
+    return target.template_slide, SlideStainFit(norm, estimates=stored_stain_estimates(slides)), norm.to_dict(), None
 
 
 def record(store: Store, template: str, chosen_by: str | None) -> str:

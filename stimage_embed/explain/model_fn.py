@@ -3,7 +3,7 @@ its backbone's preprocessing and forward pass -> the head -> one gene's predicti
 
 Everything that fixes the vectors is reproduced from the model's training provenance with the
 code ``infer`` uses (:func:`stimage_embed.inference.model.embedding_recipe`: backbone spec and
-weights sha256, tile width in µm, stain method and fitted stain target, precision), so an
+weights sha256, tile width in µm, stain method and the recorded stain target, precision), so an
 unperturbed tile gives the vector the embedding pass stored for it (rounded to float16 like
 the stored vectors) and the prediction ``predict`` made from it. When any part cannot be
 reproduced the recipe raises its one-line error before anything runs.
@@ -90,7 +90,7 @@ class TileModel:
     def predict_vectors(self, X: np.ndarray, genes: list[str]) -> np.ndarray:
         """(N, len(genes)) predicted values (``column``) of vectors ``X``."""
         keys = pl.DataFrame({"slide_id": ["_"] * len(X), "spot_id": [str(i) for i in range(len(X))]})
-        arrays = SpotArrays(keys, X, None, None, self.sm.genes, self.sm.identity)
+        arrays = SpotArrays(keys, X, None, None, self.sm.genes, self.sm.identity.identity())
         pred = predict_head(self.sm.head_name, self.sm.head, arrays)
         wide = np.asarray(pred[self.column].to_numpy(), np.float64).reshape(len(X), len(self.sm.genes))
         return wide[:, [self.sm.genes.index(g) for g in genes]]
@@ -118,5 +118,5 @@ def load_tile_model(
     recipe = embedding_recipe(store, sm, weights)
     dev = resolve_device(device)
     bb = create_model(sm.backbone, weights=weights, device=str(dev))
-    _, fit, _, _ = stain_target(store, [sm.backbone], recipe.stain, recipe.stain_template, set())
+    _, fit, _, _ = stain_target(store, [sm.backbone], recipe.stain, recipe.stain_choice, set())
     return TileModel(sm, recipe, _Model(bb, dev, recipe.precision), fit, bb.input_size, batch_size)

@@ -33,7 +33,12 @@ from stimage_embed.inference.anndata_out import build_anndata, write_anndata
 from stimage_embed.inference.grid import MIN_TISSUE, TileGrid, tissue_grid
 from stimage_embed.inference.heatmaps import top_genes, write_heatmaps
 from stimage_embed.inference.label_predict import is_label_head, predict_label_tiles, write_label_outputs
-from stimage_embed.inference.model import check_stain_target, embedding_recipe, load_saved_model
+from stimage_embed.inference.model import (
+    check_stain_target,
+    check_table_accepts,
+    embedding_recipe,
+    load_saved_model,
+)
 from stimage_embed.inference.predict_tiles import predict_slide_tiles
 from stimage_embed.inference.pseudobulk import pseudobulk, write_pseudobulk_csv, write_pseudobulk_table
 from stimage_embed.inference.slide_from_image import IMAGE_ONLY, check_slide_id, probe_image, read_image, register_slide
@@ -136,7 +141,7 @@ def _embed_and_predict(
             slides=[sid],
             tile_um=recipe.embed_tile_um,
             stain=recipe.stain,
-            stain_template=recipe.stain_template,
+            stain_template=recipe.stain_choice,  # the model's recorded stain target
             precision=recipe.precision,
             weights={sm.backbone: weights} if weights else None,
             **embed_options,
@@ -247,6 +252,7 @@ def infer(
         raise InputError(out, "--out", "exists and is not a folder")
     sm = _check_model_and_genes(store, model, genes)
     recipe = embedding_recipe(store, sm, weights, check_stain=False)
+    check_table_accepts(store, recipe)  # the new vectors can join the store's table
     probe_image(image, um_per_px)  # cheap checks first: file, header, µm/px
     if slide_id is not None:
         check_slide_id(store, slide_id, Path(image))

@@ -21,16 +21,14 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from heads import ProvenanceMismatch, check_provenance
 from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.evaluation.label_metrics import label_scores
 from stimage_embed.inference.label_maps import class_map
 from stimage_embed.inference.predict_tiles import TilePredictions, check_vector_provenance
-from stimage_embed.predictions.arrays import load_embeddings, table_provenance, vector_parts
+from stimage_embed.predictions.arrays import load_embeddings, table_provenance
 from stimage_embed.predictions.label_store import prediction_rows, replace_label_predictions
 from stimage_embed.predictions.registry import HEADS
 from stimage_embed.predictions.runs import commit_run_row, datasets_of, runs_row
-from stimage_embed.store import schema as S
 from stimage_embed.store.labels import LABELS_TABLE
 from stimage_embed.store.store import Store, sql_list
 
@@ -71,18 +69,21 @@ def _observed(store: Store, label_set: str | None, keys: pl.DataFrame) -> np.nda
 
 
 def _check_model_vectors(store: Store, sm: SavedModel) -> dict:
+    """The store's provenance record of the model's vectors, after checking they are the
+    training vectors (:class:`~stimage_embed.embeddings.provenance.VectorProvenance`) and are
+    normalised against the store's current stain target."""
+    from stimage_embed.embeddings.provenance import VectorProvenance, describe
     from stimage_embed.embeddings.stain_target import check_table_target
-    from stimage_embed.predictions.train_predict import vector_identity
 
     prov = table_provenance(store, sm.backbone)
-    try:
-        check_provenance(sm.head, vector_identity(prov))
-    except ProvenanceMismatch as exc:
+    diff = sm.identity.differences(VectorProvenance.of(prov))
+    if diff:
         raise ProvenanceError(
-            f"{sm.path}: the store's {sm.backbone} vectors differ from the training vectors: {exc}"
-        ) from exc
-    for part in vector_parts(sm.backbone):
-        check_table_target(store, S.embedding_table_name(part))
+            f"{sm.path}: the store's {sm.backbone} vectors differ from the training vectors: "
+            f"provenance mismatch: {describe(diff, 'model', 'store')}"
+        )
+    for table in sm.source.tables:
+        check_table_target(store, table)
     return prov
 
 

@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from heads import ProvenanceMismatch, check_provenance
-from stimage_embed.embeddings.provenance import existing_provenance, provenance_id
+from stimage_embed.embeddings.provenance import VectorProvenance, describe, existing_provenance
 from stimage_embed.errors import ProvenanceError, StoreError
 from stimage_embed.inference.model import SavedModel
 from stimage_embed.predictions.arrays import SpotArrays
 from stimage_embed.predictions.runner import VALUE_COLUMNS, predict_head
-from stimage_embed.predictions.train_predict import vector_identity
-from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
@@ -51,26 +48,25 @@ class TilePredictions:
 
 def check_vector_provenance(store: Store, sm: SavedModel, slide_id: str) -> None:
     """The slide's vectors must carry the model's training provenance."""
-    table = S.embedding_table_name(sm.backbone)
+    table = sm.source.table
     pids = set(
         store.read(table, ["provenance_id"], where=f"slide_id IN ({sql_list([slide_id])})")["provenance_id"].to_pylist()
     )
-    records = {provenance_id(p): p for p in existing_provenance(store, table)}
+    records = {p.id: p for p in map(VectorProvenance.of, existing_provenance(store, table))}
     for pid in pids:
-        rec = records.get(pid)
-        try:
-            check_provenance(sm.head, vector_identity(rec or {}))
-        except ProvenanceMismatch as exc:
+        diff = sm.identity.differences(records.get(pid) or VectorProvenance.of({}))
+        if diff:
             raise ProvenanceError(
-                f"{sm.path}: the vectors of slide {slide_id!r} differ from the model's training vectors: {exc}"
-            ) from exc
+                f"{sm.path}: the vectors of slide {slide_id!r} differ from the model's training vectors: "
+                f"provenance mismatch: {describe(diff, 'model', 'vectors')}"
+            )
 
 
 def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.DataFrame) -> TilePredictions:
     """Predict every tile of ``slide_id`` in ``keys`` (columns slide_id, spot_id, patient,
     array_row, array_col, pixel_x, pixel_y); writes the model's rows of ``predictions``."""
     genes = sm.genes
-    table = S.embedding_table_name(sm.backbone)
+    table = sm.source.table
     check_vector_provenance(store, sm, slide_id)
     row_of = {s: i for i, s in enumerate(keys["spot_id"].to_list())}
     n, g = keys.height, len(genes)
@@ -100,7 +96,9 @@ def predict_slide_tiles(store: Store, sm: SavedModel, slide_id: str, keys: pl.Da
         dim = vec.type.list_size
         X = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[sel].astype(np.float32)
         rows = rows[sel]
-        arrays = SpotArrays(keys=keys[rows], X=X, counts=None, library_size=None, genes=genes, provenance=sm.identity)
+        arrays = SpotArrays(
+            keys=keys[rows], X=X, counts=None, library_size=None, genes=genes, provenance=sm.identity.identity()
+        )
         pred = predict_head(sm.head_name, sm.head, arrays).with_columns(pl.lit(sm.run_id).alias("run_id"))
         store.append("predictions", pred)
         out.rows_written += pred.height

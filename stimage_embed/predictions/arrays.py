@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from stimage_embed.embeddings.provenance import existing_provenance
-from stimage_embed.errors import InputError, StoreError
-from stimage_embed.store import schema as S
+from stimage_embed.embeddings.vector_source import VectorSource
+from stimage_embed.errors import StoreError
 from stimage_embed.store.maintenance import SlideReader
 from stimage_embed.store.store import Store, sql_list
 
@@ -63,35 +63,21 @@ def shuffled_within_slides(arrays: SpotArrays, seed: int = 0) -> SpotArrays:
     )
 
 
-#: joins the vector tables of a composite "backbone": ``a+b`` is the concatenation, per
-#: spot, of ``a``'s and ``b``'s vectors (e.g. ``efficientnet_lite0+efficientnet_lite0__ctx300um``:
-#: the spot tile and a 300 µm window around it, from ``embed --context-um 300``)
-COMPOSITE_SEPARATOR = "+"
-
-
 def vector_parts(backbone: str) -> list[str]:
-    """The vector tables' backbone names of ``backbone`` (one, or the parts of ``a+b``)."""
-    parts = [p.strip() for p in backbone.split(COMPOSITE_SEPARATOR)]
-    if any(not p for p in parts) or len(set(parts)) != len(parts):
-        raise InputError(
-            None,
-            "--backbone",
-            f"{backbone!r}: a composite names distinct vector tables joined by "
-            f"{COMPOSITE_SEPARATOR!r}, e.g. efficientnet_lite0+efficientnet_lite0__ctx300um",
-        )
-    return parts
+    """The vector tables' source names of ``backbone`` (one, or the parts of ``a+b``;
+    :class:`~stimage_embed.embeddings.vector_source.VectorSource`)."""
+    return VectorSource.parse(backbone).part_names
 
 
 def table_provenance(store: Store, backbone: str) -> dict:
     """Provenance of a backbone's vectors; for a composite ``a+b``, each identity field is
     the list of its parts' values (so a change in any part changes the provenance id)."""
-    parts = vector_parts(backbone)
     provs = []
-    for part in parts:
-        found = existing_provenance(store, S.embedding_table_name(part))
+    for part in VectorSource.parse(backbone).parts:
+        found = existing_provenance(store, part.table)
         if not found:
             raise StoreError(
-                f"{store.path}: no vectors for backbone {part!r}; run `stimage-embed embed --backbone {part}`"
+                f"{store.path}: no vectors for backbone {part.name!r}; run `stimage-embed embed --backbone {part.name}`"
             )
         provs.append(found[0])
     if len(provs) == 1:
@@ -103,8 +89,7 @@ def table_provenance(store: Store, backbone: str) -> dict:
 def embedded_slides(store: Store, backbone: str) -> set[str]:
     """Slides with vectors of ``backbone`` (of every part of a composite)."""
     sets = [
-        set(store.sql(f"SELECT DISTINCT slide_id FROM {S.embedding_table_name(p)}")["slide_id"])
-        for p in vector_parts(backbone)
+        set(store.sql(f"SELECT DISTINCT slide_id FROM {t}")["slide_id"]) for t in VectorSource.parse(backbone).tables
     ]
     return set.intersection(*sets)
 
@@ -120,15 +105,15 @@ def load_embeddings(
     of one slide does not grow with the number of slides in the table.
     A composite ``a+b`` gives the spots present in every part, with the parts' vectors side
     by side (``a``'s columns first)."""
-    parts = vector_parts(backbone)
-    if len(parts) > 1:
-        loaded = [load_embeddings(store, p, slide_ids, reader) for p in parts]
+    source = VectorSource.parse(backbone)
+    if source.is_composite:
+        loaded = [load_embeddings(store, p, slide_ids, reader) for p in source.part_names]
         keys = loaded[0][0].with_row_index("_0")
         for i, (k, _) in enumerate(loaded[1:], start=1):
             keys = keys.join(k.with_row_index(f"_{i}"), on=["slide_id", "spot_id"], how="inner", maintain_order="left")
         X = np.hstack([x[keys[f"_{i}"].to_numpy()] for i, (_, x) in enumerate(loaded)])
         return keys.select("slide_id", "spot_id"), X
-    table = S.embedding_table_name(backbone)
+    table = source.table
     slides = list(dict.fromkeys(slide_ids))
     cols = ["spot_id", "vector"] if len(slides) == 1 else ["slide_id", "spot_id", "vector"]  # one slide: known
     t = (reader or store.slide_reader).read(table, slides, cols)

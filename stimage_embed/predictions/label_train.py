@@ -10,20 +10,19 @@ version of its vectors and of its labels), so a retrain on changed labels is a n
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from heads import save_head
-from stimage_embed.embeddings.provenance import provenance_id, setup_id
+from stimage_embed.embeddings.provenance import VectorProvenance
 from stimage_embed.embeddings.stain_target import check_same_target
+from stimage_embed.embeddings.vector_source import VectorSource
 from stimage_embed.errors import InputError
-from stimage_embed.predictions.arrays import table_provenance, vector_parts
+from stimage_embed.predictions.arrays import table_provenance
 from stimage_embed.predictions.label_runs import label_arrays, label_versions
 from stimage_embed.predictions.runner import make_head
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, runs_row
-from stimage_embed.store import schema as S
+from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, run_key, runs_row
+from stimage_embed.predictions.saved_model import training_vectors, write_model_folder
 from stimage_embed.store.labels import read_labels
 from stimage_embed.store.store import Store
 
@@ -42,7 +41,7 @@ def train_label(
     """Fit the label head ``head`` on ``label_set`` over ``train_slides``; returns (run_id, model dir)."""
     import polars as pl
 
-    from stimage_embed.predictions.train_predict import models_dir, vector_identity
+    from stimage_embed.predictions.train_predict import models_dir
 
     if not label_set:
         raise InputError(None, "--labels", f"{head} learns a label set: give --labels NAME (see `labels add`)")
@@ -50,23 +49,16 @@ def train_label(
     if unknown or not train_slides:
         raise InputError(None, "--train", f"training slides not in the store: {unknown or 'none given'}")
     labels = pl.from_pandas(read_labels(store, label_set))
-    prov = table_provenance(store, backbone)
-    tables = [S.embedding_table_name(p) for p in vector_parts(backbone)]
+    source = VectorSource.parse(backbone)
+    prov = VectorProvenance.of(table_provenance(store, backbone))
+    tables = source.tables
     check_same_target(store, tables)
     versions = input_versions(store, tables, train_slides)  # refuses stale vectors
     data = label_arrays(store, backbone, label_set, train_slides, only_qc, labels)
     lv = label_versions(labels, train_slides)
     inputs = {s: {**{t: versions.get(s, {}).get(t) for t in tables}, "labels": lv[s]} for s in sorted(train_slides)}
-    config = {
-        "backbone": backbone,
-        "provenance": setup_id(prov),
-        "head": head,
-        "params": params or {},
-        "train": sorted(train_slides),
-        "label_set": label_set,
-        "only_qc": only_qc,
-        "kind": "train",
-    }
+    base = {"train": sorted(train_slides), "label_set": label_set, "only_qc": only_qc, "kind": "train"}
+    config = run_key(base, backbone=backbone, provenance=prov.setup_id, head=head, params=params or {})
     rid, cid = run_identity(config, inputs, train_slides)
     t0 = time.perf_counter()
     try:
@@ -75,12 +67,11 @@ def train_label(
         raise InputError(None, "--labels", f"{label_set}: {exc}") from exc
     fit_s = time.perf_counter() - t0
     classes = [str(c) for c in model.classes_]
-    out = models_dir(store) / rid
-    save_head(model, out, provenance=vector_identity(prov))
     meta = dict(run_id=rid, backbone=backbone, head=head, genes=classes, gene_spec=f"labels:{label_set}")
     meta |= dict(label_set=label_set, classes=classes, params=params or {}, train_slides=sorted(train_slides))
     meta |= dict(n_train_spots=int(data.X.shape[0]), fit_seconds=fit_s)
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    vectors = training_vectors(store, source, train_slides)
+    out = write_model_folder(models_dir(store) / rid, model, prov, meta, vectors)
     row = runs_row(
         run_id=rid,
         dataset=datasets_of(store, train_slides),
@@ -94,7 +85,7 @@ def train_label(
         gene_spec=meta["gene_spec"],
         genes=classes,
         params=params,
-        provenance_ids=[provenance_id(prov)],
+        provenance_ids=[prov.id],
         n_train_spots=int(data.X.shape[0]),
         fit_seconds=fit_s,
         model_dir=str(out),

@@ -1,41 +1,33 @@
 """``train`` and ``predict``: fit one head on cached vectors and save it under the store;
 apply a saved head to slides and write the ``predictions`` table.
 
-A saved model is a folder ``<store>/models/<run_id>/`` holding the head (safetensors +
-JSON, no pickle, via ``heads.save_head``) with the provenance of its training vectors,
-and ``run.json`` (backbone, head, genes, training slides). ``predict`` refuses vectors
-whose provenance differs from the training vectors'.
+A saved model is a folder ``<store>/models/<run_id>/``
+(:mod:`stimage_embed.predictions.saved_model`: the head, ``run.json`` and ``vectors.json``).
+``predict`` refuses vectors whose provenance differs from the training vectors'
+(:meth:`VectorProvenance.differences`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from pathlib import Path
 
 import polars as pl
 
-from heads import ProvenanceMismatch, check_provenance, load_head, save_head
-from stimage_embed.embeddings.provenance import identity, provenance_id, setup_id
+from stimage_embed.embeddings.provenance import VectorProvenance, describe
 from stimage_embed.embeddings.stain_target import check_same_target, check_table_target
+from stimage_embed.embeddings.vector_source import VectorSource
 from stimage_embed.errors import InputError, ProvenanceError
-from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance, vector_parts
+from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
 from stimage_embed.predictions.genes import fold_genes
 from stimage_embed.predictions.registry import head_names
 from stimage_embed.predictions.runner import fit_head, make_head, predict_head
 from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, run_key, runs_row
-from stimage_embed.store import schema as S
+from stimage_embed.predictions.saved_model import load_saved_model, training_vectors, write_model_folder
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
-
-
-def vector_identity(prov: dict) -> dict:
-    """The provenance fields that decide whether two sets of vectors are interchangeable
-    (``provenance.identity``: incl. the stain target), JSON-encoded."""
-    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in identity(prov).items()}
 
 
 def models_dir(store: Store) -> Path:
@@ -72,23 +64,22 @@ def train(
     unknown = sorted(set(train_slides) - known)
     if unknown or not train_slides:
         raise InputError(None, "--train", f"training slides not in the store: {unknown or 'none given'}")
-    prov = table_provenance(store, backbone)
-    tables = [S.embedding_table_name(p) for p in vector_parts(backbone)]
+    source = VectorSource.parse(backbone)
+    prov = VectorProvenance.of(table_provenance(store, backbone))
+    tables = source.tables
     check_same_target(store, tables)
     inputs = input_versions(store, tables, train_slides)  # refuses stale vectors
     gene_list = fold_genes(store, train_slides, genes)
     arrays = load_spot_arrays(store, backbone, train_slides, gene_list, only_qc=only_qc)
     base = {"train": sorted(train_slides), "genes": gene_list, "only_qc": only_qc, "kind": "train"}
-    config = run_key(base, backbone=backbone, provenance=setup_id(prov), head=head, params=params or {})
+    config = run_key(base, backbone=backbone, provenance=prov.setup_id, head=head, params=params or {})
     rid, cid = run_identity(config, inputs, train_slides)
     t0 = time.perf_counter()
     model = fit_head(head, make_head(head, params), arrays)
     fit_s = time.perf_counter() - t0
-    out = models_dir(store) / rid
-    save_head(model, out, provenance=vector_identity(prov))
     meta = dict(run_id=rid, backbone=backbone, head=head, genes=gene_list, gene_spec=genes, params=params or {})
     meta |= dict(train_slides=sorted(train_slides), n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s)
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    out = write_model_folder(models_dir(store) / rid, model, prov, meta, training_vectors(store, source, train_slides))
     row = runs_row(
         run_id=rid,
         dataset=datasets_of(store, train_slides),
@@ -102,7 +93,7 @@ def train(
         gene_spec=genes,
         genes=gene_list,
         params=params,
-        provenance_ids=[provenance_id(prov)],
+        provenance_ids=[prov.id],
         n_train_spots=int(arrays.X.shape[0]),
         fit_seconds=fit_s,
         model_dir=str(out),
@@ -123,24 +114,6 @@ def train(
     return rid, out
 
 
-def _model_meta(path: Path) -> dict:
-    """A saved model's ``run.json``, checked (keys present, run id a hex hash)."""
-    meta_file = path / "run.json"
-    if not meta_file.is_file():
-        raise InputError(meta_file, "model", "no saved model here (expected run.json); see `stimage-embed train`")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(meta_file, "run.json", f"unreadable or malformed JSON: {exc}") from exc
-    missing = [k for k in ("run_id", "backbone", "head", "genes") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise InputError(meta_file, ", ".join(missing), "missing from the model's run.json")
-    rid = meta["run_id"]
-    if not isinstance(rid, str) or not re.fullmatch(r"[0-9a-f]{8,64}", rid):
-        raise InputError(meta_file, "run_id", f"not a run id (lower-case hex, 8-64 digits): {rid!r}")
-    return meta
-
-
 def predict(store: Store, model: str, slides: list[str], all_spots: bool = True) -> pl.DataFrame:
     """Apply a saved model to ``slides``; replaces its rows of ``predictions`` for them.
 
@@ -148,40 +121,23 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
     the store lacks it (a model trained elsewhere), then the predictions replace the old
     ones in ONE atomic ``merge_insert`` keyed on (run_id, slide_id, spot_id, gene): a kill
     leaves the old rows or the new ones, never neither. The run id must be hex (a hash)."""
-    from safetensors import SafetensorError
-
-    path = Path(model)
-    if not path.is_dir():
-        path = models_dir(store) / model
-    meta = _model_meta(path)
-    rid = meta["run_id"]
-    try:
-        head = load_head(path)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise InputError(
-            path,
-            "model",
-            f"cannot load the saved head (missing or truncated file?): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-        ) from exc
+    sm = load_saved_model(store, model)
+    path, rid, meta = sm.path, sm.run_id, sm.meta
     with store.writer("predict"):
-        prov = table_provenance(store, meta["backbone"])
-        current = vector_identity(prov)
-        if "stain_target" not in (getattr(head, "provenance_", None) or {}):
-            current.pop("stain_target")  # a model saved before the stain target was part of the identity
-        try:
-            check_provenance(head, current)
-        except ProvenanceMismatch as exc:
+        prov = VectorProvenance.of(table_provenance(store, meta["backbone"]))
+        diff = sm.identity.differences(prov)
+        if diff:
             raise ProvenanceError(
-                f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: {exc}"
-            ) from exc
-        for part in vector_parts(meta["backbone"]):  # normalised against the store's current stain target
-            check_table_target(store, S.embedding_table_name(part))
+                f"{path}: the store's {meta['backbone']} vectors differ from the training vectors: "
+                f"provenance mismatch: {describe(diff, 'model', 'store')}"
+            )
+        for table in sm.source.tables:  # normalised against the store's current stain target
+            check_table_target(store, table)
         unknown = sorted(set(slides) - set(store.slide_ids()))
         if unknown or not slides:
             raise InputError(None, "--slide", f"slides not in the store: {unknown or 'none given'}")
         arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
-        pred = predict_head(meta["head"], head, arrays).with_columns(pl.lit(rid).alias("run_id"))
+        pred = predict_head(meta["head"], sm.head, arrays).with_columns(pl.lit(rid).alias("run_id"))
         # make the predictions attributable to a committed run (a model trained elsewhere)
         train_slides = [str(x) for x in meta.get("train_slides", [])]
         commit_run_row(
@@ -199,7 +155,7 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
                 gene_spec=meta.get("gene_spec"),
                 genes=meta["genes"],
                 params=meta.get("params"),
-                provenance_ids=[provenance_id(prov)],
+                provenance_ids=[prov.id],
                 n_train_spots=meta.get("n_train_spots"),
                 fit_seconds=meta.get("fit_seconds"),
                 model_dir=str(path),

@@ -3,11 +3,11 @@ embedded, without writing anything to the store.
 
 The table's provenance is checked with the checks ``infer`` runs
 (:func:`stimage_embed.inference.model.embedding_recipe`: backbone spec and weights sha256,
-one tile width in µm, stain method and refitted stain target, precision); a region whose
+one tile width in µm, stain method and the recorded stain target, precision); a region whose
 vector cannot carry that provenance is refused with one line. The tile is then cut and
 normalised by the embedding pass's own stream (:class:`~stimage_embed.embeddings.tile_stream.TileStream`
-with the template's :class:`~stimage_embed.embeddings.tile_stream.SlideStainFit`) and
-embedded by the pass's forward at the recorded precision.
+with a :class:`~stimage_embed.embeddings.tile_stream.SlideStainFit` of the table's recorded
+stain target) and embedded by the pass's forward at the recorded precision.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import polars as pl
 import torch
 
+from stimage_embed.embeddings.provenance import VectorProvenance
 from stimage_embed.errors import InputError, ProvenanceError
 from stimage_embed.inference.model import EmbeddingRecipe, SavedModel, embedding_recipe
 from stimage_embed.predictions.arrays import table_provenance
-from stimage_embed.predictions.train_predict import vector_identity
+from stimage_embed.predictions.saved_model import training_vectors
 from stimage_embed.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,13 @@ class QueryTile:
 
 def table_recipe(store: Store, backbone: str, weights: str | None = None) -> EmbeddingRecipe:
     """How the table's vectors were embedded, checked reproducible here (``infer``'s checks)."""
-    prov = table_provenance(store, backbone)
+    prov = VectorProvenance.of(table_provenance(store, backbone))
     stand_in = SavedModel(
         run_id="search",
         path=store.path,
         meta={"backbone": backbone, "train_slides": [], "genes": []},
-        head=SimpleNamespace(provenance_=vector_identity(prov)),
+        head=SimpleNamespace(provenance_=prov.saved()),
+        vectors=training_vectors(store, prov.source, []),
     )
     try:
         return embedding_recipe(store, stand_in, weights)
@@ -79,14 +80,7 @@ def embed_region(
     from heads.device import resolve_device
     from stimage_embed.backbones import create_model
     from stimage_embed.embeddings.embed_pass import _Model
-    from stimage_embed.embeddings.tile_stream import (
-        Chunk,
-        SlideJob,
-        SlideStainFit,
-        TileStream,
-        stored_stain_estimates,
-        template_normalizer,
-    )
+    from stimage_embed.embeddings.tile_stream import Chunk, SlideJob, SlideStainFit, TileStream
     from stimage_embed.inference.slide_from_image import probe_image
     from stimage_embed.tiles.image import SlideImage
 
@@ -100,14 +94,7 @@ def embed_region(
     cy = height / 2 if y is None else float(y)
     if not (0 <= cx < width and 0 <= cy < height):
         raise InputError(path, "--x/--y", f"({cx:g}, {cy:g}) px is outside the {width} x {height} px image")
-    stain = None
-    if recipe.stain not in (None, "none"):
-        slides = pl.from_arrow(store.read("slides"))
-        row = slides.filter(pl.col("slide_id") == recipe.stain_template)
-        target = template_normalizer(
-            recipe.stain, row["image_path"][0], stored_stain_estimates(row).get(recipe.stain_template)
-        )
-        stain = SlideStainFit(target, template_slide=recipe.stain_template)
+    stain = None if recipe.stain_target is None else SlideStainFit(recipe.stain_target.normalizer())
     dev = resolve_device(device)
     bb = create_model(backbone, weights=weights, device=str(dev))
     job = SlideJob(QUERY_SLIDE, str(path), float(um_per_px), recipe.tile_um)
