@@ -46,6 +46,8 @@ from stimage_embed.store.store import Store
 from stimage_embed.tiles.tissue import TISSUE_THRESHOLD, tissue_mask
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from stimage_embed.embeddings.embed_pass import EmbedReport
     from stimage_embed.inference.model import EmbeddingRecipe, SavedModel
     from stimage_embed.inference.predict_tiles import TilePredictions
@@ -211,6 +213,31 @@ def write_outputs(
     return h5ad, csv, maps
 
 
+def _grid(
+    img: ImageInfo,
+    mask: np.ndarray,
+    recipe: EmbeddingRecipe,
+    pitch_um: float | None,
+    min_tissue: float,
+    tissue_threshold: float,
+    region: tuple[float, float, float, float] | None,
+) -> TileGrid:
+    """The tissue grid of ``img`` at the model's tile width (µm); ``mask``: its thumbnail's tissue."""
+    return tissue_grid(
+        mask,
+        img.downsample,
+        img.width,
+        img.height,
+        img.um_per_px,
+        recipe.tile_um,
+        pitch_um,
+        min_tissue=min_tissue,
+        tissue_threshold=tissue_threshold,
+        region=region,
+        source=str(img.path),
+    )
+
+
 def infer(
     store: Store,
     image: str | Path,
@@ -261,19 +288,7 @@ def infer(
     sid = slide_id or img.path.stem
     check_slide_id(store, sid, img.path)
     mask = tissue_mask(img.thumbnail, source=str(img.path))
-    grid = tissue_grid(
-        mask,
-        img.downsample,
-        img.width,
-        img.height,
-        img.um_per_px,
-        recipe.tile_um,
-        pitch_um,
-        min_tissue=min_tissue,
-        tissue_threshold=tissue_threshold,
-        region=region,
-        source=str(img.path),
-    )
+    grid = _grid(img, mask, recipe, pitch_um, min_tissue, tissue_threshold, region)
 
     # --- everything checked: write, under the store's writer lock ----------------------
     report, pred, pb = _embed_and_predict(
