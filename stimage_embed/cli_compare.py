@@ -141,16 +141,16 @@ def compare(
         result = run_compare(st, cfg)
     if result.run_ids or not result.label_run_ids:
         print_compare_result(result)
-        if report is not None:
-            from stimage_embed.evaluation.report_driver import write_compare_report
-
-            typer.echo(f"report: {write_compare_report(st, result, report)}")
     if result.label_run_ids:  # the label heads' tables (evaluation.label_report)
         from stimage_embed.cli_labels import print_label_result
 
         if not result.run_ids:
             typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store")
-        print_label_result(st, result.label_run_ids, report)
+        print_label_result(st, result.label_run_ids)
+    if report is not None:
+        from stimage_embed.evaluation.report_driver import write_compare_report
+
+        typer.echo(f"report: {write_compare_report(st, result, report)}")
 
 
 def print_compare_result(result) -> None:

@@ -89,14 +89,13 @@ def compare(
     with st.writer("compare"):
         result = run_compare(st, cfg, progress=False)
     typer.echo(f"{result.computed} run(s) computed, {result.reused} reused from the store, {result.seconds:.1f} s")
-    print_label_result(st, result.label_run_ids, None, plots)
+    print_label_result(st, result.label_run_ids, plots)
 
 
-def print_label_result(store, run_ids: list[str], report: Path | None, plots: Path | None = None) -> None:
+def print_label_result(store, run_ids: list[str], plots: Path | None = None) -> None:
     """Print the label head's scores of ``run_ids`` (per backbone x head x control, then F1
-    per class); append the report's label section to ``report`` / write confusion PNGs to ``plots``."""
+    per class); write confusion PNGs to ``plots`` (the report's label section: ``compare --report``)."""
     from stimage_embed.evaluation.label_report import (
-        append_label_section,
         label_per_class,
         label_summary,
         write_confusions,
@@ -111,8 +110,6 @@ def print_label_result(store, run_ids: list[str], report: Path | None, plots: Pa
     if plots is not None:
         for png in write_confusions(store, run_ids, plots):
             typer.echo(f"confusion matrix: {png}")
-    if report is not None:
-        typer.echo(f"report (label section): {append_label_section(store, run_ids, report)}")
 
 
 def register(app: typer.Typer) -> None:

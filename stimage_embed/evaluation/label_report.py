@@ -98,13 +98,11 @@ def label_section(store: Store, run_ids: Sequence[str], out_dir: Path) -> list[s
     return md
 
 
-def append_label_section(store: Store, run_ids: Sequence[str], out_dir: Path) -> Path:
-    """Append :func:`label_section` to ``out_dir/report.md`` (created when ``compare`` ran
-    no expression head)."""
+def write_label_report(store: Store, run_ids: Sequence[str], out_dir: Path) -> Path:
+    """Write ``out_dir/report.md`` of a ``compare`` that ran only label heads (one write);
+    with expression heads the label section is part of the compare report instead."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.md"
-    lines = label_section(store, run_ids, out_dir)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(("\n" if path.stat().st_size else "# compare report\n\n") + "\n".join(lines))
+    path.write_text("# compare report\n\n" + "\n".join(label_section(store, run_ids, out_dir)), encoding="utf-8")
     return path

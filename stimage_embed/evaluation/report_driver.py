@@ -73,7 +73,11 @@ def _control_section(leaderboard: pl.DataFrame) -> list[str]:
 
 def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int = 3, max_slides: int | None = 6) -> Path:
     """Write the report folder of ``result`` (a ``compare.CompareResult``) into ``out_dir``;
-    returns the path of ``report.md``."""
+    returns the path of ``report.md`` (written once, label-head section included)."""
+    from stimage_embed.evaluation.label_report import label_section, write_label_report
+
+    if not result.run_ids:  # label heads only
+        return write_label_report(store, result.label_run_ids, out_dir)
     real = store.sql(
         f"SELECT run_id FROM runs WHERE run_id IN ({sql_list(result.run_ids)}) AND coalesce(control, 'none') = 'none'"
     )
@@ -86,6 +90,8 @@ def write_compare_report(store: Store, result, out_dir: Path, top_k_genes: int =
     spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "array_row", "array_col", "pixel_x", "pixel_y"]))
     sections = _paired_section(result.paired) + _control_section(result.leaderboard)
     sections += agreement_section(predictions, runs)
+    if result.label_run_ids:
+        sections += label_section(store, result.label_run_ids, Path(out_dir))
     return write_report(
         Path(out_dir),
         metrics,
