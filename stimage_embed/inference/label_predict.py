@@ -28,7 +28,7 @@ from stimage_embed.inference.predict_tiles import TilePredictions, check_vector_
 from stimage_embed.predictions.arrays import load_embeddings, table_provenance
 from stimage_embed.predictions.label_store import prediction_rows, replace_label_predictions
 from stimage_embed.predictions.registry import HEADS
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, runs_row
+from stimage_embed.predictions.runs import commit_run_row, model_run_row
 from stimage_embed.store.labels import LABELS_TABLE
 from stimage_embed.store.store import Store, sql_list
 
@@ -105,28 +105,8 @@ def predict_labels(store: Store, model: str, slides: Sequence[str]) -> pl.DataFr
         rows = prediction_rows(
             sm.run_id, keys, sm.head.predict_proba(X), sm.genes, _observed(store, sm.meta.get("label_set"), keys)
         )
-        train = [str(x) for x in sm.meta.get("train_slides", [])]
-        commit_run_row(  # a model trained elsewhere: its predictions belong to a committed run
-            store,
-            runs_row(
-                run_id=sm.run_id,
-                dataset=datasets_of(store, train),
-                backbone=sm.backbone,
-                members=[sm.backbone],
-                head=sm.head_name,
-                split="train",
-                fold="train",
-                train_slides=train,
-                test_slides=[],
-                gene_spec=sm.meta.get("gene_spec"),
-                genes=sm.genes,
-                params=sm.meta.get("params"),
-                provenance_ids=[provenance_id(prov)],
-                n_train_spots=sm.meta.get("n_train_spots"),
-                fit_seconds=sm.meta.get("fit_seconds"),
-                model_dir=str(sm.path),
-            ),
-        )
+        # a model trained elsewhere: its predictions belong to a committed run
+        commit_run_row(store, model_run_row(store, sm.meta, provenance_id(prov), str(sm.path)))
         replace_label_predictions(store, sm.run_id, list(slides), rows)
     return rows
 

@@ -21,7 +21,13 @@ from stimage_embed.errors import InputError
 from stimage_embed.predictions.arrays import table_provenance
 from stimage_embed.predictions.label_runs import label_arrays, label_versions
 from stimage_embed.predictions.runner import make_head
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, run_key, runs_row
+from stimage_embed.predictions.runs import (
+    commit_run_row,
+    input_versions,
+    model_run_row,
+    run_identity,
+    run_key,
+)
 from stimage_embed.predictions.saved_model import training_vectors, write_model_folder
 from stimage_embed.store.labels import read_labels
 from stimage_embed.store.store import Store
@@ -72,26 +78,7 @@ def train_label(
     meta |= dict(n_train_spots=int(data.X.shape[0]), fit_seconds=fit_s)
     vectors = training_vectors(store, source, train_slides)
     out = write_model_folder(models_dir(store) / rid, model, prov, meta, vectors)
-    row = runs_row(
-        run_id=rid,
-        dataset=datasets_of(store, train_slides),
-        backbone=backbone,
-        members=[backbone],
-        head=head,
-        split="train",
-        fold="train",
-        train_slides=train_slides,
-        test_slides=[],
-        gene_spec=meta["gene_spec"],
-        genes=classes,
-        params=params,
-        provenance_ids=[prov.id],
-        n_train_spots=int(data.X.shape[0]),
-        fit_seconds=fit_s,
-        model_dir=str(out),
-        config_id=cid,
-        inputs=inputs,
-    )
+    row = model_run_row(store, meta, prov.id, str(out), config_id=cid, inputs=inputs)
     with store.writer("train"):
         commit_run_row(store, row)
     log.info(

@@ -228,6 +228,41 @@ def runs_row(
     }
 
 
+def model_run_row(
+    store: Store,
+    meta: dict[str, Any],
+    provenance_id: str,
+    model_dir: str,
+    *,
+    config_id: str | None = None,
+    inputs: dict | None = None,
+) -> dict[str, Any]:
+    """The ``runs`` row of a saved model (split ``train``) from its ``run.json`` ``meta``
+    (run_id, backbone, head, genes or classes, gene_spec, params, train_slides, n_train_spots,
+    fit_seconds): written by ``train``, or by ``predict`` for a model trained elsewhere."""
+    train = [str(x) for x in meta.get("train_slides", [])]
+    return runs_row(
+        run_id=meta["run_id"],
+        dataset=datasets_of(store, train),
+        backbone=meta["backbone"],
+        members=[meta["backbone"]],
+        head=meta["head"],
+        split="train",
+        fold="train",
+        train_slides=train,
+        test_slides=[],
+        gene_spec=meta.get("gene_spec"),
+        genes=meta["genes"],
+        params=meta.get("params"),
+        provenance_ids=[provenance_id],
+        n_train_spots=meta.get("n_train_spots"),
+        fit_seconds=meta.get("fit_seconds"),
+        model_dir=model_dir,
+        config_id=config_id,
+        inputs=inputs,
+    )
+
+
 def commit_run_row(store: Store, row: dict[str, Any]) -> bool:
     """Append ``row`` to ``runs`` unless its run is committed already; True if written.
     Call under the store's writer lock when other writers may race."""

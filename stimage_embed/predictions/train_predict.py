@@ -23,7 +23,13 @@ from stimage_embed.predictions.arrays import load_spot_arrays, table_provenance
 from stimage_embed.predictions.genes import fold_genes
 from stimage_embed.predictions.registry import head_names
 from stimage_embed.predictions.runner import fit_head, make_head, predict_head
-from stimage_embed.predictions.runs import commit_run_row, datasets_of, input_versions, run_identity, run_key, runs_row
+from stimage_embed.predictions.runs import (
+    commit_run_row,
+    input_versions,
+    model_run_row,
+    run_identity,
+    run_key,
+)
 from stimage_embed.predictions.saved_model import load_saved_model, training_vectors, write_model_folder
 from stimage_embed.store.store import Store, sql_list
 
@@ -80,26 +86,7 @@ def train(
     meta = dict(run_id=rid, backbone=backbone, head=head, genes=gene_list, gene_spec=genes, params=params or {})
     meta |= dict(train_slides=sorted(train_slides), n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s)
     out = write_model_folder(models_dir(store) / rid, model, prov, meta, training_vectors(store, source, train_slides))
-    row = runs_row(
-        run_id=rid,
-        dataset=datasets_of(store, train_slides),
-        backbone=backbone,
-        members=[backbone],
-        head=head,
-        split="train",
-        fold="train",
-        train_slides=train_slides,
-        test_slides=[],
-        gene_spec=genes,
-        genes=gene_list,
-        params=params,
-        provenance_ids=[prov.id],
-        n_train_spots=int(arrays.X.shape[0]),
-        fit_seconds=fit_s,
-        model_dir=str(out),
-        config_id=cid,
-        inputs=inputs,
-    )
+    row = model_run_row(store, meta, prov.id, str(out), config_id=cid, inputs=inputs)
     with store.writer("train"):
         commit_run_row(store, row)
     log.info(
@@ -139,28 +126,7 @@ def predict(store: Store, model: str, slides: list[str], all_spots: bool = True)
         arrays = load_spot_arrays(store, meta["backbone"], slides, meta["genes"], only_qc=not all_spots)
         pred = predict_head(meta["head"], sm.head, arrays).with_columns(pl.lit(rid).alias("run_id"))
         # make the predictions attributable to a committed run (a model trained elsewhere)
-        train_slides = [str(x) for x in meta.get("train_slides", [])]
-        commit_run_row(
-            store,
-            runs_row(
-                run_id=rid,
-                dataset=datasets_of(store, train_slides),
-                backbone=meta["backbone"],
-                members=[meta["backbone"]],
-                head=meta["head"],
-                split="train",
-                fold="train",
-                train_slides=train_slides,
-                test_slides=[],
-                gene_spec=meta.get("gene_spec"),
-                genes=meta["genes"],
-                params=meta.get("params"),
-                provenance_ids=[prov.id],
-                n_train_spots=meta.get("n_train_spots"),
-                fit_seconds=meta.get("fit_seconds"),
-                model_dir=str(path),
-            ),
-        )
+        commit_run_row(store, model_run_row(store, meta, prov.id, str(path)))
         store.replace_where(
             "predictions",
             pred,
