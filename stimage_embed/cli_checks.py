@@ -187,5 +187,6 @@ def environment_error(exc: BaseException) -> str | None:
     where = getattr(exc, "filename", None)
     where = f"{where}: " if where else ""
     return (
-        f"{where}{_OS_ERRORS[code]}; nothing was committed by this command (the store keeps its last complete version)"
+        f"{where}{_OS_ERRORS[code]}; the write that failed was not committed (each table keeps its last complete "
+        "version; what this command committed before stays, e.g. compare's finished runs: re-run it to complete)"
     )

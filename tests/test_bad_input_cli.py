@@ -189,6 +189,46 @@ def a_file(w: Env) -> Path:
     return p
 
 
+def label_file(unknown_spot: bool = False) -> Callable[[Env], Path]:
+    """A label CSV (slide, spot, tone) over S1's real spots; ``unknown_spot``: one spot id the store lacks."""
+
+    def make(w: Env) -> Path:
+        spots = pl.from_arrow(Store(w.store).read("spots", ["slide_id", "spot_id"], where="slide_id = 'S1'"))
+        df = spots.rename({"slide_id": "slide", "spot_id": "spot"}).with_columns(
+            pl.Series("tone", ["dark", "pale"] * (spots.height // 2) + ["mid"] * (spots.height % 2))
+        )
+        if unknown_spot:
+            bad = pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("no_such_spot"))
+            df = df.with_columns(bad.otherwise(pl.col("spot")).alias("spot"))
+        path = w.tmp / "tone.csv"
+        df.write_csv(path)
+        return path
+
+    return make
+
+
+def with_labels(w: Env) -> None:
+    """The label set ``tone`` stored (S1's spots), before the snapshot."""
+    from stimage_embed.store.labels import add_labels
+
+    add_labels(Store(w.store), label_file()(w), ("slide", "spot"), "tone", None)
+
+
+def clinical_file(text: str) -> Callable[[Env], Path]:
+    def make(w: Env) -> Path:
+        path = w.tmp / "clinical.csv"
+        path.write_text(text)
+        return path
+
+    return make
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 # --- the table -----------------------------------------------------------------------------
 # (id, args with {store} {model} {tmp} {data} {made} placeholders, needles, set-up)
 S = "--store"
@@ -197,6 +237,11 @@ CASES: list[tuple[str, list[str], tuple[str, ...], Callable | None]] = [
     ("precision_bogus", ["embed", S, "{store}", "--precision", "bogus"], ("--precision", "bogus"), None),
     ("device_bogus", ["embed", S, "{store}", "--device", "bogus"], ("--device",), None),
     ("device_cuda_without_gpu", ["embed", S, "{store}", "--device", "cuda:7"], ("--device", "cuda:7"), None),
+    *(
+        [("device_cuda_no_gpu", ["embed", S, "{store}", "--device", "cuda"], ("--device", "cuda"), None)]
+        if _no_gpu()
+        else []
+    ),
     ("batch_size_0", ["embed", S, "{store}", "--batch-size", "0"], ("--batch-size",), None),
     ("workers_negative", ["embed", S, "{store}", "--workers", "-3"], ("--workers",), None),
     ("overwrite_batch_size_0", ["embed", S, "{store}", "--overwrite", "--batch-size", "0"], ("--batch-size",), None),
@@ -259,6 +304,59 @@ CASES: list[tuple[str, list[str], tuple[str, ...], Callable | None]] = [
         without_s1_vectors,
     ),
     ("predict_unknown_slide", ["predict", S, "{store}", "--model", "{model}", "--slide", "S9"], ("S9",), None),
+    # verbs added since issue 18 (search/index, explain, view and the clinical checks of the file are
+    # in tests/test_search_bad_input.py, test_explain_her2st.py, test_viewer_api.py, test_clinical.py)
+    ("compare_label_head_without_labels", ["compare", S, "{store}", "--heads", "label"], ("--labels",), None),
+    (
+        "compare_labels_without_any_stored",
+        ["compare", S, "{store}", "--heads", "label", "--labels", "tone"],
+        ("--labels", "labels add"),
+        None,
+    ),
+    (
+        "compare_unknown_label_set",
+        ["compare", S, "{store}", "--heads", "label", "--labels", "nope"],
+        ("--labels", "nope"),
+        with_labels,
+    ),
+    (
+        "labels_add_missing_file",
+        ["labels", "add", "{tmp}/none.csv", "--key", "slide,spot", "--column", "tone", S, "{store}"],
+        ("none.csv",),
+        None,
+    ),
+    (
+        "labels_add_three_keys",
+        ["labels", "add", "{made}", "--key", "slide,spot,x", "--column", "tone", S, "{store}"],
+        ("tone.csv", "--key"),
+        label_file(),
+    ),
+    (
+        "labels_add_unknown_column",
+        ["labels", "add", "{made}", "--key", "slide,spot", "--column", "cell_type", S, "{store}"],
+        ("tone.csv", "cell_type"),
+        label_file(),
+    ),
+    (
+        "labels_add_unknown_spot",
+        ["labels", "add", "{made}", "--key", "slide,spot", "--column", "tone", S, "{store}"],
+        ("tone.csv", "no_such_spot"),
+        label_file(unknown_spot=True),
+    ),
+    (
+        "labels_compare_train_without_test",
+        ["labels", "compare", "--labels", "tone", "--train", "S1", S, "{store}"],
+        ("--train/--test",),
+        None,
+    ),
+    ("labels_compare_unknown_set", ["labels", "compare", "--labels", "nope", S, "{store}"], ("nope",), with_labels),
+    ("clinical_add_missing_file", ["clinical", "add", "{tmp}/none.csv", S, "{store}"], ("none.csv",), None),
+    (
+        "clinical_add_first_file_bad",
+        ["clinical", "add", "{made}", "--key", "patient", S, "{store}"],
+        ("clinical.csv", "event '2' is not 0 or 1"),
+        clinical_file("patient,time,event\nS1,1,0\nS2,2,2\n"),
+    ),
     # already in the suite (tests/test_hostile_inputs.py), here through the command line
     ("jpeg_bomb", ["ingest", "{made}", S, "{store}"], ("S3.jpg", "image", "header claims"), damaged("bomb")),
     ("truncated_jpeg", ["ingest", "{made}", S, "{store}"], ("S3.jpg", "premature end"), damaged("truncated_jpeg")),
@@ -432,12 +530,84 @@ def test_every_writer_on_a_read_only_store_is_one_line(world, mounted, verb):
     assert snapshot(ro) == before
 
 
-def test_a_full_disk_during_ingest_is_one_line(world, mounted):
-    """ENOSPC while a new slide is written: one line saying the disk is full."""
-    files = [p for p in world.store.rglob("*") if p.is_file()]
-    size = sum(-(-p.stat().st_size // 4096) * 4096 for p in files) + 4096 * (len(files) + 64)
-    disk = mounted("-t", "tmpfs", "-o", f"size={size + 64 * 1024}", "tmpfs", at=world.tmp / "disk")
+@pytest.mark.parametrize("free_kb", [0, 400, 800])
+def test_a_full_disk_during_ingest_is_one_line(world, mounted, free_kb):
+    """ENOSPC while two new slides are written (``free_kb`` left: at the first write, at a
+    table's commit, in the compaction after the commits): one line saying the disk is full;
+    the store as it was, or (compaction) with both new slides whole in every table."""
+    disk = mounted("-t", "tmpfs", "-o", f"size={_size(world.store) + 4 * 1024 * 1024}", "tmpfs", at=world.tmp / "disk")
     shutil.copytree(world.store, disk / "store")
-    cat = new_slide(world, ("S3", "S4"))  # 2 x 12 spots with ~15,000 genes each: more than the free space
+    (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - free_kb * 1024))
+    cat = new_slide(world, ("S3", "S4"))  # 2 x 12 spots with ~15,000 genes each
+    before = committed(disk / "store")
     res = CliRunner().invoke(app, ["ingest", str(cat), S, str(disk / "store")])
-    one_line(res.output, res.exit_code, ("disk is full",))
+    one_line(res.output, res.exit_code, ("disk is full", "not committed"))
+    after = committed(disk / "store")
+    st = Store(disk / "store")
+    new = {t: st.sql(f"SELECT COUNT(*) AS n FROM {t} WHERE slide_id IN ('S3', 'S4')")["n"][0] for t in CORE}
+    changed = sorted(set(after["rows"].items()) ^ set(before["rows"].items()))
+    if free_kb < 800:  # failed at a write or a commit: nothing of S3, S4 anywhere, the tables restored
+        assert after == before and set(new.values()) == {0}, changed
+    else:  # all committed, then the compaction after them found the disk full: both slides whole
+        assert new["slides"] == 2 and min(new.values()) >= 2 and st.pending("ingest") == [], new
+
+
+CORE = ("slides", "spots", "genes", "expression")
+
+
+def _size(store: Path) -> int:
+    """Bytes a copy of ``store`` takes on tmpfs (4 KiB pages)."""
+    files = [p for p in store.rglob("*") if p.is_file()]
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in files) + 4096 * (len(files) + 64)
+
+
+def committed(path: Path) -> dict:
+    """What a failed writer must leave as it was: each table's rows and version-independent
+    content (row count), the lock file and the pending marks."""
+    snap = snapshot(path)
+    st = Store(path)
+    rows = {n: st.table(n).count_rows() for n in st.table_names()}
+    marks = {k: v for k, v in snap["files"].items() if k == ".stimage-embed.lock" or k.startswith(".pending")}
+    return {"rows": rows, "marks": marks}
+
+
+@pytest.mark.parametrize("free_kb", [0, 48, 96])
+def test_a_full_disk_during_compare_is_one_line_and_never_leaves_a_wrong_result(world, mounted, free_kb):
+    """ENOSPC at one of compare's commits (``free_kb`` left: at its first write, at a fold's
+    predictions, at the second fold): one line saying the disk is full; the inputs untouched;
+    no committed run without its rows; once there is room, the same command gives the
+    leaderboard of an undisturbed store."""
+    disk = mounted("-t", "tmpfs", "-o", f"size={_size(world.store) + 1024 * 1024}", "tmpfs", at=world.tmp / "disk")
+    shutil.copytree(world.store, disk / "store")
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - free_kb * 1024))
+    args = ["compare", "--heads", "ridge", "--genes", "var:5", S]
+    before = committed(disk / "store")
+    res = CliRunner().invoke(app, [*args, str(disk / "store")])
+    errors = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output[-2000:]
+    assert len(errors) == 1 and "disk is full" in errors[0] and "not committed" in errors[0], res.output[-2000:]
+    after = committed(disk / "store")
+    inputs = {n: r for n, r in before["rows"].items() if n not in ("runs", "predictions", "metrics")}
+    assert {n: after["rows"][n] for n in inputs} == inputs
+    assert after["marks"][".stimage-embed.lock"] == before["marks"][".stimage-embed.lock"]
+    st = Store(disk / "store")
+    new = set(st.sql("SELECT run_id FROM runs")["run_id"]) - set(
+        Store(world.store).sql("SELECT run_id FROM runs")["run_id"]
+    )
+    for run in new:  # a run committed before the disk filled has its rows
+        assert st.sql(f"SELECT COUNT(*) AS n FROM predictions WHERE run_id = '{run}'")["n"][0] > 0, run
+    filler.unlink()
+    assert CliRunner().invoke(app, [*args, str(disk / "store")]).exit_code == 0
+    assert CliRunner().invoke(app, [*args, str(world.store)]).exit_code == 0
+    got, want = (_leaderboard(p) for p in (disk / "store", world.store))
+    assert got["head"].to_list() == want["head"].to_list() == ["ridge"] and got["folds"].to_list() == [2]
+    np.testing.assert_allclose(got["pcc_mean"].to_numpy(), want["pcc_mean"].to_numpy(), rtol=1e-9)
+
+
+def _runs(store: Path) -> list[str]:
+    return Store(store).sql("SELECT run_id FROM runs")["run_id"].to_list()
+
+
+def _leaderboard(store: Path) -> pl.DataFrame:
+    return Store(store).sql("SELECT * FROM leaderboard").sort("head", "backbone")

@@ -21,9 +21,12 @@ from store_cases import BACKBONE, CHUNK, TABLE, copy_store, mini_dataset, table_
 
 from stimage_embed.embeddings.embed_pass import embed
 from stimage_embed.embeddings.provenance import existing_provenance, identity
+from stimage_embed.embeddings.stain_target import record as record_stain_target
 from stimage_embed.errors import InputError, ProvenanceError, StoreError
 from stimage_embed.evaluation.compare import CompareConfig, compare
+from stimage_embed.inference.infer import infer
 from stimage_embed.ingest.pipeline import ingest
+from stimage_embed.predictions.train_predict import train
 from stimage_embed.store import Store
 
 FAST = dict(stain="none", precision="float32", batch_size=CHUNK, num_workers=0, progress=False)
@@ -193,6 +196,10 @@ def _same(got: pl.DataFrame, want: pl.DataFrame) -> None:
         np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-9, equal_nan=True)
 
 
+def _nb_pcc(board: pl.DataFrame) -> float:
+    return round(float(board.filter(pl.col("head") == "nb")["pcc_mean"][0]), 4)
+
+
 def test_compare_recomputes_runs_whose_vectors_or_counts_changed(tmp_path, mini, real_data_root):
     """Before: after C4 was re-ingested with a changed image and re-embedded, compare reported
     "0 computed, 4 reused" with the old nb PCC (0.294 against a true 0.206)."""
@@ -207,6 +214,10 @@ def test_compare_recomputes_runs_whose_vectors_or_counts_changed(tmp_path, mini,
     want = _board(_fresh_leaderboard(st, tmp_path / "fresh1"))
     _same(_board(second.leaderboard), want)
     assert not np.allclose(_board(first.leaderboard)["pcc_mean"], want["pcc_mean"], equal_nan=True)
+    boards = {"before the change (was reused)": first.leaderboard, "recomputed": second.leaderboard}
+    boards["fresh store"] = want
+    pcc = {k: _nb_pcc(b) for k, b in boards.items()}
+    print(f"\n[issue 18 item 1] nb PCC (mini slides, hvg:5): {pcc}")  # shown with -s
     # the old runs stay, marked superseded, and the SQL leaderboard shows only the current ones
     status = st.sql("SELECT run_id, superseded FROM runs_status")
     assert sorted(status.filter(pl.col("superseded"))["run_id"]) == sorted(first.run_ids)
@@ -224,22 +235,59 @@ STAIN = dict(FAST, stain="macenko")
 
 
 def test_the_stain_target_is_recorded_once_and_does_not_move_when_slides_are_added(tmp_path, mini, real_data_root):
-    """Before: each new table took the first slide id as its template, so adding slide A0
-    made `embed -b efficientnet_lite1` normalise against A0 while lite0 was against S1."""
+    """Before: each new table took the first slide id as its template, so adding slide A1, or
+    `infer` registering an image-only slide, made `embed -b efficientnet_lite1` normalise against
+    that slide while lite0 was against S1, and `embed -b lite0,lite1` was refused."""
     st = copy_store(mini[0], tmp_path / "s")
+    # infer registers an image-only slide A0 (first in id order) before any target is recorded
+    run_id, _ = train(st, BACKBONE, "ridge", "hvg:5", ["S1"])
+    s2 = st.read("slides", ["image_path", "um_per_px"], where="slide_id = 'S2'").to_pylist()[0]
+    infer(st, s2["image_path"], run_id, tmp_path / "inf", slide_id="A0", um_per_px=s2["um_per_px"], num_workers=0)
+    assert st.sql("SELECT platform FROM slides WHERE slide_id = 'A0'")["platform"].to_list() == ["image_only"]
     embed(st, [BACKBONE], overwrite=True, **STAIN)
-    assert st.read("stain_target").to_pylist()[0]["template_slide"] == "S1"
-    extra = mini_dataset(tmp_path / "extra", real_data_root, slides={"A0": "C3"}, name="extra")
+    rec = st.read("stain_target").to_pylist()
+    assert [(r["template_slide"], r["chosen_by"]) for r in rec] == [("S1", "rule")]  # image-only A0 never qualifies
+    extra = mini_dataset(tmp_path / "extra", real_data_root, slides={"A1": "C3"}, name="extra")
     ingest(str(extra), st, progress=False)
-    embed(st, ["efficientnet_lite1"], **STAIN)
+    report = embed(st, [BACKBONE, "efficientnet_lite1"], **STAIN)  # `embed -b lite0,lite1` after adding A1
+    n = dict(st.sql(f"SELECT slide_id, COUNT(*) AS n FROM {TABLE} GROUP BY 1").iter_rows())
+    assert sorted(n) == ["A0", "A1", "S1", "S2"] and min(n.values()) > 0
+    assert report.vectors == {BACKBONE: n["A1"], "efficientnet_lite1": sum(n.values())}
     tables = [TABLE, "embeddings_efficientnet_lite1"]
     templates = {t: {p["stain_template"] for p in existing_provenance(st, t)} for t in tables}
     targets = {t: {identity(p)["stain_target"] for p in existing_provenance(st, t)} for t in tables}
     assert templates == {t: {"S1"} for t in tables}
     assert len(targets[TABLE] | targets["embeddings_efficientnet_lite1"]) == 1
+    assert st.read("stain_target").to_pylist() == rec  # recorded once: the same row
     # choosing another template while a table keeps the old target is refused in one line
     with pytest.raises(InputError, match="stain template is slide 'S1'.*--overwrite"):
-        embed(st, ["efficientnet_lite1"], overwrite=True, stain_template="A0", **STAIN)
+        embed(st, ["efficientnet_lite1"], overwrite=True, stain_template="A1", **STAIN)
+    with pytest.raises(InputError, match="'A0' has no counts"):
+        embed(st, [BACKBONE], overwrite=True, stain_template="A0", **STAIN)
+
+
+def test_a_run_combining_vectors_of_different_stain_targets_is_refused(tmp_path, mini):
+    """Before: FSTimage averaged backbones normalised to different targets with no warning."""
+    st = copy_store(mini[0], tmp_path / "s")  # lite0: no stain normalisation
+    embed(st, ["efficientnet_lite1"], **STAIN)  # lite1: Macenko against S1
+    pair = [BACKBONE, "efficientnet_lite1"]
+    for cfg in (
+        CompareConfig(backbones=pair, heads=["nb", "fstimage"], genes="hvg:5"),
+        CompareConfig(backbones=["+".join(pair)], heads=["mean"], genes="hvg:5"),  # a composite a+b
+    ):
+        with pytest.raises(InputError, match="stain-normalised differently.*efficientnet_lite0: none.*macenko"):
+            compare(st, cfg, progress=False)
+    assert not st.has_table("runs")
+    # the same method against two targets: lite0 against S1, the record moved to S2, lite1 against S2
+    embed(st, [BACKBONE], overwrite=True, **STAIN)
+    record_stain_target(st, "S2", "explicit")
+    embed(st, ["efficientnet_lite1"], overwrite=True, **STAIN)
+    tables = (TABLE, "embeddings_efficientnet_lite1")
+    lite0, lite1 = ({identity(p)["stain_target"] for p in existing_provenance(st, t)} for t in tables)
+    assert len(lite0) == len(lite1) == 1 and lite0 != lite1
+    with pytest.raises((InputError, StoreError), match="stain"):
+        compare(st, CompareConfig(backbones=pair, heads=["nb", "fstimage"], genes="hvg:5"), progress=False)
+    assert not st.has_table("runs")
 
 
 def test_reingesting_the_stain_template_makes_its_tables_stale(tmp_path, mini, real_data_root):
