@@ -242,7 +242,10 @@ def test_the_stain_target_is_recorded_once_and_does_not_move_when_slides_are_add
     # infer registers an image-only slide A0 (first in id order) before any target is recorded
     run_id, _ = train(st, BACKBONE, "ridge", "hvg:5", ["S1"])
     s2 = st.read("slides", ["image_path", "um_per_px"], where="slide_id = 'S2'").to_pylist()[0]
-    infer(st, s2["image_path"], run_id, tmp_path / "inf", slide_id="A0", um_per_px=s2["um_per_px"], num_workers=0)
+    xy = st.sql("SELECT pixel_x AS x, pixel_y AS y FROM spots WHERE slide_id = 'S2' ORDER BY spot_id LIMIT 2")
+    box = (xy["x"].min() - 100, xy["y"].min() - 100, xy["x"].max() + 100, xy["y"].max() + 100)  # a few tiles (px)
+    done = infer(st, s2["image_path"], run_id, tmp_path / "i", "A0", s2["um_per_px"], region=box, num_workers=0)
+    assert 0 < done.n_pass_qc <= done.n_tiles < 20
     assert st.sql("SELECT platform FROM slides WHERE slide_id = 'A0'")["platform"].to_list() == ["image_only"]
     embed(st, [BACKBONE], overwrite=True, **STAIN)
     rec = st.read("stain_target").to_pylist()

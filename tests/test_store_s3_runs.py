@@ -104,3 +104,37 @@ def test_a_committed_run_without_rows_is_recomputed_not_reused(s3_mini):
     counts = _prediction_counts(st)
     assert counts[lost] > 0 and st.sql(f"SELECT COUNT(*) AS n FROM runs WHERE run_id = '{lost}'")["n"][0] == 1
     assert pl.DataFrame(again.leaderboard).height > 0
+
+
+def test_on_s3_only_marks_of_an_expired_lease_or_a_dead_owner_are_cleaned(s3_mini):
+    """A pending run whose owner is live keeps its rows; one whose lease expired, or whose
+    owner was a process of this host that has exited, is removed by the next compare."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from stimage_embed.predictions.runs import PENDING, drop_abandoned
+    from stimage_embed.store import intents
+
+    st = Store(s3_mini)
+    compare(st, CFG, progress=False)
+    rows = pl.from_arrow(st.read("predictions")).head(5)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    now = time.time()
+    owners = {
+        "live_elsewhere": {"owner": "another-host:1", "lease_until": now + 600},
+        "expired": {"owner": "another-host:1", "lease_until": now - 1},
+        "owner_exited": {"owner": f"{socket.gethostname()}:{gone.stdout.strip()}", "lease_until": now + 600},
+    }
+    for rid, body in owners.items():
+        st.append("predictions", rows.with_columns(pl.lit(rid).alias("run_id")).to_arrow())
+        st.location.write_bytes(f".pending/{PENDING}/{rid}", json.dumps(body).encode())
+    assert [intents.abandoned(st, owners[r]) for r in owners] == [False, True, True]
+    drop_abandoned(Store(s3_mini))
+    left = set(st.sql("SELECT DISTINCT run_id FROM predictions")["run_id"])
+    assert "live_elsewhere" in left and not {"expired", "owner_exited"} & left
+    assert st.pending(PENDING) == ["live_elsewhere"]
+    intents.clear(st, PENDING, "live_elsewhere")
+    st.delete("predictions", "run_id = 'live_elsewhere'")
