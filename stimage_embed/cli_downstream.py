@@ -64,9 +64,13 @@ def clinical_add(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Upsert clinical rows (time, event, response, subtype, anything else) by key, in one commit."""
-    from stimage_embed.downstream.clinical_table import add_clinical
+    from stimage_embed.cli_checks import check_store_path
+    from stimage_embed.downstream.clinical_table import add_clinical, read_clinical_csv
     from stimage_embed.store import Store
 
+    check_store_path(store, create=True, write=True)  # clinical data may start a store (survival on --expr)
+    if not Path(store).exists():
+        read_clinical_csv(file, key, time or (), event or ())  # a bad file is refused before the store is created
     st = Store(store, lock_wait=wait)
     with st.writer("clinical add"):
         result = add_clinical(st, file, key, time or (), event or ())

@@ -34,6 +34,7 @@ def add(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Store a label table as one label set (replaces that set's labels of the same slides)."""
+    from stimage_embed.cli_checks import check_store_path
     from stimage_embed.errors import InputError
     from stimage_embed.store import Store
     from stimage_embed.store.labels import add_labels
@@ -41,6 +42,7 @@ def add(
     keys = split_csv(key)
     if len(keys) != 2:
         raise InputError(file, "--key", f"expected two columns (slide, spot), got {keys}")
+    check_store_path(store, write=True)  # a missing store is not created
     n = add_labels(Store(store, lock_wait=wait), file, (keys[0], keys[1]), column, name)
     typer.echo(f"{n} label(s) stored as label set {name or column!r}")
 

@@ -28,9 +28,11 @@ def index(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Build (or update with new rows) the cosine vector index of embeddings_<backbone>."""
+    from stimage_embed.cli_checks import check_store_path
     from stimage_embed.search.index import build_index
     from stimage_embed.store import Store
 
+    check_store_path(store, write=True)  # a missing store is not created
     report = build_index(
         Store(store, lock_wait=wait),
         backbone,

@@ -34,15 +34,19 @@ def ingest(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Read a dataset, QC its spots and write slides/spots/genes/expression to the store."""
+    from stimage_embed.ingest.catalog import load_catalog
     from stimage_embed.ingest.pipeline import ingest as run_ingest
     from stimage_embed.store import Store
 
     check_min(tissue_threshold, 0, "--tissue-threshold")
     slides = listed(slide, "--slide") or None
+    cat = load_catalog(catalog, data_root)  # a bad catalog or --slide is refused before a new store is created
+    for s in slides or []:
+        cat.slide(s)
     check_store_path(store, create=True, write=True)
     st = Store(store, lock_wait=wait)
     with st.writer("ingest"):
-        summary = run_ingest(catalog, st, tissue_threshold=tissue_threshold, slides=slides, data_root=data_root)
+        summary = run_ingest(cat, st, tissue_threshold=tissue_threshold, slides=slides)
     print_frame(
         summary.select(
             "dataset",

@@ -451,6 +451,30 @@ def test_a_verb_on_a_missing_store_does_not_create_it(tmp_path, verb):
     assert not missing.exists() and not (tmp_path / "nowhere").exists()
 
 
+MISSING_STORE_CASES = {  # verbs that may start a store, or came after issue 18: refused before creating it
+    "index": (["index"], ("--store", "ingest")),
+    "labels_add": (["labels", "add", "{tmp}/tone.csv", "--key", "slide,spot", "--column", "tone"], ("--store",)),
+    "clinical_add_bad_file": (["clinical", "add", "{tmp}/clinical.csv"], ("clinical.csv", "event '2'")),
+    "clinical_add_no_file": (["clinical", "add", "{tmp}/none.csv"], ("none.csv",)),
+    "ingest_unknown_catalog": (["ingest", "nope"], ("unknown catalog 'nope'",)),
+    "ingest_unknown_slide": (["ingest", "{tmp}/new/new.yaml", "--slide", "ZZ"], ("new.yaml", "'ZZ'")),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSING_STORE_CASES))
+def test_a_failing_verb_does_not_create_a_missing_store(world, case):
+    """Before: `index`, `labels add`, and `ingest` or `clinical add` refused for their input,
+    left a new empty store (folder and lock file) behind."""
+    args, needles = MISSING_STORE_CASES[case]
+    label_file()(world)
+    clinical_file("patient,time,event\nS1,1,0\nS2,2,2\n")(world)
+    new_slide(world)
+    missing = world.tmp / "nowhere" / "store"
+    res = CliRunner().invoke(app, [*(a.format(tmp=world.tmp) for a in args), "--store", str(missing)])
+    one_line(res.output, res.exit_code, needles)
+    assert not (world.tmp / "nowhere").exists()
+
+
 def test_query_on_a_missing_store_runs_plain_sql_without_creating_it(tmp_path):
     missing = tmp_path / "nowhere"
     res = CliRunner().invoke(app, ["query", "SELECT 41 + 1 AS x", "--store", str(missing), "--format", "csv"])
