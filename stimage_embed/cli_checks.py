@@ -146,6 +146,37 @@ def _existing_parent(path: Path) -> Path:
     return Path("/")
 
 
+def new_store_root(where: str | Path) -> Path | None:
+    """The first folder a new local store at ``where`` will create (its highest missing
+    ancestor), or None when it exists or is remote: see :func:`forget_new_store`."""
+    from stimage_embed.store.uri import is_remote
+
+    if is_remote(str(where)):
+        return None
+    path = Path(where).expanduser().absolute()
+    if path.exists():
+        return None
+    return next((p for p in [*reversed(path.parents), path] if not p.exists()), path)
+
+
+def forget_new_store(root: Path | None) -> None:
+    """Remove the folders a failed command created for a new store (``root`` from
+    :func:`new_store_root`), if they hold nothing but the lock file and empty pending-mark
+    folders; anything else (a table, a user's file) keeps them all."""
+    from stimage_embed.store.lock import LOCK_NAME
+
+    if root is None or not root.is_dir():
+        return
+    files = [p for p in root.rglob("*") if not p.is_dir()]
+    if any(p.name != LOCK_NAME for p in files):
+        return
+    for p in files:
+        p.unlink()
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    root.rmdir()
+
+
 def check_output_dir(path: Path | None, field: str) -> None:
     """An output folder (``--report``, ``--out``) must be creatable and writable; checked
     before any long run commits results."""

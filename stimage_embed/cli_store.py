@@ -8,7 +8,14 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from stimage_embed.cli_checks import QUERY_FORMATS, check_choice, check_min, check_store_path
+from stimage_embed.cli_checks import (
+    QUERY_FORMATS,
+    check_choice,
+    check_min,
+    check_store_path,
+    forget_new_store,
+    new_store_root,
+)
 from stimage_embed.cli_helpers import DataRootOpt, StoreOpt, WaitOpt, cli_errors, first_line, listed, print_frame
 
 #: rows ``query`` prints unless ``--limit`` says otherwise
@@ -44,9 +51,15 @@ def ingest(
     for s in slides or []:
         cat.slide(s)
     check_store_path(store, create=True, write=True)
-    st = Store(store, lock_wait=wait)
-    with st.writer("ingest"):
-        summary = run_ingest(cat, st, tissue_threshold=tissue_threshold, slides=slides)
+    created, done = new_store_root(store), False
+    try:
+        st = Store(store, lock_wait=wait)
+        with st.writer("ingest"):
+            summary = run_ingest(cat, st, tissue_threshold=tissue_threshold, slides=slides)
+        done = True
+    finally:
+        if not done:  # a failed first ingest leaves no empty store (folder, lock file) behind
+            forget_new_store(created)
     print_frame(
         summary.select(
             "dataset",

@@ -458,17 +458,20 @@ MISSING_STORE_CASES = {  # verbs that may start a store, or came after issue 18:
     "clinical_add_no_file": (["clinical", "add", "{tmp}/none.csv"], ("none.csv",)),
     "ingest_unknown_catalog": (["ingest", "nope"], ("unknown catalog 'nope'",)),
     "ingest_unknown_slide": (["ingest", "{tmp}/new/new.yaml", "--slide", "ZZ"], ("new.yaml", "'ZZ'")),
+    "ingest_missing_image": (["ingest", "{tmp}/new/new.yaml", "--slide", "S3"], ("S3.jpg", "does not exist")),
 }
 
 
 @pytest.mark.parametrize("case", list(MISSING_STORE_CASES))
 def test_a_failing_verb_does_not_create_a_missing_store(world, case):
-    """Before: `index`, `labels add`, and `ingest` or `clinical add` refused for their input,
-    left a new empty store (folder and lock file) behind."""
+    """Before: `index`, `labels add`, and `ingest` or `clinical add` refused for their input
+    (a catalog, a --slide, a file, a slide's image), left a new empty store (folder and lock
+    file) behind."""
     args, needles = MISSING_STORE_CASES[case]
     label_file()(world)
     clinical_file("patient,time,event\nS1,1,0\nS2,2,2\n")(world)
     new_slide(world)
+    (world.tmp / "new" / "S3.jpg").unlink()  # ingest_missing_image; the other cases fail before any image
     missing = world.tmp / "nowhere" / "store"
     res = CliRunner().invoke(app, [*(a.format(tmp=world.tmp) for a in args), "--store", str(missing)])
     one_line(res.output, res.exit_code, needles)
