@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -543,6 +544,13 @@ WRITERS = {
     "train": ["train", "--train", "S1", "--head", "ridge", "--genes", "var:5"],
     "predict": ["predict", "--model", "{model}", "--slide", "S2"],
     "compare": ["compare", "--heads", "ridge", "--genes", "var:5"],
+    # writers added since issue 18
+    "infer": ["infer", "{data}/S1.jpg", "--model", "{model}", "--out", "{tmp}/out", "--um-per-px", "1"],
+    "labels_add": ["labels", "add", "{tmp}/tone.csv", "--key", "slide,spot", "--column", "tone"],
+    "clinical_add": ["clinical", "add", "{tmp}/clinical.csv"],
+    "index": ["index", "--force"],
+    "explain": ["explain", "--model", "{model}", "--slide", "S2", "--gene", "<gene>", "--spots", "<spot>"]
+    + ["--out", "{tmp}/ex", "--samples", "8", "--device", "cpu"],
 }
 
 
@@ -551,8 +559,13 @@ def test_every_writer_on_a_read_only_store_is_one_line(world, mounted, verb):
     ro = mounted("--bind", str(world.store), at=world.tmp / "ro")
     if not _mount("-o", "remount,bind,ro", str(ro)):
         pytest.skip("cannot remount read-only")
+    label_file()(world)
+    clinical_file("patient,time,event\nS1,1,0\n")(world)
+    gene = json.loads((world.store / "models" / world.model / "run.json").read_text())["genes"][0]
+    spot = Store(world.store).read("spots", ["spot_id"], where="slide_id = 'S2' AND passes_qc")["spot_id"][0].as_py()
+    args = [a.replace("<gene>", gene).replace("<spot>", spot) for a in WRITERS[verb]]
     before = snapshot(ro)
-    res = CliRunner().invoke(app, [*_fill(WRITERS[verb], world, None), S, str(ro)])
+    res = CliRunner().invoke(app, [*_fill(args, world, None), S, str(ro)])
     one_line(res.output, res.exit_code, (str(ro), "read-only"))
     assert snapshot(ro) == before
 
