@@ -55,6 +55,10 @@ def search(
     ] = None,
     exclude_slide: Annotated[bool, typer.Option("--exclude-slide", help="Drop the query's own slide.")] = False,
     genes: Annotated[str | None, typer.Option(help="Comma-separated genes: add their measured log1p(CP10k).")] = None,
+    predicted: Annotated[
+        str | None,
+        typer.Option(help="Run id: show --genes as that run's predicted log1p(CP10k) instead of measured."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write hits.parquet and montage.png here.")] = None,
     exact: Annotated[bool, typer.Option(help="Exact search even when an index exists.")] = False,
     nprobes: Annotated[int, typer.Option(help="IVF partitions probed (index search).")] = 20,
@@ -91,6 +95,7 @@ def search(
         exclude_slide=exclude_slide,
         genes=split_csv(genes) or None,
         options=opts,
+        predicted=predicted,
     )
     print_frame(hits, fmt)
     if out is not None:
