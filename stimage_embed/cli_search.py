@@ -82,6 +82,11 @@ def search(
     query_tile, label, vector = None, like, None
     if image is not None:
         from stimage_embed.search.image_query import embed_region
+        from stimage_embed.search.where import check_where
+
+        if k <= 0:  # refused before the region is embedded (search() checks it again)
+            raise InputError(None, "--k", f"must be a positive integer, got {k!r}")
+        check_where(where)
 
         q = embed_region(st, backbone, image, um_per_px, x, y, weights=weights)
         vector, query_tile, label = q.vector, q.tile, f"{image.name} ({q.x:.0f}, {q.y:.0f}) px"
