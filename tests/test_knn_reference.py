@@ -177,3 +177,31 @@ def test_search_shows_a_runs_predicted_expression(trained):
     base = ["search", "--store", str(st.path), "--like", f"C5:{spot}"]
     _refuse([*base, "--genes", genes[0], "--predicted", "0123456789abcdef0123"], "--predicted", "no run")
     _refuse([*base, "--genes", "NOT_A_GENE", "--predicted", sm.run_id], "--genes", "not predicted")
+
+
+def test_infer_with_the_reference_equals_the_copy_and_refuses_a_gone_store(trained):
+    """``infer`` on a fresh store: the reference folder (training vectors read from the training
+    store) predicts a small real C5 region exactly as the self-contained copy; once the
+    training store is gone, one line, nothing written."""
+    from stimage_embed.inference.infer import infer
+
+    tmp = trained["tmp"]
+    st, folder = _copy_store(trained, "infer")
+    slide = st.read("slides", ["image_path", "um_per_px"], where="slide_id = 'C5'").to_pylist()[0]
+    region = (3800.0, 3300.0, 4250.0, 3750.0)  # level-0 px of C5.jpg: a few tiles of tissue
+    preds = {}
+    for name, model in (("ref", folder), ("copy", trained["copy"])):
+        out_store = Store(tmp / f"infer_{name}")
+        kw = dict(slide_id="C5_region", um_per_px=slide["um_per_px"], region=region, num_workers=0)
+        infer(out_store, slide["image_path"], str(model), tmp / f"out_{name}", **kw)
+        preds[name] = out_store.sql(
+            "SELECT spot_id, gene, mean_log1p FROM predictions WHERE slide_id = 'C5_region' ORDER BY spot_id, gene"
+        )
+    assert preds["ref"].height > 0
+    assert preds["ref"].equals(preds["copy"])
+    shutil.rmtree(st.path)
+    target = Store(tmp / "infer_ref")
+    before = _versions(target)
+    args = ["infer", slide["image_path"], "--store", str(target.path), "--um-per-px", str(slide["um_per_px"])]
+    _refuse([*args, "--model", str(folder), "--out", str(tmp / "out_gone")], "is gone", str(st.path))
+    assert _versions(target) == before and not (tmp / "out_gone").exists()
