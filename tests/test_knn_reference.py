@@ -150,12 +150,13 @@ def test_gone_or_changed_training_data_is_refused_in_one_line(trained, change):
     assert not where.exists() if change == "store_gone" else where.is_dir()  # never re-created
 
 
-def test_copy_option_only_for_heads_with_training_vectors(trained):
-    _refuse(
-        ["train", "--store", str(trained["store"].path), "--head", "ridge", "--train", "C4", "--knn-copy-vectors"],
-        "--knn-copy-vectors",
-        "knn",
-    )
+@pytest.mark.parametrize("head", [["ridge"], ["label", "--labels", "any"]])
+def test_copy_option_only_for_heads_with_training_vectors(trained, head):
+    st = trained["store"]
+    before = _versions(st)
+    args = ["train", "--store", str(st.path), "--head", *head, "--train", "C4", "--knn-copy-vectors"]
+    _refuse(args, "--knn-copy-vectors", "knn")
+    assert _versions(st) == before
 
 
 def test_search_shows_a_runs_predicted_expression(trained):

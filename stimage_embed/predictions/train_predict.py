@@ -58,8 +58,12 @@ def train(
     ``labels``: the label set a label head learns (:mod:`.label_train`). A head that keeps
     its training spots (``knn``) saves a reference to them in this store
     (:mod:`.training_ref`), or with ``copy_vectors`` a copy of their vectors and profiles."""
+    no_copy = InputError(None, "--knn-copy-vectors", f"the {head} head keeps no training vectors to copy (knn does)")
     if head in head_names(output="label"):
         from stimage_embed.predictions.label_train import train_label
+
+        if copy_vectors:
+            raise no_copy
 
         return train_label(store, backbone, head, labels, train_slides, params, only_qc)
     fitted = head_names(spans_backbones=False)
@@ -71,7 +75,7 @@ def train(
             "(heads spanning backbones are built by `compare` from runs of several backbones)",
         )
     if copy_vectors and not keeps_training(make_head(head, params)):
-        raise InputError(None, "--knn-copy-vectors", f"the {head} head keeps no training vectors to copy (knn does)")
+        raise no_copy
     known = set(store.slide_ids())
     unknown = sorted(set(train_slides) - known)
     if unknown or not train_slides:
