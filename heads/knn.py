@@ -9,6 +9,7 @@ log1p(CP10k) scale (its native output); ``predict(X, library_size)`` the expecte
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -113,8 +114,15 @@ class KNNRegressor(PointOutputs, BaseEstimator):
     Learned: ``X_train_`` (n, dim) unit-norm float32 training vectors, ``T_train_`` (n,
     n_genes) their log1p(CP10k), ``k_``, ``temperature_``, ``cv_mse_`` (len(ks),
     len(temperatures)), ``search_`` ("exact" | "ann"), ``ref_library_size_``,
-    ``n_features_in_``, ``n_genes_``.
+    ``n_features_in_``, ``n_genes_``, ``n_train_`` (training spots).
+
+    The two training arrays are training data: :meth:`without_training` gives the fitted
+    head without them (what a saved model that references its training vectors keeps) and
+    :meth:`attach_training` rebuilds them from the same raw vectors and counts.
     """
+
+    #: learned arrays that are (derived) training data, left out by :meth:`without_training`
+    TRAINING_ARRAYS = ("X_train_", "T_train_")
 
     def __init__(
         self,
@@ -155,8 +163,7 @@ class KNNRegressor(PointOutputs, BaseEstimator):
         groups = check_groups(groups, n)
         if any(int(k) <= 0 for k in self.ks) or any(t <= 0 for t in self.temperatures):
             raise ValueError("ks and temperatures must be positive")
-        R = unit_rows(X)
-        T = np.asarray(log1p_normalise(counts, lib, self.target_sum), np.float32)
+        R, T = unit_rows(X), self._profiles(counts, lib)
         kmax = max(int(k) for k in self.ks)
         sse = np.zeros((len(self.ks), len(self.temperatures)))
         for tr, va in self._splits(n, groups):
@@ -170,7 +177,40 @@ class KNNRegressor(PointOutputs, BaseEstimator):
         self.X_train_, self.T_train_ = R, T
         self.search_ = "ann" if n > self.ann_above else "exact"
         self.ref_library_size_ = float(np.median(lib))
-        self.n_features_in_, self.n_genes_ = X.shape[1], T.shape[1]
+        self.n_features_in_, self.n_genes_, self.n_train_ = X.shape[1], T.shape[1], n
+        return self
+
+    def _profiles(self, counts: np.ndarray, lib: np.ndarray) -> np.ndarray:
+        """(n, n_genes) float32 log1p(counts / library size * target_sum) of raw counts."""
+        return np.asarray(log1p_normalise(counts, lib, self.target_sum), np.float32)
+
+    # ------------------------------------------------------------------ training arrays
+    def without_training(self) -> KNNRegressor:
+        """A shallow copy of this fitted head without :data:`TRAINING_ARRAYS` (it cannot
+        predict until :meth:`attach_training`); the head itself is unchanged."""
+        check_is_fitted(self, "k_")
+        out = copy.copy(self)
+        for attr in (*self.TRAINING_ARRAYS, "_index"):
+            out.__dict__.pop(attr, None)
+        return out
+
+    def attach_training(self, X, y, *, library_size=None) -> KNNRegressor:
+        """Set the training vectors and profiles from the raw training vectors ``X`` (n, dim)
+        and raw counts ``y`` (n, n_genes) with their library sizes (all genes), rows in
+        the order of ``fit``: the arrays ``fit`` kept, bit for bit. Shapes must match the
+        fitted ones (``n_train_``, ``n_features_in_``, ``n_genes_``); returns self."""
+        check_is_fitted(self, "k_")
+        X = check_X(X, self.n_features_in_)
+        n = X.shape[0]
+        counts = check_counts(y, n)
+        expected = getattr(self, "n_train_", n)
+        if n != expected or counts.shape[1] != self.n_genes_:
+            raise ValueError(
+                f"training arrays: fitted on {expected} spots x {self.n_genes_} genes, given {n} x {counts.shape[1]}"
+            )
+        lib = check_library_size(library_size, counts, n)
+        self.X_train_, self.T_train_ = unit_rows(X), self._profiles(counts, lib)
+        self.__dict__.pop("_index", None)
         return self
 
     def predict_log1p_norm(self, X, *, target_sum: float | None = None, groups=None, coords=None) -> np.ndarray:

@@ -78,6 +78,14 @@ def train(
     labels: Annotated[
         str | None, typer.Option("--labels", help="Label set the label head learns (see `labels add`).")
     ] = None,
+    knn_copy_vectors: Annotated[
+        bool,
+        typer.Option(
+            "--knn-copy-vectors",
+            help="knn: copy the training vectors and profiles into the model folder (self-contained, for sharing) "
+            "instead of referencing them in this store.",
+        ),
+    ] = False,
     store: StoreOpt = "store",
     wait: WaitOpt = 0.0,
     models_dir: ModelsDirOpt = None,
@@ -97,7 +105,9 @@ def train(
     st = Store(store, lock_wait=wait, models_dir=models_dir)
     slides = slides_from(st, train_sql, train_slides, "--train") or []
     with st.writer("train"):
-        rid, path = run_train(st, names[0], head, genes, slides, only_qc=not all_spots, labels=labels)
+        rid, path = run_train(
+            st, names[0], head, genes, slides, only_qc=not all_spots, labels=labels, copy_vectors=knn_copy_vectors
+        )
     typer.echo(f"model {rid} saved to {path}")
 
 

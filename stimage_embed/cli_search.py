@@ -57,6 +57,10 @@ def search(
     ] = None,
     exclude_slide: Annotated[bool, typer.Option("--exclude-slide", help="Drop the query's own slide.")] = False,
     genes: Annotated[str | None, typer.Option(help="Comma-separated genes: add their measured log1p(CP10k).")] = None,
+    predicted: Annotated[
+        str | None,
+        typer.Option(help="Run id: show --genes as that run's predicted log1p(CP10k) instead of measured."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write hits.parquet and montage.png here.")] = None,
     exact: Annotated[bool, typer.Option(help="Exact search even when an index exists.")] = False,
     nprobes: Annotated[int, typer.Option(help="IVF partitions probed (index search).")] = 20,
@@ -80,6 +84,11 @@ def search(
     query_tile, label, vector = None, like, None
     if image is not None:
         from stimage_embed.search.image_query import embed_region
+        from stimage_embed.search.where import check_where
+
+        if k <= 0:  # refused before the region is embedded (search() checks it again)
+            raise InputError(None, "--k", f"must be a positive integer, got {k!r}")
+        check_where(where)
 
         q = embed_region(st, backbone, image, um_per_px, x, y, weights=weights)
         vector, query_tile, label = q.vector, q.tile, f"{image.name} ({q.x:.0f}, {q.y:.0f}) px"
@@ -93,6 +102,7 @@ def search(
         exclude_slide=exclude_slide,
         genes=split_csv(genes) or None,
         options=opts,
+        predicted=predicted,
     )
     print_frame(hits, fmt)
     if out is not None:

@@ -120,6 +120,7 @@ def test_knn_passes_the_shuffled_control(tmp_path, embedded_store):
 
 
 def test_train_and_predict_a_saved_knn_model(tmp_path, embedded_store):
+    from stimage_embed.predictions.saved_model import load_saved_model
     from stimage_embed.predictions.train_predict import predict, train
 
     store = Store(tmp_path / "store")
@@ -130,7 +131,7 @@ def test_train_and_predict_a_saved_knn_model(tmp_path, embedded_store):
     assert pred["gene"].n_unique() == 20 and pred["mean_log1p"].is_finite().all()
     genes = json.loads((path / "run.json").read_text())["genes"]
     test = load_spot_arrays(store, BB, ["C5"], genes, only_qc=False)
-    want = load_head(path).predict_log1p_norm(test.X)
+    want = load_saved_model(store, rid).head.predict_log1p_norm(test.X)  # training vectors read back by reference
     got = pred.pivot("gene", index=["slide_id", "spot_id"], values="mean_log1p").sort("slide_id", "spot_id")
     assert got["spot_id"].to_list() == test.keys["spot_id"].to_list()
     np.testing.assert_allclose(got.select(genes).to_numpy(), want, rtol=1e-5, atol=1e-6)

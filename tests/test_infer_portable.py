@@ -156,14 +156,15 @@ def test_a_folder_with_other_weights_no_record_or_a_foreign_table_is_refused_in_
 
 @pytest.mark.slow
 def test_a_knn_folder_carries_its_training_vectors_and_works_elsewhere(runs):
-    """The documented exception: a knn model folder holds a copy of its training vectors
-    (and profiles), so it also works on another store, with the same predictions."""
+    """Saved with ``--knn-copy-vectors``, a knn model folder holds a copy of its training vectors
+    (and profiles), so it also works on another store, with the same predictions (by default
+    it references them in the training store instead: tests/test_knn_reference.py)."""
     from stimage_embed.predictions.train_predict import train
 
     a, tmp = runs["stores"]["A"], runs["tmp"]
-    rid, folder = train(a, "efficientnet_lite0", "knn", "var:5", ["C4"])
+    rid, folder = train(a, "efficientnet_lite0", "knn", "var:5", ["C4"], copy_vectors=True)  # --knn-copy-vectors
     head = json.loads((folder / "head.json").read_text())["head"]
-    assert head["class"] == "KNNRegressor" and head["arrays"]  # the training vectors travel in the folder
+    assert head["class"] == "KNNRegressor" and "X_train_" in head["arrays"]  # the training vectors travel
     other = Store(tmp / "E")
     for store, model in ((a, rid), (other, str(folder))):
         infer(store, runs["image"], model, tmp / "out_knn", slide_id=SLIDE, um_per_px=runs["umpp"], region=REGION)

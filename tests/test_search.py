@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from stimage_embed.cli import app
 from stimage_embed.predictions.arrays import load_embeddings
 from stimage_embed.search import SearchOptions, build_index, search
-from stimage_embed.search.index import vector_index
+from stimage_embed.search.index import EXACT_BELOW, vector_index
 from stimage_embed.search.montage import cut_tiles
 from stimage_embed.search.where import resolve_where
 from stimage_embed.store import Store
@@ -98,6 +98,10 @@ def test_forced_index_finds_new_rows_and_updates(tmp_path, embedded_store, vecto
     hits = search(store, BB, like=like, k=10, options=indexed)
     ref, _ = _reference(keys, X, X[pos], 10)
     assert len(set(zip(hits["slide_id"], hits["spot_id"])) & set(ref)) >= 9  # recall@10 on the real vectors
+    # the default (auto) below EXACT_BELOW rows: exact, although an index exists
+    assert len(keys) < EXACT_BELOW
+    auto = search(store, BB, like=like, k=10)
+    assert list(zip(auto["slide_id"], auto["spot_id"])) == ref
 
 
 def test_image_region_of_a_stored_spot_finds_it(embedded_store):

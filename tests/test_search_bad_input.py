@@ -52,6 +52,8 @@ CASES = [
     (["search", "--like", "C4:{spot}", "--where", "read_text('/etc/passwd') <> ''"], ["read_text"]),
     (["search", "--like", "C4:{spot}", "--where", "1=1) UNION SELECT * FROM t WHERE (1=1"], ["single predicate"]),
     (["search", "--like", "C4:{spot}", "--genes", "NOT_A_GENE"], ["--genes", "NOT_A_GENE"]),
+    (["search", "--image", "{image}", "--um-per-px", "0.5", "--k", "0"], ["--k", "positive"]),
+    (["search", "--image", "{image}", "--um-per-px", "0.5", "--where", "nope = 1"], ["--where", "nope"]),
     (["index", "--partitions", "0"], ["--partitions"]),
     (["index", "--index-type", "BTREE"], ["--index-type"]),
 ]
@@ -61,7 +63,9 @@ CASES = [
 def test_bad_input_one_line_store_unchanged(store, args, needles):
     spot = store.read("embeddings_efficientnet_lite0", ["spot_id"], where="slide_id = 'C4'")["spot_id"][0].as_py()
     before = _versions(store)
-    res = CliRunner().invoke(app, [a.replace("{spot}", spot) for a in args] + ["--store", str(store.path)])
+    image = store.read("slides", ["image_path"], where="slide_id = 'C5'")["image_path"][0].as_py()
+    args = [a.replace("{spot}", spot).replace("{image}", image) for a in args]
+    res = CliRunner().invoke(app, args + ["--store", str(store.path)])
     _one_line(res, *needles)
     assert _versions(store) == before
 

@@ -97,7 +97,7 @@ def predict_and_report(store: Store, model: str, slides: Sequence[str], out: Pat
         from stimage_embed.inference.model import load_saved_model
         from stimage_embed.inference.predict_files import write_prediction_files
 
-        rid = load_saved_model(store, model).run_id
+        rid = load_saved_model(store, model, training=False).run_id
         for sid in slides:
             where = f"run_id IN ({sql_list([rid])}) AND slide_id IN ({sql_list([sid])})"
             rows = pl.from_arrow(store.read("predictions", where=where))

@@ -14,6 +14,10 @@
   width in µm they were cut at: everything needed to embed new tiles as the training tiles
   were, so the folder works on any store or machine (``infer --model DIR --store OTHER``).
   Folders written before it existed lack it: they need the store they were trained in.
+* for a head that keeps training data (``knn``), by default ``training_ref.json`` +
+  ``training_keys.parquet`` instead of a copy of the training vectors and profiles: the
+  loader reads them back from the training store
+  (:mod:`stimage_embed.predictions.training_ref`; ``train --knn-copy-vectors`` copies them).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from heads import load_head, save_head
 from stimage_embed.embeddings.provenance import VectorProvenance, existing_provenance, tile_widths_um
 from stimage_embed.embeddings.vector_source import VectorSource
 from stimage_embed.errors import InputError
+from stimage_embed.predictions.training_ref import attach_training
 from stimage_embed.store.store import Store
 
 RUN_FILE = "run.json"
@@ -157,9 +162,12 @@ def _read_vectors(path: Path) -> list[dict[str, Any]] | None:
     return parts
 
 
-def load_saved_model(store: Store, model: str) -> SavedModel:
+def load_saved_model(store: Store, model: str, *, training: bool = True) -> SavedModel:
     """Load a model by run id (under the store's models folder) or by folder path; one-line
-    :class:`InputError` naming the file and field for an unknown or damaged folder."""
+    :class:`InputError` naming the file and field for an unknown or damaged folder.
+    ``training``: give a head that references its training data (``knn``) those arrays,
+    read from its training store (one-line refusal if they are gone or changed); False
+    when only the folder's metadata is needed."""
     models = store.models_dir
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -168,4 +176,7 @@ def load_saved_model(store: Store, model: str) -> SavedModel:
     if not meta_file.is_file():
         raise _unknown(models, model, meta_file)
     meta = _read_meta(meta_file)
-    return SavedModel(meta["run_id"], path, meta, _read_head(path), _read_vectors(path))
+    head = _read_head(path)
+    if training:
+        attach_training(store, path, meta, head)
+    return SavedModel(meta["run_id"], path, meta, head, _read_vectors(path))

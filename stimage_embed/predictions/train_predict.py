@@ -31,6 +31,7 @@ from stimage_embed.predictions.runs import (
     run_key,
 )
 from stimage_embed.predictions.saved_model import load_saved_model, training_vectors, write_model_folder
+from stimage_embed.predictions.training_ref import drop_reference, keeps_training, write_reference
 from stimage_embed.store.store import Store, sql_list
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,18 @@ def train(
     params: dict | None = None,
     only_qc: bool = True,
     labels: str | None = None,
+    copy_vectors: bool = False,
 ) -> tuple[str, Path]:
     """Fit ``head`` on ``backbone`` vectors of ``train_slides``; returns (run_id, model dir).
-    ``labels``: the label set a label head learns (:mod:`.label_train`)."""
+    ``labels``: the label set a label head learns (:mod:`.label_train`). A head that keeps
+    its training spots (``knn``) saves a reference to them in this store
+    (:mod:`.training_ref`), or with ``copy_vectors`` a copy of their vectors and profiles."""
+    no_copy = InputError(None, "--knn-copy-vectors", f"the {head} head keeps no training vectors to copy (knn does)")
     if head in head_names(output="label"):
         from stimage_embed.predictions.label_train import train_label
+
+        if copy_vectors:
+            raise no_copy
 
         return train_label(store, backbone, head, labels, train_slides, params, only_qc)
     fitted = head_names(spans_backbones=False)
@@ -66,6 +74,8 @@ def train(
             f"train fits one backbone's head: {', '.join(fitted)} "
             "(heads spanning backbones are built by `compare` from runs of several backbones)",
         )
+    if copy_vectors and not keeps_training(make_head(head, params)):
+        raise no_copy
     known = set(store.slide_ids())
     unknown = sorted(set(train_slides) - known)
     if unknown or not train_slides:
@@ -85,7 +95,13 @@ def train(
     fit_s = time.perf_counter() - t0
     meta = dict(run_id=rid, backbone=backbone, head=head, genes=gene_list, gene_spec=genes, params=params or {})
     meta |= dict(train_slides=sorted(train_slides), n_train_spots=int(arrays.X.shape[0]), fit_seconds=fit_s)
-    out = write_model_folder(models_dir(store) / rid, model, prov, meta, training_vectors(store, source, train_slides))
+    out = models_dir(store) / rid
+    if keeps_training(model) and not copy_vectors:  # reference the training spots, do not copy them
+        write_reference(out, store, backbone, arrays, inputs, prov.id, only_qc)
+        model = model.without_training()
+    else:
+        drop_reference(out)
+    write_model_folder(out, model, prov, meta, training_vectors(store, source, train_slides))
     row = model_run_row(store, meta, prov.id, str(out), config_id=cid, inputs=inputs)
     with store.writer("train"):
         commit_run_row(store, row)

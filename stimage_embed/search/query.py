@@ -132,6 +132,28 @@ def _with_genes(store: Store, hits: pl.DataFrame, genes: list[str]) -> pl.DataFr
     return hits.join(table, on=["slide_id", "spot_id"], how="left", maintain_order="left")
 
 
+def _with_predictions(store: Store, hits: pl.DataFrame, genes: list[str], run_id: str) -> pl.DataFrame:
+    """Predicted log1p(CP10k) (``predictions.mean_log1p``) of ``genes`` by run ``run_id`` at
+    each hit (null where that run predicted no such spot)."""
+    run = store.read("runs", ["genes"], where=f"run_id = {sql_list([run_id])}") if store.has_table("runs") else None
+    if run is None or run.num_rows == 0:
+        hint = 'list them: `stimage-embed query "SELECT run_id, head FROM runs"`'
+        raise InputError(None, "--predicted", f"no run {run_id!r} in {store.path} ({hint})")
+    unknown = sorted(set(genes) - set(run["genes"][0].as_py() or []))
+    if unknown:
+        raise InputError(None, "--genes", f"not predicted by run {run_id}: {unknown}")
+    slides = hits["slide_id"].unique().to_list()
+    where = f"run_id = {sql_list([run_id])} AND slide_id IN ({sql_list(slides)}) AND gene IN ({sql_list(genes)})"
+    rows = pl.from_arrow(store.read("predictions", ["slide_id", "spot_id", "gene", "mean_log1p"], where=where))
+    values = {
+        g: rows.filter(pl.col("gene") == g).select("slide_id", "spot_id", pl.col("mean_log1p").alias(g)) for g in genes
+    }
+    out = hits
+    for g in genes:
+        out = out.join(values[g], on=["slide_id", "spot_id"], how="left", maintain_order="left")
+    return out
+
+
 def search(
     store: Store,
     backbone: str = "efficientnet_lite0",
@@ -143,10 +165,11 @@ def search(
     exclude_slide: str | bool = False,
     genes: list[str] | None = None,
     options: SearchOptions | None = None,
+    predicted: str | None = None,
 ) -> pl.DataFrame:
     """The k nearest spots to a query: a polars table ``rank, slide_id, spot_id, distance
-    (1 - cosine), patient, dataset`` and one column per gene in ``genes`` (measured
-    log1p(CP10k)).
+    (1 - cosine), patient, dataset`` and one column per gene in ``genes``: measured
+    log1p(CP10k), or with ``predicted`` (a run id) that run's predicted log1p(CP10k).
 
     Exactly one of ``like`` (``"SLIDE:SPOT"``) and ``vector`` (float, the table's dim; e.g.
     :func:`~stimage_embed.search.image_query.embed_region`). ``where``: SQL predicate on
@@ -173,4 +196,10 @@ def search(
         filters.append(f"slide_id <> {sql_list([drop])}")
     hits = nearest(tbl, q, int(k), " AND ".join(filters) or None, opts)
     hits = _with_metadata(store, hits).with_row_index("rank", offset=1)
-    return _with_genes(store, hits, list(genes)) if genes else hits
+    if predicted is not None and not genes:
+        raise InputError(None, "--predicted", "name the genes to show with --genes")
+    if not genes:
+        return hits
+    if predicted is not None:
+        return _with_predictions(store, hits, list(genes), predicted)
+    return _with_genes(store, hits, list(genes))

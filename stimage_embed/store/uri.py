@@ -88,6 +88,7 @@ class StoreLocation:
 
     def __init__(self, where: str | Path):
         self.remote = is_remote(where)
+        self.given = str(where)  # as the user gave it (not resolved): what a saved model records
         if self.remote:
             self.path: Path | ObjectPath = ObjectPath(str(where).rstrip("/"))
             parsed = urlparse(str(where))
