@@ -22,7 +22,7 @@ from PIL import Image
 
 from stimage_embed.errors import InputError
 from stimage_embed.store.store import Store
-from stimage_embed.viewer import queries
+from stimage_embed.viewer import label_queries, queries
 from stimage_embed.viewer.cache import LRU
 from stimage_embed.viewer.deepzoom import SlideTiles
 from stimage_embed.viewer.overlay import LAYERS, SpotLayers, png_bytes
@@ -70,13 +70,19 @@ class Viewer:
         return self.slides.get(slide_id, make)
 
     def read_layers(self, run_id: str, slide_id: str, gene: str) -> SpotLayers:
-        """A run's values for one slide and gene read from the store now (and cached)."""
+        """A run's values for one slide and gene (a label run: class) read from the store now
+        (and cached)."""
         row = self.slide(slide_id)
+        classes = None
         try:
-            frame = queries.values(self.store, run_id, slide_id, gene)
+            if label_queries.is_label_run(self.store, run_id):
+                frame = label_queries.label_values(self.store, run_id, slide_id, gene)
+                classes = queries.run_genes(self.store, run_id)
+            else:
+                frame = queries.values(self.store, run_id, slide_id, gene)
         except queries.NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
-        layers = SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"])
+        layers = SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"], classes)
         self.layers.put((run_id, slide_id, gene), layers)
         return layers
 
@@ -156,12 +162,14 @@ def _api_routes(app: FastAPI, viewer: Viewer) -> None:
     @app.get("/api/runs/{run_id}/slides/{slide_id}/values")
     def values(run_id: str, slide_id: str, gene: str = Query(min_length=1, max_length=200)) -> dict:
         """Per spot: id, centre (level-0 px), predicted and measured log1p(CP10k), epistemic
-        variance, P(high), cluster; the layers present with their shared scales."""
+        variance, P(high), cluster; the layers present with their shared scales. A label run
+        (``kind`` label; ``gene`` is a class): P(class), predicted and observed class."""
         row = viewer.slide(slide_id)
         sl = viewer.read_layers(run_id, slide_id, gene)
         spots = [{k: _finite(v) for k, v in r.items()} for r in sl.frame.to_dicts()]
         return {
             "run_id": run_id,
+            "kind": "label" if "prob_class" in sl.frame.columns else "expression",
             "slide_id": slide_id,
             "gene": gene,
             "um_per_px": row["um_per_px"],
