@@ -117,3 +117,44 @@ def test_label_run_errors_are_one_line(client, label_store, path, status, words)
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail and words in detail
+
+
+def test_ids_reach_sql_as_bound_parameters_only(client, label_store, monkeypatch):
+    """Every statement the endpoints run (a spy on DuckDB's ``sql``): no run, slide, gene,
+    class or spot id in its text; the ids arrive as bound parameters."""
+    import duckdb
+
+    from stimage_embed.viewer import queries
+
+    store, nb_run, label_run, truth = label_store
+    seen: list[tuple[str, list]] = []
+    connect = duckdb.connect
+
+    class Spy:
+        def __init__(self, con):
+            self._con = con
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+        def sql(self, query, params=None):
+            seen.append((query, list(params or [])))
+            return self._con.sql(query, params=params)
+
+    monkeypatch.setattr(queries.duckdb, "connect", lambda *a, **k: Spy(connect(*a, **k)))
+    gene = client.get(f"/api/runs/{nb_run}/genes").json()["genes"][2]
+    spot = sorted(truth)[5]
+    for path in (
+        "/api/slides",
+        "/api/runs",
+        f"/api/runs/{label_run}/slides/{SHOWN}/values?gene=pale",
+        f"/api/runs/{nb_run}/slides/{SHOWN}/values?gene={gene}",
+        f"/overlay/{label_run}/{SHOWN}/observed_label/12/1_1.png?gene=pale",
+        f"/thumb/{SHOWN}/{spot}.jpeg",
+    ):
+        assert client.get(path).status_code == 200, path
+    ids = (nb_run, label_run, f"'{SHOWN}'", f"'{gene}'", "'pale'", f"'{spot}'")
+    assert len(seen) >= 8
+    assert not [(q, i) for q, _ in seen for i in ids if i in q]
+    params = {p for _, ps in seen for p in ps}
+    assert {nb_run, label_run, SHOWN, gene, "pale", spot} <= params
