@@ -7,6 +7,7 @@ get one-line 404s (never a 500)."""
 
 from __future__ import annotations
 
+import shutil
 from io import BytesIO
 
 import numpy as np
@@ -23,29 +24,43 @@ CLASSES = ["dark", "mid", "pale"]  # the run's classes, sorted as the head store
 TAB10 = {name: np.array(to_rgb(f"tab:{c}")) * 255 for name, c in zip(CLASSES, ("blue", "orange", "green"))}
 
 
+def build_label_store(tmp_path_factory, embedded_store):
+    """A copy of the viewer store (nb run on C4 -> C5) with the grey-tercile label set ``tone``
+    of C4 and C5 and a ``label`` run trained on C4 that predicted C5; built once per session (a
+    marker file in the session's temp root). Returns (Store, nb run, label run, C5's tones by spot)."""
+    import pandas as pd
+
+    from stimage_embed.cli import app
+    from stimage_embed.store import Store
+
+    root = tmp_path_factory.getbasetemp() / "viewer_label_store"
+    marker = root / "runs.txt"
+    if not marker.exists():
+        src, nb_run = build_viewer_store(tmp_path_factory, embedded_store)
+        if root.exists():
+            shutil.rmtree(root)
+        store = copy_store(src, root / "store")
+        _grey_terciles(store, (TRAIN, SHOWN)).to_csv(root / "tone.csv", index=False)
+        runner = CliRunner()
+
+        def cli(*args) -> str:
+            res = runner.invoke(app, [str(a) for a in args] + ["--store", str(store.path)])
+            assert res.exit_code == 0, res.output
+            return res.output
+
+        cli("labels", "add", root / "tone.csv", "--key", "slide,spot", "--column", "tone")
+        label_run = cli("train", "--head", "label", "--labels", "tone", "--train", TRAIN).split()[1]
+        cli("predict", "--model", label_run, "--slide", SHOWN, "--out", root / "pred")
+        marker.write_text(f"{nb_run} {label_run}")
+    nb_run, label_run = marker.read_text().split()
+    tones = pd.read_csv(root / "tone.csv", dtype=str)
+    shown = tones[tones["slide"] == SHOWN]
+    return Store(root / "store"), nb_run, label_run, dict(zip(shown["spot"], shown["tone"]))
+
+
 @pytest.fixture(scope="module")
 def label_store(tmp_path_factory, embedded_store):
-    """A copy of the viewer store (nb run on C4 -> C5) with the grey-tercile label set ``tone``
-    of C4 and C5 and a ``label`` run trained on C4 that predicted C5. Returns (Store, nb run, label run, tones)."""
-    from stimage_embed.cli import app
-
-    src, nb_run = build_viewer_store(tmp_path_factory, embedded_store)
-    tmp = tmp_path_factory.mktemp("viewer_labels")
-    store = copy_store(src, tmp / "store")
-    tones = _grey_terciles(store, (TRAIN, SHOWN))
-    tones.to_csv(tmp / "tone.csv", index=False)
-    runner = CliRunner()
-
-    def cli(*args) -> str:
-        res = runner.invoke(app, [str(a) for a in args] + ["--store", str(store.path)])
-        assert res.exit_code == 0, res.output
-        return res.output
-
-    cli("labels", "add", tmp / "tone.csv", "--key", "slide,spot", "--column", "tone")
-    label_run = cli("train", "--head", "label", "--labels", "tone", "--train", TRAIN).split()[1]
-    cli("predict", "--model", label_run, "--slide", SHOWN, "--out", tmp / "pred")
-    truth = dict(zip(tones.loc[tones["slide"] == SHOWN, "spot"], tones.loc[tones["slide"] == SHOWN, "tone"]))
-    return store, nb_run, label_run, truth
+    return build_label_store(tmp_path_factory, embedded_store)
 
 
 @pytest.fixture(scope="module")
