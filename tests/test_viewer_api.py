@@ -300,3 +300,29 @@ def test_leiden_layer_when_a_clusters_table_exists(tmp_path, viewer_store):
         assert len(got) > 100 and got == {k: labels[k] for k in got}
         r = c.get(f"/overlay/{run_id}/{SHOWN}/leiden/10/0_0.png", params={"gene": gene})
         assert r.status_code == 200
+
+
+def test_leiden_layer_from_the_cluster_verb(tmp_path, viewer_store):
+    """The ``clusters`` table as ``cluster`` writes it (with run_id): the run's labels reach the
+    values and the legend; another run's rows in the same table are not used."""
+    import pyarrow as pa
+    from fastapi.testclient import TestClient
+
+    from stimage_embed.evaluation.clusters import cluster_run
+    from stimage_embed.store import Store
+    from stimage_embed.store.schema_explain import CLUSTERS
+    from stimage_embed.viewer.app import create_app
+
+    src, run_id = viewer_store
+    store = Store(shutil.copytree(src.path, tmp_path / "store"))
+    cluster_run(store, run_id, [SHOWN])
+    rows = pl.from_arrow(store.read("clusters")).filter(pl.col("run_id") == run_id)
+    want = dict(zip(rows["spot_id"].to_list(), rows["leiden"].to_list()))
+    other = [dict(r, run_id="another-run", leiden="99") for r in rows.head(50).to_dicts()]
+    store.append("clusters", pa.Table.from_pylist(other, schema=CLUSTERS), schema=CLUSTERS)
+    with TestClient(create_app(store)) as c:
+        gene = c.get(f"/api/runs/{run_id}/genes").json()["genes"][0]
+        body = c.get(f"/api/runs/{run_id}/slides/{SHOWN}/values", params={"gene": gene}).json()
+    got = {s["spot_id"]: s["cluster"] for s in body["spots"]}
+    assert len(got) == len(want) > 100 and got == want
+    assert "leiden" in body["layers"] and sorted(body["legend"]["leiden"]["labels"]) == sorted(set(want.values()))
