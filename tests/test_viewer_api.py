@@ -326,3 +326,39 @@ def test_leiden_layer_from_the_cluster_verb(tmp_path, viewer_store):
     got = {s["spot_id"]: s["cluster"] for s in body["spots"]}
     assert len(got) == len(want) > 100 and got == want
     assert "leiden" in body["layers"] and sorted(body["legend"]["leiden"]["labels"]) == sorted(set(want.values()))
+
+
+@pytest.mark.parametrize(
+    ("head", "params", "layer", "column"),
+    [
+        ("ensemble", {"n_members": 2, "alpha": 10.0}, "epistemic", "epistemic"),
+        ("highlow", {"max_iter": 50, "tol": 1e-3}, "prob_high", "prob_high"),
+    ],
+)
+def test_uncertainty_and_prob_high_layers(tmp_path, viewer_store, head, params, layer, column):
+    """An ``ensemble`` run's epistemic variance and a ``highlow`` run's P(high) reach the values
+    (equal to the stored predictions) with their scales: [0, max] and [0, 1]."""
+    from fastapi.testclient import TestClient
+
+    from stimage_embed.predictions.train_predict import predict, train
+    from stimage_embed.store import Store
+    from stimage_embed.viewer.app import create_app
+
+    src, _ = viewer_store
+    store = Store(shutil.copytree(src.path, tmp_path / "store"))
+    run_id, _ = train(store, "efficientnet_lite0", head, "var:10", [TRAIN], params=params)
+    predict(store, run_id, [SHOWN])
+    pred = pl.from_arrow(store.read("predictions", ["run_id", "slide_id", "spot_id", "gene", column])).filter(
+        (pl.col("run_id") == run_id) & (pl.col("slide_id") == SHOWN)
+    )
+    gene = pred["gene"][0]
+    want = dict(pred.filter(pl.col("gene") == gene).select("spot_id", column).iter_rows())
+    with TestClient(create_app(store)) as c:
+        body = c.get(f"/api/runs/{run_id}/slides/{SHOWN}/values", params={"gene": gene}).json()
+        tile = c.get(f"/overlay/{run_id}/{SHOWN}/{layer}/12/1_1.png", params={"gene": gene})
+    got = {s["spot_id"]: s[column] for s in body["spots"]}
+    assert layer in body["layers"] and len(got) == len(want) > 100
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6)
+    hi = max(want.values()) if layer == "epistemic" else 1.0
+    assert body["legend"][layer]["lo"] == 0.0 and body["legend"][layer]["hi"] == pytest.approx(hi, rel=1e-6)
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
