@@ -362,3 +362,38 @@ def test_uncertainty_and_prob_high_layers(tmp_path, viewer_store, head, params, 
     hi = max(want.values()) if layer == "epistemic" else 1.0
     assert body["legend"][layer]["lo"] == 0.0 and body["legend"][layer]["hi"] == pytest.approx(hi, rel=1e-6)
     assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+
+
+def test_similar_spots_from_the_search_feature(client, viewer_store):
+    """The click panel's similar spots: the k spots of OTHER slides nearest the spot's stored
+    vector by cosine distance (numpy on the vectors read with pyarrow as the reference), and
+    the spot endpoint a link jumps to; unknown spots and backbones get one-line errors."""
+    store, _ = viewer_store
+    table = pl.from_arrow(store.read("embeddings_efficientnet_lite0", ["slide_id", "spot_id", "vector"]))
+    query = table.filter(pl.col("slide_id") == SHOWN).sort("spot_id")[7]
+    q = np.asarray(query["vector"][0], np.float64)
+    others = table.filter(pl.col("slide_id") != SHOWN)
+    X = np.asarray(others["vector"].to_list(), np.float64)
+    dist = 1 - X @ q / (np.linalg.norm(X, axis=1) * np.linalg.norm(q))
+    best = np.argsort(dist)[:5]
+    spot = query["spot_id"][0]
+    body = client.get(f"/api/slides/{SHOWN}/similar/{spot}", params={"k": 5}).json()
+    assert body["available"] is True and body["backbone"] == "efficientnet_lite0"
+    assert [s["spot_id"] for s in body["spots"]] == [others["spot_id"][int(i)] for i in best]
+    assert {s["slide_id"] for s in body["spots"]} == {TRAIN}
+    np.testing.assert_allclose([s["distance"] for s in body["spots"]], dist[best], rtol=1e-4, atol=1e-6)
+    hit = body["spots"][0]
+    at = client.get(f"/api/slides/{hit['slide_id']}/spots/{hit['spot_id']}").json()
+    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y"]))
+    row = spots.filter((pl.col("slide_id") == TRAIN) & (pl.col("spot_id") == hit["spot_id"]))
+    assert (at["pixel_x"], at["pixel_y"]) == (row["pixel_x"][0], row["pixel_y"][0])
+    thumb = client.get(f"/thumb/{hit['slide_id']}/{hit['spot_id']}.jpeg")
+    assert thumb.status_code == 200 and Image.open(BytesIO(thumb.content)).size == (96, 96)
+    for path, status, words in (
+        (f"/api/slides/{SHOWN}/similar/nospot", 404, "no spot 'nospot'"),
+        (f"/api/slides/{SHOWN}/similar/{spot}?backbone=nope", 404, "no vectors of 'nope'"),
+        (f"/api/slides/{SHOWN}/similar/{spot}?backbone=../x", 400, "backbone"),
+        (f"/api/slides/{SHOWN}/spots/nospot", 404, "unknown spot 'nospot'"),
+    ):
+        r = client.get(path)
+        assert r.status_code == status and words in r.json()["detail"] and "\n" not in r.json()["detail"], r.text

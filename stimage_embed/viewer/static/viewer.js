@@ -145,9 +145,12 @@
     S.leader = "a";
     if (saved) applyView(saved);
     syncFrom("a");
+    const spot = S.pendingSpot;
+    S.pendingSpot = null;
     await loadValues();
     if (saved) applyView(saved);  // again, once the page layout has settled
-    else if (!S.pendingSpot) fitSpots();
+    else if (spot) await focusSpot(spot);  // a link to a spot (e.g. a similar spot)
+    else fitSpots();
     syncFrom("a");
     writeUrl();
   }
@@ -178,7 +181,6 @@
     if (epoch !== S.epoch) return;
     if (S.values && !S.values.layers.includes(S.layer)) S.layer = S.values.layers[0] || S.layer;
     renderLayers(); renderLegend(); drawOverlays(); writeUrl();
-    if (S.pendingSpot && S.values) { const id = S.pendingSpot; S.pendingSpot = null; focusSpot(id); }
   }
 
   function drawOverlays() {
@@ -281,25 +283,32 @@
   async function loadSimilar(spotId) {
     const box = $("similar");
     box.textContent = "";
-    const r = await api(`/api/slides/${enc(S.slide)}/similar/${enc(spotId)}?k=5`).catch(() => null);
-    if (!r) { box.textContent = "Similar spots: the search failed."; return; }
-    if (!r.available) { box.textContent = "Similar spots: search not installed."; return; }
-    box.textContent = "Similar spots:";
+    const r = await api(`/api/slides/${enc(S.slide)}/similar/${enc(spotId)}?k=5`).catch((err) => ({ error: err.message }));
+    if (r.error) { box.textContent = `Similar spots: ${r.error}`; return; }
+    if (!r.available) { box.textContent = "Similar spots: unavailable (no image vectors, or search not installed)."; return; }
+    box.textContent = `Similar spots on other slides (${r.backbone}, cosine distance):`;
     for (const m of r.spots) {
       const q = new URLSearchParams({ slide: m.slide_id, spot: m.spot_id, run: S.run || "", gene: S.gene || "" });
       const a = document.createElement("a");
       a.href = "?" + q.toString();
-      a.innerHTML = `<img alt="" src="/thumb/${enc(m.slide_id)}/${enc(m.spot_id)}.jpeg">${m.slide_id} ${m.spot_id}`;
+      a.className = "similar";
+      const img = document.createElement("img");
+      img.alt = ""; img.src = `/thumb/${enc(m.slide_id)}/${enc(m.spot_id)}.jpeg`;
+      a.append(img, `${m.slide_id} ${m.spot_id} (${fmt(m.distance)})`);
       box.append(a);
     }
   }
-  function focusSpot(spotId) {
-    const s = S.values.spots.find((x) => x.spot_id === spotId);
-    if (!s) return;
+  async function focusSpot(spotId) {
+    // a spot of the run's values, or (a slide the run did not predict) its centre from the store
+    const s = S.values && S.values.spots.find((x) => x.spot_id === spotId);
+    const at = s ? { ...s, radius_px: S.values.radius_px }
+      : await api(`/api/slides/${enc(S.slide)}/spots/${enc(spotId)}`).catch((err) => { status(err.message); return null; });
+    if (!at) return;
     const item = viewers.a.world.getItemAt(0);
-    const r = S.values.radius_px * 6;
-    viewers.a.viewport.fitBounds(item.imageToViewportRectangle(s.pixel_x - r, s.pixel_y - r, 2 * r, 2 * r), true);
-    showSpot(s);
+    const r = at.radius_px * 6;
+    viewers.a.viewport.fitBounds(item.imageToViewportRectangle(at.pixel_x - r, at.pixel_y - r, 2 * r, 2 * r), true);
+    syncFrom("a");
+    if (s) showSpot(s);
   }
 
   // ---- hooks for scripts and tests ---------------------------------------------------
