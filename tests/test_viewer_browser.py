@@ -187,7 +187,8 @@ def stored_predictions(store, run_id: str, gene: str) -> dict[str, float]:
 
 
 def test_viewer_in_browser(driver, server, tmp_path):
-    from selenium.webdriver.support.ui import Select
+    import httpx
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     base, store, run_id, _, _ = server
     genes = next(r["genes"] for r in store.read("runs", ["run_id", "genes"]).to_pylist() if r["run_id"] == run_id)
@@ -233,7 +234,18 @@ def test_viewer_in_browser(driver, server, tmp_path):
     shown_meas = float(driver.find_element("css selector", cell.format("measured")).get_attribute("data-value"))
     assert shown_pred == pytest.approx(pred2[target], rel=1e-6)
     assert shown_meas == pytest.approx(meas2[target], rel=1e-5)
+    # its similar spots on the other slide, with thumbnails (loaded) and links
+    links = "#similar a"
+    WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements("css selector", links)) == 5)
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#similar img')].every((i) => i.complete && i.naturalWidth > 0);"
+        )
+    )
+    hrefs = [a.get_attribute("href") for a in driver.find_elements("css selector", links)]
+    assert all("slide=C4" in h for h in hrefs)
     (tmp_path / "viewer_click.png").write_bytes(driver.get_screenshot_as_png())
+    similar_href = hrefs[0]
 
     # predicted | measured side by side, one colour scale; the shared URL restores the view
     driver.find_element("id", "sbs").click()
@@ -254,6 +266,17 @@ def test_viewer_in_browser(driver, server, tmp_path):
     for key in "xyz":  # the viewport (centre, zoom) as the URL recorded it
         before, after = (float(re.search(rf"[?&]{key}=([0-9.]+)", u).group(1)) for u in (url, driver.current_url))
         assert after == pytest.approx(before, rel=1e-3, abs=1e-4), key
+
+    # a similar spot's link opens its slide centred on it (C4: no predictions of this run)
+    driver.get(similar_href)
+    wait_ready(driver)
+    spot = re.search(r"[?&]spot=([^&]+)", similar_href).group(1)
+    at = httpx.get(f"{base}/api/slides/C4/spots/{spot}").json()
+    centre = driver.execute_script(
+        "const v = window.stviewer.viewers.a; const c = v.world.getItemAt(0).viewportToImageCoordinates("
+        "v.viewport.getCenter(true)); return [c.x, c.y, window.stviewer.state.slide];"
+    )
+    assert centre[2] == "C4" and np.hypot(centre[0] - at["pixel_x"], centre[1] - at["pixel_y"]) < at["radius_px"]
 
 
 def test_label_run_in_browser(driver, server, tmp_path):
