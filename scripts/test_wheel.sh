@@ -23,6 +23,8 @@ git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/*.whl)"
 "$PY" -c "import sys, zipfile; sys.exit('stimage_embed/catalogs/datasets/her2st.yaml' not in zipfile.ZipFile(sys.argv[1]).namelist())" "$WHEEL" \
   || { echo "[wheel] catalogs missing"; exit 1; }
+"$PY" -c "import sys, zipfile; d = 'stimage_embed/viewer/static/'; sys.exit(not {d + f for f in ('index.html', 'viewer.js', 'openseadragon/openseadragon.min.js', 'openseadragon/LICENSE.txt', 'openseadragon/VERSION')} <= set(zipfile.ZipFile(sys.argv[1]).namelist()))" "$WHEEL" \
+  || { echo "[wheel] viewer files (page, OpenSeadragon, its licence and version) missing"; exit 1; }
 
 echo "[wheel] installing $(basename "$WHEEL") into a fresh venv"
 BASE="$("$PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"

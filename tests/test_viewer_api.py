@@ -300,3 +300,100 @@ def test_leiden_layer_when_a_clusters_table_exists(tmp_path, viewer_store):
         assert len(got) > 100 and got == {k: labels[k] for k in got}
         r = c.get(f"/overlay/{run_id}/{SHOWN}/leiden/10/0_0.png", params={"gene": gene})
         assert r.status_code == 200
+
+
+def test_leiden_layer_from_the_cluster_verb(tmp_path, viewer_store):
+    """The ``clusters`` table as ``cluster`` writes it (with run_id): the run's labels reach the
+    values and the legend; another run's rows in the same table are not used."""
+    import pyarrow as pa
+    from fastapi.testclient import TestClient
+
+    from stimage_embed.evaluation.clusters import cluster_run
+    from stimage_embed.store import Store
+    from stimage_embed.store.schema_explain import CLUSTERS
+    from stimage_embed.viewer.app import create_app
+
+    src, run_id = viewer_store
+    store = Store(shutil.copytree(src.path, tmp_path / "store"))
+    cluster_run(store, run_id, [SHOWN])
+    rows = pl.from_arrow(store.read("clusters")).filter(pl.col("run_id") == run_id)
+    want = dict(zip(rows["spot_id"].to_list(), rows["leiden"].to_list()))
+    other = [dict(r, run_id="another-run", leiden="99") for r in rows.head(50).to_dicts()]
+    store.append("clusters", pa.Table.from_pylist(other, schema=CLUSTERS), schema=CLUSTERS)
+    with TestClient(create_app(store)) as c:
+        gene = c.get(f"/api/runs/{run_id}/genes").json()["genes"][0]
+        body = c.get(f"/api/runs/{run_id}/slides/{SHOWN}/values", params={"gene": gene}).json()
+    got = {s["spot_id"]: s["cluster"] for s in body["spots"]}
+    assert len(got) == len(want) > 100 and got == want
+    assert "leiden" in body["layers"] and sorted(body["legend"]["leiden"]["labels"]) == sorted(set(want.values()))
+
+
+@pytest.mark.parametrize(
+    ("head", "params", "layer", "column"),
+    [
+        ("ensemble", {"n_members": 2, "alpha": 10.0}, "epistemic", "epistemic"),
+        ("highlow", {"max_iter": 50, "tol": 1e-3}, "prob_high", "prob_high"),
+    ],
+)
+def test_uncertainty_and_prob_high_layers(tmp_path, viewer_store, head, params, layer, column):
+    """An ``ensemble`` run's epistemic variance and a ``highlow`` run's P(high) reach the values
+    (equal to the stored predictions) with their scales: [0, max] and [0, 1]."""
+    from fastapi.testclient import TestClient
+
+    from stimage_embed.predictions.train_predict import predict, train
+    from stimage_embed.store import Store
+    from stimage_embed.viewer.app import create_app
+
+    src, _ = viewer_store
+    store = Store(shutil.copytree(src.path, tmp_path / "store"))
+    run_id, _ = train(store, "efficientnet_lite0", head, "var:10", [TRAIN], params=params)
+    predict(store, run_id, [SHOWN])
+    pred = pl.from_arrow(store.read("predictions", ["run_id", "slide_id", "spot_id", "gene", column])).filter(
+        (pl.col("run_id") == run_id) & (pl.col("slide_id") == SHOWN)
+    )
+    gene = pred["gene"][0]
+    want = dict(pred.filter(pl.col("gene") == gene).select("spot_id", column).iter_rows())
+    with TestClient(create_app(store)) as c:
+        body = c.get(f"/api/runs/{run_id}/slides/{SHOWN}/values", params={"gene": gene}).json()
+        tile = c.get(f"/overlay/{run_id}/{SHOWN}/{layer}/12/1_1.png", params={"gene": gene})
+    got = {s["spot_id"]: s[column] for s in body["spots"]}
+    assert layer in body["layers"] and len(got) == len(want) > 100
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6)
+    hi = max(want.values()) if layer == "epistemic" else 1.0
+    assert body["legend"][layer]["lo"] == 0.0 and body["legend"][layer]["hi"] == pytest.approx(hi, rel=1e-6)
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+
+
+def test_similar_spots_from_the_search_feature(client, viewer_store):
+    """The click panel's similar spots: the k spots of OTHER slides nearest the spot's stored
+    vector by cosine distance (numpy on the vectors read with pyarrow as the reference), and
+    the spot endpoint a link jumps to; unknown spots and backbones get one-line errors."""
+    store, _ = viewer_store
+    table = pl.from_arrow(store.read("embeddings_efficientnet_lite0", ["slide_id", "spot_id", "vector"]))
+    query = table.filter(pl.col("slide_id") == SHOWN).sort("spot_id")[7]
+    q = np.asarray(query["vector"][0], np.float64)
+    others = table.filter(pl.col("slide_id") != SHOWN)
+    X = np.asarray(others["vector"].to_list(), np.float64)
+    dist = 1 - X @ q / (np.linalg.norm(X, axis=1) * np.linalg.norm(q))
+    best = np.argsort(dist)[:5]
+    spot = query["spot_id"][0]
+    body = client.get(f"/api/slides/{SHOWN}/similar/{spot}", params={"k": 5}).json()
+    assert body["available"] is True and body["backbone"] == "efficientnet_lite0"
+    assert [s["spot_id"] for s in body["spots"]] == [others["spot_id"][int(i)] for i in best]
+    assert {s["slide_id"] for s in body["spots"]} == {TRAIN}
+    np.testing.assert_allclose([s["distance"] for s in body["spots"]], dist[best], rtol=1e-4, atol=1e-6)
+    hit = body["spots"][0]
+    at = client.get(f"/api/slides/{hit['slide_id']}/spots/{hit['spot_id']}").json()
+    spots = pl.from_arrow(store.read("spots", ["slide_id", "spot_id", "pixel_x", "pixel_y"]))
+    row = spots.filter((pl.col("slide_id") == TRAIN) & (pl.col("spot_id") == hit["spot_id"]))
+    assert (at["pixel_x"], at["pixel_y"]) == (row["pixel_x"][0], row["pixel_y"][0])
+    thumb = client.get(f"/thumb/{hit['slide_id']}/{hit['spot_id']}.jpeg")
+    assert thumb.status_code == 200 and Image.open(BytesIO(thumb.content)).size == (96, 96)
+    for path, status, words in (
+        (f"/api/slides/{SHOWN}/similar/nospot", 404, "no spot 'nospot'"),
+        (f"/api/slides/{SHOWN}/similar/{spot}?backbone=nope", 404, "no vectors of 'nope'"),
+        (f"/api/slides/{SHOWN}/similar/{spot}?backbone=../x", 400, "backbone"),
+        (f"/api/slides/{SHOWN}/spots/nospot", 404, "unknown spot 'nospot'"),
+    ):
+        r = client.get(path)
+        assert r.status_code == status and words in r.json()["detail"] and "\n" not in r.json()["detail"], r.text

@@ -4,9 +4,10 @@ store holding the real HER2ST section C5 with an ``nb`` run (trained on C4).
 Loads the page, waits for the tiles, checks the canvas shows tissue, switches gene and checks
 the overlay pixels change (and are the colours of the stored predictions on the shared
 scale), clicks a spot and checks the panel's values against the store, then shows predicted
-and measured side by side and saves screenshots. A missing browser fails under CI (CI=true)
-and skips elsewhere. ``STIMAGE_VIEWER_SCREENSHOT=PATH`` also writes the side-by-side view there
-(how docs/img/viewer.png is made).
+and measured side by side and saves screenshots. A missing browser fails under CI (the CI
+variable set to anything but empty, 0, false, no) and skips elsewhere with one line.
+``STIMAGE_VIEWER_SCREENSHOT=PATH`` also writes the side-by-side view there (how
+docs/img/viewer.png is made).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import polars as pl
 import pytest
 from PIL import Image
 from store_cases import cli_args, env
-from test_viewer_api import SHOWN, build_viewer_store, measured_log1p
+from test_viewer_api import SHOWN, measured_log1p
+from test_viewer_labels import TAB10, build_label_store
 
 CHROMIUM = ("chromium", "chromium-browser")
 DRIVER = "chromedriver"
@@ -43,6 +45,11 @@ CHROME_FLAGS = (
 WAIT_S = 90
 
 
+def under_ci() -> bool:
+    """Whether the CI variable is set (any value but empty, 0, false, no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _browser_or_skip() -> tuple[str, str]:
     browser = next((shutil.which(b) for b in CHROMIUM if shutil.which(b)), None)
     driver = shutil.which(DRIVER)
@@ -53,7 +60,7 @@ def _browser_or_skip() -> tuple[str, str]:
     if browser and driver:
         return browser, driver
     msg = "headless browser missing: install Debian chromium and chromium-driver, and selenium (scripts/setup.sh)"
-    if os.environ.get("CI", "").lower() == "true":
+    if under_ci():
         pytest.fail(msg)
     pytest.skip(msg)
 
@@ -77,10 +84,11 @@ def driver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, embedded_store):
-    """`stimage-embed view --port 0` on the store (a subprocess); yields (base URL, Store, run id)."""
+    """`stimage-embed view --port 0` on the store (a subprocess); yields (base URL, Store, nb run
+    id, label run id, C5's observed classes by spot)."""
     import httpx
 
-    store, run_id = build_viewer_store(tmp_path_factory, embedded_store)
+    store, run_id, label_run, truth = build_label_store(tmp_path_factory, embedded_store)
     proc = subprocess.Popen(
         cli_args("view", "--store", str(store.path), "--port", "0"),
         env=env(),
@@ -100,7 +108,7 @@ def server(tmp_path_factory, embedded_store):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield base, store, run_id
+        yield base, store, run_id, label_run, truth
     finally:
         proc.terminate()
         proc.wait(30)
@@ -154,6 +162,24 @@ def spot_pixels(d, img: np.ndarray, spot_ids: list[str]) -> np.ndarray:
     return np.asarray(out)
 
 
+def click_at(d, p: dict) -> None:
+    """Click viewer "a" at CSS px ``p`` (relative to its top-left)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    el = d.find_element("id", "view-a")
+    ActionChains(d).move_to_element_with_offset(
+        el, int(p["x"] - el.size["width"] / 2), int(p["y"] - el.size["height"] / 2)
+    ).click().perform()
+
+
+def wait_text(d, css: str, text: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(d, WAIT_S).until(
+        lambda drv: drv.find_elements("css selector", css) and drv.find_element("css selector", css).text == text
+    )
+
+
 def stored_predictions(store, run_id: str, gene: str) -> dict[str, float]:
     p = pl.from_arrow(store.read("predictions", ["run_id", "slide_id", "spot_id", "gene", "mean_log1p"]))
     p = p.filter((pl.col("run_id") == run_id) & (pl.col("slide_id") == SHOWN) & (pl.col("gene") == gene))
@@ -161,11 +187,11 @@ def stored_predictions(store, run_id: str, gene: str) -> dict[str, float]:
 
 
 def test_viewer_in_browser(driver, server, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.support.ui import Select
+    import httpx
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    base, store, run_id = server
-    genes = store.read("runs", ["run_id", "genes"]).to_pylist()[0]["genes"]
+    base, store, run_id, _, _ = server
+    genes = next(r["genes"] for r in store.read("runs", ["run_id", "genes"]).to_pylist() if r["run_id"] == run_id)
     g1, g2 = genes[0], genes[1]
     driver.get(f"{base}/?slide={SHOWN}&run={run_id}&gene={g1}")
     wait_ready(driver, g1)
@@ -201,24 +227,25 @@ def test_viewer_in_browser(driver, server, tmp_path):
     pred2, meas2 = stored_predictions(store, run_id, g2), measured_log1p(store, SHOWN, g2)
     target = max(pred2, key=pred2.get)
     p = driver.execute_script("return window.stviewer.spotPoint(arguments[0], 'a');", target)
-    el = driver.find_element("id", "view-a")
-    ActionChains(driver).move_to_element_with_offset(
-        el, int(p["x"] - el.size["width"] / 2), int(p["y"] - el.size["height"] / 2)
-    ).click().perform()
-    from selenium.webdriver.support.ui import WebDriverWait
-
+    click_at(driver, p)
     cell = "#spot-info td[data-field='{}']"
-    WebDriverWait(driver, WAIT_S).until(
-        lambda d: (
-            d.find_elements("css selector", cell.format("spot_id"))
-            and d.find_element("css selector", cell.format("spot_id")).text == target
-        )
-    )
+    wait_text(driver, cell.format("spot_id"), target)
     shown_pred = float(driver.find_element("css selector", cell.format("predicted")).get_attribute("data-value"))
     shown_meas = float(driver.find_element("css selector", cell.format("measured")).get_attribute("data-value"))
     assert shown_pred == pytest.approx(pred2[target], rel=1e-6)
     assert shown_meas == pytest.approx(meas2[target], rel=1e-5)
+    # its similar spots on the other slide, with thumbnails (loaded) and links
+    links = "#similar a"
+    WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements("css selector", links)) == 5)
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#similar img')].every((i) => i.complete && i.naturalWidth > 0);"
+        )
+    )
+    hrefs = [a.get_attribute("href") for a in driver.find_elements("css selector", links)]
+    assert all("slide=C4" in h for h in hrefs)
     (tmp_path / "viewer_click.png").write_bytes(driver.get_screenshot_as_png())
+    similar_href = hrefs[0]
 
     # predicted | measured side by side, one colour scale; the shared URL restores the view
     driver.find_element("id", "sbs").click()
@@ -239,3 +266,48 @@ def test_viewer_in_browser(driver, server, tmp_path):
     for key in "xyz":  # the viewport (centre, zoom) as the URL recorded it
         before, after = (float(re.search(rf"[?&]{key}=([0-9.]+)", u).group(1)) for u in (url, driver.current_url))
         assert after == pytest.approx(before, rel=1e-3, abs=1e-4), key
+
+    # a similar spot's link opens its slide centred on it (C4: no predictions of this run)
+    driver.get(similar_href)
+    wait_ready(driver)
+    spot = re.search(r"[?&]spot=([^&]+)", similar_href).group(1)
+    at = httpx.get(f"{base}/api/slides/C4/spots/{spot}").json()
+    centre = driver.execute_script(
+        "const v = window.stviewer.viewers.a; const c = v.world.getItemAt(0).viewportToImageCoordinates("
+        "v.viewport.getCenter(true)); return [c.x, c.y, window.stviewer.state.slide];"
+    )
+    assert centre[2] == "C4" and np.hypot(centre[0] - at["pixel_x"], centre[1] - at["pixel_y"]) < at["radius_px"]
+
+
+def test_label_run_in_browser(driver, server, tmp_path):
+    """A label run picked by URL: the class picker, the predicted-class layer's spot colours
+    are the tab10 colours of the stored classes, a click shows the stored classes."""
+    base, store, _, label_run, truth = server
+    driver.get(f"{base}/?slide={SHOWN}&run={label_run}&gene=mid&layer=label")
+    wait_ready(driver, "mid")
+    assert driver.find_element("id", "gene-label").text == "Class"
+    assert driver.execute_script("return window.stviewer.state.layer") == "label"
+    assert all(c in driver.find_element("id", "legend").text for c in TAB10)
+    set_opacity(driver, 100)
+    img = shot(driver, "view-a")
+    rows = pl.from_arrow(store.read("label_predictions")).filter(
+        (pl.col("run_id") == label_run) & (pl.col("class") == "mid")
+    )
+    label = dict(zip(rows["spot_id"].to_list(), rows["label"].to_list()))
+    ids = sorted(label)[::7]
+    ref = np.array([TAB10[c] for c in TAB10])
+    got = spot_pixels(driver, img, ids).astype(float)
+    nearest = np.array(list(TAB10))[np.argmin(((got[:, None] - ref[None]) ** 2).sum(-1), axis=1)]
+    assert (nearest == np.array([label[k] for k in ids])).mean() > 0.9
+    target = ids[len(ids) // 2]
+    p = driver.execute_script("return window.stviewer.spotPoint(arguments[0], 'a');", target)
+    click_at(driver, p)
+    cell = "#spot-info td[data-field='{}']"
+    wait_text(driver, cell.format("spot_id"), target)
+    assert driver.find_element("css selector", cell.format("label")).text == label[target]
+    assert driver.find_element("css selector", cell.format("observed_label")).text == truth[target]
+    prob = rows.filter(pl.col("spot_id") == target)["prob"][0]
+    assert float(driver.find_element("css selector", cell.format("prob_class")).get_attribute("data-value")) == (
+        pytest.approx(prob, rel=1e-6)
+    )
+    (tmp_path / "viewer_label_run.png").write_bytes(driver.get_screenshot_as_png())

@@ -22,11 +22,11 @@ from PIL import Image
 
 from stimage_embed.errors import InputError
 from stimage_embed.store.store import Store
-from stimage_embed.viewer import queries
+from stimage_embed.viewer import label_queries, queries
 from stimage_embed.viewer.cache import LRU
 from stimage_embed.viewer.deepzoom import SlideTiles
 from stimage_embed.viewer.overlay import LAYERS, SpotLayers, png_bytes
-from stimage_embed.viewer.similar import similar
+from stimage_embed.viewer.similar import NoVector, similar
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,19 @@ class Viewer:
         return self.slides.get(slide_id, make)
 
     def read_layers(self, run_id: str, slide_id: str, gene: str) -> SpotLayers:
-        """A run's values for one slide and gene read from the store now (and cached)."""
+        """A run's values for one slide and gene (a label run: class) read from the store now
+        (and cached)."""
         row = self.slide(slide_id)
+        classes = None
         try:
-            frame = queries.values(self.store, run_id, slide_id, gene)
+            if label_queries.is_label_run(self.store, run_id):
+                frame = label_queries.label_values(self.store, run_id, slide_id, gene)
+                classes = queries.run_genes(self.store, run_id)
+            else:
+                frame = queries.values(self.store, run_id, slide_id, gene)
         except queries.NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
-        layers = SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"])
+        layers = SpotLayers.build(frame, row["um_per_px"], row["spot_diameter_um"], classes)
         self.layers.put((run_id, slide_id, gene), layers)
         return layers
 
@@ -156,12 +162,14 @@ def _api_routes(app: FastAPI, viewer: Viewer) -> None:
     @app.get("/api/runs/{run_id}/slides/{slide_id}/values")
     def values(run_id: str, slide_id: str, gene: str = Query(min_length=1, max_length=200)) -> dict:
         """Per spot: id, centre (level-0 px), predicted and measured log1p(CP10k), epistemic
-        variance, P(high), cluster; the layers present with their shared scales."""
+        variance, P(high), cluster; the layers present with their shared scales. A label run
+        (``kind`` label; ``gene`` is a class): P(class), predicted and observed class."""
         row = viewer.slide(slide_id)
         sl = viewer.read_layers(run_id, slide_id, gene)
         spots = [{k: _finite(v) for k, v in r.items()} for r in sl.frame.to_dicts()]
         return {
             "run_id": run_id,
+            "kind": "label" if "prob_class" in sl.frame.columns else "expression",
             "slide_id": slide_id,
             "gene": gene,
             "um_per_px": row["um_per_px"],
@@ -173,10 +181,18 @@ def _api_routes(app: FastAPI, viewer: Viewer) -> None:
         }
 
     @app.get("/api/slides/{slide_id}/similar/{spot_id}")
-    def similar_spots(slide_id: str, spot_id: str, k: int = Query(5, ge=1, le=50)) -> dict:
-        """Top-k similar spots from other slides (when the search feature is installed)."""
+    def similar_spots(
+        slide_id: str,
+        spot_id: str,
+        k: int = Query(5, ge=1, le=50),
+        backbone: str | None = Query(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$"),
+    ) -> dict:
+        """Top-k spots of other slides nearest this one's image vector (the search feature)."""
         viewer.slide(slide_id)
-        return similar(viewer.store, slide_id, spot_id, k)
+        try:
+            return similar(viewer.store, slide_id, spot_id, k, backbone)
+        except NoVector as exc:
+            raise HTTPException(404, str(exc)) from exc
 
 
 def _tile_routes(app: FastAPI, viewer: Viewer) -> None:
@@ -207,21 +223,34 @@ def _tile_routes(app: FastAPI, viewer: Viewer) -> None:
         img = sl.render(layer, tiles.tile_box(level, col, row))
         return Response(png_bytes(img), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/api/slides/{slide_id}/spots/{spot_id}")
+    def spot(slide_id: str, spot_id: str) -> dict:
+        """One spot's centre (level-0 px) and radius (level-0 px), e.g. to jump to it."""
+        row = viewer.slide(slide_id)
+        x, y = spot_xy(viewer, slide_id, spot_id)
+        radius = row["spot_diameter_um"] / 2 / row["um_per_px"]
+        return {"slide_id": slide_id, "spot_id": spot_id, "pixel_x": x, "pixel_y": y, "radius_px": radius}
+
     @app.get("/thumb/{slide_id}/{spot_id}.jpeg")
     def thumb(slide_id: str, spot_id: str) -> Response:
         """A small image of one spot (1.5 spot diameters wide)."""
         row = viewer.slide(slide_id)
-        df = queries.run_query(
-            viewer.store,
-            ["spots"],
-            "SELECT pixel_x, pixel_y FROM spots WHERE slide_id = ? AND spot_id = ?",
-            [slide_id, spot_id],
-        )
-        if df.height == 0:
-            raise HTTPException(404, f"unknown spot {spot_id!r} of slide {slide_id!r}")
+        x, y = spot_xy(viewer, slide_id, spot_id)
         size = 1.5 * row["spot_diameter_um"] / row["um_per_px"]
-        tiles = viewer.tiles(slide_id)
-        arr = tiles.window(float(df["pixel_x"][0]), float(df["pixel_y"][0]), size, THUMB_PX)
+        arr = viewer.tiles(slide_id).window(x, y, size, THUMB_PX)
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg", headers=TILE_HEADERS)
+
+
+def spot_xy(viewer: Viewer, slide_id: str, spot_id: str) -> tuple[float, float]:
+    """A spot's centre (level-0 px) from the store; 404 if the slide lacks it."""
+    df = queries.run_query(
+        viewer.store,
+        ["spots"],
+        "SELECT pixel_x, pixel_y FROM spots WHERE slide_id = ? AND spot_id = ?",
+        [slide_id, spot_id],
+    )
+    if df.height == 0:
+        raise HTTPException(404, f"unknown spot {spot_id!r} of slide {slide_id!r}")
+    return float(df["pixel_x"][0]), float(df["pixel_y"][0])

@@ -25,6 +25,11 @@ class LRU(Generic[V]):
         self._lock = threading.Lock()
         self._key_locks: dict[Hashable, threading.Lock] = {}
 
+    def __len__(self) -> int:
+        """Number of values held."""
+        with self._lock:
+            return len(self._items)
+
     def _fresh(self, key: Hashable) -> V | None:
         with self._lock:
             hit = self._items.get(key)

@@ -11,6 +11,13 @@ geometry, tile addressing, overlap and resampling), over one of two slide object
   use by 2x2 box averaging, each from the level above. Memory: the decoded raster plus a third.
 
 Tile size: 254 px with a 1 px overlap (256 px tiles inside the image), OpenSlide's defaults.
+
+Encoded tiles (JPEG bytes) are kept in a bounded LRU per open slide (:data:`TILE_CACHE`
+tiles, about 10-20 kB each): a tile asked for again (both panes of the side-by-side view,
+panning back, a reload) is not read and encoded again, and concurrent requests for one tile
+share one read. Reads are thread-safe: OpenSlide's C library is, and ctypes releases the GIL
+during a read, so two requests use two cores; :class:`RasterSlide` builds each level once
+under a lock and only reads afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from stimage_embed.tiles.image import SlideImage
+from stimage_embed.viewer.cache import LRU
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,8 @@ OVERLAP = 1
 #: the smallest pyramid level RasterSlide builds has its longer side below this (px)
 MIN_LEVEL_SIDE = 512
 JPEG_QUALITY = 80
+#: encoded tiles kept per open slide (JPEG bytes, about 10-20 kB each)
+TILE_CACHE = 1024
 
 
 class RasterSlide:
@@ -97,9 +107,11 @@ class RasterSlide:
 class SlideTiles:
     """Deep-zoom tiles of one slide image (OpenSlide or raster), thread-safe for reads."""
 
-    def __init__(self, path: str | Path):
-        """Open ``path``; raises :class:`~stimage_embed.errors.InputError` naming it if unreadable."""
+    def __init__(self, path: str | Path, tile_cache: int = TILE_CACHE):
+        """Open ``path``; raises :class:`~stimage_embed.errors.InputError` naming it if unreadable.
+        ``tile_cache``: encoded tiles kept (0: none)."""
         self.path = Path(path)
+        self._jpegs: LRU[bytes] | None = LRU(tile_cache) if tile_cache > 0 else None
         self._image = SlideImage.open(self.path)
         osr = self._image._slide if self._image._slide is not None else RasterSlide(self._image)
         self.backend = self._image.backend
@@ -139,7 +151,12 @@ class SlideTiles:
         return self.dz.get_tile(level, (col, row))
 
     def tile_jpeg(self, level: int, col: int, row: int) -> bytes:
-        """The tile as JPEG bytes."""
+        """The tile as JPEG bytes (from the tile cache when it holds them)."""
+        if self._jpegs is None:
+            return self._encode(level, col, row)
+        return self._jpegs.get((level, col, row), lambda: self._encode(level, col, row))
+
+    def _encode(self, level: int, col: int, row: int) -> bytes:
         buf = io.BytesIO()
         self.tile(level, col, row).save(buf, "JPEG", quality=JPEG_QUALITY)
         return buf.getvalue()
@@ -158,6 +175,8 @@ class SlideTiles:
         return self._image.read_window(cx, cy, size, out_px)[0]
 
     def close(self) -> None:
+        if self._jpegs is not None:
+            self._jpegs.clear()
         self._image.close()
         if isinstance(self._osr, RasterSlide):
             self._osr.close()

@@ -7,7 +7,10 @@ Layers and their colour scales:
   gene): the min and max over both columns' finite values, so side-by-side maps compare;
 * ``epistemic``: between-member variance of the predicted mean (counts^2), magma, [0, max];
 * ``prob_high``: P(high), coolwarm, [0, 1];
-* ``leiden``: cluster labels, tab20 (categorical).
+* ``leiden``: cluster labels, tab20 (categorical);
+* label runs (:mod:`stimage_embed.viewer.label_queries`): ``prob_class``: P(class) of the
+  picked class, viridis, [0, 1]; ``label`` (predicted class) and ``observed_label`` (stored
+  class): tab10 (categorical), ONE colour per class shared by both, in the run's class order.
 """
 
 from __future__ import annotations
@@ -20,13 +23,20 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
-LAYERS = ("predicted", "measured", "epistemic", "prob_high", "leiden")
+LAYERS = ("predicted", "measured", "epistemic", "prob_high", "leiden", "prob_class", "label", "observed_label")
+#: layers with a continuous scale, drawn from a float column of the same name
+NUMERIC = ("predicted", "measured", "epistemic", "prob_high", "prob_class")
+#: categorical layers -> the frame column holding their labels
+CATEGORICAL = {"leiden": "cluster", "label": "label", "observed_label": "observed_label"}
 CMAPS = {
     "predicted": "viridis",
     "measured": "viridis",
     "epistemic": "magma",
     "prob_high": "coolwarm",
     "leiden": "tab20",
+    "prob_class": "viridis",
+    "label": "tab10",
+    "observed_label": "tab10",
 }
 #: opacity of the drawn disks (0-255); the page sets the layer's opacity on top
 ALPHA = 230
@@ -36,6 +46,11 @@ def lut(name: str) -> np.ndarray:
     """(256, 3) uint8 colours of a matplotlib colour map."""
     cmap = matplotlib.colormaps[name]
     return (np.asarray(cmap(np.linspace(0, 1, 256)))[:, :3] * 255).round().astype(np.uint8)
+
+
+def palette(name: str) -> np.ndarray:
+    """(n, 3) uint8 colours of a qualitative matplotlib map (tab10: 10, tab20: 20)."""
+    return (np.asarray(matplotlib.colormaps[name].colors)[:, :3] * 255).round().astype(np.uint8)
 
 
 def hex_colors(rgb: np.ndarray) -> list[str]:
@@ -63,18 +78,21 @@ class SpotLayers:
     colors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, frame: pl.DataFrame, um_per_px: float, spot_diameter_um: float) -> SpotLayers:
-        """From :func:`stimage_embed.viewer.queries.values` rows and the slide's geometry."""
+    def build(
+        cls, frame: pl.DataFrame, um_per_px: float, spot_diameter_um: float, classes: list[str] | None = None
+    ) -> SpotLayers:
+        """From :func:`stimage_embed.viewer.queries.values` (or
+        :func:`~stimage_embed.viewer.label_queries.label_values`) rows and the slide's geometry;
+        ``classes``: a label run's classes (the colour order of its categorical layers)."""
         obj = cls(
             frame=frame,
             x=frame["pixel_x"].to_numpy().astype(np.float64),
             y=frame["pixel_y"].to_numpy().astype(np.float64),
             radius_px=spot_diameter_um / 2.0 / um_per_px,
         )
-        col = {k: frame[k].cast(pl.Float64).fill_null(np.nan).to_numpy() for k in LAYERS[:4]}
-        shared = _finite_range(col["predicted"], col["measured"])
-        for layer in LAYERS[:4]:
-            v = col[layer]
+        col = {k: frame[k].cast(pl.Float64).fill_null(np.nan).to_numpy() for k in NUMERIC if k in frame.columns}
+        shared = _finite_range(*(col[k] for k in ("predicted", "measured") if k in col)) if "predicted" in col else None
+        for layer, v in col.items():
             if not np.isfinite(v).any():
                 continue
             if layer in ("predicted", "measured"):
@@ -89,27 +107,36 @@ class SpotLayers:
             rgba[:, :3] = lut(CMAPS[layer])[idx]
             rgba[:, 3] = np.where(np.isfinite(v), ALPHA, 0)
             obj.colors[layer] = rgba
-        labels = frame["cluster"]
-        if labels.null_count() < len(labels):
-            names = sorted(set(labels.drop_nulls().to_list()), key=lambda s: (len(s), s))
-            pal = lut(CMAPS["leiden"])[np.linspace(0, 255, 20).astype(int)]
-            code = {n: i for i, n in enumerate(names)}
-            rgba = np.zeros((len(labels), 4), np.uint8)
-            for i, lab in enumerate(labels.to_list()):
-                if lab is not None:
-                    rgba[i, :3] = pal[code[lab] % 20]
-                    rgba[i, 3] = ALPHA
-            obj.scales["leiden"] = names
-            obj.colors["leiden"] = rgba
+        seen = {k: frame[c].drop_nulls().unique().to_list() for k, c in CATEGORICAL.items() if c in frame.columns}
+        order = list(classes or []) + sorted(
+            {x for k in ("label", "observed_label") for x in seen.get(k, [])} - set(classes or [])
+        )
+        for layer, present in seen.items():
+            if not present:
+                continue
+            names = sorted(present, key=lambda s: (len(s), s)) if layer == "leiden" else order
+            obj._categorical(layer, frame[CATEGORICAL[layer]].to_list(), names)
         return obj
+
+    def _categorical(self, layer: str, labels: list, names: list[str]) -> None:
+        """Colour each spot by its label's position in ``names`` (palette of the layer's map)."""
+        pal = palette(CMAPS[layer])
+        code = {n: i for i, n in enumerate(names)}
+        rgba = np.zeros((len(labels), 4), np.uint8)
+        for i, lab in enumerate(labels):
+            if lab is not None:
+                rgba[i, :3] = pal[code[lab] % len(pal)]
+                rgba[i, 3] = ALPHA
+        self.scales[layer] = names
+        self.colors[layer] = rgba
 
     def legend(self) -> dict:
         """Per available layer: its scale and colour ramp (hex), for the page's legend."""
         out = {}
         for layer, scale in self.scales.items():
-            if layer == "leiden":
-                pal = lut(CMAPS["leiden"])[np.linspace(0, 255, 20).astype(int)]
-                out[layer] = {"labels": scale, "colors": hex_colors(pal[[i % 20 for i in range(len(scale))]])}
+            if layer in CATEGORICAL:
+                pal = palette(CMAPS[layer])
+                out[layer] = {"labels": scale, "colors": hex_colors(pal[[i % len(pal) for i in range(len(scale))]])}
             else:
                 out[layer] = {"lo": scale[0], "hi": scale[1], "colors": hex_colors(lut(CMAPS[layer])[::8])}
         return out

@@ -25,10 +25,13 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from stimage_embed.store.schema_labels import LABEL_PREDICTIONS_TABLE
 from stimage_embed.store.sql import register_table
 from stimage_embed.store.store import Store
 
 CLUSTER_TABLE = "clusters"
+#: (table of a run's per-spot rows, the run's kind)
+RUN_KINDS = (("predictions", "expression"), (LABEL_PREDICTIONS_TABLE, "label"))
 CLUSTER_COLUMNS = ("leiden", "cluster")
 
 
@@ -78,17 +81,25 @@ def slide(store: Store, slide_id: str) -> dict:
 
 
 def runs(store: Store) -> list[dict]:
-    """Runs with predictions: id, head, backbone, gene spec, number of genes, predicted slides."""
-    if not (store.has_table("runs") and store.has_table("predictions")):
+    """Runs with predictions: id, head, backbone, gene spec, number of genes, predicted slides,
+    and ``kind``: ``expression`` (rows in ``predictions``) or ``label`` (rows in
+    ``label_predictions``: a label head, whose "genes" are its classes)."""
+    parts = [
+        f"SELECT run_id, list(DISTINCT slide_id ORDER BY slide_id) AS slides, '{kind}' AS kind FROM {table} "
+        "GROUP BY run_id"
+        for table, kind in RUN_KINDS
+        if store.has_table(table)
+    ]
+    if not (store.has_table("runs") and parts):
         return []
     df = run_query(
         store,
-        ["runs", "predictions"],
-        """WITH p AS (SELECT run_id, list(DISTINCT slide_id ORDER BY slide_id) AS slides
-                      FROM predictions GROUP BY run_id)
+        ["runs", *(t for t, _ in RUN_KINDS if store.has_table(t))],
+        f"""WITH p AS ({" UNION ALL ".join(parts)})
            SELECT r.run_id, r.dataset, coalesce(r.vector_source, r.backbone) AS backbone, r.head, r.split,
                   r.fold, r.gene_spec,
-                  len(r.genes) AS n_genes, p.slides, strftime(r.created_at, '%Y-%m-%dT%H:%M:%SZ') AS created_at
+                  len(r.genes) AS n_genes, p.slides, strftime(r.created_at, '%Y-%m-%dT%H:%M:%SZ') AS created_at,
+                  p.kind
            FROM runs r JOIN p USING (run_id) ORDER BY r.created_at DESC, r.run_id""",
     )
     return df.to_dicts()

@@ -1,11 +1,12 @@
-"""Similar spots for the click panel, from the search feature when it is installed.
+"""Similar spots for the click panel, from the morphology search feature
+(:func:`stimage_embed.search.search`: cosine distance between stored image vectors, exact
+or through the table's vector index, prefiltered to other slides).
 
-The viewer does not depend on it: it tries ``from stimage_embed.search import similar_spots``
-and, if that import fails, reports the feature as unavailable. The contract it calls:
+The viewer does not need it: when ``stimage_embed.search`` cannot be imported, or the store
+holds no vectors, the panel reports search as unavailable.
 
-``similar_spots(store, slide_id, spot_id, k) -> polars.DataFrame | list[dict]`` with one row
-per similar spot, best first, columns ``slide_id``, ``spot_id`` and optionally ``score``
-(higher = more similar) or ``distance``.
+Backbone: the one asked for, else ``efficientnet_lite0`` when the store has its vectors,
+else the first ``embeddings_*`` table (by name).
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from __future__ import annotations
 import importlib
 import logging
 
-import polars as pl
-
+from stimage_embed.errors import InputError
+from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store
 
 log = logging.getLogger(__name__)
 
 SEARCH_MODULE = "stimage_embed.search"
-SEARCH_FUNCTION = "similar_spots"
+SEARCH_FUNCTION = "search"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+EMBEDDINGS_PREFIX = "embeddings_"
 
 
 def search_function():
-    """The search feature's ``similar_spots``, or None when it is not installed."""
+    """The search feature's ``search``, or None when it is not installed."""
     try:
         module = importlib.import_module(SEARCH_MODULE)
     except ImportError:
@@ -32,15 +35,29 @@ def search_function():
     return getattr(module, SEARCH_FUNCTION, None)
 
 
-def similar(store: Store, slide_id: str, spot_id: str, k: int) -> dict:
-    """``{"available": bool, "spots": [{slide_id, spot_id, score?, distance?}, ...]}``,
-    spots from other slides only."""
+def default_backbone(store: Store) -> str | None:
+    """The backbone whose vectors the panel searches (see the module doc), or None."""
+    if store.has_table(S.embedding_table_name(DEFAULT_BACKBONE)):
+        return DEFAULT_BACKBONE
+    names = sorted(n for n in store.table_names() if n.startswith(EMBEDDINGS_PREFIX))
+    return names[0][len(EMBEDDINGS_PREFIX) :] if names else None
+
+
+class NoVector(LookupError):
+    """The spot has no stored vector of the backbone (the app answers 404)."""
+
+
+def similar(store: Store, slide_id: str, spot_id: str, k: int, backbone: str | None = None) -> dict:
+    """``{"available": bool, "backbone": str | None, "spots": [{slide_id, spot_id, distance}]}``:
+    the ``k`` spots of other slides nearest this spot's vector, nearest first (``distance`` =
+    1 - cosine). :class:`NoVector` when the spot (or the asked backbone) has no vector."""
     fn = search_function()
-    if fn is None:
-        return {"available": False, "spots": []}
-    rows = fn(store, slide_id, spot_id, k)
-    if isinstance(rows, pl.DataFrame):
-        rows = rows.to_dicts()
-    keep = ("slide_id", "spot_id", "score", "distance")
-    spots = [{c: r[c] for c in keep if c in r} for r in rows if r.get("slide_id") != slide_id]
-    return {"available": True, "spots": spots[:k]}
+    backbone = backbone or default_backbone(store)
+    if fn is None or backbone is None:
+        return {"available": False, "backbone": backbone, "spots": []}
+    try:
+        hits = fn(store, backbone, like=f"{slide_id}:{spot_id}", k=k, exclude_slide=True)
+    except InputError as exc:
+        raise NoVector(exc.reason) from exc
+    spots = hits.select("slide_id", "spot_id", "distance").to_dicts()
+    return {"available": True, "backbone": backbone, "spots": spots}

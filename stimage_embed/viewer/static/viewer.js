@@ -8,7 +8,16 @@
     epistemic: "epistemic variance (counts\u00b2)",
     prob_high: "P(high)",
     leiden: "Leiden clusters",
+    prob_class: "P(class)",
+    label: "predicted class",
+    observed_label: "observed class",
   };
+  // the layers offered for a run of each kind (a label run's "genes" are its classes)
+  const KIND_LAYERS = {
+    expression: ["predicted", "measured", "epistemic", "prob_high", "leiden"],
+    label: ["prob_class", "label", "observed_label"],
+  };
+  const SBS = { expression: ["predicted", "measured"], label: ["label", "observed_label"] };
   const S = { slide: null, run: null, gene: null, layer: "predicted", sbs: false, opacity: 0.8,
               slides: [], runs: [], values: null, info: null, spot: null, pendingView: null,
               pendingSpot: null, loading: 0, epoch: 0, leader: "a" };
@@ -46,7 +55,8 @@
     return { width: i.width, height: i.height, tileSize: i.tile_size, tileOverlap: i.overlap,
              minLevel: 0, maxLevel: i.max_level, getTileUrl: urlOf };
   }
-  function layerOf(key) { return key === "b" ? "measured" : (S.sbs ? "predicted" : S.layer); }
+  function kind() { return S.values && S.values.kind === "label" ? "label" : "expression"; }
+  function layerOf(key) { return key === "b" ? SBS[kind()][1] : (S.sbs ? SBS[kind()][0] : S.layer); }
 
   // the pane the user last touched leads; the other copies its centre and zoom (equal widths)
   function syncFrom(key) {
@@ -109,6 +119,8 @@
     const sel = $("gene");
     sel.innerHTML = "";
     if (!S.run) { S.values = null; return; }
+    const run = S.runs.find((r) => r.run_id === S.run);
+    $("gene-label").textContent = run && run.kind === "label" ? "Class" : "Gene";
     const g = await api(`/api/runs/${enc(S.run)}/genes`);
     for (const name of g.genes) sel.add(new Option(name, name));
     if (!g.genes.includes(S.gene)) S.gene = g.genes[0] || null;
@@ -133,9 +145,12 @@
     S.leader = "a";
     if (saved) applyView(saved);
     syncFrom("a");
+    const spot = S.pendingSpot;
+    S.pendingSpot = null;
     await loadValues();
     if (saved) applyView(saved);  // again, once the page layout has settled
-    else if (!S.pendingSpot) fitSpots();
+    else if (spot) await focusSpot(spot);  // a link to a spot (e.g. a similar spot)
+    else fitSpots();
     syncFrom("a");
     writeUrl();
   }
@@ -164,8 +179,8 @@
       } catch (err) { status(err.message); }
     }
     if (epoch !== S.epoch) return;
+    if (S.values && !S.values.layers.includes(S.layer)) S.layer = S.values.layers[0] || S.layer;
     renderLayers(); renderLegend(); drawOverlays(); writeUrl();
-    if (S.pendingSpot && S.values) { const id = S.pendingSpot; S.pendingSpot = null; focusSpot(id); }
   }
 
   function drawOverlays() {
@@ -186,7 +201,7 @@
     const box = $("layers");
     box.innerHTML = "";
     const have = S.values ? S.values.layers : [];
-    for (const layer of Object.keys(LABELS)) {
+    for (const layer of KIND_LAYERS[kind()]) {
       const lab = document.createElement("label");
       const r = document.createElement("input");
       Object.assign(r, { type: "radio", name: "layer", value: layer, checked: layer === S.layer, disabled: !have.includes(layer) });
@@ -199,11 +214,12 @@
   function renderLegend() {
     const box = $("legend");
     box.innerHTML = "";
-    const layer = S.sbs ? "predicted" : S.layer;
+    const layer = layerOf("a");
     const lg = S.values && S.values.legend[layer];
     if (!lg) return;
     const title = document.createElement("div");
-    title.textContent = S.sbs ? "predicted and measured log1p(CP10k), one scale" : LABELS[layer];
+    const both = kind() === "label" ? "predicted and observed class, one palette" : "predicted and measured log1p(CP10k), one scale";
+    title.textContent = S.sbs ? both : LABELS[layer];
     box.append(title);
     if (lg.labels) {
       lg.labels.forEach((name, i) => {
@@ -255,8 +271,10 @@
   function showSpot(s) {
     S.spot = s.spot_id;
     ring(s);
-    const rows = [["spot", "spot_id"], ["predicted", "predicted"], ["measured", "measured"],
-                  ["epistemic", "epistemic"], ["P(high)", "prob_high"], ["cluster", "cluster"]];
+    const rows = kind() === "label"
+      ? [["spot", "spot_id"], [`P(${S.gene})`, "prob_class"], ["predicted class", "label"], ["observed class", "observed_label"]]
+      : [["spot", "spot_id"], ["predicted", "predicted"], ["measured", "measured"],
+         ["epistemic", "epistemic"], ["P(high)", "prob_high"], ["cluster", "cluster"]];
     const html = rows.map(([label, f]) =>
       `<tr><th>${label}</th><td data-field="${f}" data-value="${s[f] === null ? "" : s[f]}">${f === "spot_id" ? s[f] : fmt(s[f])}</td></tr>`);
     $("spot-info").innerHTML = `<table>${html.join("")}</table>`;
@@ -265,25 +283,32 @@
   async function loadSimilar(spotId) {
     const box = $("similar");
     box.textContent = "";
-    const r = await api(`/api/slides/${enc(S.slide)}/similar/${enc(spotId)}?k=5`).catch(() => null);
-    if (!r) { box.textContent = "Similar spots: the search failed."; return; }
-    if (!r.available) { box.textContent = "Similar spots: search not installed."; return; }
-    box.textContent = "Similar spots:";
+    const r = await api(`/api/slides/${enc(S.slide)}/similar/${enc(spotId)}?k=5`).catch((err) => ({ error: err.message }));
+    if (r.error) { box.textContent = `Similar spots: ${r.error}`; return; }
+    if (!r.available) { box.textContent = "Similar spots: unavailable (no image vectors, or search not installed)."; return; }
+    box.textContent = `Similar spots on other slides (${r.backbone}, cosine distance):`;
     for (const m of r.spots) {
       const q = new URLSearchParams({ slide: m.slide_id, spot: m.spot_id, run: S.run || "", gene: S.gene || "" });
       const a = document.createElement("a");
       a.href = "?" + q.toString();
-      a.innerHTML = `<img alt="" src="/thumb/${enc(m.slide_id)}/${enc(m.spot_id)}.jpeg">${m.slide_id} ${m.spot_id}`;
+      a.className = "similar";
+      const img = document.createElement("img");
+      img.alt = ""; img.src = `/thumb/${enc(m.slide_id)}/${enc(m.spot_id)}.jpeg`;
+      a.append(img, `${m.slide_id} ${m.spot_id} (${fmt(m.distance)})`);
       box.append(a);
     }
   }
-  function focusSpot(spotId) {
-    const s = S.values.spots.find((x) => x.spot_id === spotId);
-    if (!s) return;
+  async function focusSpot(spotId) {
+    // a spot of the run's values, or (a slide the run did not predict) its centre from the store
+    const s = S.values && S.values.spots.find((x) => x.spot_id === spotId);
+    const at = s ? { ...s, radius_px: S.values.radius_px }
+      : await api(`/api/slides/${enc(S.slide)}/spots/${enc(spotId)}`).catch((err) => { status(err.message); return null; });
+    if (!at) return;
     const item = viewers.a.world.getItemAt(0);
-    const r = S.values.radius_px * 6;
-    viewers.a.viewport.fitBounds(item.imageToViewportRectangle(s.pixel_x - r, s.pixel_y - r, 2 * r, 2 * r), true);
-    showSpot(s);
+    const r = at.radius_px * 6;
+    viewers.a.viewport.fitBounds(item.imageToViewportRectangle(at.pixel_x - r, at.pixel_y - r, 2 * r, 2 * r), true);
+    syncFrom("a");
+    if (s) showSpot(s);
   }
 
   // ---- hooks for scripts and tests ---------------------------------------------------
