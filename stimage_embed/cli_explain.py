@@ -15,7 +15,12 @@ from stimage_embed.explain.lime_tile import DEFAULT_SAMPLES
 def explain(
     model: Annotated[str, typer.Option(help="Model run id (under <store>/models) or a model folder, from `train`.")],
     slide: Annotated[str, typer.Option(help="Slide id whose spot tiles to explain.")],
-    gene: Annotated[str, typer.Option(help="Gene whose prediction to explain (one of the model's genes).")],
+    gene: Annotated[
+        str,
+        typer.Option(
+            help="Gene whose prediction to explain (one of the model's genes; a label model: one of its classes)."
+        ),
+    ],
     spots: Annotated[str | None, typer.Option(help="Spot ids, comma-separated.")] = None,
     top: Annotated[
         int | None, typer.Option(help="Explain the K tissue spots with the highest prediction of --gene.")
