@@ -74,6 +74,11 @@ def test_highlow_explains_p_high_as_predict_stored_it(prob_store, tmp_path):
     assert rows.height == res.tiles[0].n_nuclei > 0 and set(rows["value"]) == {"prob_high"}
     assert rows["prediction"][0] == pytest.approx(want[spots[0]], abs=0.02)
     assert "(P(high))" in res.lines()[0]
+    # --top K: the K tissue spots where predict stored the highest P(high)
+    top = explain(store, hl, "C5", GENE, top=2, samples=8, out=tmp_path, device="cpu")
+    qc = store.sql("SELECT spot_id FROM spots WHERE slide_id = 'C5' AND passes_qc")["spot_id"].to_list()
+    ranked = stored.filter(pl.col("spot_id").is_in(qc)).sort("prob_high", descending=True)["spot_id"].to_list()
+    assert sorted(t.spot_id for t in top.tiles) == sorted(ranked[:2])
 
 
 def test_label_model_explains_p_of_the_chosen_class(prob_store, tmp_path):

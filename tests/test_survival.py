@@ -215,3 +215,21 @@ def test_cli_marks_a_synthetic_clinical_table_synthetic(tmp_path, cohort):
     res = runner.invoke(app, ["response", "--label", "response", "--positive", "pCR", *common])
     assert res.exit_code == 0 and "(SYNTHETIC clinical data)" in res.stdout, res.output
     assert json.loads((out / "response_summary.json").read_text())["note"] == SYNTHETIC_NOTE
+
+
+def test_expression_file_csv_equals_parquet_and_bad_files_one_line(tmp_path, cohort):
+    from stimage_embed.downstream import file_expression
+    from stimage_embed.errors import InputError
+
+    _, _, genes, expr, _ = cohort
+    expr.write_parquet(tmp_path / "e.parquet")
+    expr.write_csv(tmp_path / "e.csv")
+    a, b = file_expression(tmp_path / "e.parquet"), file_expression(tmp_path / "e.csv")
+    assert a.height == 198 * len(genes) and a.columns == b.columns
+    np.testing.assert_allclose(a.sort("unit", "gene")["value"], b.sort("unit", "gene")["value"], rtol=1e-12)
+    (tmp_path / "dup.csv").write_text("patient,g1\nA,1\nA,2\n")
+    (tmp_path / "text.csv").write_text("patient,g1\nA,high\nB,2\n")
+    for name, needle in (("dup.csv", "duplicate key 'A'"), ("text.csv", "g1: gene columns must be numeric")):
+        with pytest.raises(InputError, match=needle) as err:
+            file_expression(tmp_path / name)
+        assert name in str(err.value) and len(str(err.value).splitlines()) == 1
