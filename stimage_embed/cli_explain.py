@@ -15,7 +15,12 @@ from stimage_embed.explain.lime_tile import DEFAULT_SAMPLES
 def explain(
     model: Annotated[str, typer.Option(help="Model run id (under <store>/models) or a model folder, from `train`.")],
     slide: Annotated[str, typer.Option(help="Slide id whose spot tiles to explain.")],
-    gene: Annotated[str, typer.Option(help="Gene whose prediction to explain (one of the model's genes).")],
+    gene: Annotated[
+        str,
+        typer.Option(
+            help="Gene whose prediction to explain (one of the model's genes; a label model: one of its classes)."
+        ),
+    ],
     spots: Annotated[str | None, typer.Option(help="Spot ids, comma-separated.")] = None,
     top: Annotated[
         int | None, typer.Option(help="Explain the K tissue spots with the highest prediction of --gene.")
@@ -24,8 +29,8 @@ def explain(
         int,
         typer.Option(
             help="LIME perturbations per tile (LIME's default 1000): one backbone forward each, so a tile costs "
-            "samples / forward rate, e.g. ~8 min at 1000 with EfficientNet-Lite0 at 2.1 tiles/s on a shared, loaded "
-            "2-CPU machine (see docs/explain.md)."
+            "samples / forward rate, e.g. ~76 s at 1000 with EfficientNet-Lite0 at 13 tiles/s on 2 idle CPUs, ~8 min "
+            "at 2.1 tiles/s on a loaded machine (see docs/explain.md)."
         ),
     ] = DEFAULT_SAMPLES,
     seed: Annotated[int, typer.Option(help="Seed of LIME's sampler (fixed seed: the same explanation).")] = 0,

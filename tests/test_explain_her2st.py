@@ -55,6 +55,12 @@ def test_unperturbed_tile_reproduces_the_stored_prediction(nb_store):
     got = tm.classifier(GENE, norm)(tiles)[:, 0]
     want = tm.predict_vectors(np.stack([stored[s] for s in spots]), [GENE])[:, 0]
     assert np.allclose(got, want, atol=0.02), (got, want)  # float16 vectors, same tile path
+    # and what `predict` stores for those spots from the embedding pass's vectors (whole pipeline)
+    from stimage_embed.predictions.train_predict import predict
+
+    pred = predict(store, run_id, ["C5"]).filter(pl.col("gene") == GENE)
+    by_spot = dict(zip(pred["spot_id"], pred["mean_log1p"]))
+    assert np.allclose(got, [by_spot[s] for s in spots], atol=0.02), (got, by_spot)
 
 
 def test_reproducible_with_a_seed_and_stored_for_sql(nb_store, tmp_path):
@@ -69,6 +75,13 @@ def test_reproducible_with_a_seed_and_stored_for_sql(nb_store, tmp_path):
     assert rows_a["r2"][0] == rows_b["r2"][0] and b.tiles[0].overlay.is_file()
     sql = store.sql("SELECT gene, corr(area_um2, weight) AS r, COUNT(*) AS n FROM nuclei GROUP BY gene")
     assert sql["gene"].to_list() == [GENE] and sql["n"][0] == rows_a.height and -1 <= sql["r"][0] <= 1
+    assert sql["r"][0] == pytest.approx(np.corrcoef(rows_a["area_um2"], rows_a["weight"])[0, 1], abs=1e-9)
+    # STimage's question through the CLI, as the issue writes it
+    q = "SELECT gene, corr(area_um2, weight) FROM nuclei GROUP BY gene"
+    res = CliRunner().invoke(app, ["query", q, "--store", str(store.path), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    gene, r = res.stdout.strip().splitlines()[-1].split(",")
+    assert gene == GENE and float(r) == pytest.approx(sql["r"][0], abs=1e-9)
 
 
 def test_weights_agree_with_occlusion_for_most_top_nuclei(nb_store):
@@ -133,4 +146,8 @@ def test_bad_input_one_line_each(nb_store, tmp_path):
     other.write_bytes(b"not the weights the model was trained with")
     msg = _cli_error(*base, "--model", run_id, "--gene", GENE, "--spots", spot, "--weights", str(other))
     assert "sha256" in msg and "--weights" in msg  # the backbone cannot be reproduced: refused as infer does
+    for seg, needle in (("cellpose", "no weights given"), ("stardist", "weights not found")):
+        extra = ["--segmenter", seg] + (["--segmenter-weights", str(tmp_path / "absent")] if seg == "stardist" else [])
+        msg = _cli_error(*base, "--model", run_id, "--gene", GENE, "--spots", spot, *extra)
+        assert seg in msg and needle in msg
     assert store.table_names() == before  # nothing written

@@ -107,7 +107,7 @@ def test_real_her2st_tile_count_and_sizes(real_data_root):
 
     sel = pl.read_csv(real_data_root / "her2st/spots/C5_selection.tsv", separator="\t").filter(pl.col("selected") == 1)
     um = 0.687  # C5's µm/px as ingest estimates it from the spot lattice (README: ~0.69)
-    counts, medians = [], []
+    counts, medians, darker = [], [], []
     with SlideImage.open(real_data_root / "her2st/images/C5.jpg") as img:
         for i in (0, 50, 100, 150):
             r = sel.row(i, named=True)
@@ -116,6 +116,11 @@ def test_real_her2st_tile_count_and_sizes(real_data_root):
             t = measure_nuclei(tile, labels, TileFrame.centred(r["pixel_x"], r["pixel_y"], 100 / um, 224, um))
             counts.append(t.height)
             medians.append(t["area_um2"].median())
+            # nuclei are haematoxylin-dense: each segment darker (mean grey) than the tile's non-nucleus median
+            grey = tile.mean(axis=-1)
+            seg_grey = np.array([grey[labels == k].mean() for k in range(1, labels.max() + 1)])
+            darker.append(float(np.mean(seg_grey < np.median(grey[labels == 0]))))
     # a 100 µm disc of cellular tissue holds ~20-150 nuclei; every tile here is tissue
     assert all(10 <= c <= 150 for c in counts), counts
     assert all(15 <= m <= 150 for m in medians), medians
+    assert all(d == 1.0 for d in darker), darker  # no pale background blob taken for a nucleus

@@ -112,3 +112,20 @@ def test_agreement_covers_the_held_out_sections(executed):
     rows = json.loads((out / "summary.json").read_text())["agreement"]
     assert {(r["head"], r["slide_id"]) for r in rows} == {(h, s) for h in ("ridge", "mean") for s in ("C4", "C5")}
     assert all(-1 <= r["pcc"] <= 1 and r["n_genes"] == 20 for r in rows)
+
+
+def test_imports_only_the_public_api():
+    """Every ``stimage_embed`` import of the notebook is a top-level public name (``__all__``)."""
+    import ast
+
+    import stimage_embed
+
+    tree = ast.parse(NOTEBOOK.read_text())  # jupytext percent format: plain Python
+    used = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stimage_embed"):
+            assert node.module == "stimage_embed", f"internal module imported: {node.module}"
+            used += [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("stimage_embed") for a in node.names), "import stimage_embed.x"
+    assert used and set(used) <= set(stimage_embed.__all__), sorted(set(used) - set(stimage_embed.__all__))

@@ -16,12 +16,14 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 from typer.testing import CliRunner
 
 from stimage_embed.cli import app
-from stimage_embed.downstream import nested_cv_auc, survival_analysis, survival_frame
-from stimage_embed.downstream.response import svm_search
+from stimage_embed.downstream import SYNTHETIC_NOTE, nested_cv_auc, survival_analysis, survival_frame
 
 sksurv_datasets = pytest.importorskip("sksurv.datasets")
 from sksurv.compare import compare_survival  # noqa: E402
@@ -119,8 +121,13 @@ def test_nested_cv_auc_equals_a_hand_built_sklearn_pipeline(cohort):
     y = (x["er"] == "positive").to_numpy().astype(int)  # real ER status: 134 positive, 64 negative
     grid = {"svc__C": [0.1, 10.0], "svc__gamma": ["scale", 1e-3]}  # a smaller grid than the CLI's, for time
     res = nested_cv_auc(x[genes].to_numpy(), y, seed=0, grid=grid)
+    # the reference is built from sklearn parts here, not with the module's svm_search
     outer = StratifiedKFold(5, shuffle=True, random_state=0)
-    ref = cross_val_score(svm_search(5, 0, grid), x[genes].to_numpy(), y, cv=outer, scoring="roc_auc")
+    inner = StratifiedKFold(5, shuffle=True, random_state=0)
+    pipe = Pipeline([("scale", StandardScaler()), ("svm", SVC(kernel="rbf"))])
+    ref_grid = {"svm__C": grid["svc__C"], "svm__gamma": grid["svc__gamma"]}
+    search = GridSearchCV(pipe, ref_grid, cv=inner, scoring="roc_auc")
+    ref = cross_val_score(search, x[genes].to_numpy(), y, cv=outer, scoring="roc_auc")
     np.testing.assert_allclose(res.folds["auc"].to_numpy(), ref, rtol=1e-12)
     assert res.auc_mean == pytest.approx(ref.mean()) and res.folds.height == 5
     assert res.folds["n_test"].sum() == 198 and set(res.folds["C"]) <= {0.1, 10.0}
@@ -149,6 +156,10 @@ def test_cli_end_to_end_writes_tables_and_figures(tmp_path, cohort, analysed):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["logrank"]["p"] == pytest.approx(ref.logrank["p"]) and not summary["synthetic"]
     assert summary["by"]["er"]["groups"] == 2
+    x, y, _, _, _ = cohort  # the KM-by-ER log-rank test against scikit-survival's
+    chisq, p = compare_survival(y, x["er"].astype(str).to_numpy())
+    assert summary["by"]["er"]["statistic"] == pytest.approx(chisq, rel=1e-9)
+    assert summary["by"]["er"]["p"] == pytest.approx(p, rel=1e-9)
     args = ["response", "--label", "er", "--positive", "positive", "--expr", str(tmp_path / "expr.parquet")]
     res = runner.invoke(app, [*args, "--top", "76", "--store", store, "--out", str(out)])
     assert res.exit_code == 0 and "nested CV AUC" in res.stdout, res.output
@@ -172,3 +183,53 @@ def test_cli_bad_options_one_line(tmp_path, cohort, args, message):
     runner.invoke(app, ["clinical", "add", str(tmp_path / "clinical.csv"), "--store", store])
     res = runner.invoke(app, ["survival", "--expr", str(tmp_path / "expr.parquet"), *args, "--store", store])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.output
+
+
+def test_cli_marks_a_synthetic_clinical_table_synthetic(tmp_path, cohort):
+    """A SYNTHETIC clinical table (seeded random outcomes, ``synthetic = 1``) on the real
+    GSE7390 expression: the printed output and every summary say SYNTHETIC; a real one does not."""
+    _, _, _, expr, clin = cohort
+    rng = np.random.default_rng(0)
+    n = clin.height
+    synthetic = pl.DataFrame(
+        {
+            "patient": clin["patient"],
+            "time": rng.exponential(60.0, n).round(1),
+            "event": rng.integers(0, 2, n),
+            "response": np.where(rng.random(n) < 0.4, "pCR", "RD"),
+            "synthetic": [1] * n,
+        }
+    )
+    synthetic.write_csv(tmp_path / "SYNTHETIC_clinical.csv")
+    expr.write_parquet(tmp_path / "expr.parquet")
+    store, out = str(tmp_path / "store"), tmp_path / "out"
+    runner = CliRunner()
+    res = runner.invoke(app, ["clinical", "add", str(tmp_path / "SYNTHETIC_clinical.csv"), "--store", store])
+    assert res.exit_code == 0, res.output
+    common = ["--expr", str(tmp_path / "expr.parquet"), "--top", "5", "--store", store, "--out", str(out)]
+    res = runner.invoke(app, ["survival", "--time", "time", "--event", "event", "--repeats", "2", *common])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0] == SYNTHETIC_NOTE
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["synthetic"] is True and summary["note"] == SYNTHETIC_NOTE
+    res = runner.invoke(app, ["response", "--label", "response", "--positive", "pCR", *common])
+    assert res.exit_code == 0 and "(SYNTHETIC clinical data)" in res.stdout, res.output
+    assert json.loads((out / "response_summary.json").read_text())["note"] == SYNTHETIC_NOTE
+
+
+def test_expression_file_csv_equals_parquet_and_bad_files_one_line(tmp_path, cohort):
+    from stimage_embed.downstream import file_expression
+    from stimage_embed.errors import InputError
+
+    _, _, genes, expr, _ = cohort
+    expr.write_parquet(tmp_path / "e.parquet")
+    expr.write_csv(tmp_path / "e.csv")
+    a, b = file_expression(tmp_path / "e.parquet"), file_expression(tmp_path / "e.csv")
+    assert a.height == 198 * len(genes) and a.columns == b.columns
+    np.testing.assert_allclose(a.sort("unit", "gene")["value"], b.sort("unit", "gene")["value"], rtol=1e-12)
+    (tmp_path / "dup.csv").write_text("patient,g1\nA,1\nA,2\n")
+    (tmp_path / "text.csv").write_text("patient,g1\nA,high\nB,2\n")
+    for name, needle in (("dup.csv", "duplicate key 'A'"), ("text.csv", "g1: gene columns must be numeric")):
+        with pytest.raises(InputError, match=needle) as err:
+            file_expression(tmp_path / name)
+        assert name in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -95,3 +95,85 @@ def test_predicted_expression_per_slide_and_patient(compared):
     # several runs predicting one slide (ridge and mean) must be chosen between
     with pytest.raises(ValueError, match="several runs"):
         predicted_expression(store, "slide_id")
+
+
+def test_clinical_joins_predictions_in_sql(compared, tmp_path):
+    """The clinical table (keyed by slide, and by patient) joins the predictions in SQL; the
+    SQL's per-(slide, gene) means equal polars' over the same rows."""
+    from stimage_embed.downstream import add_clinical
+
+    store, _, runs, pred = compared
+    (tmp_path / "s.csv").write_text("slide_id,time,event,synthetic\nC4,12,1,1\nC5,30,0,1\n")
+    (tmp_path / "p.csv").write_text("patient,time,event,synthetic\nC,40,1,1\n")
+    add_clinical(store, tmp_path / "s.csv", "slide_id")
+    add_clinical(store, tmp_path / "p.csv", "patient")
+    ridge = runs.filter(pl.col("head") == "ridge")["run_id"].to_list()
+    ids = ", ".join(f"'{r}'" for r in ridge)
+    by_slide = store.sql(
+        f"""SELECT c.key AS slide_id, c.time, p.gene, AVG(p.mean_log1p) AS m, COUNT(*) AS n
+            FROM clinical c JOIN predictions p ON p.slide_id = c.slide_id
+            WHERE c.key_kind = 'slide_id' AND p.run_id IN ({ids}) GROUP BY ALL ORDER BY slide_id, gene"""
+    )
+    ref = (
+        pred.filter(pl.col("run_id").is_in(ridge))
+        .group_by("slide_id", "gene")
+        .agg(pl.col("mean_log1p").cast(pl.Float64).mean().alias("ref"), pl.len().alias("n_ref"))
+    )
+    got = by_slide.join(ref, on=["slide_id", "gene"], how="inner")
+    assert got.height == by_slide.height == ref.height and set(by_slide["time"]) == {12.0, 30.0}
+    np.testing.assert_allclose(got["m"], got["ref"], rtol=1e-6)
+    assert (got["n"] == got["n_ref"]).all()
+    by_patient = store.sql(
+        f"""SELECT c.key AS patient, COUNT(DISTINCT p.slide_id) AS slides, COUNT(*) AS n
+            FROM clinical c JOIN slides s ON s.patient = c.patient
+            JOIN predictions p ON p.slide_id = s.slide_id
+            WHERE c.key_kind = 'patient' AND p.run_id IN ({ids}) GROUP BY ALL"""
+    )
+    assert by_patient.to_dicts() == [
+        {"patient": "C", "slides": 2, "n": pred.filter(pl.col("run_id").is_in(ridge)).height}
+    ]
+
+
+def test_predicted_expression_from_infer_pseudobulk(tmp_path, infer_model_store, real_data_root):
+    """``--expr predicted`` on image-only slides: ``infer`` on two crops of C5, each its own
+    unit; the value equals log1p(100 x mean expm1) of the AnnData ``X`` over QC-passing tiles,
+    and the clinical table joins the ``pseudobulk`` table in SQL."""
+    import shutil
+
+    import anndata as ad
+
+    from stimage_embed.downstream import add_clinical
+    from stimage_embed.inference.infer import infer
+    from stimage_embed.store import Store
+
+    src, run_id = infer_model_store
+    shutil.copytree(src.path, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    umpp = store.sql("SELECT um_per_px FROM slides WHERE slide_id = 'C5'")["um_per_px"][0]
+    files = {}
+    for sid, x0 in (("C5_a", 3800.0), ("C5_b", 4400.0)):
+        res = infer(
+            store, real_data_root / "her2st/images/C5.jpg", run_id, tmp_path / "out", slide_id=sid,
+            um_per_px=umpp, region=(x0, 3800.0, x0 + 600.0, 4400.0), n_top_genes=0, num_workers=0, device="cpu",
+        )  # fmt: skip
+        files[sid] = res.anndata
+    long = predicted_expression(store, "patient", [run_id])
+    assert set(long["unit"]) == set(files)  # image-only slides have no patient: each slide is its unit
+    for sid, path in files.items():
+        a = ad.read_h5ad(path)
+        x = np.asarray(a.X, np.float64)[a.obs["passes_qc"].to_numpy(bool)]
+        ref = dict(zip(map(str, a.var_names), np.log1p(100 * np.expm1(x).mean(axis=0))))
+        got = long.filter(pl.col("unit") == sid)
+        assert got.height == len(ref) and (got["n_spots"] == len(x)).all() and (got["n_slides"] == 1).all()
+        np.testing.assert_allclose(got["value"], [ref[g] for g in got["gene"]], rtol=1e-5)
+    (tmp_path / "c.csv").write_text("slide_id,time,event,synthetic\nC5_a,10,1,1\nC5_b,20,0,1\n")
+    add_clinical(store, tmp_path / "c.csv", "slide_id")
+    joined = store.sql(
+        "SELECT c.key, c.time, COUNT(*) AS genes FROM clinical c JOIN pseudobulk p ON p.slide_id = c.slide_id "
+        "GROUP BY ALL ORDER BY c.key"
+    )
+    n_genes = long["gene"].n_unique()
+    assert joined.to_dicts() == [
+        {"key": "C5_a", "time": 10.0, "genes": n_genes},
+        {"key": "C5_b", "time": 20.0, "genes": n_genes},
+    ]

@@ -8,8 +8,9 @@ unperturbed tile gives the vector the embedding pass stored for it (rounded to f
 the stored vectors) and the prediction ``predict`` made from it. When any part cannot be
 reproduced the recipe raises its one-line error before anything runs.
 
-The value is the gene's predicted log1p(CP10k) (``mean_log1p``), or P(high) (``prob_high``)
-for a classifier head.
+The value is the gene's predicted log1p(CP10k) (``mean_log1p``), P(high) (``prob_high``)
+for a classifier head (``highlow``), or P(class) (``prob_class``) for a label model
+(``train --head label``), whose "genes" are its classes: ``--gene`` names the class.
 """
 
 from __future__ import annotations
@@ -35,16 +36,24 @@ from stimage_embed.store.store import Store
 from stimage_embed.tiles.image import SlideImage
 from stimage_embed.tiles.window import TileGeometry, TileReader
 
+#: the value explained, by the head's registry output kind (default ``mean_log1p``)
+VALUE_BY_OUTPUT = {"classifier": "prob_high", "label": "prob_class"}
+
 
 def value_column(sm: SavedModel) -> str:
-    """The prediction column explained: ``prob_high`` for classifiers, else ``mean_log1p``."""
-    return "prob_high" if head_spec(sm.head_name).output == "classifier" else "mean_log1p"
+    """The value explained: ``prob_high`` (classifiers), ``prob_class`` (label models), else ``mean_log1p``."""
+    return VALUE_BY_OUTPUT.get(head_spec(sm.head_name).output, "mean_log1p")
 
 
 def check_gene(sm: SavedModel, gene: str) -> None:
+    """One line when ``gene`` is not one of the model's genes (a label model's classes)."""
     if gene not in sm.genes:
         shown = ", ".join(sm.genes[:20]) + (" ..." if len(sm.genes) > 20 else "")
-        raise InputError(None, "--gene", f"{gene!r} is not predicted by model {sm.run_id}; its genes: {shown}")
+        if value_column(sm) == "prob_class":
+            msg = f"{gene!r} is not a class of label model {sm.run_id}; its classes: {shown}"
+        else:
+            msg = f"{gene!r} is not predicted by model {sm.run_id}; its genes: {shown}"
+        raise InputError(None, "--gene", msg)
 
 
 @dataclass
@@ -88,7 +97,10 @@ class TileModel:
         return np.concatenate(out).astype(np.float16).astype(np.float32)
 
     def predict_vectors(self, X: np.ndarray, genes: list[str]) -> np.ndarray:
-        """(N, len(genes)) predicted values (``column``) of vectors ``X``."""
+        """(N, len(genes)) predicted values (``column``) of vectors ``X`` (classes for a label model)."""
+        if self.column == "prob_class":  # columns of predict_proba = the model's classes (run.json genes)
+            proba = np.asarray(self.sm.head.predict_proba(X), np.float64)
+            return proba[:, [self.sm.genes.index(g) for g in genes]]
         keys = pl.DataFrame({"slide_id": ["_"] * len(X), "spot_id": [str(i) for i in range(len(X))]})
         arrays = SpotArrays(keys, X, None, None, self.sm.genes, self.sm.identity.identity())
         pred = predict_head(self.sm.head_name, self.sm.head, arrays)

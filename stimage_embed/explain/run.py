@@ -36,7 +36,7 @@ from stimage_embed.tiles.image import SlideImage
 
 log = logging.getLogger(__name__)
 
-VALUE_LABELS = {"mean_log1p": "log1p(CP10k)", "prob_high": "P(high)"}
+VALUE_LABELS = {"mean_log1p": "log1p(CP10k)", "prob_high": "P(high)", "prob_class": "P(class)"}
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 #: One row per (run, slide, spot, gene, nucleus): the nucleus's morphology and its LIME
 #: weight for the gene's prediction (``explain``). ``weight`` is in the units of ``value``
-#: (predicted log1p(CP10k), or P(high) for a classifier head): the change of the prediction
+#: (predicted log1p(CP10k), P(high) for a classifier head, P(class) for a label model, whose
+#: classes stand in ``gene``): the change of the prediction
 #: LIME attributes to keeping the nucleus. ``r2``: the LIME surrogate's R² on its samples
 #: (one value per explained tile, repeated on its nuclei).
 NUCLEI = pa.schema(
@@ -32,7 +33,7 @@ NUCLEI = pa.schema(
         pa.field("mean_e", pa.float64()),  # mean eosin optical density
         pa.field("weight", pa.float64()),  # LIME weight (units of `value`)
         pa.field("r2", pa.float64()),  # explanation R² of the tile
-        pa.field("value", pa.string()),  # mean_log1p | prob_high: what was explained
+        pa.field("value", pa.string()),  # mean_log1p | prob_high | prob_class: what was explained
         pa.field("prediction", pa.float64()),  # the model's value on the unperturbed tile
         pa.field("segmenter", pa.string()),
         pa.field("samples", pa.int32()),  # LIME samples
