@@ -188,3 +188,13 @@ def key_counts(store, table: str, keys: tuple[str, ...]) -> tuple[int, int]:
         f"SELECT COUNT(*) AS n, COUNT(DISTINCT ({cols})) AS k FROM {table}"
     )  # one scan (vector tables stream)
     return int(df["n"][0]), int(df["k"][0])
+
+
+def one_error_line(output: str, exit_code: int, *needles: str) -> str:
+    """The CLI's refusal: exit code 2 and one ``error: ...`` line holding every needle; returns that line."""
+    assert exit_code == 2, (exit_code, output)
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

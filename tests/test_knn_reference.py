@@ -17,6 +17,7 @@ import lance
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from store_cases import one_error_line
 from typer.testing import CliRunner
 
 from heads import load_head
@@ -50,12 +51,7 @@ def trained(tmp_path_factory, embedded_store):
 
 def _refuse(args: list[str], *needles: str) -> str:
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(res.output, res.exit_code, *needles)
 
 
 def _versions(store: Store) -> dict[str, int]:

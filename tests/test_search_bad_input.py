@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from store_cases import one_error_line
 from typer.testing import CliRunner
 
 from stimage_embed.cli import app
@@ -27,12 +28,7 @@ def _versions(st: Store) -> dict[str, int]:
 
 
 def _one_line(res, *needles: str) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(res.output, res.exit_code, *needles)
 
 
 CASES = [
