@@ -28,6 +28,7 @@ from stimage_embed.cli_helpers import (
 )
 from stimage_embed.cli_models import GENES_HELP
 from stimage_embed.errors import InputError
+from stimage_embed.paths import DEFAULT_BACKBONE
 from stimage_embed.predictions.registry import head_help, head_names
 
 _BackbonesOpt = Annotated[
@@ -38,7 +39,7 @@ _BackbonesOpt = Annotated[
         "-b",
         metavar="NAME[,NAME]",
         help="Backbones with vectors in the store (repeatable; comma lists too).",
-        show_default="efficientnet_lite0",
+        show_default=DEFAULT_BACKBONE,
     ),
 ]
 _HeadsOpt = Annotated[
@@ -115,7 +116,7 @@ def compare(
     controls = [check_choice(c, CONTROLS, "--control") for c in listed(control, "--control")]
     check_choice(missing, MISSING_POLICIES, "--missing")
     check_min(highlow_max_iter, 1, "--highlow-max-iter")
-    names = backbone_names(backbones or ["efficientnet_lite0"], "--backbone")
+    names = backbone_names(backbones or [DEFAULT_BACKBONE], "--backbone")
     check_output_dir(report, "--report")  # before any run is committed
     check_store_path(store, write=True)
     st = Store(store, lock_wait=wait)

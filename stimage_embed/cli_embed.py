@@ -10,8 +10,7 @@ import typer
 from stimage_embed.cli_checks import check_embed_options, check_min, check_store_path
 from stimage_embed.cli_helpers import StoreOpt, WaitOpt, backbone_names, cli_errors, listed, weights_map
 from stimage_embed.errors import InputError
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from stimage_embed.paths import DEFAULT_BACKBONE
 
 
 def context_widths(values: list[str] | None) -> list[float | None]:

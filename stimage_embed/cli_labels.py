@@ -15,6 +15,7 @@ import polars as pl
 import typer
 
 from stimage_embed.cli_helpers import StoreOpt, WaitOpt, cli_errors, print_frame, split_csv
+from stimage_embed.paths import DEFAULT_BACKBONE
 
 labels_app = typer.Typer(
     help="Categorical labels per spot (cell type, region ...) and the label head.", no_args_is_help=True
@@ -51,7 +52,7 @@ def add(
 @cli_errors
 def compare(
     labels: Annotated[str, typer.Option("--labels", help="Label set to learn (see `labels add`).")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "efficientnet_lite0",
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = DEFAULT_BACKBONE,
     train: Annotated[str | None, typer.Option("--train", help="Training slides (with --test).")] = None,
     test: Annotated[str | None, typer.Option("--test", help="Test slides (with --train).")] = None,
     control: Annotated[bool, typer.Option(help="Also run the shuffled-labels control.")] = True,

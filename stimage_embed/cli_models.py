@@ -19,6 +19,7 @@ from stimage_embed.cli_helpers import (
     slides_from,
 )
 from stimage_embed.errors import InputError
+from stimage_embed.paths import DEFAULT_BACKBONE
 from stimage_embed.predictions.registry import head_help, head_names
 
 GENES_HELP = (
@@ -34,7 +35,7 @@ _BackboneOpt = Annotated[
         "-b",
         metavar="NAME[,NAME]",
         help="Backbone whose cached vectors to train on.",
-        show_default="efficientnet_lite0",
+        show_default=DEFAULT_BACKBONE,
     ),
 ]
 _TrainOpt = Annotated[
@@ -94,7 +95,7 @@ def train(
     from stimage_embed.predictions.train_predict import train as run_train
     from stimage_embed.store import Store
 
-    names = backbone_names(backbone or ["efficientnet_lite0"], "--backbone")
+    names = backbone_names(backbone or [DEFAULT_BACKBONE], "--backbone")
     if len(names) != 1:
         raise InputError(None, "--backbone", f"train fits one backbone's vectors; got {names}")
     if not train_slides and not train_sql:

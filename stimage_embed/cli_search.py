@@ -10,12 +10,13 @@ from typing import Annotated
 import typer
 
 from stimage_embed.cli_helpers import StoreOpt, WaitOpt, cli_errors, print_frame, split_csv
+from stimage_embed.paths import DEFAULT_BACKBONE
 
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Backbone whose vector table to use.")]
 
 
 def index(
-    backbone: BackboneOpt = "efficientnet_lite0",
+    backbone: BackboneOpt = DEFAULT_BACKBONE,
     index_type: Annotated[str, typer.Option(help="IVF_HNSW_SQ | IVF_PQ | IVF_HNSW_PQ | IVF_SQ | IVF_FLAT")] = (
         "IVF_HNSW_SQ"
     ),
@@ -64,7 +65,7 @@ def search(
     out: Annotated[Path | None, typer.Option(help="Also write hits.parquet and montage.png here.")] = None,
     exact: Annotated[bool, typer.Option(help="Exact search even when an index exists.")] = False,
     nprobes: Annotated[int, typer.Option(help="IVF partitions probed (index search).")] = 20,
-    backbone: BackboneOpt = "efficientnet_lite0",
+    backbone: BackboneOpt = DEFAULT_BACKBONE,
     weights: Annotated[str | None, typer.Option(help="Local weights file of the backbone (--image).")] = None,
     store: StoreOpt = Path("store"),
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",

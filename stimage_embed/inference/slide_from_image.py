@@ -204,7 +204,7 @@ def forget_slide_outputs(store: Store, slide_id: str) -> None:
     """Delete a slide's vectors (every backbone), predictions (expression, labels) and pseudo-bulk rows."""
     where = f"slide_id IN ({sql_list([slide_id])})"
     for name in store.table_names():
-        if name.startswith("embeddings_") or name in ("predictions", "pseudobulk", "label_predictions"):
+        if name.startswith(S.EMBEDDING_PREFIX) or name in ("predictions", "pseudobulk", "label_predictions"):
             store.delete(name, where)
 
 

@@ -313,7 +313,7 @@ def _invalidate_moved_vectors(store: Store, new_hashes: dict[str, str], old_hash
     store) cannot be compared and keeps its vectors. Runs after the slides are committed: if
     it fails, ``embed`` (``provenance.repair``) and ``compare`` still see the vectors as stale."""
     changed = {s: new_hashes[s] for s, h in old_hashes.items() if h is not None and h != new_hashes[s]}
-    for table in (t for t in store.table_names() if t.startswith("embeddings_")):
+    for table in (t for t in store.table_names() if t.startswith(S.EMBEDDING_PREFIX)):
         stamped = "geometry_hash" in store.dataset(table).schema.names
         for sid, new in changed.items():
             keep = f" AND (geometry_hash IS NULL OR geometry_hash != {sql_list([new])})" if stamped else ""

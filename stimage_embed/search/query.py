@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from stimage_embed.errors import InputError
+from stimage_embed.paths import DEFAULT_BACKBONE
 from stimage_embed.search.index import EXACT_BELOW, METRIC, VECTOR_COLUMN, vector_index, vector_table
 from stimage_embed.search.where import resolve_where
 from stimage_embed.store.store import Store, sql_list
@@ -156,7 +157,7 @@ def _with_predictions(store: Store, hits: pl.DataFrame, genes: list[str], run_id
 
 def search(
     store: Store,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     *,
     like: str | None = None,
     vector: np.ndarray | None = None,

@@ -148,6 +148,10 @@ def embedding_schema(dim: int, optional: bool = False) -> pa.Schema:
 BACKBONE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
+#: every vector table is ``embeddings_<backbone>``
+EMBEDDING_PREFIX = "embeddings_"
+
+
 def embedding_table_name(backbone: str) -> str:
     if not BACKBONE_NAME.fullmatch(backbone or ""):
         raise InputError(
@@ -155,7 +159,7 @@ def embedding_table_name(backbone: str) -> str:
             "backbone",
             f"invalid backbone name {backbone!r} (letters, digits and '_' only; see `stimage-embed backbones`)",
         )
-    return f"embeddings_{backbone}"
+    return f"{EMBEDDING_PREFIX}{backbone}"
 
 
 #: a context table's suffix on its backbone's name (``x__ctx300um``, ``x__ctx62p5um``;

@@ -2,45 +2,26 @@
 (:func:`stimage_embed.search.search`: cosine distance between stored image vectors, exact
 or through the table's vector index, prefiltered to other slides).
 
-The viewer does not need it: when ``stimage_embed.search`` cannot be imported, or the store
-holds no vectors, the panel reports search as unavailable.
+When the store holds no vectors the panel reports search as unavailable.
 
-Backbone: the one asked for, else ``efficientnet_lite0`` when the store has its vectors,
+Backbone: the one asked for, else the default backbone when the store has its vectors,
 else the first ``embeddings_*`` table (by name).
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-
 from stimage_embed.errors import InputError
+from stimage_embed.paths import DEFAULT_BACKBONE
 from stimage_embed.store import schema as S
 from stimage_embed.store.store import Store
-
-log = logging.getLogger(__name__)
-
-SEARCH_MODULE = "stimage_embed.search"
-SEARCH_FUNCTION = "search"
-DEFAULT_BACKBONE = "efficientnet_lite0"
-EMBEDDINGS_PREFIX = "embeddings_"
-
-
-def search_function():
-    """The search feature's ``search``, or None when it is not installed."""
-    try:
-        module = importlib.import_module(SEARCH_MODULE)
-    except ImportError:
-        return None
-    return getattr(module, SEARCH_FUNCTION, None)
 
 
 def default_backbone(store: Store) -> str | None:
     """The backbone whose vectors the panel searches (see the module doc), or None."""
     if store.has_table(S.embedding_table_name(DEFAULT_BACKBONE)):
         return DEFAULT_BACKBONE
-    names = sorted(n for n in store.table_names() if n.startswith(EMBEDDINGS_PREFIX))
-    return names[0][len(EMBEDDINGS_PREFIX) :] if names else None
+    names = sorted(n for n in store.table_names() if n.startswith(S.EMBEDDING_PREFIX))
+    return names[0].removeprefix(S.EMBEDDING_PREFIX) if names else None
 
 
 class NoVector(LookupError):
@@ -51,12 +32,13 @@ def similar(store: Store, slide_id: str, spot_id: str, k: int, backbone: str | N
     """``{"available": bool, "backbone": str | None, "spots": [{slide_id, spot_id, distance}]}``:
     the ``k`` spots of other slides nearest this spot's vector, nearest first (``distance`` =
     1 - cosine). :class:`NoVector` when the spot (or the asked backbone) has no vector."""
-    fn = search_function()
+    from stimage_embed.search import search
+
     backbone = backbone or default_backbone(store)
-    if fn is None or backbone is None:
+    if backbone is None:
         return {"available": False, "backbone": backbone, "spots": []}
     try:
-        hits = fn(store, backbone, like=f"{slide_id}:{spot_id}", k=k, exclude_slide=True)
+        hits = search(store, backbone, like=f"{slide_id}:{spot_id}", k=k, exclude_slide=True)
     except InputError as exc:
         raise NoVector(exc.reason) from exc
     spots = hits.select("slide_id", "spot_id", "distance").to_dicts()
